@@ -1,0 +1,1 @@
+"""ich: head-CT DICOM -> Zarr -> CNN-RNN hemorrhage detection."""
