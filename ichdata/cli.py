@@ -40,13 +40,20 @@ def _add_ichdata_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--studies", type=int, default=20, help="number of studies (default 20)")
     p.add_argument("--seed", type=int, default=0, help="random seed; same seed, same archive")
     p.add_argument(
-        "--prevalence", type=float, default=0.14, help="fraction of slices with any hemorrhage (≈ RSNA's 0.14)"
+        "--prevalence",
+        type=float,
+        default=0.14,
+        help="fraction of slices with any hemorrhage, 0..0.6 (default 0.14, RSNA's)",
     )
-    p.add_argument("--image-size", type=int, default=512, help="slice rows and columns (default 512)")
+    p.add_argument(
+        "--image-size", type=int, default=512, help="slice rows and columns, 32..1024 (default 512, RSNA's)"
+    )
     p.set_defaults(handler=_synth)
 
-    p = sub.add_parser("preview", help="raw HU and the three windows of one DICOM slice, side by side, as PNG")
-    p.add_argument("file", type=Path)
+    p = sub.add_parser(
+        "preview", help="raw HU and the three windows of one DICOM slice, side by side, as PNG"
+    )
+    p.add_argument("file", type=Path, help="DICOM file of one CT slice")
     p.add_argument("--out", type=Path, required=True, help="PNG to write")
     p.set_defaults(handler=_preview)
 

@@ -1,0 +1,129 @@
+"""RSNA label CSVs → one row per image, one uint8 column per class (DESIGN.md's class order).
+
+RSNA's `stage_2_train.csv` has two columns, `ID,Label`, and six rows per image:
+`ID_<id>_epidural`, `_intraparenchymal`, `_intraventricular`, `_subarachnoid`, `_subdural`, `_any`.
+Copies saved with pandas often carry a leading unnamed index column; both read the same. Identical
+duplicate rows (stage 1 had 24) are dropped; anything else that would silently change a label — a
+duplicate with another value, an image with fewer than six rows, an unknown subtype, a label other
+than 0/1, a missing column — is a `LabelError` naming the row or image.
+
+Vectorised throughout (no Python loop per row): RSNA's 4.5 M rows read in a few seconds.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pa_csv
+
+from ichdata.errors import UserError
+
+__all__ = ["CLASSES", "UNLABELLED", "LabelError", "read_labels"]
+
+CLASSES: tuple[str, ...] = (
+    "epidural",
+    "intraparenchymal",
+    "intraventricular",
+    "subarachnoid",
+    "subdural",
+    "any",
+)
+UNLABELLED = 255
+"""The label value stored for images without a label (e.g. a test set)."""
+
+
+class LabelError(UserError):
+    """A label CSV that cannot be read without guessing: the message names the file and the row/image."""
+
+
+def _more(n: int, noun: str) -> str:
+    return f" (and {n:,} more {noun})" if n > 0 else ""
+
+
+def read_labels(path: str | os.PathLike[str]) -> pd.DataFrame:
+    """Read an RSNA label CSV into a table indexed by `image_id`, columns `CLASSES`, dtype uint8.
+
+    Rows are images in the order of their first appearance in the file. Raises `LabelError` for a
+    missing file or column, an ID without a known subtype suffix, a label other than 0 or 1,
+    conflicting duplicates, or an image with fewer than six label rows.
+    """
+    name = os.path.basename(os.fspath(path))
+    if not os.path.isfile(path):
+        raise LabelError(f"label file {os.fspath(path)} does not exist or is not a file")
+    try:
+        table = pa_csv.read_csv(
+            path,
+            convert_options=pa_csv.ConvertOptions(column_types={"ID": pa.string(), "Label": pa.string()}),
+        )
+    except (pa.ArrowInvalid, UnicodeDecodeError) as e:
+        raise LabelError(f"{name}: cannot be read as CSV ({e}); columns ID,Label expected") from None
+    missing = [c for c in ("ID", "Label") if c not in table.column_names]
+    if missing:
+        found = ", ".join(repr(c) for c in table.column_names) or "none"
+        raise LabelError(
+            f"{name}: no column {' or '.join(missing)} (columns: {found}); columns ID,Label expected"
+        )
+    if table.num_rows == 0:
+        raise LabelError(f"{name}: no label rows")
+
+    row_id = pc.utf8_trim_whitespace(table["ID"].combine_chunks())
+    label_text = table["Label"].combine_chunks()
+    # `<image id>_<subtype>`: the image id may itself contain underscores (`ID_…`), the subtype not.
+    split = pc.split_pattern(row_id, "_", max_splits=1, reverse=True)
+    image_id = pc.list_element(split, 0)
+    subtype = pc.if_else(pc.greater(pc.list_value_length(split), 1), pc.list_element(split, 1), "")
+    subtype_code = pc.index_in(subtype, value_set=pa.array(CLASSES)).to_numpy(zero_copy_only=False)
+    bad_id = pc.or_kleene(pc.is_null(row_id), pc.equal(image_id, "")).to_numpy(zero_copy_only=False)
+    bad = np.flatnonzero(np.isnan(subtype_code.astype(np.float64)) | np.asarray(bad_id, dtype=bool))
+    if bad.size:
+        i = int(bad[0])
+        raise LabelError(
+            f"{name}: line {i + 2:,}: ID {row_id[i].as_py()!r} does not end in _<subtype>, one of "
+            f"{', '.join(CLASSES)}{_more(bad.size - 1, 'rows')}"
+        )
+    subtype_code = subtype_code.astype(np.int64)
+
+    label_index = pc.index_in(
+        pc.utf8_trim_whitespace(label_text), value_set=pa.array(["0", "1", "0.0", "1.0"])
+    )
+    label_np = label_index.to_numpy(zero_copy_only=False).astype(np.float64)
+    bad = np.flatnonzero(np.isnan(label_np))
+    if bad.size:
+        i = int(bad[0])
+        raise LabelError(
+            f"{name}: line {i + 2:,}: label {label_text[i].as_py()!r} for {row_id[i].as_py()}, 0 or 1 expected"
+            f"{_more(bad.size - 1, 'rows')}"
+        )
+    label = label_np.astype(np.int64) % 2
+
+    encoded = pc.dictionary_encode(image_id)
+    image_code = encoded.indices.to_numpy(zero_copy_only=False)
+    images = encoded.dictionary.to_pylist()
+    key = image_code.astype(np.int64) * len(CLASSES) + subtype_code
+    # Per (image, class): how many rows, and how many of them say 1. Identical duplicates leave
+    # ones ∈ {0, count}; anything in between is a conflict; count 0 is a missing row.
+    n_keys = len(images) * len(CLASSES)
+    count = np.bincount(key, minlength=n_keys)
+    ones = np.bincount(key, weights=label, minlength=n_keys).astype(np.int64)
+    conflict = np.flatnonzero((ones > 0) & (ones < count))
+    if conflict.size:
+        k = int(conflict[0])
+        image, cls = images[k // len(CLASSES)], CLASSES[k % len(CLASSES)]
+        raise LabelError(
+            f"{name}: {image} has conflicting {cls} labels 0 and 1{_more(conflict.size - 1, 'conflicts')}"
+        )
+    labels = np.where(count == 0, UNLABELLED, ones > 0).astype(np.uint8).reshape(len(images), len(CLASSES))
+    incomplete = np.flatnonzero((labels == UNLABELLED).any(axis=1))
+    if incomplete.size:
+        i = int(incomplete[0])
+        absent = [c for c, v in zip(CLASSES, labels[i], strict=True) if v == UNLABELLED]
+        raise LabelError(
+            f"{name}: {images[i]} has {len(CLASSES) - len(absent)} of {len(CLASSES)} label rows, missing "
+            f"{', '.join(absent)}{_more(incomplete.size - 1, 'incomplete images')}"
+        )
+    index = pd.Index(images, name="image_id")
+    return pd.DataFrame(labels, index=index, columns=list(CLASSES))

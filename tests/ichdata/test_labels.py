@@ -1,0 +1,144 @@
+"""RSNA label CSVs: both layouts, duplicates, and every error a user can fix."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from ichdata.errors import UserError
+from ichdata.labels import CLASSES, UNLABELLED, LabelError, read_labels
+
+LABELS = {
+    "ID_63eb1e259": [0, 0, 0, 0, 0, 0],
+    "ID_2669954a7": [0, 1, 0, 1, 0, 1],
+    "ID_052e1ab54": [1, 0, 0, 0, 0, 1],
+}
+
+
+def _rows(labels: dict[str, list[int]]) -> list[tuple[str, int]]:
+    return [
+        (f"{image}_{cls}", v)
+        for image, values in labels.items()
+        for cls, v in zip(CLASSES, values, strict=True)
+    ]
+
+
+def _write(path: Path, rows: list[tuple[str, object]], header: str = "ID,Label") -> Path:
+    path.write_text(header + "\n" + "".join(f"{i},{v}\n" for i, v in rows))
+    return path
+
+
+def test_constants() -> None:
+    assert CLASSES == ("epidural", "intraparenchymal", "intraventricular", "subarachnoid", "subdural", "any")
+    assert UNLABELLED == 255
+    assert issubclass(LabelError, UserError)
+
+
+def test_reads_rsna_layout_into_wide_table(tmp_path: Path) -> None:
+    rows = _rows(LABELS)
+    rows = rows[6:] + rows[:6]  # rows of one image need not be first
+    rng = np.random.default_rng(0)
+    rows = [rows[i] for i in rng.permutation(len(rows))]  # nor contiguous
+    table = read_labels(_write(tmp_path / "stage_2_train.csv", rows))
+    assert list(table.columns) == list(CLASSES)
+    assert table.index.name == "image_id"
+    assert (table.dtypes == np.uint8).all()
+    assert sorted(table.index) == sorted(LABELS)
+    for image, values in LABELS.items():
+        assert table.loc[image].tolist() == values
+
+
+def test_images_in_order_of_first_appearance(tmp_path: Path) -> None:
+    table = read_labels(_write(tmp_path / "l.csv", _rows(LABELS)))
+    assert list(table.index) == list(LABELS)
+
+
+def test_leading_pandas_index_column(tmp_path: Path) -> None:
+    frame = pd.DataFrame(_rows(LABELS), columns=["ID", "Label"])
+    path = tmp_path / "with_index.csv"
+    frame.to_csv(path)  # writes ",ID,Label" and 0..n-1 first
+    assert path.read_text().startswith(",ID,Label\n0,")
+    table = read_labels(path)
+    assert table.to_numpy().tolist() == list(LABELS.values())
+
+
+def test_image_ids_with_underscores_keep_them(tmp_path: Path) -> None:
+    table = read_labels(_write(tmp_path / "l.csv", _rows({"ID_a_b_c": [1, 1, 1, 1, 1, 1]})))
+    assert list(table.index) == ["ID_a_b_c"]
+
+
+def test_identical_duplicates_are_dropped(tmp_path: Path) -> None:
+    rows = _rows(LABELS)
+    rows += rows[6:12] + rows[7:8]  # stage 1 repeated whole images
+    table = read_labels(_write(tmp_path / "l.csv", rows))
+    assert len(table) == 3
+    assert table.loc["ID_2669954a7"].tolist() == [0, 1, 0, 1, 0, 1]
+
+
+def test_conflicting_duplicate_names_the_image(tmp_path: Path) -> None:
+    rows = [*_rows(LABELS), ("ID_2669954a7_subarachnoid", 0)]
+    with pytest.raises(
+        LabelError, match=r"^l\.csv: ID_2669954a7 has conflicting subarachnoid labels 0 and 1$"
+    ):
+        read_labels(_write(tmp_path / "l.csv", rows))
+
+
+def test_image_with_fewer_than_six_rows(tmp_path: Path) -> None:
+    rows = [r for r in _rows(LABELS) if r[0] not in ("ID_052e1ab54_any", "ID_052e1ab54_subdural")]
+    with pytest.raises(LabelError, match=r"ID_052e1ab54 has 4 of 6 label rows, missing subdural, any"):
+        read_labels(_write(tmp_path / "l.csv", rows))
+
+
+def test_unknown_subtype_names_the_line(tmp_path: Path) -> None:
+    rows = _rows(LABELS)
+    rows[8] = ("ID_2669954a7_chronic", 1)
+    with pytest.raises(LabelError, match=r"line 10: ID 'ID_2669954a7_chronic' does not end in _<subtype>"):
+        read_labels(_write(tmp_path / "l.csv", rows))
+
+
+@pytest.mark.parametrize("value", ["2", "0.5", "yes", "-1"])
+def test_label_must_be_zero_or_one(tmp_path: Path, value: str) -> None:
+    rows: list[tuple[str, object]] = list(_rows(LABELS))
+    rows[3] = (rows[3][0], value)
+    with pytest.raises(
+        LabelError, match=rf"line 5: label '{value}' for ID_63eb1e259_subarachnoid, 0 or 1 expected"
+    ):
+        read_labels(_write(tmp_path / "l.csv", rows))
+
+
+def test_float_zero_and_one_are_accepted(tmp_path: Path) -> None:
+    rows = [(i, f"{v}.0") for i, v in _rows(LABELS)]
+    assert read_labels(_write(tmp_path / "l.csv", rows)).to_numpy().tolist() == list(LABELS.values())
+
+
+def test_missing_column(tmp_path: Path) -> None:
+    with pytest.raises(LabelError, match=r"l\.csv: no column Label \(columns: 'ID', 'Value'\)"):
+        read_labels(_write(tmp_path / "l.csv", _rows(LABELS), header="ID,Value"))
+
+
+def test_missing_file_and_no_rows(tmp_path: Path) -> None:
+    with pytest.raises(LabelError, match="does not exist"):
+        read_labels(tmp_path / "absent.csv")
+    with pytest.raises(LabelError, match="no label rows"):
+        read_labels(_write(tmp_path / "l.csv", []))
+    (tmp_path / "empty.csv").write_text("")
+    with pytest.raises(LabelError, match="cannot be read as CSV"):
+        read_labels(tmp_path / "empty.csv")
+
+
+def test_many_images(tmp_path: Path) -> None:
+    rng = np.random.default_rng(1)
+    n = 20_000
+    values = (rng.random((n, 6)) < 0.1).astype(np.uint8)
+    ids = [f"ID_{i:09x}" for i in rng.choice(2**36, n, replace=False)]
+    frame = pd.DataFrame(
+        {"ID": [f"{i}_{c}" for i in ids for c in CLASSES], "Label": values.reshape(-1)},
+    )
+    path = tmp_path / "big.csv"
+    frame.to_csv(path, index=False)
+    table = read_labels(path)
+    assert list(table.index) == ids
+    assert np.array_equal(table.to_numpy(), values)
