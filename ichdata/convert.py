@@ -1,0 +1,694 @@
+"""The conversion: a DICOM archive → a sharded Zarr v3 store (`ichdata.store`), on a Dask cluster.
+
+Stages: plain functions that `ich convert` chains (`convert`) and that the Prefect `ingest` flow wraps
+one task each (pass the same `distributed.Client` to the stages that take one):
+
+    from ichdata.convert import (ConvertConfig, convert, convert_shards, dask_client, excluded_paths,
+                                 finalize, previous_manifest)
+    from ichdata.plan import check_store, load_labels, plan
+    from ichdata.scan import scan
+    from ichdata.verify import verify_store
+
+    labels = load_labels(csv)                        # a malformed CSV raises UserError before any work
+    check_store(store, source, shard_size, overwrite)  # a store of another plan: UserError, before the scan
+    with dask_client(workers=None, scheduler=None, scheduler_file=None) as client:
+        manifest = scan(source, client, previous=previous_manifest(store, source),
+                        exclude=excluded_paths(store, csv), on_progress=..., on_total=...)
+        p = plan(manifest, store, labels=labels, shard_size=None, overwrite=False)
+        result = convert_shards(p, client, on_shard_done=lambda done: ...)   # ShardDone per shard
+    summary = finalize(result)                       # ConvertSummary; str() is the one-line report
+    report = verify_store(store, client=None)        # VerifyReport; .ok, .problems
+
+1. `scan` (`ichdata.scan`): header-only, in batches of files per task; unchanged files of the
+   previous manifest are not read again.
+2. `plan` (`ichdata.plan`): store order, shards and their keys, set-aside files, labels; incremental
+   on a store made by an earlier run of the same plan, a `UserError` on a store of another plan.
+3. `convert_shards`: one Dask task per shard renders its slices (`ichdata.dicom.read_rendered`),
+   writes the whole shard in one assignment (`images[a:b] = block`; zarr writes a whole shard
+   atomically) and then its done-marker (`conversion/shard_done[i] = "<key>:<CRC-32 of the pixels>"`,
+   a chunk of its own). Shards whose marker holds their key are skipped: a killed run resumes, an
+   append redoes only the last partial shard and the new ones.
+4. `finalize`: the driver writes the manifest beside the store (the commit record), then labels, ids,
+   offsets, metadata, quarantine (and `STORE.quarantine.csv`), attributes; the store is complete.
+
+The stages hold no state between calls: a Prefect task that retries one re-reads what it needs from
+the store, and a flow killed anywhere is finished by the next run with the same arguments.
+
+Why shards are written like this (measured on zarr 3.1.6): a partial write into a shard
+reads-modifies-writes it, and two writers on one shard lost slices (zarr-python #3682/#3683);
+`dask.array.to_zarr` with shards corrupted data (dask #12583). So exactly one task writes a shard, in
+one assignment, and only the driver writes the small arrays.
+
+A file that fails only when its pixels are decoded (undecodable compressed data: RSNA's
+`ID_6431af929.dcm`) makes its shard task return the failure instead of writing. The driver then waits
+for the few tasks in flight (at most two per worker thread are submitted at a time, so a failure wastes
+at most that many shards), moves the file to the quarantine, re-plans (later rows move up) and carries
+on: shards before the failure keep their keys and are not redone, and `images` has no hole. Failures
+are recorded in the store's attributes so that a resumed run plans without them from the start.
+
+A worker that dies mid-task is replaced by distributed, which reruns its task elsewhere: the shard
+write is atomic (a temporary file renamed over the old one), so the rerun simply writes it again.
+
+On a cluster (SLURM, say): start `dask scheduler --scheduler-file $SCRATCH/sched.json` and
+`dask worker --scheduler-file $SCRATCH/sched.json --nthreads 1 --nworkers 8` on the nodes (or use
+dask-jobqueue), then `ich convert SOURCE STORE --scheduler-file $SCRATCH/sched.json`; SOURCE and STORE
+must be on a file system every worker sees.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import sys
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from ichdata.errors import UserError
+from ichdata.plan import Plan, check_store, load_labels, plan
+from ichdata.scan import Manifest, scan
+from ichdata.store import (
+    N_CHANNELS,
+    base_attrs,
+    create_images,
+    create_shard_done,
+    manifest_path,
+    quarantine_csv_path,
+    salt_path,
+    shard_checksum,
+    software_version,
+    write_committed,
+    write_images,
+    write_quarantine_csv,
+)
+
+__all__ = [
+    "ConvertConfig",
+    "ConvertResult",
+    "ConvertSummary",
+    "ShardDone",
+    "convert",
+    "convert_shards",
+    "dask_client",
+    "excluded_paths",
+    "finalize",
+    "plan",
+    "previous_manifest",
+    "scan",
+]
+
+
+@dataclass(frozen=True)
+class ConvertConfig:
+    """What `ich convert` was asked to do (saved, resolved, in the store's provenance)."""
+
+    source: Path
+    store: Path
+    labels: Path | None = None
+    workers: int | None = None
+    scheduler: str | None = None
+    scheduler_file: Path | None = None
+    shard_size: int | None = None  # None: the existing store's, else store.DEFAULT_SHARD_SIZE
+    overwrite: bool = False
+
+
+@dataclass(frozen=True)
+class ShardDone:
+    """What a shard task reports: written (`failures` empty) or not (the files that failed to render)."""
+
+    index: int
+    key: str
+    n_rows: int
+    checksum: str = ""
+    failures: tuple[tuple[str, str, str], ...] = ()  # (path relative to the source, reason, detail)
+    elapsed_s: float = 0.0
+
+
+@dataclass
+class ConvertResult:
+    """The outcome of `convert_shards`: the final plan (after pixel-time failures) and the counts."""
+
+    plan: Plan
+    n_shards: int
+    n_written: int
+    n_skipped: int
+    pixel_failures: pd.DataFrame
+    elapsed_s: float
+
+
+@dataclass
+class ConvertSummary:
+    """The one-line report of a conversion (`str()`), and its figures."""
+
+    store: Path
+    n_slices: int  # rows in the store
+    n_new: int  # rows this run added
+    n_series: int
+    n_studies: int
+    n_files: int  # input files accounted for (store rows + quarantine rows)
+    quarantined: dict[str, int]  # files set aside by this run, by reason
+    n_quarantined_total: int
+    n_shards_written: int
+    n_shards_skipped: int
+    elapsed_s: float = 0.0
+    store_bytes: int = 0
+    stages_s: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def slices_per_s(self) -> float:
+        return self.n_new / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+    def __str__(self) -> str:
+        q = sum(self.quarantined.values())
+        why = ", ".join(f"{n} {r}" for r, n in sorted(self.quarantined.items()))
+        return (
+            f"{self.store}: wrote {self.n_new:,} slices ({self.n_slices:,} in store, {self.n_series:,} series, "
+            f"{self.n_studies:,} studies); set aside {q:,} files" + (f" ({why})" if q else "") + f"; "
+            f"{self.elapsed_s:.1f} s, {self.slices_per_s:,.0f} slices/s; store {self.store_bytes / 1e6:,.1f} MB"
+        )
+
+
+# --------------------------------------------------------------------------------------------- Dask
+
+
+@contextlib.contextmanager
+def dask_client(
+    workers: int | None = None,
+    scheduler: str | None = None,
+    scheduler_file: str | os.PathLike[str] | None = None,
+) -> Iterator[Any]:
+    """A distributed `Client`: of an existing cluster (`scheduler` address or `scheduler_file`), or of a
+    `LocalCluster` on 127.0.0.1 with `workers` processes (default: one per core) of one thread each,
+    without a dashboard and with distributed's INFO logs silenced."""
+    from distributed import Client
+
+    if scheduler and scheduler_file:
+        raise UserError("--scheduler and --scheduler-file: give one, not both")
+    if scheduler or scheduler_file:
+        if scheduler_file and not Path(scheduler_file).is_file():
+            raise UserError(
+                f"--scheduler-file {scheduler_file}: no such file; expected the file `dask scheduler` writes"
+            )
+        try:
+            client = Client(
+                scheduler,
+                scheduler_file=None if scheduler_file is None else str(scheduler_file),
+                timeout="30s",
+            )
+        except OSError as exc:
+            raise UserError(f"--scheduler {scheduler or scheduler_file}: cannot connect ({exc})") from exc
+        try:
+            yield client
+        finally:
+            client.close()
+        return
+    n = _usable_cpus() if workers is None else workers
+    if n < 1:
+        raise UserError(f"--workers {workers}: expected at least 1")
+    # distributed's INFO/WARNING chatter (and a heartbeat ERROR at shutdown) is noise for a user who
+    # asked for a conversion; levels are restored when the cluster is gone.
+    loggers = [
+        logging.getLogger(n)
+        for n in (
+            "distributed",
+            "distributed.worker",
+            "distributed.scheduler",
+            "distributed.nanny",
+            "distributed.core",
+        )
+    ]
+    saved = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL)
+    try:
+        with _local_cluster(n) as cluster, Client(cluster) as client:
+            yield client
+    finally:
+        for lg, level in zip(loggers, saved, strict=True):
+            lg.setLevel(level)
+
+
+@contextlib.contextmanager
+def _local_cluster(n: int) -> Iterator[Any]:
+    """A LocalCluster of `n` single-threaded worker processes on 127.0.0.1, without a dashboard."""
+    import dask
+    from distributed import LocalCluster
+
+    settings: dict[str, Any] = {}
+    if sys.platform == "linux" and dask.config.get("distributed.worker.multiprocessing-method") == "spawn":
+        # Forked workers start in 0.4 s instead of 3.5 s (spawn re-imports distributed, pydicom and zarr
+        # in each worker; measured on 2 cores): most of a small incremental ingest. zarr and logging reset
+        # their locks after a fork. A method the user configured is left alone.
+        settings["distributed.worker.multiprocessing-method"] = "fork"
+        # Import what the tasks use before forking, so that each worker inherits it instead of paying
+        # ~0.5 s of imports on its first task.
+        import numcodecs.zstd  # noqa: F401
+        import zarr  # noqa: F401
+
+        import ichdata.dicom  # noqa: F401
+    with dask.config.set(settings):
+        with warnings.catch_warnings():
+            # Python >= 3.12 warns about fork() in a process with threads (the cluster's event loop).
+            warnings.filterwarnings("ignore", category=DeprecationWarning, message=r".*fork\(\).*")
+            cluster = LocalCluster(
+                n_workers=n,
+                threads_per_worker=1,
+                processes=True,
+                host="127.0.0.1",
+                dashboard_address=None,
+                # CRITICAL: at shutdown a worker logs an ERROR for the heartbeat its closing scheduler
+                # no longer answers. Task failures reach the driver as exceptions, named by shard.
+                silence_logs=logging.CRITICAL,
+            )
+        with cluster:
+            yield cluster
+
+
+def _usable_cpus() -> int:
+    """Cores this process may run on (a batch job's allocation, not the whole node)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+# ------------------------------------------------------------------------------------- shard task
+
+
+def _convert_shard(
+    store: str, index: int, start: int, key: str, sources: list[str | None], source_root: str, image_size: int
+) -> ShardDone:
+    """The Dask task of one shard: render every row, write the whole shard, then its done-marker.
+
+    `sources[j]` is the file of row `start + j`, or None for a row already in the store (copied from
+    there: an append rewrites the last partial shard without re-reading its old DICOMs).
+    """
+    import zarr
+
+    from ichdata.dicom import SliceError, read_rendered
+
+    t0 = time.perf_counter()
+    group: Any = zarr.open_group(store, mode="r+")
+    images = group["images"]
+    n = len(sources)
+    block = np.empty((n, N_CHANNELS, image_size, image_size), dtype=np.uint8)
+    n_old = sum(1 for s in sources if s is None)
+    if n_old:
+        if any(s is not None for s in sources[:n_old]) or any(s is None for s in sources[n_old:]):
+            raise RuntimeError(f"shard {index}: rows already in the store must come first")
+        block[:n_old] = images[start : start + n_old]
+    failures: list[tuple[str, str, str]] = []
+    for j in range(n_old, n):
+        path = sources[j]
+        assert path is not None
+        try:
+            block[j] = read_rendered(path, image_size)[0]
+        except SliceError as exc:
+            failures.append((os.path.relpath(path, source_root), exc.reason, exc.detail))
+        except Exception as exc:  # a reader bug on one file must not stop a 752k-file run
+            failures.append(
+                (os.path.relpath(path, source_root), "undecodable", f"{type(exc).__name__}: {exc}")
+            )
+    if failures:
+        return ShardDone(index, key, n, failures=tuple(failures), elapsed_s=time.perf_counter() - t0)
+    write_images(images, start, block)
+    checksum = shard_checksum(block)
+    group["conversion/shard_done"][index] = f"{key}:{checksum}"
+    return ShardDone(index, key, n, checksum=checksum, elapsed_s=time.perf_counter() - t0)
+
+
+# ----------------------------------------------------------------------------------------- stages
+
+
+def _remove_store(store: Path) -> None:
+    if store.exists():
+        if store.is_dir() and not (store / "zarr.json").is_file() and any(store.iterdir()):
+            raise UserError(f"STORE {store}: exists and is not an ich store; refusing to overwrite it")
+        shutil.rmtree(store) if store.is_dir() else store.unlink()
+    for p in (manifest_path(store), quarantine_csv_path(store)):
+        p.unlink(missing_ok=True)
+
+
+def prepare_store(p: Plan, *, overwrite: bool = False) -> Any:
+    """Create the store for `p` (or grow it for an append): `images` sized to the plan, one
+    done-marker per shard. Returns the open zarr group. Never touches committed rows."""
+    import zarr
+
+    store = p.store
+    if overwrite:
+        _remove_store(store)
+    plan_attr = {"config": p.config, "config_hash": p.config_hash}
+    if not (store / "zarr.json").is_file():
+        group: Any = zarr.open_group(str(store), mode="w")
+        group.attrs.update(
+            {**base_attrs(p.image_size), "state": "converting", "shard_size": p.shard_size, "plan": plan_attr}
+        )
+        create_images(group, p.n_slices, p.shard_size, p.image_size)
+        create_shard_done(group, p.n_shards)
+        return group
+    group = zarr.open_group(str(store), mode="r+")
+    if "images" not in group:
+        create_images(group, p.n_slices, p.shard_size, p.image_size)
+    elif group["images"].shape[0] != p.n_slices:
+        group["images"].resize((p.n_slices, N_CHANNELS, p.image_size, p.image_size))
+    if "conversion/shard_done" not in group:
+        create_shard_done(group, p.n_shards)
+    elif group["conversion/shard_done"].shape[0] != p.n_shards:
+        group["conversion/shard_done"].resize((p.n_shards,))
+    if group.attrs.get("plan") != {**(group.attrs.get("plan") or {}), **plan_attr}:
+        group.attrs["plan"] = {**(group.attrs.get("plan") or {}), **plan_attr}
+    return group
+
+
+def read_markers(group: Any) -> list[str]:
+    """The done-marker of every shard ("" where none)."""
+    arr = group["conversion/shard_done"]
+    return [str(v) for v in arr[...]] if arr.shape[0] else []
+
+
+def _record_failures(group: Any, failures: pd.DataFrame, p: Plan) -> None:
+    info = p.rows.set_index("path")
+    old = list(group.attrs.get("pixel_failures", []))
+    seen = {f["path"] for f in old}
+    for path, reason, detail in zip(failures["path"], failures["reason"], failures["detail"], strict=True):
+        if path not in seen and path in info.index:
+            old.append(
+                {
+                    "path": path,
+                    "reason": reason,
+                    "detail": detail,
+                    "size": int(info.at[path, "size"]),
+                    "mtime_ns": int(info.at[path, "mtime_ns"]),
+                }
+            )
+    group.attrs["pixel_failures"] = old
+
+
+def convert_shards(
+    p: Plan,
+    client: Any = None,
+    on_shard_done: Callable[[ShardDone], None] | None = None,
+    *,
+    max_in_flight: int | None = None,
+) -> ConvertResult:
+    """Write every shard of `p` whose done-marker does not hold its key, one Dask task per shard.
+
+    Without a client the shards are converted in this process, one after another. `on_shard_done` is
+    called in the driver for each shard written (not for skipped ones). A task that fails for a reason
+    other than a bad file (I/O error, a bug) raises here with the shard named. A plan made with
+    `overwrite` replaces whatever is at the store first.
+    """
+    t0 = time.perf_counter()
+    group = prepare_store(p, overwrite=p.overwrite)
+    store = str(p.store)
+    failures_all: list[tuple[str, str, str]] = []
+    n_written = 0
+    done_keys = read_markers(group)
+    n_skipped = sum(1 for i in range(p.n_shards) if _marker_key(done_keys, i) == p.shard_key(i))
+    while True:
+        todo = [i for i in range(p.n_shards) if _marker_key(done_keys, i) != p.shard_key(i)]
+        new_failures: list[tuple[str, str, str]] = []
+        for done in _run_shards(p, todo, client, max_in_flight, stop_on_failure=True):
+            if done.failures:
+                new_failures.extend(done.failures)
+            else:
+                n_written += 1
+                if on_shard_done is not None:
+                    on_shard_done(done)
+        if not new_failures:
+            break
+        fdf = pd.DataFrame(new_failures, columns=["path", "reason", "detail"])
+        _record_failures(group, fdf, p)
+        failures_all.extend(new_failures)
+        p = p.without(fdf)
+        group = prepare_store(p)
+        done_keys = read_markers(group)
+    # Every shard must now hold its key (a stale writer cannot have overwritten a marker: failures are
+    # handled only once every task in flight has finished).
+    done_keys = read_markers(group)
+    missing = [i for i in range(p.n_shards) if _marker_key(done_keys, i) != p.shard_key(i)]
+    if missing:
+        raise RuntimeError(f"{store}: shards {missing[:10]} have no done-marker after conversion")
+    return ConvertResult(
+        plan=p,
+        n_shards=p.n_shards,
+        n_written=n_written,
+        n_skipped=n_skipped,
+        pixel_failures=pd.DataFrame(failures_all, columns=["path", "reason", "detail"]),
+        elapsed_s=time.perf_counter() - t0,
+    )
+
+
+def _marker_key(markers: list[str], i: int) -> str:
+    return markers[i].split(":", 1)[0] if i < len(markers) else ""
+
+
+def _shard_args(p: Plan, i: int) -> tuple[Any, ...]:
+    a, _ = p.shard_rows(i)
+    return (str(p.store), i, a, p.shard_key(i), p.shard_sources(i), str(p.source), p.image_size)
+
+
+def _run_shards(
+    p: Plan, todo: list[int], client: Any, max_in_flight: int | None, *, stop_on_failure: bool
+) -> Iterator[ShardDone]:
+    """Run the shard tasks of `todo`, a bounded number at a time, yielding each result as it lands.
+    After a result with failures no new task is submitted; the ones in flight are drained."""
+    if client is None:
+        for i in todo:
+            done = _convert_shard(*_shard_args(p, i))
+            yield done
+            if done.failures and stop_on_failure:
+                return
+        return
+    from distributed import as_completed
+
+    limit = max_in_flight or max(2, 2 * sum(client.nthreads().values()))
+    pending = list(reversed(todo))
+    ac = as_completed()
+    stop = False
+
+    index_of: dict[str, int] = {}
+
+    def submit() -> None:
+        i = pending.pop()
+        fut = client.submit(
+            _convert_shard, *_shard_args(p, i), key=f"ich-shard-{i}-{p.shard_key(i)}", priority=-i, pure=False
+        )
+        index_of[fut.key] = i
+        ac.add(fut)
+
+    while pending and ac.count() < limit:
+        submit()
+    for fut in ac:
+        try:
+            done = fut.result()
+        except Exception as exc:
+            for other in list(ac.futures):
+                other.cancel()
+            i = index_of.get(fut.key, -1)
+            a, b = p.shard_rows(i)
+            raise RuntimeError(
+                f"{p.store}: shard {i} (rows {a}–{b - 1}, first file {p.rows['path'].iloc[a]}) failed: "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
+        finally:
+            fut.release()
+        if done.failures and stop_on_failure:
+            stop = True
+        yield done
+        if pending and not stop:
+            submit()
+
+
+def finalize(
+    result: ConvertResult, *, config: ConvertConfig | None = None, started: float | None = None
+) -> ConvertSummary:
+    """Commit a conversion: the manifest beside the store, then every small array, the quarantine CSV and
+    the attributes; the store is `complete`. Only the driver calls this."""
+    import zarr
+
+    p = result.plan
+    group: Any = zarr.open_group(str(p.store), mode="r+")
+    # The manifest is the commit record: a run killed after this line re-plans to exactly this store.
+    table = p.manifest_table()
+    Manifest(p.source, table).write(manifest_path(p.store))
+    group.attrs["state"] = "finalizing"
+    quarantine = p.quarantine[["path", "reason", "detail"]]
+    write_committed(
+        group,
+        labels=p.labels,
+        image_ids=p.rows["image_id"].to_numpy(dtype=str),
+        study_offsets=p.study_offsets,
+        series=p.series,
+        slice_position=p.rows["slice_position"].to_numpy(dtype=np.float64),
+        source_path=p.rows["path"].to_numpy(dtype=str),
+        quarantine=quarantine,
+    )
+    write_quarantine_csv(p.store, quarantine)
+    prev = dict(group.attrs.get("provenance") or {})
+    now = _now()
+    by_reason = p.quarantined_by_reason()
+    n_studies = int(p.series["study_uid"].nunique())
+    provenance = {
+        "source": str(p.source),
+        "software": software_version(),
+        "created": prev.get("created", now),
+        "updated": now,
+        "n_files": p.n_slices + len(p.quarantine),
+        "n_converted": p.n_slices,
+        "n_quarantined": len(p.quarantine),
+        "quarantined_by_reason": by_reason,
+        "labels": p.labels_source or prev.get("labels"),
+        "n_labelled": int((p.labels[:, -1] != 255).sum()),
+        "config": None
+        if config is None
+        else {
+            k: (None if v is None else str(v) if isinstance(v, Path) else v)
+            for k, v in config.__dict__.items()
+        },
+    }
+    attrs = dict(group.attrs)
+    attrs.pop("pixel_failures", None)
+    attrs.update(
+        {
+            "state": "complete",
+            "n_slices": p.n_slices,
+            "n_series": len(p.series),
+            "n_studies": n_studies,
+            "shard_size": p.shard_size,
+            "provenance": provenance,
+            "plan": {"config": p.config, "config_hash": p.config_hash, "plan_hash": p.plan_hash},
+            "shard_checksums": "conversion/shard_done",
+        }
+    )
+    group.attrs.put(attrs)
+    elapsed = (time.perf_counter() - started) if started is not None else result.elapsed_s
+    return ConvertSummary(
+        store=p.store,
+        n_slices=p.n_slices,
+        n_new=p.n_new,
+        n_series=len(p.series),
+        n_studies=n_studies,
+        n_files=p.n_slices + len(p.quarantine),
+        quarantined=p.quarantined_by_reason(new_only=True),
+        n_quarantined_total=len(p.quarantine),
+        n_shards_written=result.n_written,
+        n_shards_skipped=result.n_skipped,
+        elapsed_s=elapsed,
+        store_bytes=_du(p.store),
+    )
+
+
+def _now() -> str:
+    import datetime as dt
+
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+
+
+def _du(path: Path) -> int:
+    total = 0
+    for dirpath, _, files in os.walk(path):
+        for f in files:
+            with contextlib.suppress(OSError):
+                total += os.stat(os.path.join(dirpath, f)).st_size
+    return total
+
+
+def excluded_paths(store: str | os.PathLike[str], labels: str | os.PathLike[str] | None = None) -> list[Path]:
+    """What the scan of a source must skip when the store, its side files or the label CSV live inside
+    the source folder (RSNA's `stage_2_train.csv` sits beside the images): they are outputs and
+    inputs of another kind, not files to account for."""
+    out = [Path(store), manifest_path(store), quarantine_csv_path(store), salt_path(store)]
+    if labels is not None:
+        out.append(Path(labels))
+    return out
+
+
+def previous_manifest(store: str | os.PathLike[str], source: str | os.PathLike[str]) -> Manifest | None:
+    """The manifest an earlier conversion kept beside `store`, for an incremental re-scan (or None)."""
+    mp = manifest_path(store)
+    return Manifest.read(mp, source) if mp.is_file() else None
+
+
+def convert(
+    config: ConvertConfig,
+    progress: bool = True,
+    client: Any = None,
+) -> ConvertSummary:
+    """`ich convert`: scan → plan → convert_shards → finalize, on `client` or a cluster of `config`'s.
+
+    The label CSV is read first (a malformed CSV stops the run before any work); progress bars
+    (tqdm, on stderr) when `progress`.
+    """
+    started = time.perf_counter()
+    source, store = Path(config.source), Path(config.store)
+    if not source.is_dir():
+        raise UserError(f"SOURCE {source}: no such folder; expected a folder of DICOM files")
+    labels = load_labels(config.labels)
+    check_store(store, source, config.shard_size, config.overwrite)  # before the scan, not after it
+    exclude = excluded_paths(store, config.labels)
+    stages: dict[str, float] = {}
+    with contextlib.ExitStack() as stack:
+        if client is None:
+            client = stack.enter_context(dask_client(config.workers, config.scheduler, config.scheduler_file))
+        t = time.perf_counter()
+        previous = None if config.overwrite else previous_manifest(store, source)
+        bar = _bar(progress, "scan", "files")
+        manifest = scan(
+            source, client, previous=previous, exclude=exclude, on_progress=bar.update, on_total=bar.set_total
+        )
+        bar.close()
+        stages["scan"] = time.perf_counter() - t
+        t = time.perf_counter()
+        p = plan(manifest, store, labels=labels, shard_size=config.shard_size, overwrite=config.overwrite)
+        if config.labels is not None:
+            p = _with_labels_source(p, str(config.labels))
+        stages["plan"] = time.perf_counter() - t
+        t = time.perf_counter()
+        bar = _bar(progress, "convert", "slices", total=p.n_new)
+        result = convert_shards(p, client, on_shard_done=lambda d: bar.update(d.n_rows))
+        bar.close()
+        stages["convert"] = time.perf_counter() - t
+    t = time.perf_counter()
+    summary = finalize(result, config=config, started=started)
+    stages["finalize"] = time.perf_counter() - t
+    summary.stages_s = stages
+    return summary
+
+
+def _with_labels_source(p: Plan, src: str) -> Plan:
+    from dataclasses import replace
+
+    return replace(p, labels_source=src)
+
+
+class _NoBar:
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def set_total(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _bar(progress: bool, desc: str, unit: str, total: int | None = None) -> Any:
+    if not progress:
+        return _NoBar()
+    from tqdm import tqdm
+
+    class _Bar(tqdm):
+        def set_total(self, n: int) -> None:
+            self.total = n
+            self.refresh()
+
+    return _Bar(desc=desc, unit=f" {unit}", total=total, dynamic_ncols=True, leave=True)

@@ -1,0 +1,268 @@
+"""The first pass of a conversion: a header-only scan of every file under the source, as a manifest.
+
+`scan(source, client)` walks the source tree recursively (RSNA's flat folder, or a hospital export with
+nested folders, extensionless files and DICOMDIR records: files are recognised by content, never by
+name), then reads the headers (`ichdata.dicom.read_header`, which stops before the pixel data) in
+parallel on a Dask cluster, in batches of a few hundred to a few thousand files per task (752k files
+are a few hundred tasks, not 752k). Every file gets one manifest row: either a slice (its image id,
+study/series UID, position along the normal, …) or the reason it is set aside (`ichdata.dicom.REASONS`)
+and a one-line detail.
+
+A re-scan of a source that an earlier conversion already read (`previous=`, the manifest kept beside
+the store) re-reads only files that are new or whose size or modification time changed: a landing
+folder of 752k files re-scans in the time it takes to list it.
+
+The manifest keeps the raw (0010,0020) Patient ID in memory only (column `patient_id`), for the plan to
+turn into a pseudonymous key; `Manifest.write` never writes it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from ichdata.errors import UserError
+
+#: Manifest columns as written to Parquet, in order. `reason` is "" for a usable slice.
+#: `row` (the store row, -1 for a set-aside file) and the label columns are filled by the plan.
+COLUMNS: tuple[str, ...] = (
+    "path",
+    "size",
+    "mtime_ns",
+    "reason",
+    "detail",
+    "image_id",
+    "study_uid",
+    "series_uid",
+    "patient_key",
+    "slice_position",
+    "instance_number",
+    "rows",
+    "cols",
+)
+#: Reason of a file that raised something other than `SliceError` while its header was read.
+READ_ERROR = "read_error"
+
+
+@dataclass
+class Manifest:
+    """One row per input file (`COLUMNS`, plus the transient `patient_id`), sorted by path.
+
+    `source` is the root the relative POSIX `path`s start from.
+    """
+
+    source: Path
+    table: pd.DataFrame
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    @property
+    def n_slices(self) -> int:
+        """Files whose header makes them a usable slice."""
+        return int((self.table["reason"] == "").sum())
+
+    def reasons(self) -> dict[str, int]:
+        """Set-aside files by reason (header-time reasons only)."""
+        r = self.table["reason"]
+        return {str(k): int(v) for k, v in r[r != ""].value_counts().sort_index().items()}
+
+    def write(self, path: str | os.PathLike[str]) -> Path:
+        """Write as Parquet (atomically: a temporary file renamed over `path`), without raw patient ids."""
+        p = Path(path)
+        tmp = p.with_name(p.name + ".tmp")
+        table = self.table.drop(columns=["patient_id"], errors="ignore")
+        table.to_parquet(tmp, index=False)
+        tmp.replace(p)
+        return p
+
+    @classmethod
+    def read(cls, path: str | os.PathLike[str], source: str | os.PathLike[str]) -> Manifest:
+        table = pd.read_parquet(path)
+        table["patient_id"] = None
+        return cls(Path(source), table)
+
+
+def empty_table() -> pd.DataFrame:
+    """A manifest table with no rows and the right dtypes."""
+    return table_from_records([])
+
+
+def walk(source: str | os.PathLike[str], exclude: Iterable[str | os.PathLike[str]] = ()) -> list[str]:
+    """Every regular file under `source`, recursively, as sorted POSIX paths relative to it.
+
+    Symbolic links to files are followed; links to folders are not (no cycles). Paths in `exclude` (the
+    store, its side files, the label CSV when they live under the source) and everything below them are
+    skipped.
+    """
+    root = Path(source)
+    if not root.is_dir():
+        raise UserError(f"SOURCE {root}: no such folder; expected a folder of DICOM files")
+    skip = {os.path.realpath(p) for p in exclude}
+    out: list[str] = []
+    stack = [str(root)]
+    while stack:
+        d = stack.pop()
+        with os.scandir(d) as it:
+            for e in it:
+                if skip and os.path.realpath(e.path) in skip:
+                    continue
+                if e.is_dir(follow_symlinks=False):
+                    stack.append(e.path)
+                elif e.is_file(follow_symlinks=True):
+                    out.append(Path(e.path).relative_to(root).as_posix())
+    out.sort()
+    return out
+
+
+_RECORD = (*COLUMNS, "patient_id")
+
+
+def scan_files(root: str, paths: Sequence[str]) -> list[tuple[Any, ...]]:
+    """Stat and read the header of each of `paths` (relative to `root`): the manifest rows of one batch,
+    as tuples in `(*COLUMNS, "patient_id")` order (cheap to send back; the driver builds one table).
+
+    This is the Dask task of the scan; it never raises for a bad file.
+    """
+    from ichdata.dicom import SliceError, read_header
+
+    rows: list[tuple[Any, ...]] = []
+    for rel in paths:
+        full = os.path.join(root, rel)
+        size = mtime = None
+        try:
+            st = os.stat(full)
+            size, mtime = st.st_size, st.st_mtime_ns
+            m = read_header(full)
+        except SliceError as exc:
+            rows.append((rel, size, mtime, exc.reason, exc.detail, *([None] * 8), None))
+        except Exception as exc:  # a file that breaks the reader must not stop 752k others
+            rows.append((rel, size, mtime, READ_ERROR, f"{type(exc).__name__}: {exc}", *([None] * 8), None))
+        else:
+            rows.append(
+                (
+                    rel,
+                    size,
+                    mtime,
+                    "",
+                    "",
+                    m.image_id,
+                    m.study_uid,
+                    m.series_uid,
+                    None,
+                    float(m.slice_position),
+                    m.instance_number,
+                    m.rows,
+                    m.cols,
+                    m.patient_id,
+                )
+            )
+    return rows
+
+
+def table_from_records(records: Sequence[dict[str, Any] | tuple[Any, ...]]) -> pd.DataFrame:
+    """A manifest table from dicts with (some of) `COLUMNS`, or from `scan_files` tuples; missing
+    values become null."""
+    df = pd.DataFrame.from_records(list(records), columns=list(_RECORD))
+    for c in ("path", "reason", "detail", "image_id", "study_uid", "series_uid", "patient_key", "patient_id"):
+        df[c] = df[c].astype(object).where(df[c].notna(), None)
+    df["reason"] = df["reason"].fillna("")
+    df["detail"] = df["detail"].fillna("")
+    for c in ("size", "mtime_ns", "rows", "cols"):
+        df[c] = pd.array(df[c], dtype="Int64")
+    df["instance_number"] = pd.array(df["instance_number"], dtype="Int64")
+    df["slice_position"] = df["slice_position"].astype(np.float64)
+    return df
+
+
+def _batches(paths: Sequence[str], n_workers: int, batch_size: int | None) -> list[Sequence[str]]:
+    if batch_size is None:
+        # Enough tasks to balance the workers (8 per worker), few enough to keep the scheduler idle.
+        batch_size = min(2000, max(64, -(-len(paths) // max(1, 8 * n_workers))))
+    return [paths[i : i + batch_size] for i in range(0, len(paths), batch_size)]
+
+
+def scan(
+    source: str | os.PathLike[str],
+    client: Any = None,
+    *,
+    previous: Manifest | None = None,
+    exclude: Iterable[str | os.PathLike[str]] = (),
+    on_progress: Callable[[int], None] | None = None,
+    batch_size: int | None = None,
+    on_total: Callable[[int], None] | None = None,
+) -> Manifest:
+    """Scan `source`: one manifest row per file (header only), in parallel on `client`'s cluster.
+
+    Without a client the scan runs in this process. Files of `previous` (the manifest of an earlier
+    scan of the same source) with unchanged size and modification time are not read again; their rows
+    (with the plan's columns `row` and labels) are carried over. `on_progress(n)` is called as batches
+    of `n` files finish (for a progress bar or a log line), `on_total(n)` once the tree is listed.
+    """
+    root = Path(source)
+    paths = walk(root, exclude)
+    if on_total is not None:
+        on_total(len(paths))
+    reused = pd.DataFrame()
+    if previous is not None and len(previous.table):
+        stats = [_stat(root / p) for p in paths]
+        now = pd.DataFrame(
+            {
+                "path": paths,
+                "size": [None if s is None else s[0] for s in stats],
+                "mtime_ns": [None if s is None else s[1] for s in stats],
+            }
+        ).astype({"size": "Int64", "mtime_ns": "Int64"})
+        prev = previous.table.drop_duplicates("path", keep="last")
+        same = now.merge(
+            prev[["path", "size", "mtime_ns"]].astype({"size": "Int64", "mtime_ns": "Int64"}),
+            on=["path", "size", "mtime_ns"],
+        )
+        keep = same["path"].tolist()
+        reused = prev.loc[prev["path"].isin(keep)].reset_index(drop=True)
+        keep_set = set(keep)
+        paths = [p for p in paths if p not in keep_set]
+        if on_progress is not None and keep:
+            on_progress(len(keep))
+    parts: list[tuple[Any, ...]] = []
+    if paths:
+        n_workers = len(client.nthreads()) if client is not None else 1
+        batches = _batches(paths, n_workers, batch_size)
+        if client is None:
+            for b in batches:
+                parts.extend(scan_files(str(root), b))
+                if on_progress is not None:
+                    on_progress(len(b))
+        else:
+            from distributed import as_completed
+
+            futures = client.map(scan_files, [str(root)] * len(batches), batches, pure=False)
+            size_of = {f.key: len(b) for f, b in zip(futures, batches, strict=True)}
+            for fut in as_completed(futures):
+                parts.extend(fut.result())
+                if on_progress is not None:
+                    on_progress(size_of[fut.key])
+                fut.release()
+    tables = [t for t in (reused, table_from_records(parts)) if len(t)]
+    table = pd.concat(tables, ignore_index=True) if tables else empty_table()
+    if "patient_id" not in table.columns:
+        table["patient_id"] = None
+    table = table.sort_values("path", kind="stable").reset_index(drop=True)
+    return Manifest(root, table)
+
+
+def _stat(p: Path) -> tuple[int, int] | None:
+    try:
+        st = p.stat()
+    except OSError:
+        return None
+    return st.st_size, st.st_mtime_ns
+
+
+__all__ = ["COLUMNS", "READ_ERROR", "Manifest", "scan", "scan_files", "table_from_records", "walk"]

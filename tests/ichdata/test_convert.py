@@ -1,0 +1,419 @@
+"""The conversion end to end: pixels against the tests' own reference, order, labels, every file accounted
+for, incremental appends, pixel-time failures, and a real Dask cluster that loses a worker or its driver."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import zarr
+
+from ichdata.cli import main
+from ichdata.convert import ConvertConfig, convert, convert_shards, finalize
+from ichdata.dicom import REASONS
+from ichdata.plan import plan
+from ichdata.scan import scan
+from ichdata.store import CLASSES, manifest_path, open_store, quarantine_csv_path, salt_path
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory: pytest.TempPathFactory, convert_inputs) -> tuple[Path, list, dict[str, str]]:
+    ci = convert_inputs
+    root = tmp_path_factory.mktemp("archive")
+    rng = np.random.default_rng(7)
+    written = []
+    for case in ci.CASES:
+        written.extend(ci.write_case(root, case, rng))
+    broken = ci.write_broken(root, rng, keep=written[0])
+    return root, written, broken
+
+
+def _labels_csv(path: Path, image_ids: list[str]) -> dict[str, np.ndarray]:
+    """An RSNA label CSV for `image_ids` (deterministic labels); returns the expected rows."""
+    rows, expected = [], {}
+    for iid in image_ids:
+        bits = np.array([(zlib.crc32(f"{iid}{c}".encode()) >> 3) & 1 for c in CLASSES[:-1]], dtype=np.uint8)
+        lab = np.append(bits, np.uint8(bits.any()))
+        expected[iid] = lab
+        rows.extend((f"{iid}_{c}", int(v)) for c, v in zip(CLASSES, lab, strict=True))
+    pd.DataFrame(rows, columns=["ID", "Label"]).to_csv(path, index=False)
+    return expected
+
+
+@pytest.fixture(scope="module")
+def converted(archive, tmp_path_factory):
+    root, written, _broken = archive
+    out = tmp_path_factory.mktemp("store")
+    labelled = [w.image_id for w in written[::2]]
+    csv = out / "labels.csv"
+    expected = _labels_csv(csv, labelled)
+    store = out / "ct.zarr"
+    summary = convert(ConvertConfig(root, store, labels=csv, shard_size=4), progress=False, client=None)
+    return store, summary, expected
+
+
+def test_pixels_order_and_labels_match_the_reference(archive, converted) -> None:
+    _, written, _ = archive
+    store_path, _, expected_labels = converted
+    s = open_store(store_path)
+    row_of = {iid: r for r, iid in enumerate(s.image_id)}
+    by_series: dict[str, list] = {}
+    for w in written:
+        by_series.setdefault(w.series_uid, []).append(w)
+    for series_uid, ws in by_series.items():
+        idx = int(np.flatnonzero(s.series["series_uid"].to_numpy() == series_uid)[0])
+        a, b = s.series_rows(idx)
+        ws = sorted(ws, key=lambda w: w.position)
+        # Contiguous, in position order, whatever the file names or InstanceNumbers say.
+        assert [row_of[w.image_id] for w in ws] == list(range(a, b)), series_uid
+        got = s.read_series(idx)
+        for k, w in enumerate(ws):
+            diff = np.abs(got[k].astype(int) - w.expected.astype(int))
+            assert diff.max() <= 1, (series_uid, w.path, int(diff.max()))
+        assert np.all(np.diff(s.slice_position[a:b]) > 0)
+        assert list(s.source_path[a:b]) == [w.path for w in ws]
+    for iid, r in row_of.items():
+        want = expected_labels.get(iid, np.full(6, 255, np.uint8))
+        assert s.labels[r].tolist() == want.tolist(), iid
+
+
+def test_every_input_file_is_stored_or_set_aside_with_its_reason(archive, converted) -> None:
+    root, written, broken = archive
+    store_path, summary, _ = converted
+    s = open_store(store_path)
+    q = s.quarantine.set_index("path")
+    for reason, path in broken.items():
+        assert q.at[path, "reason"] == reason, path
+    assert set(REASONS) <= set(q["reason"]) | {"read_error"}  # every reason the reader knows
+    assert (
+        q.at[broken["duplicate"], "detail"]
+        == f"image id {written[0].image_id} is already stored from {written[0].path}"
+    )
+    n_files = sum(len(files) for _, _, files in os.walk(root))
+    assert s.n_slices + len(s.quarantine) == n_files
+    # The DICOMDIR's two images are nested, extensionless, and stored.
+    assert sum(p.startswith("export/PT000000/") for p in s.source_path) == 2
+    assert s.n_slices == len(written) + 2
+    assert summary.quarantined == s.quarantine["reason"].value_counts().to_dict()
+    csv = pd.read_csv(quarantine_csv_path(store_path), keep_default_na=False)
+    assert csv.to_dict("records") == s.quarantine.to_dict("records")
+    assert str(summary).startswith(f"{store_path}: wrote {s.n_slices} slices")
+
+
+def test_store_holds_no_phi_and_the_group_lists_quietly(converted) -> None:
+    store_path, _, _ = converted
+    blobs = [p.read_bytes() for p in store_path.rglob("*") if p.is_file()]
+    blobs += [manifest_path(store_path).read_bytes(), quarantine_csv_path(store_path).read_bytes()]
+    for phi in (b"Doe^Jane", b"MRN-0042", b"MRN-7781"):
+        assert not any(phi in b for b in blobs), phi
+    s = open_store(store_path)
+    assert all(k.startswith("P") and len(k) == 17 for k in s.series["patient_key"] if not k.startswith("ID_"))
+    assert salt_path(store_path).stat().st_mode & 0o077 == 0
+    # zarr warns about non-Zarr files inside a group; warnings are errors here.
+    names = sorted(n for n, _ in zarr.open_group(str(store_path), mode="r").members(max_depth=None))
+    assert "images" in names
+    assert "quarantine/reason" in names
+
+
+def test_rerun_on_a_finished_store_changes_nothing(archive, converted, tmp_path) -> None:
+    root, _, _ = archive
+    store_path, _, _ = converted
+    before = {p: p.stat().st_mtime_ns for p in (store_path / "images").rglob("*") if p.is_file()}
+    again = convert(ConvertConfig(root, store_path), progress=False, client=None)
+    assert again.n_new == 0
+    assert again.quarantined == {}
+    assert again.n_shards_written == 0
+    after = {p: p.stat().st_mtime_ns for p in (store_path / "images").rglob("*") if p.is_file()}
+    assert before == after
+
+
+def _snapshot(store: Path) -> dict[str, np.ndarray]:
+    s = open_store(store)
+    return {
+        "images": np.asarray(s.images[: s.n_slices]),
+        "labels": s.labels,
+        "image_id": s.image_id,
+        "offsets": s.study_offsets,
+        # Patient keys are salted per store: compare which series share a patient, not the keys.
+        "series": s.series.drop(columns="patient_key").to_numpy(),
+        "patients": pd.factorize(s.series["patient_key"])[0],
+        "quarantine": s.quarantine.to_numpy(),
+    }
+
+
+def _sorted_by_image(store: Path) -> tuple[list[str], np.ndarray, np.ndarray]:
+    s = open_store(store)
+    order = np.argsort(s.image_id)
+    return list(s.image_id[order]), np.asarray(s.images[: s.n_slices])[order], s.labels[order]
+
+
+def test_incremental_append_equals_one_shot(tmp_path, convert_inputs) -> None:
+    write_case = convert_inputs.write_case
+    rng = np.random.default_rng(3)
+    src = tmp_path / "landing"
+    first = [w for case in ("axial", "tilted", "coronal") for w in write_case(src, case, rng, n=5)]
+    csv = tmp_path / "labels.csv"
+    store = tmp_path / "inc.zarr"
+    s1 = convert(ConvertConfig(src, store, labels=None, shard_size=4), progress=False, client=None)
+    assert s1.n_new == 15
+    shard0 = (store / "images" / "c" / "0" / "0" / "0" / "0").stat().st_mtime_ns
+    (src / "notes.txt").write_text("x")
+    later = [w for case in ("slope", "rsna_12bit") for w in write_case(src, case, rng, n=3)]
+    # A late slice of a series already stored is reported, not spliced in.
+    from ichdata.synthetic import stored_from_hu, write_ct_slice
+
+    write_ct_slice(
+        src / "axial" / "late",
+        stored_from_hu(np.zeros((64, 64))),
+        image_id="ID_late",
+        study_uid=first[0].study_uid,
+        series_uid=first[0].series_uid,
+        patient_id="MRN-0042",
+        image_position=(0, 0, 99.0),
+    )
+    expected = _labels_csv(csv, [w.image_id for w in first + later])
+    s2 = convert(ConvertConfig(src, store, labels=csv), progress=False, client=None)
+    assert s2.n_new == 6
+    assert s2.quarantined == {"not_dicom": 1, "series_in_store": 1}
+    assert (store / "images" / "c" / "0" / "0" / "0" / "0").stat().st_mtime_ns == shard0  # untouched
+    st = open_store(store)
+    assert [st.labels[list(st.image_id).index(i)].tolist() for i in expected] == [
+        v.tolist() for v in expected.values()
+    ]
+    # An append killed before it commits leaves the store readable as it was; the next run finishes it.
+    more = write_case(src, "big768", rng, n=2)
+    p = plan(scan(src, exclude=[csv]), store, labels=csv)
+    convert_shards(p, None)  # ... and the driver dies here, before finalize
+    st = open_store(store)
+    assert st.n_slices == 21
+    assert st.images.shape[0] == 23
+    assert more[0].image_id not in set(st.image_id)
+    s3 = convert(ConvertConfig(src, store, labels=csv), progress=False, client=None)
+    assert s3.n_new == 2
+    assert s3.n_shards_written == 0  # the killed run had written them
+    # A third run reports nothing new.
+    s3 = convert(ConvertConfig(src, store, labels=csv), progress=False, client=None)
+    assert s3.n_new == 0
+    assert s3.quarantined == {}
+    assert s3.n_shards_written == 0
+    # Same slices, labels and set-aside files as converting everything at once.
+    one = tmp_path / "one.zarr"
+    convert(ConvertConfig(src, one, labels=csv, shard_size=4), progress=False, client=None)
+    ids_a, img_a, lab_a = _sorted_by_image(store)
+    ids_b, img_b, lab_b = _sorted_by_image(one)
+    assert set(ids_b) - set(ids_a) == {"ID_late"}
+    assert set(ids_a) <= set(ids_b)
+    keep = [ids_b.index(i) for i in ids_a]
+    assert np.array_equal(img_a, img_b[keep])
+    assert np.array_equal(lab_a, lab_b[keep])
+
+
+def test_pixel_time_failure_is_quarantined_without_a_hole(archive, tmp_path) -> None:
+    root, written, broken = archive
+    m = scan(root)
+    # The scan cannot see it: the header is fine.
+    assert m.table.set_index("path").at[broken["undecodable"], "reason"] == ""
+    p = plan(m, tmp_path / "s.zarr", shard_size=2)
+    result = convert_shards(p, None)
+    assert result.pixel_failures["path"].tolist() == [broken["undecodable"]]
+    summary = finalize(result)
+    s = open_store(tmp_path / "s.zarr")
+    assert s.n_slices == p.n_slices - 1 == summary.n_slices
+    assert "ID_undecodable" not in set(s.image_id)
+    assert s.quarantine.set_index("path").at[broken["undecodable"], "reason"] == "undecodable"
+    # Every row holds a rendered slice (no hole): compare with a clean reference of each written file.
+    exp = {w.image_id: w.expected for w in written}
+    for r, iid in enumerate(s.image_id):
+        if iid in exp:
+            assert np.abs(np.asarray(s.images[r]).astype(int) - exp[iid]).max() <= 1
+
+
+def test_cli_errors_are_one_line_and_come_before_any_work(archive, tmp_path, capsys) -> None:
+    root, _, _ = archive
+    assert main(["convert", str(tmp_path / "nope"), str(tmp_path / "a.zarr"), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0
+    assert "SOURCE" in err
+    assert "nope" in err
+    bad = tmp_path / "bad.csv"
+    bad.write_text("ID,Label\nID_x_epidural,7\n")
+    assert main(["convert", str(root), str(tmp_path / "b.zarr"), "--labels", str(bad), "--quiet"]) == 2
+    assert "bad.csv" in capsys.readouterr().err
+    assert not (tmp_path / "b.zarr").exists()
+
+
+def test_a_store_from_another_plan_is_refused_without_overwrite(archive, converted, capsys) -> None:
+    root, _, _ = archive
+    store_path, _, _ = converted
+    assert main(["convert", str(root), str(store_path), "--shard-size", "8", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "different plan" in err
+    assert "--overwrite" in err
+    assert err.count("\n") == 1
+
+
+# ---------------------------------------------------------------------------------- real clusters
+
+
+@pytest.fixture(scope="module")
+def many(tmp_path_factory, convert_inputs) -> Path:
+    """~90 small slices: enough shards (of 2) for a kill to land mid-run."""
+    root = tmp_path_factory.mktemp("many")
+    rng = np.random.default_rng(11)
+    for k in range(6):
+        for case in ("axial", "tilted", "coronal"):
+            convert_inputs.write_case(root, case, rng, n=5, prefix=f"s{k}")
+    return root
+
+
+@pytest.fixture(scope="module")
+def clean_run(many, tmp_path_factory) -> Path:
+    store = tmp_path_factory.mktemp("clean") / "clean.zarr"
+    convert(ConvertConfig(many, store, shard_size=2), progress=False, client=None)
+    return store
+
+
+def _assert_same_store(a: Path, b: Path) -> None:
+    sa, sb = _snapshot(a), _snapshot(b)
+    for k in sa:
+        assert np.array_equal(sa[k], sb[k]), k
+
+
+@pytest.mark.slow
+def test_killing_a_worker_mid_run_still_gives_the_clean_store(many, clean_run, tmp_path) -> None:
+    from distributed import Client, LocalCluster
+
+    store = tmp_path / "w.zarr"
+    with (
+        LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None
+        ) as cluster,
+        Client(cluster) as client,
+    ):
+        pids = list(client.run(os.getpid).values())
+        killed = []
+
+        def kill_one(done) -> None:
+            if not killed:
+                os.kill(pids[0], signal.SIGKILL)
+                killed.append(done.index)
+
+        p = plan(scan(many, client), store, shard_size=2)
+        result = convert_shards(p, client, on_shard_done=kill_one)
+        assert killed
+        assert result.n_written >= p.n_shards
+        finalize(result)
+    _assert_same_store(store, clean_run)
+
+
+@pytest.mark.slow
+def test_killing_the_driver_then_rerunning_skips_finished_shards(many, clean_run, tmp_path) -> None:
+    store = tmp_path / "d.zarr"
+    cmd = [
+        sys.executable,
+        "-m",
+        "ichdata.cli",
+        "convert",
+        str(many),
+        str(store),
+        "--workers",
+        "2",
+        "--shard-size",
+        "2",
+        "--quiet",
+    ]
+    markers = store / "conversion" / "shard_done" / "c"
+
+    def n_markers() -> int:  # marker files only, not a temporary file a killed write left behind
+        return sum(1 for p in markers.iterdir() if p.name.isdigit()) if markers.is_dir() else 0
+
+    with (tmp_path / "driver.log").open("wb") as log:
+        proc = subprocess.Popen(cmd, start_new_session=True, stdout=log, stderr=log)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None and n_markers() < 3:
+            time.sleep(0.005)
+        with contextlib.suppress(ProcessLookupError):  # (if it finished, the assertion below says so)
+            os.killpg(proc.pid, signal.SIGKILL)  # the driver and the cluster it started
+        proc.wait()
+    n_done = n_markers()
+    n_shards = -(-open_store(clean_run).n_slices // 2)
+    driver_log = (tmp_path / "driver.log").read_text(errors="replace")
+    assert 3 <= n_done < n_shards, (
+        f"the kill must land mid-run: {n_done} of {n_shards} shards done\n{driver_log}"
+    )
+    with pytest.raises(Exception, match="has not finished"):
+        open_store(store)
+    summary = convert(ConvertConfig(store=store, source=many, workers=2), progress=False)
+    assert summary.n_shards_skipped >= n_done  # a marker is written after its shard: those are done
+    assert summary.n_shards_skipped + summary.n_shards_written == n_shards
+    _assert_same_store(store, clean_run)
+
+
+_READER = """
+import sys, numpy as np, zarr, tensorstore as ts
+store, out = sys.argv[1], sys.argv[2]
+g = zarr.open_group(store, mode="r")
+arrays = {}
+for name in ("images", "labels", "study_offsets", "slice_position", "series/n_slices"):
+    a = g[name][...]
+    t = ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": f"{store}/{name}"}}).result().read().result()
+    assert a.dtype == t.dtype and a.shape == t.shape, name
+    assert np.array_equal(a, t), name  # two independent Zarr v3 implementations agree
+    arrays[name.replace("/", "_")] = t
+arrays["image_id"] = np.array(g["image_id"][...].tolist())
+np.savez(out, **arrays)
+"""
+
+
+def test_another_process_reads_the_same_values_with_zarr_and_tensorstore(converted, tmp_path) -> None:
+    store_path, _, _ = converted
+    out = tmp_path / "read.npz"
+    subprocess.run([sys.executable, "-c", _READER, str(store_path), str(out)], check=True)
+    got = np.load(out)
+    s = open_store(store_path)
+    assert np.array_equal(got["images"], np.asarray(s.images[...]))
+    assert np.array_equal(got["labels"], s.labels)
+    assert np.array_equal(got["study_offsets"], s.study_offsets)
+    assert np.array_equal(got["slice_position"], s.slice_position)
+    assert np.array_equal(got["series_n_slices"], s.series["n_slices"].to_numpy())
+    assert got["image_id"].tolist() == list(s.image_id)
+
+
+@pytest.mark.slow
+def test_convert_runs_on_an_existing_cluster_by_address_or_scheduler_file(many, clean_run, tmp_path) -> None:
+    import json
+
+    from distributed import LocalCluster
+
+    with LocalCluster(
+        n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None
+    ) as cluster:
+        addr = cluster.scheduler_address
+        assert addr.startswith("tcp://127.0.0.1:")
+        a = tmp_path / "by_address.zarr"
+        assert main(["convert", str(many), str(a), "--scheduler", addr, "--shard-size", "2", "--quiet"]) == 0
+        sf = tmp_path / "scheduler.json"
+        sf.write_text(json.dumps({"address": addr}))
+        b = tmp_path / "by_file.zarr"
+        assert (
+            main(["convert", str(many), str(b), "--scheduler-file", str(sf), "--shard-size", "2", "--quiet"])
+            == 0
+        )
+        assert len(cluster.scheduler.workers) == 2  # the cluster outlives the runs
+    _assert_same_store(a, clean_run)
+    _assert_same_store(b, clean_run)
+    assert (
+        main(
+            ["convert", str(many), str(tmp_path / "c.zarr"), "--scheduler-file", str(tmp_path / "nope.json")]
+        )
+        == 2
+    )

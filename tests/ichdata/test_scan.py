@@ -1,0 +1,99 @@
+"""The header-only scan: every file under the source once, recognised by content, in parallel batches."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+from ichdata import scan as scan_mod
+from ichdata.errors import UserError
+from ichdata.scan import Manifest, scan, walk
+
+
+@pytest.fixture
+def tree(tmp_path, convert_inputs):
+    rng = np.random.default_rng(5)
+    root = tmp_path / "src"
+    written = convert_inputs.write_case(root, "axial", rng, n=4)
+    written += convert_inputs.write_case(root / "deep" / "er", "coronal", rng, n=3)
+    (root / "README").write_text("an export note")
+    (root / ".hidden").write_bytes(b"\0" * 10)
+    os.symlink(root / written[0].path, root / "link_to_slice")
+    os.symlink(root / "deep", root / "loop")  # a link to a folder is not followed
+    return root, written
+
+
+def test_walk_lists_every_file_once_recursively(tree) -> None:
+    root, written = tree
+    files = walk(root)
+    assert files == sorted(files)
+    expected = {w.path for w in written[:4]} | {"deep/er/" + w.path for w in written[4:]}
+    assert set(files) == expected | {"README", ".hidden", "link_to_slice"}
+    assert len(files) == len(written) + 3
+    assert "README" in files
+    assert ".hidden" in files
+    assert "link_to_slice" in files
+    assert not any(f.startswith("loop/") for f in files)
+    assert walk(root, exclude=[root / "deep"]) == [f for f in files if not f.startswith("deep/")]
+
+
+def test_scan_reads_headers_and_reasons(tree) -> None:
+    root, written = tree
+    m = scan(root)
+    t = m.table.set_index("path")
+    assert len(m) == len(written) + 3
+    assert m.n_slices == len(written) + 1
+    assert t.at["README", "reason"] == "not_dicom"
+    assert t.at[".hidden", "reason"] == "not_dicom"
+    w = written[0]
+    assert t.at[w.path, "image_id"] == w.image_id
+    assert t.at[w.path, "series_uid"] == w.series_uid
+    assert t.at[w.path, "size"] == (root / w.path).stat().st_size
+    assert m.reasons() == {"not_dicom": 2}
+
+
+def test_parallel_batches_equal_the_serial_scan(tree) -> None:
+    from distributed import Client, LocalCluster
+
+    root, _ = tree
+    serial = scan(root)
+    seen = []
+    with (
+        LocalCluster(
+            n_workers=1, threads_per_worker=2, processes=False, dashboard_address=None
+        ) as c,  # inproc: nothing listens
+        Client(c) as client,
+    ):
+        par = scan(root, client, batch_size=3, on_progress=seen.append)
+    assert sum(seen) == len(serial)
+    assert len(seen) == -(-len(serial) // 3)
+    assert par.table.drop(columns="mtime_ns").equals(serial.table.drop(columns="mtime_ns"))
+
+
+def test_rescan_reads_only_new_or_changed_files(tree, tmp_path, monkeypatch) -> None:
+    root, _written = tree
+    first = scan(root)
+    path = tmp_path / "m.parquet"
+    first.write(path)
+    prev = Manifest.read(path, root)
+    assert "patient_id" not in __import__("pandas").read_parquet(path).columns  # never written
+    calls: list[str] = []
+    real = scan_mod.scan_files
+
+    def counting(r, paths):
+        calls.extend(paths)
+        return real(r, paths)
+
+    monkeypatch.setattr(scan_mod, "scan_files", counting)
+    (root / "new_file").write_text("x")
+    os.utime(root / "README", ns=(1, 1))
+    again = scan(root, previous=prev)
+    assert sorted(calls) == ["README", "new_file"]
+    assert len(again) == len(first) + 1
+
+
+def test_missing_source_is_a_user_error(tmp_path) -> None:
+    with pytest.raises(UserError, match="no such folder"):
+        scan(tmp_path / "nope")
