@@ -1,0 +1,166 @@
+"""Training input: whole studies from the store vs one PNG per slice, both through a 2-worker DataLoader.
+
+    .venv/bin/python bench/loader.py [--studies 60] [--repeat 3] [--store STORE]
+
+The same slices (bytes-identical: the PNGs are written from the store's own uint8 arrays with
+`cv2.imwrite` and checked after `cv2.imread`) are delivered as torch uint8 tensors by:
+
+- png: a per-slice Dataset that `cv2.imread`s one PNG file per slice (the folder-of-PNGs setup
+  most RSNA solutions trained from), `DataLoader(batch_size=32, shuffle=True, num_workers=2)`;
+- store: `ichmodel.data.StudyDataset` (whole study windows of up to 64 slices, one contiguous read
+  each) through `make_loader(workers=2)`, reader `auto` (tensorstore in the workers), batches of 4
+  windows, as `ich train` reads for the sequence models;
+- store-zarr: the same with zarr-python as the reader (why tensorstore is the default);
+- slices: `SliceDataset` (one slice per item, the CNN-only model's input), tensorstore, batch 32.
+
+Slices/s are counted from the second batch on (worker start-up excluded), over whole epochs; the
+variants alternate `--repeat` times and the median is reported, with the png/store ratio of every
+round so the noise of a shared machine shows. Files are read from the page cache in both cases
+(written just before); a cold cache favours the store further (~65 KB contiguous reads per slice
+inside a few large shard files against one file open per slice).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import cv2
+import numpy as np
+import torch
+from _synthetic import synthetic_store
+from torch.utils.data import DataLoader, Dataset
+
+from ichdata.store import Store, open_store
+from ichmodel.data import SliceDataset, StudyBatchSampler, StudyDataset, make_loader
+
+
+class PngSlices(Dataset):
+    """One PNG per slice, read with cv2.imread -> uint8 (3, S, S) tensor."""
+
+    def __init__(self, files: list[str]) -> None:
+        self.files = files
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        img = cv2.imread(self.files[i], cv2.IMREAD_COLOR)
+        return torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1)))
+
+
+def write_pngs(store: Store, series: np.ndarray, out: Path) -> list[str]:
+    """The slices of `series` as `<image_id>.png`, same pixels (cv2 keeps the channel order both ways)."""
+    out.mkdir(parents=True, exist_ok=True)
+    files = []
+    for s in series.tolist():
+        a, _ = store.series_rows(s)
+        for k, img in enumerate(store.read_series(s)):
+            path = out / f"{store.image_id[a + k]}.png"
+            cv2.imwrite(str(path), np.ascontiguousarray(img.transpose(1, 2, 0)))
+            files.append(str(path))
+    return files
+
+
+def _count(batch: Any) -> int:
+    return int(batch["lengths"].sum()) if isinstance(batch, dict) else int(batch.shape[0])
+
+
+def epoch_rate(loader: Any, sampler: StudyBatchSampler | None, epoch: int) -> float:
+    """Slices/s over one epoch, from the second batch on."""
+    if sampler is not None:
+        sampler.set_epoch(epoch)
+    it = iter(loader)
+    next(it)
+    n, t0 = 0, time.perf_counter()
+    for batch in it:
+        n += _count(batch)
+    return n / (time.perf_counter() - t0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--store", type=Path, default=None, help="measure this store instead of a synthetic one")
+    p.add_argument("--studies", type=int, default=60, help="synthetic studies (24-48 slices each)")
+    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--max-slices", type=int, default=3000, help="use at most this many slices of --store")
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    tmp = tempfile.TemporaryDirectory(prefix="ich-loader-bench-")
+    root = Path(tmp.name)
+    if args.store is None:
+        store = synthetic_store(root / "bench.zarr", args.studies)
+    else:
+        store = open_store(args.store)
+    offsets = store.study_offsets
+    n_series = min(store.n_series, max(1, int(np.searchsorted(offsets, args.max_slices, side="right")) - 1))
+    series = np.arange(n_series)
+    n_slices = int(offsets[n_series])
+    files = write_pngs(store, series, root / "png")
+    png_bytes = sum(os.path.getsize(f) for f in files)
+    # same pixels: a few PNGs read back equal the store's slices
+    for k in (0, len(files) // 2, len(files) - 1):
+        back = PngSlices(files)[k].numpy()
+        s = int(np.searchsorted(offsets, k, side="right")) - 1
+        assert np.array_equal(back, store.read_series(s, k - int(offsets[s]), k - int(offsets[s]) + 1)[0])
+
+    w = args.workers
+    png = DataLoader(PngSlices(files), batch_size=32, shuffle=True, num_workers=w, persistent_workers=True)
+    studies = StudyDataset(store.path, series)
+    study_sampler = StudyBatchSampler(len(studies), 4, seed=0)
+    zarr_ds = StudyDataset(store.path, series, reader="zarr")
+    zarr_sampler = StudyBatchSampler(len(zarr_ds), 4, seed=0)
+    slices = SliceDataset(store.path, series)
+    slice_sampler = StudyBatchSampler(len(slices), 32, seed=0)
+    variants: dict[str, tuple[Any, StudyBatchSampler | None]] = {
+        "png": (png, None),
+        "store": (make_loader(studies, study_sampler, workers=w), study_sampler),
+        "store-zarr": (make_loader(zarr_ds, zarr_sampler, workers=w), zarr_sampler),
+        "slices": (make_loader(slices, slice_sampler, workers=w), slice_sampler),
+    }
+    print(
+        f"{n_slices} slices in {len(series)} studies; PNG {png_bytes / n_slices / 1e3:.0f} kB/slice; "
+        f"{w} workers; load average {os.getloadavg()[0]:.1f}",
+        flush=True,
+    )
+    rates: dict[str, list[float]] = {k: [] for k in variants}
+    for r in range(args.repeat):
+        for name, (loader, sampler) in variants.items():
+            rates[name].append(epoch_rate(loader, sampler, r))
+        print(
+            f"round {r + 1}: "
+            + ", ".join(f"{k} {v[-1]:.0f}" for k, v in rates.items())
+            + f" slices/s; store/png {rates['store'][-1] / rates['png'][-1]:.2f}×",
+            flush=True,
+        )
+    med = {k: statistics.median(v) for k, v in rates.items()}
+    ratios = [s / q for s, q in zip(rates["store"], rates["png"], strict=True)]
+    print()
+    print(f"load average after: {os.getloadavg()[0]:.1f}")
+    print("| loader (2 workers) | slices/s (median) | vs PNG |")
+    print("| --- | ---: | ---: |")
+    labels = {
+        "png": "one PNG per slice, cv2.imread, batch 32",
+        "store": "store, whole studies, tensorstore (default)",
+        "store-zarr": "store, whole studies, zarr-python",
+        "slices": "store, single slices (CNN-only), tensorstore",
+    }
+    for k in variants:
+        print(f"| {labels[k]} | {med[k]:.0f} | {med[k] / med['png']:.2f}× |")
+    print(f"store/png per round: {', '.join(f'{x:.2f}×' for x in ratios)}")
+    tmp.cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,429 @@
+"""Stream a store into torch: whole studies (or single slices) as uint8 tensors, split by patient.
+
+- `StudyDataset(store, series=None, max_len=64)`: a map-style dataset whose items are *study
+  windows*: one store series, or a contiguous part of it when the series is longer than `max_len`
+  (cut into near-equal windows, see `ichmodel.models.study_windows`). An item is a dict with
+  `images` uint8 (T, 3, S, S), `labels` uint8 (T, 6) (255 = unlabelled), `mask` bool (T,), `image_id`
+  (list of T str), `series`, `start` (first slice of the window within its series) and `weight`
+  (1.0; 0.0 for the filler windows described below). Each item is one contiguous read of
+  `images[a:b]`: zarr 3's fancy indexing on sharded arrays is slow, and a study is one or two
+  shards. Being map-style, `DataLoader(StudyDataset(store), batch_size=None, shuffle=True,
+  num_workers=2)` works as is: every window once per epoch, in random order, whatever the number
+  of workers (the sampler in the main process decides who reads what).
+- `SliceDataset(store, series=None)`: the same with one slice per item, for the CNN-only model.
+- `collate_studies(items)`: pads a list of windows to the longest (zeros, label 255) and adds the
+  (B, T) `mask` and `lengths`; real slices come first in every row, as the models expect.
+- `StudyBatchSampler`: random window order per epoch from `(seed, epoch)`, split without overlap
+  across DDP ranks; every rank gets the same number of batches (DDP needs equal step counts), so
+  the ranks that come up one window short get a *filler* window with weight 0 that the loss
+  ignores. Every window is seen (with weight 1) exactly once per epoch across all ranks.
+- `split_by_patient` / `write_split` / `read_split`: the validation split, by
+  `series.patient_key` (slices and series of one patient are near-duplicates, so a random slice
+  split is optimistic), written as JSON to the run directory and reusable on a grown store.
+
+Reading backend (`reader=`): `"tensorstore"`, `"zarr"` or `"auto"` (default). Both read the same
+bytes of the same shards; tensorstore decodes them about 4× faster (bench/RESULTS.md, "Loader")
+because zarr-python spends more per chunk in its own machinery than zstd takes to decode it. But
+tensorstore is not fork-safe: once its threads run in a process, a `fork` of that process aborts.
+So `"auto"` uses tensorstore only inside DataLoader worker processes (leaves that never fork) and
+zarr in the main process, which therefore stays safe to fork: a plain `DataLoader(...,
+num_workers=2)` with Linux's default `fork` works, and so does anything else the caller forks later.
+Arrays are opened lazily in the process that reads. `"tensorstore"` forces it everywhere, the main
+process included; `make_loader` then starts its workers with `forkserver`, which is safe even when
+the main process already runs tensorstore threads.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
+
+from ichdata.errors import UserError
+from ichdata.store import UNLABELLED, Store, open_store
+from ichmodel.models import study_windows
+
+READERS: tuple[str, ...] = ("auto", "tensorstore", "zarr")
+DEFAULT_MAX_LEN = 64
+
+
+def resolve_reader(reader: str) -> str:
+    """Check `reader`; `auto` stays `auto` when tensorstore is installed and becomes `zarr` otherwise."""
+    if reader not in READERS:
+        raise UserError(f"reader {reader!r} is not one of {', '.join(READERS)}")
+    if reader != "zarr" and importlib.util.find_spec("tensorstore") is None:
+        if reader == "tensorstore":
+            raise UserError("reader 'tensorstore': tensorstore is not installed (pip install tensorstore)")
+        return "zarr"
+    return reader
+
+
+class _ImageReader:
+    """Contiguous reads of `STORE/images`, opened lazily in the process that reads.
+
+    Picklable (only the path and backend travel to DataLoader workers).
+    """
+
+    def __init__(self, store_path: Path, backend: str) -> None:
+        self.path = Path(store_path)
+        self.backend = backend
+        self._array: Any = None
+        self._pid: int | None = None
+        self._kind: str | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"path": self.path, "backend": self.backend, "_array": None, "_pid": None, "_kind": None}
+
+    def _open(self) -> None:
+        pid = os.getpid()
+        kind = self.backend
+        if kind == "auto":
+            kind = "tensorstore" if get_worker_info() is not None else "zarr"
+        if self._pid is not None and self._pid != pid and self._kind == "tensorstore":
+            kind = "zarr"  # inherited through fork from a process that had tensorstore running
+        if kind == "tensorstore":
+            import tensorstore as ts
+
+            spec = {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(self.path / "images")}}
+            self._array = ts.open(spec, open=True, read=True).result()
+        else:
+            import zarr
+
+            self._array = zarr.open_array(str(self.path / "images"), mode="r")
+        self._pid, self._kind = pid, kind
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) of `images` as uint8 (T, 3, S, S), one contiguous read."""
+        if self._array is None or self._pid != os.getpid():
+            self._open()
+        if self._kind == "tensorstore":
+            return self._array[start:stop].read().result()
+        return np.asarray(self._array[start:stop])
+
+
+def _as_store(store: Store | str | os.PathLike[str]) -> Store:
+    return store if isinstance(store, Store) else open_store(store)
+
+
+class StudyDataset(Dataset):
+    """Study windows of the series `series` (store series indices; all by default), see module doc."""
+
+    def __init__(
+        self,
+        store: Store | str | os.PathLike[str],
+        series: Sequence[int] | np.ndarray | None = None,
+        *,
+        max_len: int | None = DEFAULT_MAX_LEN,
+        reader: str = "auto",
+    ) -> None:
+        st = _as_store(store)
+        if max_len is not None and max_len < 1:
+            raise UserError(f"max_len {max_len}: must be at least 1")
+        self.store_path = Path(st.path)
+        self.max_len = max_len
+        self.image_size = st.image_size
+        self.classes = st.classes
+        idx = np.arange(st.n_series) if series is None else np.asarray(series, dtype=np.int64)
+        if idx.size and (idx.min() < 0 or idx.max() >= st.n_series):
+            raise IndexError(f"series index out of range: the store has {st.n_series} series")
+        self.series = idx
+        offsets = st.study_offsets
+        rows: list[tuple[int, int, int]] = []
+        for s in idx.tolist():
+            n = int(offsets[s + 1] - offsets[s])
+            rows.extend((s, a, b) for a, b in study_windows(n, max_len) if b > a)
+        #: (n_windows, 3) int64: series, first and last+1 slice within the series
+        self.windows = np.asarray(rows, dtype=np.int64).reshape(-1, 3)
+        self._offsets = offsets
+        self._labels = st.labels
+        self._image_id = st.image_id
+        self._reader = _ImageReader(self.store_path, resolve_reader(reader))
+
+    @property
+    def reader(self) -> str:
+        return self._reader.backend
+
+    @property
+    def n_slices(self) -> int:
+        return int((self.windows[:, 2] - self.windows[:, 1]).sum())
+
+    def window_lengths(self) -> np.ndarray:
+        return self.windows[:, 2] - self.windows[:, 1]
+
+    def __len__(self) -> int:
+        return len(self.windows)
+
+    def __getitem__(self, index: int | tuple[int, float]) -> dict[str, Any]:
+        i, weight = index if isinstance(index, tuple) else (index, 1.0)
+        s, a, b = (int(v) for v in self.windows[i])
+        row = int(self._offsets[s])
+        images = self._reader.read(row + a, row + b)
+        return {
+            "images": torch.from_numpy(np.ascontiguousarray(images)),
+            "labels": torch.from_numpy(self._labels[row + a : row + b].copy()),
+            "mask": torch.ones(b - a, dtype=torch.bool),
+            "image_id": self._image_id[row + a : row + b].tolist(),
+            "series": s,
+            "start": a,
+            "weight": float(weight),
+        }
+
+
+class SliceDataset(StudyDataset):
+    """Single slices of the series `series`, for the CNN-only model: a `StudyDataset` with T = 1."""
+
+    def __init__(
+        self,
+        store: Store | str | os.PathLike[str],
+        series: Sequence[int] | np.ndarray | None = None,
+        *,
+        reader: str = "auto",
+    ) -> None:
+        super().__init__(store, series, max_len=1, reader=reader)
+
+
+def _batch_tensor(like: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """An uninitialised tensor for the batch; in a DataLoader worker, directly in shared memory.
+
+    (What torch's `default_collate` does: the batch then crosses to the main process without the
+    extra copy that moving an ordinary tensor into shared memory costs, ~200 kB per slice.)
+    """
+    if get_worker_info() is None:
+        return like.new_empty(shape)
+    numel = math.prod(shape)
+    storage = like._typed_storage()._new_shared(numel, device=like.device)
+    return like.new(storage).resize_(shape)
+
+
+def collate_studies(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Pad windows to the longest: images (B, T, 3, S, S) uint8 zeros, labels (B, T, 6) 255, mask (B, T)."""
+    if not items:
+        raise ValueError("empty batch")
+    lengths = [int(it["images"].shape[0]) for it in items]
+    t = max(lengths)
+    first = items[0]["images"]
+    images = _batch_tensor(first, (len(items), t, *first.shape[1:]))
+    labels = torch.full((len(items), t, items[0]["labels"].shape[1]), UNLABELLED, dtype=torch.uint8)
+    mask = torch.zeros(len(items), t, dtype=torch.bool)
+    for k, (it, n) in enumerate(zip(items, lengths, strict=True)):
+        images[k, :n] = it["images"]
+        images[k, n:] = 0
+        labels[k, :n] = it["labels"]
+        mask[k, :n] = True
+    return {
+        "images": images,
+        "labels": labels,
+        "mask": mask,
+        "lengths": torch.tensor(lengths, dtype=torch.int64),
+        "image_id": [it["image_id"] for it in items],
+        "series": torch.tensor([it["series"] for it in items], dtype=torch.int64),
+        "start": torch.tensor([it["start"] for it in items], dtype=torch.int64),
+        "weight": torch.tensor([it["weight"] for it in items], dtype=torch.float32),
+    }
+
+
+class StudyBatchSampler(Sampler[list[tuple[int, float]]]):
+    """Batches of (window index, weight) for one DDP rank; see the module docstring.
+
+    Order is a function of `(seed, epoch)` only (call `set_epoch` before each epoch), so a resumed
+    run replays the same order.
+    """
+
+    def __init__(
+        self,
+        n_windows: int,
+        batch_size: int,
+        *,
+        shuffle: bool = True,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        if batch_size < 1:
+            raise UserError(f"batch size {batch_size}: must be at least 1")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world size {world_size}")
+        self.n_windows = n_windows
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    @property
+    def per_rank(self) -> int:
+        return -(-self.n_windows // self.world_size)
+
+    def __len__(self) -> int:
+        return -(-self.per_rank // self.batch_size)
+
+    def rank_indices(self) -> list[tuple[int, float]]:
+        """This rank's (window, weight) list for the current epoch, fillers (weight 0) last."""
+        if self.n_windows == 0:
+            return []
+        if self.shuffle:
+            order = np.random.default_rng([self.seed, self.epoch]).permutation(self.n_windows)
+        else:
+            order = np.arange(self.n_windows)
+        mine = order[self.rank :: self.world_size].tolist()
+        items = [(i, 1.0) for i in mine]
+        filler = mine[0] if mine else int(order[0])
+        items += [(filler, 0.0)] * (self.per_rank - len(mine))
+        return items
+
+    def __iter__(self) -> Iterator[list[tuple[int, float]]]:
+        items = self.rank_indices()
+        for a in range(0, len(items), self.batch_size):
+            yield items[a : a + self.batch_size]
+
+
+def make_loader(
+    dataset: StudyDataset,
+    batch_sampler: StudyBatchSampler,
+    *,
+    workers: int = 2,
+    pin_memory: bool = False,
+    prefetch: int = 4,
+) -> DataLoader:
+    """A DataLoader of padded study batches.
+
+    With `reader="auto"` the main process never runs tensorstore, so workers are forked (fast to
+    start, no pickling of the label arrays); with `reader="tensorstore"` they start from a
+    `forkserver`.
+    """
+    kwargs: dict[str, Any] = {}
+    if workers > 0:
+        kwargs.update(persistent_workers=True, prefetch_factor=prefetch)
+        if dataset.reader == "tensorstore":  # this process may run tensorstore: never fork it
+            kwargs["multiprocessing_context"] = "forkserver"
+    return DataLoader(
+        dataset,
+        batch_sampler=batch_sampler,
+        collate_fn=collate_studies,
+        num_workers=workers,
+        pin_memory=pin_memory,
+        **kwargs,
+    )
+
+
+# --- the split by patient --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Split:
+    """Which store series train and which validate, and the patients behind them."""
+
+    train_series: np.ndarray
+    val_series: np.ndarray
+    val_patients: tuple[str, ...]
+    seed: int | None = None
+    val_fraction: float | None = None
+
+
+def split_by_patient(series: pd.DataFrame, val_fraction: float = 0.1, seed: int = 0) -> Split:
+    """Hold out whole patients (`series.patient_key`) until about `val_fraction` of the slices.
+
+    Patients are drawn in a random order from `seed`; at least one patient is held out and at least
+    one left for training whenever there are two or more.
+    """
+    if not 0.0 <= val_fraction < 1.0:
+        raise UserError(f"validation fraction {val_fraction}: expected a number in [0, 1)")
+    per_patient = series.groupby("patient_key", sort=True)["n_slices"].sum()
+    patients = per_patient.index.to_numpy()
+    order = np.random.default_rng(seed).permutation(len(patients))
+    target = val_fraction * float(per_patient.sum())
+    chosen: list[str] = []
+    total = 0.0
+    if val_fraction > 0 and len(patients) >= 2:
+        for k in order:
+            if total >= target or len(chosen) == len(patients) - 1:
+                break
+            chosen.append(str(patients[k]))
+            total += float(per_patient.iloc[k])
+    return _split_from_patients(series, chosen, seed=seed, val_fraction=val_fraction)
+
+
+def _split_from_patients(
+    series: pd.DataFrame, val_patients: Sequence[str], *, seed: int | None, val_fraction: float | None
+) -> Split:
+    is_val = series["patient_key"].isin(set(val_patients)).to_numpy()
+    return Split(
+        train_series=np.flatnonzero(~is_val).astype(np.int64),
+        val_series=np.flatnonzero(is_val).astype(np.int64),
+        val_patients=tuple(sorted(val_patients)),
+        seed=seed,
+        val_fraction=val_fraction,
+    )
+
+
+def write_split(path: str | os.PathLike[str], split: Split, series: pd.DataFrame) -> Path:
+    """Write the split as JSON: held-out patient keys (what defines it) and the series UIDs of each side."""
+    out = Path(path)
+    doc = {
+        "by": "patient_key",
+        "seed": split.seed,
+        "val_fraction": split.val_fraction,
+        "val_patients": list(split.val_patients),
+        "train_series": series["series_uid"].to_numpy()[split.train_series].tolist(),
+        "val_series": series["series_uid"].to_numpy()[split.val_series].tolist(),
+    }
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps(doc, indent=1) + "\n")
+    tmp.replace(out)
+    return out
+
+
+def read_split(path: str | os.PathLike[str], series: pd.DataFrame) -> Split:
+    """Re-apply a split file to a store's series: a series validates iff its patient is held out.
+
+    Series added to the store since the split was written follow their patient, so a split stays
+    patient-disjoint on a grown store; a series the file lists that the store lacks is an error.
+    """
+    p = Path(path)
+    try:
+        doc = json.loads(p.read_text())
+        val_patients = [str(k) for k in doc["val_patients"]]
+    except FileNotFoundError as exc:
+        raise UserError(f"split file {p}: no such file") from exc
+    except (ValueError, KeyError, TypeError) as exc:
+        raise UserError(f"split file {p}: not a split written by `ich train` ({exc})") from exc
+    known = set(series["series_uid"].tolist())
+    missing = [u for u in doc.get("train_series", []) + doc.get("val_series", []) if u not in known]
+    if missing:
+        raise UserError(
+            f"split file {p}: {len(missing)} series are not in the store (e.g. {missing[0]}); "
+            "expected a split made for this store or an earlier state of it"
+        )
+    return _split_from_patients(
+        series, val_patients, seed=doc.get("seed"), val_fraction=doc.get("val_fraction")
+    )
+
+
+__all__ = [
+    "DEFAULT_MAX_LEN",
+    "READERS",
+    "SliceDataset",
+    "Split",
+    "StudyBatchSampler",
+    "StudyDataset",
+    "collate_studies",
+    "make_loader",
+    "read_split",
+    "resolve_reader",
+    "split_by_patient",
+    "write_split",
+]

@@ -1,0 +1,329 @@
+"""The paper's three detectors: Xception, Xception-LSTM and Xception-GRU, on any timm backbone.
+
+All three look at every slice of a study with the same 2D CNN, a timm model created with
+`num_classes=0` so that it returns one pooled feature vector per slice (2048 wide for
+`legacy_xception`, the paper's 36-convolution, 14-module Xception whose middle flow repeats eight
+times). They differ in what happens next:
+
+- `SliceClassifier` (`xception`): features -> dropout 0.2 -> linear 6. Each slice on its own.
+- `SequenceClassifier` (`xception_lstm`, `xception_gru`): features of the slices of a study, in slice
+  order -> two stacked 512-unit LSTM or GRU layers -> the recurrent output is multiplied with the
+  CNN features -> dropout 0.2 -> linear 6, one prediction per slice.
+
+Our reading of the paper (section IV.B.2.c and its Fig. 3), which says only that "the output of these
+[RNN] layers is then multiplied with the output of the CNN network", then a 6-node sigmoid layer with
+dropout 0.2: the product is element-wise, per slice, between the slice's CNN feature vector `f_t` and
+the RNN's hidden state `h_t` at that slice, so the recurrent context gates the slice's own features
+(`z_t = f_t * W h_t + b`). The widths differ (2048 against 512), so a linear layer projects `h_t` up to
+the CNN's width; we project the RNN output rather than shrinking the CNN features so the classifier
+still sees the full per-slice representation. The RNN runs over the slices of one study in their
+store order (ascending position along the slice normal); `bidirectional=True` (the paper's stated
+future work) lets slices below a slice inform it too. Padding never reaches the RNN
+(`pack_padded_sequence`) nor the CNN (only the real slices of a padded batch go through it, which
+also keeps padding out of BatchNorm's batch statistics).
+
+Inputs are float images in [0, 1] shaped (B, T, 3, H, W) with a (B, T) bool mask whose True entries
+come first in each row (see `ichmodel.data.collate_studies`); the models normalise with the
+backbone's own mean/std. The mask may stay on the CPU while the images are on the GPU (what
+training does): then the forward pass never waits for the GPU. Outputs are logits (B, T, 6); `predict_study` turns a uint8 study into
+sigmoid probabilities. `load_model` rebuilds a trained model from a checkpoint written by
+`ichmodel.train` (the format is documented there).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, cast
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+from torch.utils.checkpoint import checkpoint
+
+from ichdata.errors import UserError
+
+MODEL_NAMES: tuple[str, ...] = ("xception", "xception_lstm", "xception_gru")
+DEFAULT_BACKBONE = "legacy_xception"
+
+
+class _Encoder(nn.Module):
+    """A timm backbone (pooled features, no classifier) plus the input normalisation it expects.
+
+    `grad_checkpointing` trades compute for memory on long studies: the slices go through the
+    backbone in chunks of `checkpoint_chunk`, each recomputed in the backward pass, so only one
+    chunk's activations are alive at a time (works for every timm backbone, including
+    `legacy_xception`, which has no checkpointing of its own). With BatchNorm in training mode each
+    chunk is normalised by its own batch statistics (use chunks of ≥ 32 slices), and the running
+    statistics are updated once more when a chunk is recomputed.
+    """
+
+    mean: torch.Tensor
+    std: torch.Tensor
+
+    def __init__(self, backbone: nn.Module, mean: Sequence[float], std: Sequence[float]) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.num_features = int(
+            getattr(backbone, "head_hidden_size", None) or cast(Any, backbone).num_features
+        )
+        self.register_buffer(
+            "mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False
+        )
+        self.register_buffer(
+            "std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False
+        )
+        self.grad_checkpointing = False
+        self.checkpoint_chunk = 32
+        self.channels_last = False  # set with `model.to(memory_format=torch.channels_last)` on GPU
+        #: Round the number of slices per CNN call up to a multiple of this (None: 32 on CUDA, 1 on CPU).
+        #: cuDNN builds an execution plan for every new input shape (seconds for Xception's ~75
+        #: convolutions, forward and backward); study batches hold a different number of slices each
+        #: time, so without rounding nearly every step pays that again. The extra rows repeat real
+        #: slices of the batch (never padding) and their outputs are dropped.
+        self.slice_bucket: int | None = None
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """(N, 3, H, W) float in [0, 1] -> (N, F) pooled features."""
+        x = (images - self.mean) / self.std
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+            chunks = x.split(self.checkpoint_chunk)
+            return torch.cat([checkpoint(self.backbone, c, use_reentrant=False) for c in chunks])
+        return self.backbone(x)
+
+
+def real_index(mask: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """Flat indices (into B*T) of the real slices, moved to `device`.
+
+    Computed where `mask` lives: with the loader's CPU mask no GPU synchronisation is needed (boolean
+    indexing of a GPU tensor by a GPU mask waits for the GPU to finish all queued work).
+    """
+    return mask.reshape(-1).nonzero().squeeze(1).to(device, non_blocking=True)
+
+
+def _masked_features(encoder: _Encoder, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Run the CNN on the real slices only and scatter the features back to (B, T, F), zeros at padding."""
+    b, t = mask.shape
+    idx = mask.reshape(-1).nonzero().squeeze(1)  # where the mask lives: no GPU sync for a CPU mask
+    n = idx.numel()
+    bucket = encoder.slice_bucket or (32 if images.is_cuda else 1)
+    rows = idx
+    if n and bucket > 1 and n % bucket:
+        rows = torch.cat([idx, idx[torch.arange(bucket - n % bucket, device=idx.device) % n]])
+    idx = idx.to(images.device, non_blocking=True)
+    rows = rows.to(images.device, non_blocking=True)
+    feats = encoder(images.flatten(0, 1).index_select(0, rows))[:n]  # (N, F), N = number of real slices
+    return feats.new_zeros(b * t, feats.shape[-1]).index_copy(0, idx, feats).view(b, t, -1)
+
+
+class SliceClassifier(nn.Module):
+    """`xception`: each slice classified on its own (CNN features -> dropout -> linear)."""
+
+    def __init__(self, encoder: _Encoder, num_classes: int = 6, drop_rate: float = 0.2) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.num_classes = num_classes
+        self.drop = nn.Dropout(drop_rate)
+        self.fc = nn.Linear(encoder.num_features, num_classes)
+
+    def forward_features(self, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return _masked_features(self.encoder, images, mask)
+
+    def forward_head(self, features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.drop(features))
+
+    def forward(self, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """images (B, T, 3, H, W) float, mask (B, T) bool -> logits (B, T, num_classes)."""
+        return self.forward_head(self.forward_features(images, mask), mask)
+
+
+class SequenceClassifier(nn.Module):
+    """`xception_lstm` / `xception_gru`: CNN features gated by an RNN over the study's slices.
+
+    `rnn` is an `nn.LSTM` or `nn.GRU` with `batch_first=True` whose input size is the encoder's
+    feature width; `proj` maps its output (hidden size, doubled when bidirectional) to that width.
+    """
+
+    def __init__(
+        self, encoder: _Encoder, rnn: nn.RNNBase, num_classes: int = 6, drop_rate: float = 0.2
+    ) -> None:
+        super().__init__()
+        if not rnn.batch_first:
+            raise ValueError("the RNN must be batch_first")
+        self.encoder = encoder
+        self.rnn = rnn
+        self.num_classes = num_classes
+        rnn_width = rnn.hidden_size * (2 if rnn.bidirectional else 1)
+        self.proj = nn.Linear(rnn_width, encoder.num_features)
+        self.drop = nn.Dropout(drop_rate)
+        self.fc = nn.Linear(encoder.num_features, num_classes)
+
+    def forward_features(self, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return _masked_features(self.encoder, images, mask)
+
+    def forward_head(self, features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        lengths = mask.sum(1).cpu()
+        # The RNN runs in float32 even under bf16 autocast: it is a small part of the cost, and
+        # cuDNN's reduced-precision RNN paths differ between versions.
+        with torch.autocast(features.device.type, enabled=False):
+            packed = pack_padded_sequence(features.float(), lengths, batch_first=True, enforce_sorted=False)
+            out, _ = self.rnn(packed)
+            context, _ = pad_packed_sequence(out, batch_first=True, total_length=mask.shape[1])
+        gated = features * self.proj(context).to(features.dtype)
+        return self.fc(self.drop(gated))
+
+    def forward(self, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """images (B, T, 3, H, W) float, mask (B, T) bool (True first) -> logits (B, T, num_classes)."""
+        return self.forward_head(self.forward_features(images, mask), mask)
+
+
+def _load_backbone_weights(backbone: nn.Module, weights: Path) -> None:
+    """Load a local timm/PyTorch weights file (.pth, .bin or .safetensors) into `backbone`.
+
+    Classifier weights in the file (e.g. ImageNet's 1000-way `fc`) are dropped; any other mismatch is
+    an error, so a file for another architecture cannot load silently half-way.
+    """
+    from timm.models import load_state_dict
+
+    if not weights.is_file():
+        raise UserError(f"--weights {weights}: no such file")
+    try:
+        state = load_state_dict(str(weights))
+    except Exception as exc:  # a corrupt or foreign file: say which
+        raise UserError(f"--weights {weights}: cannot read weights ({exc})") from exc
+    classifier = (getattr(backbone, "pretrained_cfg", None) or {}).get("classifier")
+    classifiers = (classifier,) if isinstance(classifier, str) else tuple(classifier or ())
+    for name in classifiers:
+        state.pop(f"{name}.weight", None)
+        state.pop(f"{name}.bias", None)
+    try:
+        result = backbone.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # same names, other shapes
+        first = str(exc).split("\n\t")[1] if "\n\t" in str(exc) else str(exc)
+        raise UserError(
+            f"--weights {weights}: does not fit backbone {type(backbone).__name__}: {first}"
+        ) from exc
+    if result.missing_keys or result.unexpected_keys:
+        raise UserError(
+            f"--weights {weights}: does not fit backbone {type(backbone).__name__}: "
+            f"{len(result.missing_keys)} missing keys (e.g. {result.missing_keys[:3]}), "
+            f"{len(result.unexpected_keys)} unexpected (e.g. {result.unexpected_keys[:3]})"
+        )
+
+
+def create_model(
+    name: str,
+    *,
+    backbone: str = DEFAULT_BACKBONE,
+    pretrained: bool = False,
+    weights: str | Path | None = None,
+    bidirectional: bool = False,
+    num_classes: int = 6,
+    drop_rate: float = 0.2,
+    rnn_hidden: int = 512,
+    rnn_layers: int = 2,
+    grad_checkpointing: bool = False,
+) -> SliceClassifier | SequenceClassifier:
+    """Build `xception`, `xception_lstm` or `xception_gru` on the timm backbone `backbone`.
+
+    `pretrained=True` downloads the backbone's weights through timm (needs internet);
+    `weights=FILE` loads a local weights file instead. Both only touch the backbone.
+    """
+    import timm
+
+    if name not in MODEL_NAMES:
+        raise UserError(f"model {name!r} is not one of {', '.join(MODEL_NAMES)}")
+    try:
+        net = timm.create_model(backbone, pretrained=pretrained and weights is None, num_classes=0)
+    except RuntimeError as exc:
+        if "Unknown model" in str(exc):
+            raise UserError(f"backbone {backbone!r} is not a timm model name") from exc
+        raise
+    if weights is not None:
+        _load_backbone_weights(net, Path(weights))
+    cfg = getattr(net, "pretrained_cfg", {}) or {}
+    encoder = _Encoder(net, cfg.get("mean", (0.5, 0.5, 0.5)), cfg.get("std", (0.5, 0.5, 0.5)))
+    encoder.grad_checkpointing = grad_checkpointing
+    if name == "xception":
+        return SliceClassifier(encoder, num_classes=num_classes, drop_rate=drop_rate)
+    rnn_cls = nn.LSTM if name == "xception_lstm" else nn.GRU
+    rnn = rnn_cls(
+        encoder.num_features, rnn_hidden, num_layers=rnn_layers, batch_first=True, bidirectional=bidirectional
+    )
+    return SequenceClassifier(encoder, rnn, num_classes=num_classes, drop_rate=drop_rate)
+
+
+def load_model(
+    checkpoint: str | Path, device: str | torch.device = "cpu"
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild a trained model from an `ichmodel.train` checkpoint (`best.pt` or `last.pt`).
+
+    Returns `(model, info)`: the model in eval mode on `device`, and the checkpoint's description
+    without tensors: `model` (the `create_model` keyword arguments incl. `name`), `classes`,
+    `image_size`, `max_len`, `windows`, `config` (the resolved `TrainConfig` as a dict), `epoch`,
+    `val_loss`.
+    """
+    path = Path(checkpoint)
+    if not path.is_file():
+        raise UserError(f"checkpoint {path}: no such file")
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    if not isinstance(ckpt, dict) or ckpt.get("format") != "ich-checkpoint":
+        raise UserError(f"checkpoint {path}: not an ich training checkpoint")
+    kwargs = dict(ckpt["model"])
+    name = kwargs.pop("name")
+    model = create_model(name, **kwargs)
+    model.load_state_dict(ckpt["state_dict"])
+    model.to(device).eval()
+    info = {k: v for k, v in ckpt.items() if k not in {"state_dict", "optimizer", "scheduler", "rng"}}
+    return model, info
+
+
+def study_windows(n_slices: int, max_len: int | None) -> list[tuple[int, int]]:
+    """Cut a study of `n_slices` into near-equal contiguous windows of at most `max_len` slices.
+
+    Equal sizes (70 slices, T=64 -> 35 + 35, not 64 + 6) give every window enough context.
+    """
+    if max_len is None or n_slices <= max_len:
+        return [(0, n_slices)]
+    k = -(-n_slices // max_len)
+    bounds = np.linspace(0, n_slices, k + 1).round().astype(int)
+    return [(int(a), int(b)) for a, b in itertools.pairwise(bounds)]
+
+
+@torch.no_grad()
+def predict_study(
+    model: nn.Module,
+    images: torch.Tensor | np.ndarray,
+    *,
+    max_len: int | None = None,
+    device: str | torch.device | None = None,
+    chunk: int = 64,
+) -> np.ndarray:
+    """Probabilities (T, 6) float32 for one study given as uint8 (T, 3, H, W) in slice order.
+
+    Sequence models see the study in the same windows as in training (`max_len`, from the
+    checkpoint's `info["max_len"]`); the CNN-only model goes through in chunks of `chunk` slices.
+    """
+    model.eval()
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    x = torch.as_tensor(images)
+    if x.dtype != torch.uint8 or x.dim() != 4:
+        raise ValueError(f"expected uint8 (T, 3, H, W), got {x.dtype} {tuple(x.shape)}")
+    n = x.shape[0]
+    if isinstance(model, SequenceClassifier):
+        spans = study_windows(n, max_len)
+    else:
+        spans = [(a, min(a + chunk, n)) for a in range(0, n, chunk)]
+    out = np.empty((n, int(cast(Any, model).num_classes)), dtype=np.float32)
+    for a, b in spans:
+        part = x[a:b].to(device, non_blocking=True).float().div_(255)
+        if isinstance(model, SequenceClassifier):
+            logits = model(part[None], torch.ones(1, b - a, dtype=torch.bool))[0]
+        else:
+            logits = model(part[:, None], torch.ones(b - a, 1, dtype=torch.bool))[:, 0]
+        out[a:b] = torch.sigmoid(logits.float()).cpu().numpy()
+    return out

@@ -1,0 +1,225 @@
+"""Streaming the store: study windows, padding, sharding over workers and ranks, the patient split."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from ichdata.errors import UserError
+from ichdata.store import Store
+from ichmodel.data import (
+    SliceDataset,
+    StudyBatchSampler,
+    StudyDataset,
+    collate_studies,
+    make_loader,
+    read_split,
+    split_by_patient,
+    write_split,
+)
+
+#: slices per series of the `tiny_store` fixture (tests/ichmodel/conftest.py)
+LENGTHS = (5, 9, 3, 12, 7, 4, 6, 8)
+
+
+def test_items_are_whole_studies_read_from_the_store(tiny_store: Store) -> None:
+    ds = StudyDataset(tiny_store, max_len=None, reader="zarr")
+    assert len(ds) == len(LENGTHS)
+    for s in range(len(LENGTHS)):
+        item = ds[s]
+        a, b = tiny_store.series_rows(s)
+        assert item["images"].dtype == torch.uint8
+        assert item["images"].shape == (LENGTHS[s], 3, 64, 64)
+        assert np.array_equal(item["images"].numpy(), tiny_store.read_series(s))
+        assert np.array_equal(item["labels"].numpy(), tiny_store.labels[a:b])
+        assert item["image_id"] == tiny_store.image_id[a:b].tolist()
+        assert item["mask"].all()
+        assert (item["series"], item["start"], item["weight"]) == (s, 0, 1.0)
+
+
+def test_long_studies_are_cut_into_windows(tiny_store: Store) -> None:
+    ds = StudyDataset(tiny_store, series=[1, 3], max_len=4, reader="zarr")
+    # 9 slices -> 3 + 3 + 3, 12 slices -> 4 + 4 + 4
+    assert ds.windows.tolist() == [[1, 0, 3], [1, 3, 6], [1, 6, 9], [3, 0, 4], [3, 4, 8], [3, 8, 12]]
+    item = ds[4]
+    a, _ = tiny_store.series_rows(3)
+    assert (item["series"], item["start"]) == (3, 4)
+    assert np.array_equal(item["images"].numpy(), tiny_store.read_series(3, 4, 8))
+    assert item["image_id"] == tiny_store.image_id[a + 4 : a + 8].tolist()
+    assert ds.n_slices == 21
+
+
+def test_slice_dataset_has_one_slice_per_item(tiny_store: Store) -> None:
+    ds = SliceDataset(tiny_store, series=[0, 2], reader="zarr")
+    assert len(ds) == LENGTHS[0] + LENGTHS[2]
+    item = ds[6]  # second slice of series 2
+    assert item["images"].shape == (1, 3, 64, 64)
+    assert np.array_equal(item["images"].numpy(), tiny_store.read_series(2, 1, 2))
+
+
+def test_collate_pads_with_a_mask() -> None:
+    def item(n: int, s: int) -> dict:
+        return {
+            "images": torch.full((n, 3, 4, 4), s + 1, dtype=torch.uint8),
+            "labels": torch.ones(n, 6, dtype=torch.uint8),
+            "mask": torch.ones(n, dtype=torch.bool),
+            "image_id": [f"ID_{s}_{k}" for k in range(n)],
+            "series": s,
+            "start": 0,
+            "weight": 1.0 if s else 0.0,
+        }
+
+    batch = collate_studies([item(2, 0), item(5, 1)])
+    assert batch["images"].shape == (2, 5, 3, 4, 4)
+    assert batch["mask"].tolist() == [[True, True, False, False, False], [True] * 5]
+    assert batch["lengths"].tolist() == [2, 5]
+    assert (batch["images"][0, 2:] == 0).all()
+    assert (batch["labels"][0, 2:] == 255).all()
+    assert (batch["images"][0, :2] == 1).all()
+    assert batch["image_id"][0] == ["ID_0_0", "ID_0_1"]
+    assert batch["weight"].tolist() == [0.0, 1.0]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_plain_dataloader_with_shuffle(tiny_store: Store, workers: int) -> None:
+    """`StudyDataset(store)` with defaults in a plain DataLoader: every study once, in random order.
+
+    With workers, the default reader (`auto`) reads with tensorstore inside the forked workers.
+    """
+    ds = StudyDataset(tiny_store)
+    loader = DataLoader(ds, batch_size=None, shuffle=True, num_workers=workers)
+    torch.manual_seed(0)
+    first = []
+    for it in loader:
+        s = int(it["series"])
+        assert np.array_equal(it["images"].numpy(), tiny_store.read_series(s))
+        first.append((s, int(it["start"])))
+    torch.manual_seed(1)
+    second = [(int(it["series"]), int(it["start"])) for it in loader]
+    assert sorted(first) == [(s, 0) for s in range(len(LENGTHS))]
+    assert sorted(second) == sorted(first)
+    assert first != second
+
+
+@pytest.mark.filterwarnings("ignore:This DataLoader will create:UserWarning")  # 3 workers on a 2-core CI box
+@pytest.mark.parametrize("workers", [0, 1, 2, 3])
+def test_loader_covers_every_slice_once_per_epoch(tiny_store: Store, workers: int) -> None:
+    ds = StudyDataset(tiny_store, max_len=4, reader="zarr")
+    sampler = StudyBatchSampler(len(ds), 3, seed=7)
+    loader = make_loader(ds, sampler, workers=workers)
+    orders = []
+    for epoch in range(2):
+        sampler.set_epoch(epoch)
+        ids: list[str] = []
+        order = []
+        for batch in loader:
+            for row, n in zip(batch["image_id"], batch["lengths"].tolist(), strict=True):
+                assert len(row) == n
+                ids.extend(row)
+            order.extend(zip(batch["series"].tolist(), batch["start"].tolist(), strict=True))
+            # a window's rows are its store rows, in slice order
+            for k, (s, a) in enumerate(zip(batch["series"].tolist(), batch["start"].tolist(), strict=True)):
+                n = int(batch["lengths"][k])
+                expected = tiny_store.read_series(s, a, a + n)
+                assert np.array_equal(batch["images"][k, :n].numpy(), expected)
+        assert Counter(ids) == Counter(tiny_store.image_id.tolist())
+        orders.append(order)
+    assert orders[0] != orders[1]
+    sampler.set_epoch(1)
+    again = [(s, a) for b in loader for s, a in zip(b["series"].tolist(), b["start"].tolist(), strict=True)]
+    assert again == orders[1]  # the order is a function of (seed, epoch)
+
+
+def test_forkserver_workers_read_with_tensorstore_the_same_bytes(tiny_store: Store) -> None:
+    """Tensorstore runs only in forkserver workers here: this pytest process must stay safe to fork."""
+    ds = StudyDataset(tiny_store, max_len=5, reader="tensorstore")
+    loader = make_loader(ds, StudyBatchSampler(len(ds), 2, seed=0), workers=2)
+    assert loader.multiprocessing_context.get_start_method() == "forkserver"
+    ids = []
+    for batch in loader:
+        for k, (s, a) in enumerate(zip(batch["series"].tolist(), batch["start"].tolist(), strict=True)):
+            n = int(batch["lengths"][k])
+            assert np.array_equal(batch["images"][k, :n].numpy(), tiny_store.read_series(s, a, a + n))
+            ids.extend(batch["image_id"][k])
+    assert sorted(ids) == sorted(tiny_store.image_id.tolist())
+    with pytest.raises(UserError, match="reader 'png' is not one of auto, tensorstore, zarr"):
+        StudyDataset(tiny_store, reader="png")
+
+
+@pytest.mark.parametrize(("n", "batch", "world"), [(8, 3, 1), (8, 3, 2), (7, 2, 3), (2, 4, 3), (13, 1, 4)])
+def test_ranks_read_disjoint_windows_and_together_all(n: int, batch: int, world: int) -> None:
+    for epoch in range(3):
+        per_rank = []
+        for rank in range(world):
+            s = StudyBatchSampler(n, batch, seed=1, rank=rank, world_size=world)
+            s.set_epoch(epoch)
+            batches = list(s)
+            assert len(batches) == len(s)
+            assert all(0 < len(b) <= batch for b in batches)
+            per_rank.append([it for b in batches for it in b])
+        assert len({len(r) for r in per_rank}) == 1  # the same number of steps on every rank
+        real = [i for r in per_rank for i, w in r if w == 1.0]
+        assert sorted(real) == list(range(n))  # every window exactly once
+        assert all(w in (0.0, 1.0) for r in per_rank for _, w in r)
+        assert sum(w == 0.0 for r in per_rank for _, w in r) == world * -(-n // world) - n
+
+
+def test_split_is_by_patient_and_reusable(tmp_path: Path, tiny_store: Store) -> None:
+    series = tiny_store.series
+    split = split_by_patient(series, 0.25, seed=3)
+    assert set(split.train_series) | set(split.val_series) == set(range(len(series)))
+    train_patients = set(series["patient_key"].iloc[split.train_series])
+    val_patients = set(series["patient_key"].iloc[split.val_series])
+    assert val_patients == set(split.val_patients)
+    assert not train_patients & val_patients
+    assert val_patients  # something held out
+    assert np.array_equal(split.val_series, split_by_patient(series, 0.25, seed=3).val_series)
+    path = write_split(tmp_path / "split.json", split, series)
+    doc = json.loads(path.read_text())
+    assert doc["val_patients"] == sorted(val_patients)
+    again = read_split(path, series)
+    assert np.array_equal(again.val_series, split.val_series)
+    assert np.array_equal(again.train_series, split.train_series)
+
+    # a grown store: a new series of a held-out patient validates, one of a new patient trains
+    grown = pd.concat(
+        [
+            series,
+            pd.DataFrame(
+                {
+                    "study_uid": ["9.1", "9.2"],
+                    "series_uid": ["9.1.1", "9.2.1"],
+                    "patient_key": [sorted(val_patients)[0], "ID_new"],
+                    "n_slices": [4, 4],
+                }
+            ),
+        ],
+        ignore_index=True,
+    )
+    g = read_split(path, grown)
+    assert len(series) in set(g.val_series)
+    assert len(series) + 1 in set(g.train_series)
+
+    with pytest.raises(UserError, match=r"series are not in the store \(e\.g\. 1\.2\.3\.\d\.1\)"):
+        read_split(path, series.iloc[1:])
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(UserError, match="not a split written by `ich train`"):
+        read_split(tmp_path / "bad.json", series)
+
+
+def test_split_holds_out_about_the_fraction(store_factory: Callable[..., Store]) -> None:
+    store = store_factory(lengths=[3] * 60, size=8, shard_size=64)
+    split = split_by_patient(store.series, 0.2, seed=0)
+    held = sum(store.series["n_slices"].iloc[split.val_series])
+    assert 0.2 * 180 <= held <= 0.2 * 180 + 6  # whole patients: overshoot by at most one patient
+    assert len(split_by_patient(store.series, 0.0).val_series) == 0
+    with pytest.raises(UserError, match=r"validation fraction 1\.0"):
+        split_by_patient(store.series, 1.0)
