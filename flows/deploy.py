@@ -1,0 +1,82 @@
+"""Deploying the `ingest` flow: `ich serve` serves it as the deployment `ingest/default`.
+
+`flow.serve` registers the deployment with the Prefect API named by `PREFECT_API_URL` and then polls
+it for runs, executing each in a subprocess of this process, so that
+
+    prefect deployment run 'ingest/default' -p source=/data/dicom -p store=/data/rsna.zarr
+
+from any shell that reaches the same API starts an ingest. The same deployment for a process work pool
+(`prefect deploy --all` + `prefect worker start --pool ich-process`) is `prefect.yaml` at the repo root.
+
+The deployment's entrypoint is the module path `flows.ingest.ingest`, not a file path relative to the
+current directory, so runs work wherever `ich serve` was started as long as `ich` is installed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ichdata.errors import UserError
+
+#: The deployment name `ich serve` uses unless told otherwise: runs are `prefect deployment run 'ingest/default'`.
+DEFAULT_DEPLOYMENT = "default"
+
+
+def require_api_url() -> str:
+    """The Prefect API URL this process talks to; `UserError` when none is configured or it does not answer.
+
+    Without `PREFECT_API_URL`, Prefect falls back to a temporary server inside this process that
+    nothing else can reach: `prefect deployment run` from another shell would never find the
+    deployment. Serving only makes sense against a real server.
+    """
+    from prefect.settings import get_current_settings
+
+    url = get_current_settings().api.url
+    if not url:
+        raise UserError(
+            "PREFECT_API_URL is not set: `ich serve` needs a Prefect server that `prefect deployment run` "
+            "can reach too; start one with `prefect server start --host 127.0.0.1` and run "
+            "`prefect config set PREFECT_API_URL=http://127.0.0.1:4200/api`"
+        )
+    from prefect import get_client
+
+    with get_client(sync_client=True) as client:
+        failure = client.api_healthcheck()
+    if failure is not None:
+        raise UserError(
+            f"PREFECT_API_URL {url}: the Prefect API does not answer ({type(failure).__name__}: {failure}); "
+            "is `prefect server start --host 127.0.0.1` running?"
+        )
+    return str(url)
+
+
+def serve(
+    name: str = DEFAULT_DEPLOYMENT,
+    *,
+    parameters: dict[str, Any] | None = None,
+    interval_s: float | None = None,
+    limit: int = 1,
+) -> None:
+    """Serve the `ingest` flow as deployment `ingest/<name>` until interrupted (Ctrl-C or SIGTERM).
+
+    `parameters` are the deployment's defaults (e.g. a landing folder and its store; a run's `-p`
+    values override them); `interval_s` adds a schedule that re-ingests every so many seconds, which is
+    how a landing folder that keeps receiving studies is kept converted (each run appends only the new
+    series). `limit` is the number of runs this process executes at once: 1 by default, because two
+    ingests into the same store must not run side by side.
+    """
+    require_api_url()
+    from prefect.types.entrypoint import EntrypointType
+
+    from flows.ingest import ingest
+
+    ingest.serve(
+        name=name,
+        parameters=parameters or {},
+        interval=interval_s,
+        limit=limit,
+        entrypoint_type=EntrypointType.MODULE_PATH,
+    )
+
+
+__all__ = ["DEFAULT_DEPLOYMENT", "require_api_url", "serve"]

@@ -1,0 +1,468 @@
+"""The Prefect `ingest` flow: a DICOM folder → the Zarr store, as scan → plan → convert → verify → report.
+
+Each stage is one Prefect task wrapping the `ichdata` function that does the work (`ich convert` chains
+the same functions in `ichdata.convert.convert`), so the UI shows where a run is, how long each stage
+took and which one failed, and a stage that hits a transient I/O error is retried on its own:
+
+| task | wraps | retried |
+| --- | --- | --- |
+| `scan` | `ichdata.scan.scan` (header-only, on Dask; re-reads only new or changed files) | I/O errors, 2× |
+| `plan` | `ichdata.plan.plan` (order, shards, labels, set-asides; incremental) | I/O errors, 2× |
+| `convert` | `ichdata.convert.convert_shards` (one Dask task per shard, done-markers) | I/O errors, 2× |
+| `finalize` | `ichdata.convert.finalize` (commit: manifest, small arrays, attributes) | I/O errors, 2× |
+| `verify` | `ichdata.verify.verify_store` (re-reads every shard, accounts for every file) | I/O errors, 2× |
+| `report` | Prefect artifacts: a Markdown summary and the quarantine table | any error, 2× |
+
+A retry of `convert` resumes: shards whose done-marker holds their key are skipped. Errors a retry
+cannot fix (a store made from another plan, a malformed label CSV, `KilledWorker`, a timeout) fail the
+task at once, with the reason in the task's state and log.
+
+Why plain Dask inside one Prefect task rather than prefect-dask's `DaskTaskRunner`: the conversion is
+thousands of small shard tasks (752k slices / 128 per shard ≈ 5.9k). Measured here, a Prefect task on
+`DaskTaskRunner` costs ~139 ms of orchestration each (~14 min of overhead for RSNA, and a Prefect API
+round-trip per shard) and needs the Prefect API reachable from every Dask worker, which on a cluster
+behind a firewall it is not; a plain Dask task submitted from inside one Prefect task costs ~2 ms, and
+the workers need nothing but the store and the DICOMs, so the same conversion runs on a LocalCluster,
+on SLURM through a scheduler address, or from `ich convert` without Prefect. Prefect sees the
+conversion as one task and the shards through the per-shard log lines and the progress artifact.
+
+The flow never waits forever: the connection to an existing scheduler times out (30 s,
+`ichdata.convert.dask_client`), a shard task that raises fails `convert` with the shard named, and
+every task has a timeout, fixed for scan, plan and finalize and, for convert and verify, scaled to the
+work of the run (`_CONVERT_S_PER_SLICE`: ~100× what rendering a slice takes). Timeouts are not
+retried: a run that stalled that long needs a person, and the next run resumes where it stopped.
+
+Incremental ingest (a landing folder that keeps receiving studies): every run scans the source again,
+re-reading only new or changed files; series already in the store stay untouched and new series are
+appended after them (so the store's series order is the order of arrival, not the order a one-shot
+ingest of everything would give; the rows of each series and the labels per image id are identical);
+files set aside earlier are not reported again. A run killed or failed at any point before `finalize`
+leaves an appended-to store readable as the last finished run left it (an append becomes visible only
+when `finalize` commits it; a first ingest that never finished is refused by `open_store` with a message
+saying so), and the next run finishes the job, skipping the shards already written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
+from uuid import UUID
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import (
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
+from prefect.cache_policies import NO_CACHE
+
+from ichdata.convert import ConvertConfig, ConvertResult, ConvertSummary, ShardDone, dask_client
+from ichdata.errors import UserError
+
+if TYPE_CHECKING:
+    from prefect.client.schemas.objects import TaskRun
+    from prefect.states import State
+    from prefect.tasks import Task
+
+    from ichdata.plan import Plan
+    from ichdata.scan import Manifest
+    from ichdata.verify import VerifyReport
+
+# Timeouts (seconds). Generous: they exist so that a stalled run ends, not to police slow ones.
+_SCAN_TIMEOUT_S = 6 * 3600.0  # header-only: RSNA's 752k files take minutes, not hours
+_PLAN_TIMEOUT_S = 3600.0
+_FINALIZE_TIMEOUT_S = 3600.0
+_MIN_TIMEOUT_S = 900.0  # floor of the scaled timeouts (cluster start-up, a slow first shard)
+_CONVERT_S_PER_SLICE = 2.0  # per worker thread: ~100× what reading and rendering a slice takes
+_VERIFY_S_PER_SLICE = 0.5  # per worker thread: re-reading a stored slice is far cheaper still
+#: Rows of the quarantine table artifact; the full list is `ich quarantine STORE` / STORE.quarantine.csv.
+QUARANTINE_ROWS_SHOWN = 1000
+_PROGRESS_EVERY_S = 1.0  # at most one progress-artifact update a second (an API call each)
+_SCAN_LOG_EVERY_S = 5.0
+
+
+class StoreInvalid(RuntimeError):
+    """`verify` found problems in the store it just wrote; `report` holds them."""
+
+    def __init__(self, report: VerifyReport) -> None:
+        super().__init__(str(report))
+        self.report = report
+
+
+def _is_transient(task: Task[Any, Any], task_run: TaskRun, state: State[Any]) -> bool:
+    """Retry only what a second try can fix: an I/O error (file system, network, a lost Dask worker
+    connection) anywhere in the exception's chain, but not a task timeout."""
+    from prefect.task_engine import TaskRunTimeoutError
+
+    exc: BaseException | None = state.data if isinstance(state.data, BaseException) else None
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, TaskRunTimeoutError):
+            return False
+        if isinstance(exc, OSError):
+            return True
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+_IO_RETRIES: dict[str, Any] = {
+    "retries": 2,
+    "retry_delay_seconds": [5, 30],
+    "retry_condition_fn": _is_transient,
+    # Inputs are a Dask client, manifests and plans (large, not worth hashing), and the store is state
+    # outside Prefect: caching would be wrong, so results are neither cached nor persisted.
+    "cache_policy": NO_CACHE,
+    "persist_result": False,
+}
+
+
+def _slug(text: str) -> str:
+    """An artifact key from a store path: lowercase letters, digits and dashes (Prefect's rule)."""
+    return re.sub(r"[^a-z0-9]+", "-", Path(text.rstrip("/")).name.lower()).strip("-") or "store"
+
+
+def _path(name: str, value: str, expected: str) -> Path:
+    """A path parameter; an empty one (an unset `{{ $VAR }}` in prefect.yaml) would mean the current
+    directory, so it is refused."""
+    if not value.strip():
+        raise UserError(f"parameter {name} is empty; expected {expected}")
+    return Path(value).expanduser()
+
+
+def _scaled_timeout(n_slices: int, s_per_slice: float, client: Any) -> float:
+    threads = sum(client.nthreads().values()) if client is not None else 1
+    return max(_MIN_TIMEOUT_S, n_slices * s_per_slice / max(1, threads))
+
+
+# ---------------------------------------------------------------------------------------------- tasks
+
+
+@task(name="scan", timeout_seconds=_SCAN_TIMEOUT_S, **_IO_RETRIES)
+def scan_task(config: ConvertConfig, client: Any) -> Manifest:
+    """`ichdata.scan.scan` of `config.source`, incremental against the manifest kept beside the store.
+
+    Refuses a store made from another plan before scanning (as `ich convert` does), and leaves the store,
+    its side files and the label CSV out of the scan when they live under the source.
+    """
+    from ichdata.convert import previous_manifest
+    from ichdata.plan import _previous, plan_config, resolve_shard_size
+    from ichdata.scan import scan
+    from ichdata.store import manifest_path, quarantine_csv_path
+
+    logger = get_run_logger()
+    source, store = Path(config.source), Path(config.store)
+    if not source.is_dir():
+        raise UserError(f"source {source}: no such folder; expected a folder of DICOM files")
+    if not config.overwrite:
+        _previous(store, plan_config(source, resolve_shard_size(store, config.shard_size)), False)
+    exclude = [store, manifest_path(store), quarantine_csv_path(store)]
+    if config.labels is not None:
+        exclude.append(Path(config.labels))
+    previous = None if config.overwrite else previous_manifest(store, source)
+    counted = {"files": 0, "total": 0, "logged": time.monotonic()}
+
+    def on_total(n: int) -> None:
+        counted["total"] = n
+        logger.info("scan of %s: %s files to account for", source, f"{n:,}")
+
+    def on_progress(n: int) -> None:
+        counted["files"] += n
+        now = time.monotonic()
+        if now - counted["logged"] >= _SCAN_LOG_EVERY_S:
+            counted["logged"] = now
+            logger.info("scanned %s of %s files", f"{counted['files']:,}", f"{counted['total']:,}")
+
+    manifest = scan(
+        source, client, previous=previous, exclude=exclude, on_progress=on_progress, on_total=on_total
+    )
+    reasons = manifest.reasons()
+    logger.info(
+        "scan of %s: %s files, %s usable slices%s%s",
+        source,
+        f"{len(manifest):,}",
+        f"{manifest.n_slices:,}",
+        "; not slices: " + ", ".join(f"{n:,} {r}" for r, n in reasons.items()) if reasons else "",
+        f" ({len(previous):,} known from the previous run)" if previous is not None else "",
+    )
+    return manifest
+
+
+@task(name="plan", timeout_seconds=_PLAN_TIMEOUT_S, **_IO_RETRIES)
+def plan_task(config: ConvertConfig, manifest: Manifest) -> Plan:
+    """`ichdata.plan.plan`: the store order, the shards and the labels; appends to an existing store."""
+    from ichdata.plan import load_labels, plan
+
+    logger = get_run_logger()
+    labels = load_labels(config.labels)
+    p = plan(manifest, config.store, labels=labels, shard_size=config.shard_size, overwrite=config.overwrite)
+    if config.labels is not None:
+        p = dataclasses.replace(p, labels_source=str(config.labels))
+    new_q = p.quarantined_by_reason(new_only=True)
+    logger.info(
+        "plan: %s slices to write in %s shards of %d (%s already in the store), %s series; set aside: %s",
+        f"{p.n_new:,}",
+        f"{p.n_shards:,}",
+        p.shard_size,
+        f"{p.n_existing:,}",
+        f"{len(p.series):,}",
+        ", ".join(f"{n:,} {r}" for r, n in new_q.items()) or "none new",
+    )
+    return p
+
+
+class _ShardProgress:
+    """`on_shard_done` of the convert task: one log line per shard and a throttled progress artifact."""
+
+    def __init__(self, p: Plan, logger: Any) -> None:
+        self.logger = logger
+        self.total = max(1, p.n_new)
+        self.n_shards = p.n_shards
+        self.rows = 0
+        self.shards = 0
+        self.t0 = time.perf_counter()
+        self.last_update = 0.0
+        # `create_progress_artifact` is sync here (async only when called from a coroutine).
+        self.artifact_id = cast(
+            UUID,
+            create_progress_artifact(
+                0.0,
+                key=f"ingest-progress-{_slug(str(p.store))}",
+                description=f"Slices converted into {p.store}",
+            ),
+        )
+
+    def __call__(self, done: ShardDone) -> None:
+        self.shards += 1
+        self.rows += done.n_rows
+        rate = self.rows / max(1e-9, time.perf_counter() - self.t0)
+        self.logger.info(
+            "shard %d done: %d slices in %.1f s (%d shards this run, %s slices, %.0f slices/s)",
+            done.index,
+            done.n_rows,
+            done.elapsed_s,
+            self.shards,
+            f"{self.rows:,}",
+            rate,
+        )
+        now = time.monotonic()
+        if now - self.last_update >= _PROGRESS_EVERY_S:
+            self.last_update = now
+            update_progress_artifact(self.artifact_id, min(99.0, 100.0 * self.rows / self.total))
+
+    def finish(self) -> None:
+        update_progress_artifact(self.artifact_id, 100.0)
+
+
+@task(name="convert", **_IO_RETRIES)
+def convert_task(p: Plan, client: Any) -> ConvertResult:
+    """`ichdata.convert.convert_shards`: render and write every shard not done yet, on the Dask cluster.
+
+    A file that fails at pixel time is set aside and the run carries on; a shard task that raises
+    (I/O error, a bug, a worker killed repeatedly) fails this task with the shard named.
+    """
+    from ichdata.convert import convert_shards
+
+    logger = get_run_logger()
+    progress = _ShardProgress(p, logger)
+    result = convert_shards(p, client, on_shard_done=progress)
+    progress.finish()
+    logger.info(
+        "convert: %d shards written, %d already done, in %.1f s%s",
+        result.n_written,
+        result.n_skipped,
+        result.elapsed_s,
+        f"; {len(result.pixel_failures)} files failed to decode and were set aside"
+        if len(result.pixel_failures)
+        else "",
+    )
+    return result
+
+
+@task(name="finalize", timeout_seconds=_FINALIZE_TIMEOUT_S, **_IO_RETRIES)
+def finalize_task(result: ConvertResult, config: ConvertConfig, started: float) -> ConvertSummary:
+    """`ichdata.convert.finalize`: commit the run (manifest, labels, ids, offsets, quarantine, attributes)."""
+    from ichdata.convert import finalize as finalize_store
+
+    summary = finalize_store(result, config=config, started=started)
+    get_run_logger().info("%s", summary)
+    return summary
+
+
+@task(name="verify", **_IO_RETRIES)
+def verify_task(store: str, client: Any) -> VerifyReport:
+    """`ichdata.verify.verify_store`: re-read every shard against its checksum and account for every
+    input file; raises `StoreInvalid` (with the report) when anything is wrong."""
+    from ichdata.verify import verify_store
+
+    report = verify_store(store, client=client)
+    if not report.ok:
+        raise StoreInvalid(report)
+    get_run_logger().info("%s", report)
+    return report
+
+
+def summary_markdown(
+    summary: ConvertSummary, config: ConvertConfig, report: VerifyReport | None, verify_error: str | None
+) -> str:
+    """The Markdown of the summary artifact: what the run did, the store's totals, and the verification."""
+    q_new = sum(summary.quarantined.values())
+    if report is not None:
+        verified = f"OK: {report.n_shards:,} shards re-read in {report.elapsed_s:.1f} s"
+    elif verify_error is not None:
+        verified = "**FAILED**, see below"
+    else:
+        verified = "skipped (`verify=false`)"
+    lines = [
+        f"# Ingest into `{summary.store}`",
+        "",
+        "| | |",
+        "| --- | --- |",
+        f"| source | `{config.source}` |",
+        f"| labels | `{config.labels}` |"
+        if config.labels
+        else "| labels | none (every slice stored as unlabelled, 255) |",
+        f"| slices written by this run | {summary.n_new:,} |",
+        f"| slices in the store | {summary.n_slices:,} |",
+        f"| series / studies in the store | {summary.n_series:,} / {summary.n_studies:,} |",
+        f"| files set aside by this run | {q_new:,} |",
+        f"| files set aside, all runs | {summary.n_quarantined_total:,} |",
+        f"| elapsed | {summary.elapsed_s:.1f} s |",
+        f"| throughput | {summary.slices_per_s:,.1f} slices/s |",
+        f"| store size | {summary.store_bytes / 1e6:,.1f} MB |",
+        f"| shards written / already done | {summary.n_shards_written:,} / {summary.n_shards_skipped:,} |",
+        f"| verify | {verified} |",
+        "",
+        "## Files set aside by this run, by reason",
+        "",
+    ]
+    if summary.quarantined:
+        lines += ["| reason | files |", "| --- | ---: |"]
+        lines += [f"| {r} | {n:,} |" for r, n in sorted(summary.quarantined.items())]
+    else:
+        lines.append("None.")
+    if summary.stages_s:
+        lines += ["", "## Time per stage", "", "| stage | s |", "| --- | ---: |"]
+        lines += [f"| {k} | {v:.1f} |" for k, v in summary.stages_s.items()]
+    if verify_error is not None:
+        lines += ["", "## Verification problems", "", "```", verify_error, "```"]
+    return "\n".join(lines) + "\n"
+
+
+@task(name="report", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE, persist_result=False)
+def report_task(
+    summary: ConvertSummary,
+    config: ConvertConfig,
+    p: Plan,
+    verified: VerifyReport | None,
+    verify_error: str | None = None,
+) -> str:
+    """Prefect artifacts of the run: the Markdown summary and the table of files set aside by this run
+    (the first `QUARANTINE_ROWS_SHOWN`; the store keeps them all). Returns the Markdown."""
+    slug = _slug(str(summary.store))
+    markdown = summary_markdown(summary, config, verified, verify_error)
+    create_markdown_artifact(markdown, key=f"ingest-summary-{slug}", description=str(summary))
+    q = p.new_quarantine()
+    shown = q.head(QUARANTINE_ROWS_SHOWN)
+    rows = [
+        {"path": str(a), "reason": str(b), "detail": str(c)}
+        for a, b, c in zip(shown["path"], shown["reason"], shown["detail"], strict=True)
+    ]
+    more = (
+        f"; first {QUARANTINE_ROWS_SHOWN:,} shown, all in {summary.store}.quarantine.csv"
+        if len(q) > QUARANTINE_ROWS_SHOWN
+        else ""
+    )
+    create_table_artifact(
+        rows,
+        key=f"ingest-quarantine-{slug}",
+        description=f"{len(q):,} files set aside by this run{more} (`ich quarantine {summary.store}`)",
+    )
+    return markdown
+
+
+# ----------------------------------------------------------------------------------------------- flow
+
+
+@flow(name="ingest", log_prints=False)
+def ingest(
+    source: str,
+    store: str,
+    labels: str | None = None,
+    workers: int | None = None,
+    scheduler: str | None = None,
+    scheduler_file: str | None = None,
+    shard_size: int | None = None,
+    overwrite: bool = False,
+    verify: bool = True,
+) -> ConvertSummary:
+    """Convert (or append) the DICOM folder `source` into the Zarr store `store`.
+
+    The parameters are `ich convert`'s options. Returns the run's summary; the Markdown summary and the
+    quarantine table are the run's artifacts.
+
+    Args:
+        source: Folder of DICOM files, any tree (or a landing folder that keeps receiving studies).
+        store: The Zarr store to create, or to append the new series to.
+        labels: Label CSV in RSNA's `ID,Label` format; images without a row are stored as 255.
+        workers: Processes of a local Dask cluster (default: one per core).
+        scheduler: Address of a running Dask scheduler (`tcp://host:8786`) instead of a local cluster.
+        scheduler_file: The file `dask scheduler --scheduler-file` writes, instead of an address.
+        shard_size: Slices per shard file (default: the store's, else 128).
+        overwrite: Replace a store made from another plan (another source or shard size).
+        verify: Re-read the whole store after the run (turn off for frequent runs on a large store).
+    """
+    started = time.perf_counter()
+    config = ConvertConfig(
+        source=_path("source", source, "a folder of DICOM files"),
+        store=_path("store", store, "the path of the Zarr store to write"),
+        labels=_path("labels", labels, "a label CSV") if labels is not None else None,
+        workers=workers,
+        scheduler=scheduler,
+        scheduler_file=Path(scheduler_file) if scheduler_file else None,
+        shard_size=shard_size,
+        overwrite=overwrite,
+    )
+    stages: dict[str, float] = {}
+    verified: VerifyReport | None = None
+    verify_error: str | None = None
+    with dask_client(workers, scheduler, scheduler_file) as client:
+        t = time.perf_counter()
+        manifest = scan_task(config, client)
+        stages["scan"] = time.perf_counter() - t
+        t = time.perf_counter()
+        p = plan_task(config, manifest)
+        stages["plan"] = time.perf_counter() - t
+        t = time.perf_counter()
+        timeout = _scaled_timeout(p.n_new, _CONVERT_S_PER_SLICE, client)
+        result = convert_task.with_options(timeout_seconds=timeout)(p, client)
+        stages["convert"] = time.perf_counter() - t
+        t = time.perf_counter()
+        summary = finalize_task(result, config, started)
+        stages["finalize"] = time.perf_counter() - t
+        if verify:
+            t = time.perf_counter()
+            timeout = _scaled_timeout(summary.n_slices, _VERIFY_S_PER_SLICE, client)
+            state = verify_task.with_options(timeout_seconds=timeout)(
+                str(config.store), client, return_state=True
+            )
+            outcome = state.result(raise_on_failure=False)
+            if isinstance(outcome, StoreInvalid):
+                verify_error = str(outcome.report)
+            elif isinstance(outcome, BaseException):
+                raise outcome
+            else:
+                verified = outcome
+            stages["verify"] = time.perf_counter() - t
+    summary.stages_s = stages
+    report_task(summary, config, result.plan, verified, verify_error)
+    if verify_error is not None:
+        raise RuntimeError(f"the store failed verification: {verify_error}")
+    return summary
+
+
+__all__ = ["QUARANTINE_ROWS_SHOWN", "StoreInvalid", "ingest", "summary_markdown"]

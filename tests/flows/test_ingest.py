@@ -1,0 +1,342 @@
+"""The Prefect `ingest` flow under Prefect's test harness, on small synthetic archives.
+
+The flow runs against the session's test API server and an in-process Dask cluster (`conftest.py`);
+stores are checked against the slices rendered straight from the DICOM files and the label CSV.
+"""
+
+from __future__ import annotations
+
+import shutil
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.usefixtures("prefect_api")
+
+IMAGE_SIZE = 64  # DICOM rows/cols of the synthetic slices: small files, quick to write and render
+
+
+# ------------------------------------------------------------------------------------------- helpers
+
+
+def _archive(root: Path, studies: int, seed: int) -> tuple[Path, Path]:
+    """A synthetic RSNA-format archive (flat folder + label CSV kept outside it): (folder, csv)."""
+    from ichdata.synthetic import write_archive
+
+    summary = write_archive(root / "archive", studies=studies, seed=seed, image_size=IMAGE_SIZE)
+    csv = root / "labels.csv"
+    shutil.move(summary.labels_csv, csv)
+    return summary.path, csv
+
+
+def _files_by_study(folder: Path) -> dict[str, list[Path]]:
+    from ichdata.dicom import read_header
+
+    out: dict[str, list[Path]] = {}
+    for f in sorted(folder.iterdir()):
+        out.setdefault(read_header(f).study_uid, []).append(f)
+    return out
+
+
+def _add_broken_files(folder: Path) -> dict[str, str]:
+    """A text file and a truncated DICOM (in a subfolder): {relative path: expected reason}."""
+    (folder / "README.txt").write_text("not a DICOM file\n")
+    some = sorted(folder.glob("*.dcm"))[0].read_bytes()
+    (folder / "partial").mkdir()
+    (folder / "partial" / "copy_in_progress.dcm").write_bytes(some[: len(some) // 2])
+    return {"README.txt": "not_dicom", "partial/copy_in_progress.dcm": "truncated"}
+
+
+def _run(**params: Any) -> Any:
+    """Run the flow; returns its final state (never raises for a failed run)."""
+    from flows.ingest import ingest
+
+    return ingest(**params, return_state=True)
+
+
+def _artifacts(flow_run_id: Any) -> dict[str, Any]:
+    from prefect import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
+        )
+    return {a.key: a for a in found}
+
+
+def _contents(store: Path) -> dict[str, Any]:
+    """What a store holds, independent of series order: per image id its pixels and labels; per series
+    its image ids in slice order."""
+    from ichdata.store import open_store
+
+    s = open_store(store)
+    images = np.asarray(s.images[: s.n_slices])
+    per_image = {str(i): (images[r], s.labels[r]) for r, i in enumerate(s.image_id)}
+    per_series = {
+        str(uid): [str(i) for i in s.image_id[s.study_offsets[k] : s.study_offsets[k + 1]]]
+        for k, uid in enumerate(s.series["series_uid"])
+    }
+    return {"images": per_image, "series": per_series, "quarantine": set(s.quarantine["path"])}
+
+
+def _assert_same_contents(a: dict[str, Any], b: dict[str, Any]) -> None:
+    assert a["images"].keys() == b["images"].keys()
+    for image_id, (pixels, labels) in a["images"].items():
+        np.testing.assert_array_equal(pixels, b["images"][image_id][0], err_msg=image_id)
+        np.testing.assert_array_equal(labels, b["images"][image_id][1], err_msg=image_id)
+    assert a["series"] == b["series"]
+    assert a["quarantine"] == b["quarantine"]
+
+
+# ------------------------------------------------------------------------------- the flow, one shot
+
+
+def test_ingest_writes_the_store_and_reports_it(tmp_path: Path, dask_scheduler: str) -> None:
+    from ichdata.dicom import read_rendered
+    from ichdata.labels import read_labels
+    from ichdata.store import UNLABELLED, open_store
+
+    folder, csv = _archive(tmp_path, studies=4, seed=11)
+    n_dicom = len(list(folder.glob("*.dcm")))
+    broken = _add_broken_files(folder)
+    store = tmp_path / "rsna.zarr"
+
+    state = _run(
+        source=str(folder), store=str(store), labels=str(csv), scheduler=dask_scheduler, shard_size=16
+    )
+
+    assert state.is_completed(), state.message
+    summary = state.result()
+    assert (summary.n_slices, summary.n_new, summary.n_studies) == (n_dicom, n_dicom, 4)
+    assert summary.quarantined == {"not_dicom": 1, "truncated": 1}
+
+    # The store: every good file once, pixels as rendered from the file, labels as in the CSV, each
+    # series contiguous in ascending slice position.
+    s = open_store(store)
+    assert s.n_slices == n_dicom
+    images = np.asarray(s.images[: s.n_slices])
+    labels = read_labels(csv)
+    for row, path in enumerate(s.source_path):
+        expected, meta = read_rendered(folder / path)
+        assert s.image_id[row] == meta.image_id
+        np.testing.assert_array_equal(images[row], expected, err_msg=str(path))
+        want = labels.loc[meta.image_id].to_numpy() if meta.image_id in labels.index else UNLABELLED
+        np.testing.assert_array_equal(s.labels[row], want, err_msg=str(path))
+    for k in range(s.n_series):
+        a, b = s.series_rows(k)
+        assert np.all(np.diff(s.slice_position[a:b]) >= 0), f"series {k} is not in slice order"
+    assert dict(zip(s.quarantine["path"], s.quarantine["reason"], strict=True)) == broken
+
+    # The artifacts: the Markdown summary, the quarantine table, the progress bar at 100 %.
+    arts = _artifacts(state.state_details.flow_run_id)
+    assert set(arts) == {
+        "ingest-summary-rsna-zarr",
+        "ingest-quarantine-rsna-zarr",
+        "ingest-progress-rsna-zarr",
+    }
+    md = arts["ingest-summary-rsna-zarr"].data
+    assert f"| slices written by this run | {n_dicom:,} |" in md
+    assert "| series / studies in the store | 4 / 4 |" in md
+    assert "| not_dicom | 1 |" in md
+    assert "| truncated | 1 |" in md
+    assert "| verify | OK:" in md
+    for row in ("| elapsed |", "| throughput |", "| store size |"):
+        assert row in md
+    table = arts["ingest-quarantine-rsna-zarr"].data
+    assert "copy_in_progress.dcm" in table
+    assert "truncated" in table
+    assert "README.txt" in table
+    assert float(arts["ingest-progress-rsna-zarr"].data) == 100.0
+
+
+# ----------------------------------------------------------------------------------------- incremental
+
+
+def test_incremental_ingest_equals_one_shot_and_survives_a_failed_run(
+    tmp_path: Path, dask_scheduler: str, monkeypatch: pytest.MonkeyPatch, no_retry_delay: None
+) -> None:
+    """Half the studies, then all (with a failed attempt in between) → the same store as one ingest of
+    all: same slices, pixels, labels and series; only the series order differs (order of arrival)."""
+    import ichdata.convert
+    from ichdata.store import open_store
+
+    folder, csv = _archive(tmp_path, studies=6, seed=12)
+    by_study = _files_by_study(folder)
+    broken = _add_broken_files(folder)
+    one_shot = tmp_path / "one_shot.zarr"
+    state = _run(
+        source=str(folder), store=str(one_shot), labels=str(csv), scheduler=dask_scheduler, shard_size=16
+    )
+    assert state.is_completed(), state.message
+
+    # A landing folder receives half the studies (and the broken files), then the rest. The store
+    # lives under the landing folder's parent; the landing folder has the same name as the archive so
+    # that source paths (relative to it) match the one-shot store's.
+    landing = tmp_path / "landing" / "archive"
+    landing.mkdir(parents=True)
+    studies = sorted(by_study)
+    first, second = studies[:3], studies[3:]
+    for rel in broken:
+        (landing / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(folder / rel, landing / rel)
+    for uid in first:
+        for f in by_study[uid]:
+            shutil.copy2(f, landing / f.name)
+    store = tmp_path / "landing.zarr"
+    params = {"source": str(landing), "store": str(store), "labels": str(csv), "scheduler": dask_scheduler}
+    state = _run(**params)
+    assert state.is_completed(), state.message
+    n_first = sum(len(by_study[u]) for u in first)
+    assert state.result().n_new == n_first
+    before = open_store(store)
+    rows_before = np.asarray(before.images[: before.n_slices])
+
+    for uid in second:
+        for f in by_study[uid]:
+            shutil.copy2(f, landing / f.name)
+
+    # The append fails part-way: a shard task hits an I/O error on every try (retried twice).
+    real = ichdata.convert._convert_shard
+    attempts: list[int] = []
+    monkeypatch.setattr(ichdata.convert, "_convert_shard", _shard_failing_from(real, 1, attempts))
+    state = _run(**params)
+    assert state.is_failed()
+    assert "disk quota exceeded" in state.message
+    assert attempts.count(max(attempts)) == 3  # the failing shard: first try + 2 retries
+    # … and the store still opens, holding exactly what the first run committed.
+    during = open_store(store)
+    assert list(during.image_id) == list(before.image_id)
+    np.testing.assert_array_equal(np.asarray(during.images[: during.n_slices]), rows_before)
+
+    monkeypatch.setattr(ichdata.convert, "_convert_shard", real)
+    state = _run(**params)
+    assert state.is_completed(), state.message
+    summary = state.result()
+    assert summary.n_new == sum(len(by_study[u]) for u in second)
+    assert summary.quarantined == {}  # set aside by the first run; not reported again
+    assert _artifacts(state.state_details.flow_run_id)["ingest-quarantine-landing-zarr"].data in ("[]", [])
+
+    after = open_store(store)
+    np.testing.assert_array_equal(np.asarray(after.images[:n_first]), rows_before)  # untouched
+    assert list(after.series["study_uid"][: len(before.series)]) == list(before.series["study_uid"])
+    _assert_same_contents(_contents(store), _contents(one_shot))
+
+
+_FAILING: dict[str, Any] = {}
+
+
+def _shard_failing_from(real: Any, first_bad: int, attempts: list[int]) -> Any:
+    """A stand-in for `ichdata.convert._convert_shard` whose shards from `first_bad` on raise OSError.
+
+    It runs in the in-process cluster's worker threads; Dask ships it by reference (module attribute)."""
+    _FAILING.update(real=real, first_bad=first_bad, attempts=attempts)
+    return _failing_shard
+
+
+def _failing_shard(store: str, index: int, *args: Any) -> Any:
+    _FAILING["attempts"].append(index)
+    if index >= _FAILING["first_bad"]:
+        raise OSError(122, "disk quota exceeded", store)
+    return _FAILING["real"](store, index, *args)
+
+
+# ------------------------------------------------------------------------------- failures end the run
+
+
+def test_a_killed_first_ingest_resumes_and_skips_finished_shards(
+    tmp_path: Path, dask_scheduler: str, monkeypatch: pytest.MonkeyPatch, no_retry_delay: None
+) -> None:
+    import ichdata.convert
+    from ichdata.store import open_store
+
+    folder, csv = _archive(tmp_path, studies=3, seed=13)
+    store = tmp_path / "s.zarr"
+    params = {"source": str(folder), "store": str(store), "labels": str(csv), "scheduler": dask_scheduler}
+    real = ichdata.convert._convert_shard
+    monkeypatch.setattr(ichdata.convert, "_convert_shard", _shard_failing_from(real, 2, []))
+    failed = _run(**params, shard_size=8)
+    assert failed.is_failed()
+    assert "shard" in failed.message
+    assert "OSError" in failed.message
+    with pytest.raises(Exception, match="has not finished"):
+        open_store(store)  # a first conversion that did not finish is not offered to readers
+
+    monkeypatch.setattr(ichdata.convert, "_convert_shard", real)
+    state = _run(**params)  # shard size: the store's (8)
+    assert state.is_completed(), state.message
+    summary = state.result()
+    assert summary.n_shards_skipped >= 2
+    assert summary.n_shards_written + summary.n_shards_skipped == -(-summary.n_slices // 8)
+    assert open_store(store).n_slices == len(list(folder.glob("*.dcm")))
+
+
+def test_a_store_from_another_plan_fails_at_once_without_retries(
+    tmp_path: Path, dask_scheduler: str, no_retry_delay: None
+) -> None:
+    folder, _ = _archive(tmp_path, studies=1, seed=14)
+    store = tmp_path / "s.zarr"
+    assert _run(source=str(folder), store=str(store), scheduler=dask_scheduler, shard_size=8).is_completed()
+    t0 = time.perf_counter()
+    state = _run(source=str(folder), store=str(store), scheduler=dask_scheduler, shard_size=16)
+    assert state.is_failed()
+    assert "made from a different plan" in state.message
+    assert "--overwrite" in state.message
+    assert time.perf_counter() - t0 < 30  # no retries of a mistake a retry cannot fix
+
+
+_RELEASE = threading.Event()
+
+
+def _stalled_shard(*args: Any) -> Any:
+    _RELEASE.wait(60)
+    raise OSError("stalled shard released by the test")
+
+
+def test_a_stalled_conversion_times_out_instead_of_hanging(
+    tmp_path: Path, dask_scheduler: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import flows.ingest
+    import ichdata.convert
+
+    folder, _ = _archive(tmp_path, studies=1, seed=15)
+    monkeypatch.setattr(ichdata.convert, "_convert_shard", _stalled_shard)
+    monkeypatch.setattr(flows.ingest, "_MIN_TIMEOUT_S", 2.0)
+    monkeypatch.setattr(flows.ingest, "_CONVERT_S_PER_SLICE", 0.0)
+    _RELEASE.clear()
+    t0 = time.perf_counter()
+    try:
+        state = _run(source=str(folder), store=str(tmp_path / "s.zarr"), scheduler=dask_scheduler)
+    finally:
+        _RELEASE.set()  # free the worker threads for the next tests
+    assert state.is_failed()
+    assert "timeout" in state.message.lower() or "timed out" in state.message.lower(), state.message
+    assert time.perf_counter() - t0 < 30
+
+
+def test_a_store_that_fails_verification_fails_the_run_with_its_report(
+    tmp_path: Path, dask_scheduler: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import ichdata.verify
+
+    real = ichdata.verify.verify_store
+
+    def corrupted(store: Any, client: Any = None) -> Any:
+        report = real(store, client=client)
+        report.problems.append("shard 0 (rows 0–7): checksum 0123456789ab… differs from the recorded …")
+        return report
+
+    monkeypatch.setattr(ichdata.verify, "verify_store", corrupted)
+    folder, _ = _archive(tmp_path, studies=1, seed=16)
+    state = _run(source=str(folder), store=str(tmp_path / "v.zarr"), scheduler=dask_scheduler)
+    assert state.is_failed()
+    assert "failed verification" in state.message
+    assert "shard 0 (rows 0–7): checksum" in state.message
+    md = _artifacts(state.state_details.flow_run_id)["ingest-summary-v-zarr"].data
+    assert "| verify | **FAILED**, see below |" in md
+    assert "## Verification problems" in md
+    assert "shard 0 (rows 0–7): checksum" in md
