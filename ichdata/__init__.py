@@ -9,7 +9,9 @@ What it offers (imported lazily, so `import ichdata` stays cheap and never pulls
 - synthetic archives: `write_ct_slice`, `stored_from_hu`, `phantom_series`, `Phantom`, `write_archive`,
   `ArchiveSummary`, `SUBTYPES`
 - preview: `write_preview`
-- the store and its conversion: see `ichdata.store` and `ichdata.convert`
+- the store: `open_store`, `Store`, `write_store_from_arrays`
+- the conversion: `convert`, `ConvertConfig`, `ConvertSummary`, `verify_store` (the stages one by one:
+  `ichdata.scan.scan`, `ichdata.plan.plan`, `ichdata.convert.convert_shards`, `ichdata.convert.finalize`)
 """
 
 from __future__ import annotations
@@ -40,6 +42,9 @@ _EXPORTS: dict[str, str] = {
         "ichdata.synthetic",
     ),
     "write_preview": "ichdata.preview",
+    **dict.fromkeys(("open_store", "Store", "write_store_from_arrays"), "ichdata.store"),
+    **dict.fromkeys(("convert", "ConvertConfig", "ConvertSummary"), "ichdata.convert"),
+    "verify_store": "ichdata.verify",
     "UserError": "ichdata.errors",
 }
 
