@@ -10,7 +10,7 @@ What it offers (imported lazily, so `import ichdata` stays cheap and never pulls
   `ArchiveSummary`, `SUBTYPES`
 - preview: `write_preview`
 - the store: `open_store`, `Store`, `write_store_from_arrays`
-- the conversion: `convert`, `ConvertConfig`, `ConvertSummary`, `verify_store` (the stages one by one:
+- the conversion: `ichdata.convert.convert`, `ConvertConfig`, `ConvertSummary`, `verify_store` (the stages one by one:
   `ichdata.scan.scan`, `ichdata.plan.plan`, `ichdata.convert.convert_shards`, `ichdata.convert.finalize`)
 """
 
@@ -43,7 +43,7 @@ _EXPORTS: dict[str, str] = {
     ),
     "write_preview": "ichdata.preview",
     **dict.fromkeys(("open_store", "Store", "write_store_from_arrays"), "ichdata.store"),
-    **dict.fromkeys(("convert", "ConvertConfig", "ConvertSummary"), "ichdata.convert"),
+    **dict.fromkeys(("ConvertConfig", "ConvertSummary"), "ichdata.convert"),
     "verify_store": "ichdata.verify",
     "UserError": "ichdata.errors",
 }
