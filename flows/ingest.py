@@ -6,29 +6,34 @@ took and which one failed, and a stage that hits a transient I/O error is retrie
 
 | task | wraps | retried |
 | --- | --- | --- |
-| `scan` | `ichdata.scan.scan` (header-only, on Dask; re-reads only new or changed files) | I/O errors, 2× |
-| `plan` | `ichdata.plan.plan` (order, shards, labels, set-asides; incremental) | I/O errors, 2× |
+| `scan` | `ichdata.convert.scan_source` (input checks, then a header-only scan on Dask that re-reads only new or changed files) | I/O errors, 2× |
+| `plan` | `ichdata.convert.plan_conversion` (labels, order, shards, set-asides; incremental) | I/O errors, 2× |
 | `convert` | `ichdata.convert.convert_shards` (one Dask task per shard, done-markers) | I/O errors, 2× |
 | `finalize` | `ichdata.convert.finalize` (commit: manifest, small arrays, attributes) | I/O errors, 2× |
 | `verify` | `ichdata.verify.verify_store` (re-reads every shard, accounts for every file) | I/O errors, 2× |
 | `report` | Prefect artifacts: a Markdown summary and the quarantine table | any error, 2× |
+
+The tasks hold no logic of their own beyond logging: `ich convert` (`ichdata.convert.convert`) calls
+the same functions, so the flow and the command check, scan, plan and write alike. One difference of
+order: `ich convert` reads the label CSV before it scans, the flow in its `plan` task (a missing CSV
+fails `scan` before any file is read; a malformed one fails `plan`).
 
 A retry of `convert` resumes: shards whose done-marker holds their key are skipped. Errors a retry
 cannot fix (a store made from another plan, a malformed label CSV, `KilledWorker`, a timeout) fail the
 task at once, with the reason in the task's state and log.
 
 Why plain Dask inside one Prefect task rather than prefect-dask's `DaskTaskRunner`: the conversion is
-thousands of small shard tasks (752k slices / 128 per shard ≈ 5.9k). Measured here, a Prefect task on
-`DaskTaskRunner` costs ~139 ms of orchestration each (~14 min of overhead for RSNA, and a Prefect API
-round-trip per shard) and needs the Prefect API reachable from every Dask worker, which on a cluster
+thousands of small shard tasks (RSNA's 752k slices in shards of `ichdata.store.DEFAULT_SHARD_SIZE`
+slices are ~12k). Measured here, a Prefect task on `DaskTaskRunner` costs ~139 ms of orchestration
+each (~27 min of overhead for RSNA, and a Prefect API round-trip per shard) and needs the Prefect API reachable from every Dask worker, which on a cluster
 behind a firewall it is not; a plain Dask task submitted from inside one Prefect task costs ~2 ms, and
 the workers need nothing but the store and the DICOMs, so the same conversion runs on a LocalCluster,
 on SLURM through a scheduler address, or from `ich convert` without Prefect. Prefect sees the
 conversion as one task and the shards through the per-shard log lines and the progress artifact.
 
 The flow never waits forever: the connection to an existing scheduler times out (30 s,
-`ichdata.convert.dask_client`), a shard task that raises fails `convert` with the shard named, and
-every task has a timeout, fixed for scan, plan and finalize and, for convert and verify, scaled to the
+`ichdata.convert.dask_client`), a shard task that raises fails `convert` with the shard, its rows
+and files named, and every task has a timeout, fixed for scan, plan and finalize and, for convert and verify, scaled to the
 work of the run (`_CONVERT_S_PER_SLICE`: ~100× what rendering a slice takes). Timeouts are not
 retried: a run that stalled that long needs a person, and the next run resumes where it stopped.
 
@@ -39,12 +44,13 @@ ingest of everything would give; the rows of each series and the labels per imag
 files set aside earlier are not reported again. A run killed or failed at any point before `finalize`
 leaves an appended-to store readable as the last finished run left it (an append becomes visible only
 when `finalize` commits it; a first ingest that never finished is refused by `open_store` with a message
-saying so), and the next run finishes the job, skipping the shards already written.
+saying so), and the next run finishes the job, skipping the shards already written. A run killed
+*during* `finalize` (the seconds in which it rewrites the small arrays) leaves the store refused by
+`open_store` until the next run, which finalizes it again (see `ichdata.store`).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import re
 import time
 from pathlib import Path
@@ -144,31 +150,17 @@ def _scaled_timeout(n_slices: int, s_per_slice: float, client: Any) -> float:
 
 @task(name="scan", timeout_seconds=_SCAN_TIMEOUT_S, **_IO_RETRIES)
 def scan_task(config: ConvertConfig, client: Any) -> Manifest:
-    """`ichdata.scan.scan` of `config.source`, incremental against the manifest kept beside the store.
-
-    Refuses a store made from another plan before scanning (as `ich convert` does), and leaves the store,
-    its side files and the label CSV out of the scan when they live under the source.
-    """
-    from ichdata.convert import previous_manifest
-    from ichdata.plan import _previous, plan_config, resolve_shard_size
-    from ichdata.scan import scan
-    from ichdata.store import manifest_path, quarantine_csv_path
+    """`ichdata.convert.scan_source`: check the inputs (a store made from another plan fails here, before
+    any file is read), then scan `config.source`, incrementally against the manifest kept beside the store.
+    Logs the progress every few seconds and a summary at the end."""
+    from ichdata.convert import scan_source
 
     logger = get_run_logger()
-    source, store = Path(config.source), Path(config.store)
-    if not source.is_dir():
-        raise UserError(f"source {source}: no such folder; expected a folder of DICOM files")
-    if not config.overwrite:
-        _previous(store, plan_config(source, resolve_shard_size(store, config.shard_size)), False)
-    exclude = [store, manifest_path(store), quarantine_csv_path(store)]
-    if config.labels is not None:
-        exclude.append(Path(config.labels))
-    previous = None if config.overwrite else previous_manifest(store, source)
     counted = {"files": 0, "total": 0, "logged": time.monotonic()}
 
     def on_total(n: int) -> None:
         counted["total"] = n
-        logger.info("scan of %s: %s files to account for", source, f"{n:,}")
+        logger.info("scan of %s: %s files to account for", config.source, f"{n:,}")
 
     def on_progress(n: int) -> None:
         counted["files"] += n
@@ -177,33 +169,27 @@ def scan_task(config: ConvertConfig, client: Any) -> Manifest:
             counted["logged"] = now
             logger.info("scanned %s of %s files", f"{counted['files']:,}", f"{counted['total']:,}")
 
-    manifest = scan(
-        source, client, previous=previous, exclude=exclude, on_progress=on_progress, on_total=on_total
-    )
+    manifest = scan_source(config, client, on_progress=on_progress, on_total=on_total)
     reasons = manifest.reasons()
     logger.info(
-        "scan of %s: %s files, %s usable slices%s%s",
-        source,
+        "scan of %s: %s files, %s usable slices%s",
+        config.source,
         f"{len(manifest):,}",
         f"{manifest.n_slices:,}",
         "; not slices: " + ", ".join(f"{n:,} {r}" for r, n in reasons.items()) if reasons else "",
-        f" ({len(previous):,} known from the previous run)" if previous is not None else "",
     )
     return manifest
 
 
 @task(name="plan", timeout_seconds=_PLAN_TIMEOUT_S, **_IO_RETRIES)
 def plan_task(config: ConvertConfig, manifest: Manifest) -> Plan:
-    """`ichdata.plan.plan`: the store order, the shards and the labels; appends to an existing store."""
-    from ichdata.plan import load_labels, plan
+    """`ichdata.convert.plan_conversion`: the labels, the store order and the shards; appends to an
+    existing store."""
+    from ichdata.convert import plan_conversion
 
-    logger = get_run_logger()
-    labels = load_labels(config.labels)
-    p = plan(manifest, config.store, labels=labels, shard_size=config.shard_size, overwrite=config.overwrite)
-    if config.labels is not None:
-        p = dataclasses.replace(p, labels_source=str(config.labels))
+    p = plan_conversion(config, manifest)
     new_q = p.quarantined_by_reason(new_only=True)
-    logger.info(
+    get_run_logger().info(
         "plan: %s slices to write in %s shards of %d (%s already in the store), %s series; set aside: %s",
         f"{p.n_new:,}",
         f"{p.n_shards:,}",
@@ -412,7 +398,7 @@ def ingest(
         workers: Processes of a local Dask cluster (default: one per core).
         scheduler: Address of a running Dask scheduler (`tcp://host:8786`) instead of a local cluster.
         scheduler_file: The file `dask scheduler --scheduler-file` writes, instead of an address.
-        shard_size: Slices per shard file (default: the store's, else 128).
+        shard_size: Slices per shard file (default: the store's, else `ichdata.store.DEFAULT_SHARD_SIZE`).
         overwrite: Replace a store made from another plan (another source or shard size).
         verify: Re-read the whole store after the run (turn off for frequent runs on a large store).
     """

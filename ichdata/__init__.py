@@ -10,8 +10,9 @@ What it offers (imported lazily, so `import ichdata` stays cheap and never pulls
   `ArchiveSummary`, `SUBTYPES`
 - preview: `write_preview`
 - the store: `open_store`, `Store`, `write_store_from_arrays`
-- the conversion: `ichdata.convert.convert`, `ConvertConfig`, `ConvertSummary`, `verify_store` (the stages one by one:
-  `ichdata.scan.scan`, `ichdata.plan.plan`, `ichdata.convert.convert_shards`, `ichdata.convert.finalize`)
+- the conversion: `ichdata.convert.convert`, `ConvertConfig`, `ConvertSummary`, `verify_store` (the stages one by one, as
+  the Prefect flow runs them: `ichdata.convert.scan_source`, `plan_conversion`, `convert_shards`,
+  `finalize`)
 """
 
 from __future__ import annotations

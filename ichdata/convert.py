@@ -1,35 +1,48 @@
 """The conversion: a DICOM archive → a sharded Zarr v3 store (`ichdata.store`), on a Dask cluster.
 
-Stages: plain functions that `ich convert` chains (`convert`) and that the Prefect `ingest` flow wraps
-one task each (pass the same `distributed.Client` to the stages that take one):
+`ich convert SOURCE STORE [--labels CSV] [--workers N | --scheduler ADDRESS | --scheduler-file FILE]
+[--shard-size K] [--overwrite]` runs `convert(ConvertConfig(...))`: it checks its inputs before any
+work (SOURCE a folder, the label CSV readable, STORE absent or made from the same plan; each mistake is
+a one-line `UserError`, exit 2), starts a LocalCluster (or joins the cluster named), shows a progress
+bar for the scan and the conversion, and prints `ConvertSummary` as its one-line report (exit 0 when
+the store is complete: set-aside files are not failures).
 
-    from ichdata.convert import (ConvertConfig, convert, convert_shards, dask_client, excluded_paths,
-                                 finalize, previous_manifest)
-    from ichdata.plan import check_store, load_labels, plan
-    from ichdata.scan import scan
+The stages are public functions that `convert` chains and that the Prefect `ingest` flow
+(`flows.ingest`) wraps one task each, so that both run exactly the same code (pass the same
+`distributed.Client` to the stages that take one):
+
+    from ichdata.convert import (ConvertConfig, convert_shards, dask_client, finalize, plan_conversion,
+                                 scan_source)
     from ichdata.verify import verify_store
 
-    labels = load_labels(csv)                        # a malformed CSV raises UserError before any work
-    check_store(store, source, shard_size, overwrite)  # a store of another plan: UserError, before the scan
+    config = ConvertConfig(source, store, labels=csv, shard_size=None, overwrite=False)
     with dask_client(workers=None, scheduler=None, scheduler_file=None) as client:
-        manifest = scan(source, client, previous=previous_manifest(store, source),
-                        exclude=excluded_paths(store, csv), on_progress=..., on_total=...)
-        p = plan(manifest, store, labels=labels, shard_size=None, overwrite=False)
-        result = convert_shards(p, client, on_shard_done=lambda done: ...)   # ShardDone per shard
-    summary = finalize(result)                       # ConvertSummary; str() is the one-line report
-    report = verify_store(store, client=None)        # VerifyReport; .ok, .problems
+        manifest = scan_source(config, client, on_progress=..., on_total=...)   # Manifest
+        p = plan_conversion(config, manifest)                                   # Plan
+        result = convert_shards(p, client, on_shard_done=lambda done: ...)      # ShardDone per shard
+    summary = finalize(result, config=config)  # ConvertSummary; str() is the one-line report
+    report = verify_store(store, client=None)  # VerifyReport; .ok, .problems
 
-1. `scan` (`ichdata.scan`): header-only, in batches of files per task; unchanged files of the
-   previous manifest are not read again.
-2. `plan` (`ichdata.plan`): store order, shards and their keys, set-aside files, labels; incremental
-   on a store made by an earlier run of the same plan, a `UserError` on a store of another plan.
-3. `convert_shards`: one Dask task per shard renders its slices (`ichdata.dicom.read_rendered`),
+1. `scan_source`: `check_inputs(config)` (SOURCE, the CSV's path, `ichdata.plan.check_store`: a store
+   of another plan costs a second, not a scan), then `ichdata.scan.scan`, header-only, in batches of
+   files per task; unchanged files of the manifest kept beside the store (`previous_manifest`) are
+   not read again; the store, its side files and the label CSV are left out when they live under
+   SOURCE (`excluded_paths`).
+2. `plan_conversion`: the label table (`ichdata.plan.load_labels`) and `ichdata.plan.plan`: store
+   order, shards and their keys, set-aside files, labels (the CSV's path kept for the provenance);
+   incremental on a store made by an earlier run of the same plan, a `UserError` on a store of
+   another plan.
+3. `convert_shards`: one Dask task per shard renders its slices (`ichdata.dicom.read_rendered_layout`
+   from the pixel layout the scan kept in the manifest: no second header parse),
    writes the whole shard in one assignment (`images[a:b] = block`; zarr writes a whole shard
    atomically) and then its done-marker (`conversion/shard_done[i] = "<key>:<CRC-32 of the pixels>"`,
    a chunk of its own). Shards whose marker holds their key are skipped: a killed run resumes, an
    append redoes only the last partial shard and the new ones.
 4. `finalize`: the driver writes the manifest beside the store (the commit record), then labels, ids,
    offsets, metadata, quarantine (and `STORE.quarantine.csv`), attributes; the store is complete.
+   While it rewrites the small arrays (seconds, even for RSNA) the store's state is `finalizing` and
+   `open_store` refuses it; a run killed in that window leaves the store unreadable until the next run
+   with the same arguments, which re-plans from the manifest and finalizes again (`ichdata.store`).
 
 The stages hold no state between calls: a Prefect task that retries one re-reads what it needs from
 the store, and a flow killed anywhere is finished by the next run with the same arguments.
@@ -65,7 +78,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -95,14 +108,17 @@ __all__ = [
     "ConvertResult",
     "ConvertSummary",
     "ShardDone",
+    "check_inputs",
     "convert",
     "convert_shards",
     "dask_client",
     "excluded_paths",
     "finalize",
     "plan",
+    "plan_conversion",
     "previous_manifest",
     "scan",
+    "scan_source",
 ]
 
 
@@ -187,7 +203,8 @@ def dask_client(
 ) -> Iterator[Any]:
     """A distributed `Client`: of an existing cluster (`scheduler` address or `scheduler_file`), or of a
     `LocalCluster` on 127.0.0.1 with `workers` processes (default: one per core) of one thread each,
-    without a dashboard and with distributed's INFO logs silenced."""
+    without a dashboard (the scheduler's HTTP endpoint on a free loopback port, never 8787) and with
+    distributed's INFO logs silenced."""
     from distributed import Client
 
     if scheduler and scheduler_file:
@@ -263,7 +280,11 @@ def _local_cluster(n: int) -> Iterator[Any]:
                 threads_per_worker=1,
                 processes=True,
                 host="127.0.0.1",
+                # No dashboard; the scheduler still serves plain HTTP (health, metrics), which by default
+                # listens on 8787 and, when that port is taken (another cluster, a user's Jupyter),
+                # moves elsewhere with a UserWarning. A free loopback port from the start says nothing.
                 dashboard_address=None,
+                scheduler_kwargs={"dashboard": False, "dashboard_address": "127.0.0.1:0"},
                 # CRITICAL: at shutdown a worker logs an ERROR for the heartbeat its closing scheduler
                 # no longer answers. Task failures reach the driver as exceptions, named by shard.
                 silence_logs=logging.CRITICAL,
@@ -284,16 +305,25 @@ def _usable_cpus() -> int:
 
 
 def _convert_shard(
-    store: str, index: int, start: int, key: str, sources: list[str | None], source_root: str, image_size: int
+    store: str,
+    index: int,
+    start: int,
+    key: str,
+    sources: list[str | None],
+    source_root: str,
+    image_size: int,
+    layouts: list[str] | None = None,
 ) -> ShardDone:
     """The Dask task of one shard: render every row, write the whole shard, then its done-marker.
 
     `sources[j]` is the file of row `start + j`, or None for a row already in the store (copied from
-    there: an append rewrites the last partial shard without re-reading its old DICOMs).
+    there: an append rewrites the last partial shard without re-reading its old DICOMs). `layouts[j]`
+    is the scan's pixel layout of that file (`ichdata.dicom.read_header_layout`; "" when unknown): the
+    pixels are read without parsing the header a second time.
     """
     import zarr
 
-    from ichdata.dicom import SliceError, read_rendered
+    from ichdata.dicom import SliceError, read_rendered_layout
 
     t0 = time.perf_counter()
     group: Any = zarr.open_group(store, mode="r+")
@@ -310,7 +340,7 @@ def _convert_shard(
         path = sources[j]
         assert path is not None
         try:
-            block[j] = read_rendered(path, image_size)[0]
+            read_rendered_layout(path, layouts[j] if layouts else "", image_size, out=block[j])
         except SliceError as exc:
             failures.append((os.path.relpath(path, source_root), exc.reason, exc.detail))
         except Exception as exc:  # a reader bug on one file must not stop a 752k-file run
@@ -453,7 +483,38 @@ def _marker_key(markers: list[str], i: int) -> str:
 
 def _shard_args(p: Plan, i: int) -> tuple[Any, ...]:
     a, _ = p.shard_rows(i)
-    return (str(p.store), i, a, p.shard_key(i), p.shard_sources(i), str(p.source), p.image_size)
+    sources = p.shard_sources(i)
+    return (str(p.store), i, a, p.shard_key(i), sources, str(p.source), p.image_size, _shard_layouts(p, i))
+
+
+# The scan's pixel layouts by path, of the last manifest table asked about (built once per plan).
+_LAYOUTS: list[Any] = [None, {}]
+
+
+def _shard_layouts(p: Plan, i: int) -> list[str]:
+    """The manifest's `pixel_layout` of each row of shard `i` ("" where the manifest has none)."""
+    table = p.manifest.table
+    if _LAYOUTS[0] is not table:
+        col = table["pixel_layout"] if "pixel_layout" in table.columns else [None] * len(table)
+        _LAYOUTS[:] = [
+            table,
+            {path: v for path, v in zip(table["path"], col, strict=True) if isinstance(v, str)},
+        ]
+    by_path = _LAYOUTS[1]
+    a, b = p.shard_rows(i)
+    return [by_path.get(path, "") for path in p.rows["path"].iloc[a:b]]
+
+
+def _shard_failed(p: Plan, i: int, exc: BaseException) -> RuntimeError:
+    """The error that ends a conversion when shard `i`'s task raised (not a bad file: those are set
+    aside): the shard, its rows and files, and the task's exception (kept as `__cause__`)."""
+    a, b = p.shard_rows(i)
+    paths = p.rows["path"].iloc[a:b]
+    files = str(paths.iloc[0]) if b - a == 1 else f"{paths.iloc[0]} … {paths.iloc[-1]}"
+    return RuntimeError(
+        f"{p.store}: shard {i} (rows {a}–{b - 1}, {b - a} slices: {files}) failed: "
+        f"{type(exc).__name__}: {exc}"
+    )
 
 
 def _run_shards(
@@ -463,7 +524,10 @@ def _run_shards(
     After a result with failures no new task is submitted; the ones in flight are drained."""
     if client is None:
         for i in todo:
-            done = _convert_shard(*_shard_args(p, i))
+            try:
+                done = _convert_shard(*_shard_args(p, i))
+            except Exception as exc:
+                raise _shard_failed(p, i, exc) from exc
             yield done
             if done.failures and stop_on_failure:
                 return
@@ -493,12 +557,7 @@ def _run_shards(
         except Exception as exc:
             for other in list(ac.futures):
                 other.cancel()
-            i = index_of.get(fut.key, -1)
-            a, b = p.shard_rows(i)
-            raise RuntimeError(
-                f"{p.store}: shard {i} (rows {a}–{b - 1}, first file {p.rows['path'].iloc[a]}) failed: "
-                f"{type(exc).__name__}: {exc}"
-            ) from exc
+            raise _shard_failed(p, index_of[fut.key], exc) from exc
         finally:
             fut.release()
         if done.failures and stop_on_failure:
@@ -618,39 +677,79 @@ def previous_manifest(store: str | os.PathLike[str], source: str | os.PathLike[s
     return Manifest.read(mp, source) if mp.is_file() else None
 
 
+def check_inputs(config: ConvertConfig) -> None:
+    """The checks made before any work, each a one-line `UserError`: SOURCE is a folder, the label CSV
+    (if any) is a file, and STORE is absent or was made from this plan (`ichdata.plan.check_store`).
+    Cheap (a few `stat`s and the store's attributes): `scan_source` makes them again."""
+    source, store = Path(config.source), Path(config.store)
+    if not source.is_dir():
+        raise UserError(f"SOURCE {source}: no such folder; expected a folder of DICOM files")
+    if config.labels is not None and not Path(config.labels).is_file():
+        raise UserError(f"--labels {config.labels}: no such file; expected an RSNA label CSV (ID,Label)")
+    check_store(store, source, config.shard_size, config.overwrite)
+
+
+def scan_source(
+    config: ConvertConfig,
+    client: Any = None,
+    on_progress: Callable[[int], None] | None = None,
+    on_total: Callable[[int], None] | None = None,
+) -> Manifest:
+    """Stage 1: `check_inputs`, then the header-only scan of `config.source` on `client`'s cluster
+    (`ichdata.scan.scan`; in this process without a client).
+
+    Incremental against the manifest kept beside the store (`previous_manifest`; not with `overwrite`):
+    unchanged files are not read again. The store, its side files and the label CSV are left out of the
+    scan when they live under the source (`excluded_paths`). `on_total(n)` is called once the tree is
+    listed, `on_progress(n)` as batches of `n` files finish.
+    """
+    check_inputs(config)
+    source, store = Path(config.source), Path(config.store)
+    return scan(
+        source,
+        client,
+        previous=None if config.overwrite else previous_manifest(store, source),
+        exclude=excluded_paths(store, config.labels),
+        on_progress=on_progress,
+        on_total=on_total,
+    )
+
+
+def plan_conversion(config: ConvertConfig, manifest: Manifest, labels: pd.DataFrame | None = None) -> Plan:
+    """Stage 2: `ichdata.plan.plan` of `manifest` into `config.store`, with `config`'s shard size and
+    `overwrite` and the label table (`labels` when the caller has read it already, else read from
+    `config.labels`; a malformed CSV is a `UserError`). The CSV's path is kept in the plan for the
+    store's provenance."""
+    table = labels if labels is not None else load_labels(config.labels)
+    p = plan(manifest, config.store, labels=table, shard_size=config.shard_size, overwrite=config.overwrite)
+    return p if config.labels is None else replace(p, labels_source=str(config.labels))
+
+
 def convert(
     config: ConvertConfig,
     progress: bool = True,
     client: Any = None,
 ) -> ConvertSummary:
-    """`ich convert`: scan → plan → convert_shards → finalize, on `client` or a cluster of `config`'s.
+    """`ich convert`: scan_source → plan_conversion → convert_shards → finalize, on `client` or a
+    cluster of `config`'s.
 
-    The label CSV is read first (a malformed CSV stops the run before any work); progress bars
-    (tqdm, on stderr) when `progress`.
+    The inputs are checked and the label CSV is read first (a malformed CSV stops the run before any
+    work, even before the cluster starts); progress bars (tqdm, on stderr) when `progress`.
     """
     started = time.perf_counter()
-    source, store = Path(config.source), Path(config.store)
-    if not source.is_dir():
-        raise UserError(f"SOURCE {source}: no such folder; expected a folder of DICOM files")
+    check_inputs(config)
     labels = load_labels(config.labels)
-    check_store(store, source, config.shard_size, config.overwrite)  # before the scan, not after it
-    exclude = excluded_paths(store, config.labels)
     stages: dict[str, float] = {}
     with contextlib.ExitStack() as stack:
         if client is None:
             client = stack.enter_context(dask_client(config.workers, config.scheduler, config.scheduler_file))
         t = time.perf_counter()
-        previous = None if config.overwrite else previous_manifest(store, source)
         bar = _bar(progress, "scan", "files")
-        manifest = scan(
-            source, client, previous=previous, exclude=exclude, on_progress=bar.update, on_total=bar.set_total
-        )
+        manifest = scan_source(config, client, on_progress=bar.update, on_total=bar.set_total)
         bar.close()
         stages["scan"] = time.perf_counter() - t
         t = time.perf_counter()
-        p = plan(manifest, store, labels=labels, shard_size=config.shard_size, overwrite=config.overwrite)
-        if config.labels is not None:
-            p = _with_labels_source(p, str(config.labels))
+        p = plan_conversion(config, manifest, labels)
         stages["plan"] = time.perf_counter() - t
         t = time.perf_counter()
         bar = _bar(progress, "convert", "slices", total=p.n_new)
@@ -662,12 +761,6 @@ def convert(
     stages["finalize"] = time.perf_counter() - t
     summary.stages_s = stages
     return summary
-
-
-def _with_labels_source(p: Plan, src: str) -> Plan:
-    from dataclasses import replace
-
-    return replace(p, labels_source=src)
 
 
 class _NoBar:

@@ -45,6 +45,13 @@ A store that an append is currently growing stays readable: the committed arrays
 `images` and `conversion/`) only change in `finalize`, and `images` may hold rows beyond `n_slices`
 that belong to the conversion in progress; readers use `n_slices` / `study_offsets`, never
 `images.shape[0]`.
+
+Known limit: `finalize` replaces the small arrays one by one under the fixed names above, so while it
+runs (seconds, even for RSNA) the state is `"finalizing"` and `open_store` refuses the store. A run
+killed in that window leaves an appended-to store unreadable until the next run with the same
+arguments, which re-plans from `STORE.manifest.parquet` (written first, the commit record) and
+finalizes again; no DICOM is re-read. Keeping readers on the last committed arrays through that window
+would need versioned small arrays (new arrays, then one attribute naming them), a format change.
 """
 
 from __future__ import annotations

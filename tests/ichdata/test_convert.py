@@ -264,6 +264,116 @@ def test_a_store_from_another_plan_is_refused_without_overwrite(archive, convert
 # ---------------------------------------------------------------------------------- real clusters
 
 
+def test_scan_source_checks_inputs_before_listing_and_plan_conversion_keeps_the_csv(
+    archive, converted, tmp_path
+) -> None:
+    """The stages `convert` and the Prefect flow share: the checks come before the tree is listed."""
+    from ichdata.convert import plan_conversion, scan_source
+    from ichdata.errors import UserError
+
+    root, _, _ = archive
+    store_path, _, expected = converted
+    listed: list[int] = []
+    with pytest.raises(UserError, match=r"--labels .*missing\.csv: no such file"):
+        scan_source(
+            ConvertConfig(root, tmp_path / "n.zarr", labels=tmp_path / "missing.csv"), on_total=listed.append
+        )
+    with pytest.raises(UserError, match="made from a different plan"):
+        scan_source(ConvertConfig(root, store_path, shard_size=8), on_total=listed.append)
+    with pytest.raises(UserError, match=r"SOURCE .*nope: no such folder"):
+        scan_source(ConvertConfig(tmp_path / "nope", tmp_path / "n.zarr"), on_total=listed.append)
+    assert listed == []
+
+    csv = store_path.parent / "labels.csv"
+    config = ConvertConfig(root, tmp_path / "fresh.zarr", labels=csv, shard_size=4)
+    manifest = scan_source(config, on_total=listed.append)
+    assert listed == [len(manifest)]
+    p = plan_conversion(config, manifest)
+    assert p.labels_source == str(csv)
+    assert p.shard_size == 4
+    for iid, lab in zip(p.rows["image_id"], p.labels, strict=True):
+        np.testing.assert_array_equal(lab, expected.get(iid, np.full(len(CLASSES), 255)), err_msg=iid)
+
+
+class _Killed(BaseException):
+    """A kill, as far as the code under test can tell (not an `Exception` it could catch)."""
+
+
+def test_a_run_killed_during_finalize_is_finished_by_the_next_run(
+    archive, converted, tmp_path, monkeypatch
+) -> None:
+    """The documented limit of `finalize` (`ichdata.store`): killed while it rewrites the small arrays,
+    the store is refused until the next run, which finalizes it again without re-rendering a shard."""
+    import ichdata.convert
+    from ichdata.errors import UserError
+
+    root, _, _ = archive
+    clean, _, _ = converted
+    csv = clean.parent / "labels.csv"
+    store = tmp_path / "k.zarr"
+    real = ichdata.convert.write_committed
+
+    def killed(group, **arrays):
+        group.create_array("labels", shape=(1,), dtype="uint8", overwrite=True)  # half-way through
+        raise _Killed
+
+    monkeypatch.setattr(ichdata.convert, "write_committed", killed)
+    config = ConvertConfig(root, store, labels=csv, shard_size=4)
+    with pytest.raises(_Killed):
+        convert(config, progress=False, client=None)
+    with pytest.raises(UserError, match=r"has not finished .*finalizing"):
+        open_store(store)
+
+    monkeypatch.setattr(ichdata.convert, "write_committed", real)
+    again = convert(config, progress=False, client=None)
+    assert (again.n_new, again.n_shards_written) == (0, 0)
+    a, b = _snapshot(store), _snapshot(clean)
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def test_a_failing_shard_task_names_its_shard_rows_and_files(archive, tmp_path, monkeypatch) -> None:
+    import ichdata.convert
+
+    root, _, _ = archive
+    p = plan(scan(root), tmp_path / "s.zarr", shard_size=4)
+    real = ichdata.convert._convert_shard
+
+    def failing(store, index, *args):
+        if index == 1:
+            raise OSError(28, "No space left on device", store)
+        return real(store, index, *args)
+
+    monkeypatch.setattr(ichdata.convert, "_convert_shard", failing)
+    with pytest.raises(RuntimeError) as caught:
+        convert_shards(p, None)
+    first, last = p.rows["path"].iloc[4], p.rows["path"].iloc[7]
+    assert str(caught.value) == (
+        f"{p.store}: shard 1 (rows 4–7, 4 slices: {first} … {last}) failed: "
+        f"OSError: [Errno 28] No space left on device: '{p.store}'"
+    )
+    assert isinstance(caught.value.__cause__, OSError)
+
+
+def test_a_local_cluster_starts_when_port_8787_is_taken() -> None:
+    """The scheduler's HTTP endpoint defaults to 8787, which another cluster or a user's Jupyter may
+    hold; distributed then warns (an error under this suite's filterwarnings)."""
+    import socket
+
+    from ichdata.convert import dask_client
+
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        with contextlib.suppress(OSError):  # already taken: the case under test anyway
+            s.bind(("127.0.0.1", 8787))
+            s.listen()
+        with dask_client(workers=1) as client:
+            assert client.submit(sum, [1, 2]).result() == 3
+            (port,) = client.run_on_scheduler(lambda dask_scheduler: [dask_scheduler.http_server.port])
+            assert port != 8787
+
+
 @pytest.fixture(scope="module")
 def many(tmp_path_factory, convert_inputs) -> Path:
     """~90 small slices: enough shards (of 2) for a kill to land mid-run."""
@@ -295,7 +405,12 @@ def test_killing_a_worker_mid_run_still_gives_the_clean_store(many, clean_run, t
     store = tmp_path / "w.zarr"
     with (
         LocalCluster(
-            n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None
+            n_workers=2,
+            threads_per_worker=1,
+            processes=True,
+            host="127.0.0.1",
+            dashboard_address=None,
+            scheduler_kwargs={"dashboard_address": "127.0.0.1:0"},  # not 8787: it may be taken
         ) as cluster,
         Client(cluster) as client,
     ):
@@ -395,7 +510,12 @@ def test_convert_runs_on_an_existing_cluster_by_address_or_scheduler_file(many, 
     from distributed import LocalCluster
 
     with LocalCluster(
-        n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None
+        n_workers=2,
+        threads_per_worker=1,
+        processes=True,
+        host="127.0.0.1",
+        dashboard_address=None,
+        scheduler_kwargs={"dashboard_address": "127.0.0.1:0"},  # not 8787: it may be taken
     ) as cluster:
         addr = cluster.scheduler_address
         assert addr.startswith("tcp://127.0.0.1:")

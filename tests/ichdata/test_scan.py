@@ -62,8 +62,14 @@ def test_parallel_batches_equal_the_serial_scan(tree) -> None:
     seen = []
     with (
         LocalCluster(
-            n_workers=1, threads_per_worker=2, processes=False, dashboard_address=None
-        ) as c,  # inproc: nothing listens
+            n_workers=1,
+            threads_per_worker=2,
+            processes=False,
+            dashboard_address=None,
+            # The scheduler's HTTP endpoint listens even without a dashboard (default 8787, a UserWarning
+            # when taken): a free loopback port instead.
+            scheduler_kwargs={"dashboard_address": "127.0.0.1:0"},
+        ) as c,
         Client(c) as client,
     ):
         par = scan(root, client, batch_size=3, on_progress=seen.append)

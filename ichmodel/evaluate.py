@@ -1,0 +1,378 @@
+"""`ich evaluate`: score trained runs on their held-out patients and write the report.
+
+For each run directory (the `--out` of `ich train`) the best checkpoint is loaded with
+`ichmodel.models.load_model`, the run's own split file tells which patients it never trained on,
+and every held-out study goes through the model whole, in slice order (`predict_study`, in the same
+windows of at most `max_len` slices as in training). Images without labels (255 in the store) are
+predicted but left out of the metrics and counted in the report.
+
+`REPORT_DIR` receives:
+
+- `report.md` — the runs side by side (the paper's Table I), per class (Table II), the F1-maximising
+  thresholds, and the pictures;
+- `metrics.json` — everything in the tables, per run (`null` where a metric is undefined, with the
+  reason in `notes`);
+- `roc.png` — ROC curves of every run overlaid, all labels pooled and per class (the paper's Fig. 5);
+- `false_negatives.png` — per run, the held-out hemorrhage slices with the lowest predicted p(any);
+- `predictions_<run>.csv` — image id, series, labels and probabilities of every held-out slice, so
+  that other metrics can be computed without running the model again.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from ichdata.errors import UserError
+from ichmodel.metrics import summarize
+from ichmodel.report import MissedSlice, markdown_report, plot_false_negatives, plot_roc
+
+__all__ = ["RunEvaluation", "evaluate_run", "evaluate_runs", "predict_series", "write_report"]
+
+UNLABELLED = 255
+#: The split file `ich train` writes to its run directory.
+SPLIT_FILE = "split.json"
+#: How many missed hemorrhages per run the false-negative strip shows.
+N_FALSE_NEGATIVES = 6
+
+
+@dataclass
+class RunEvaluation:
+    """One run scored on its held-out patients.
+
+    `rows` are store rows of the held-out slices (all of them, in series then slice order);
+    `probs` their predicted probabilities (N, C); `labelled` marks the rows the metrics use.
+    """
+
+    name: str
+    run_dir: Path
+    checkpoint: Path
+    info: dict[str, Any]
+    series: np.ndarray
+    rows: np.ndarray
+    image_id: np.ndarray
+    labels: np.ndarray
+    probs: np.ndarray
+    labelled: np.ndarray
+    summary: dict[str, Any] = field(default_factory=dict)
+    n_patients: int = 0
+
+    @property
+    def y_true(self) -> np.ndarray:
+        return self.labels[self.labelled]
+
+    @property
+    def y_prob(self) -> np.ndarray:
+        return self.probs[self.labelled]
+
+
+def _device(device: str | None) -> str:
+    if device:
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def predict_series(
+    model: Any,
+    store: Any,
+    series: Sequence[int] | np.ndarray,
+    *,
+    max_len: int | None,
+    device: str,
+    progress: bool = True,
+    desc: str = "predict",
+) -> tuple[np.ndarray, np.ndarray]:
+    """Run `model` over whole series of `store`; returns (store rows (N,), probabilities (N, C) float32)."""
+    from tqdm.auto import tqdm
+
+    from ichmodel.models import predict_study
+
+    rows: list[np.ndarray] = []
+    probs: list[np.ndarray] = []
+    for s in tqdm(list(series), desc=desc, unit="study", disable=not progress, file=sys.stderr):
+        a, b = store.series_rows(int(s))
+        if b == a:
+            continue
+        images = store.read_series(int(s))
+        probs.append(predict_study(model, images, max_len=max_len, device=device))
+        rows.append(np.arange(a, b, dtype=np.int64))
+    n_classes = len(store.classes)
+    if not rows:
+        return np.zeros(0, dtype=np.int64), np.zeros((0, n_classes), dtype=np.float32)
+    return np.concatenate(rows), np.concatenate(probs)
+
+
+def _held_out_series(run_dir: Path, store: Any) -> tuple[np.ndarray, int]:
+    """Store series indices of the run's held-out patients, and how many of them the store holds.
+
+    The split file is the one `ich train` wrote; `read_split` re-applies it by patient, so series
+    appended to the store since then follow their patient and the held-out side stays unseen.
+    """
+    from ichmodel.data import read_split
+
+    path = run_dir / SPLIT_FILE
+    if not path.is_file():
+        raise UserError(f"run directory {run_dir}: no {SPLIT_FILE}; expected the --out of `ich train`")
+    split = read_split(path, store.series)
+    present = set(store.series["patient_key"].to_numpy()[split.val_series].tolist())
+    return split.val_series, len(present)
+
+
+def _checkpoint(run_dir: Path, checkpoint: str) -> Path:
+    path = run_dir / checkpoint
+    if not run_dir.is_dir():
+        raise UserError(f"run directory {run_dir}: no such directory; expected the --out of `ich train`")
+    if not path.is_file():
+        present = sorted(p.name for p in run_dir.glob("*.pt"))
+        raise UserError(
+            f"run directory {run_dir}: no {checkpoint} (checkpoints there: {', '.join(present) or 'none'}); "
+            "has the training finished an epoch?"
+        )
+    return path
+
+
+def evaluate_run(
+    run_dir: str | os.PathLike[str],
+    store: Any,
+    *,
+    name: str | None = None,
+    checkpoint: str = "best.pt",
+    threshold: float = 0.5,
+    device: str | None = None,
+    progress: bool = True,
+) -> RunEvaluation:
+    """Score one run on its held-out patients; `store` is an opened `ichdata.store.Store`."""
+    from ichmodel.models import load_model
+
+    run = Path(run_dir)
+    ckpt = _checkpoint(run, checkpoint)
+    dev = _device(device)
+    model, info = load_model(ckpt, device=dev)
+    classes = tuple(info.get("classes") or store.classes)
+    if classes != tuple(store.classes):
+        raise UserError(
+            f"{ckpt}: trained on classes {', '.join(classes)}, but store {store.path} has {', '.join(store.classes)}"
+        )
+    series, n_patients = _held_out_series(run, store)
+    if len(series) == 0:
+        raise UserError(f"run {run}: its split holds out no series of store {store.path}")
+    label = name or run.name
+    rows, probs = predict_series(
+        model, store, series, max_len=info.get("max_len"), device=dev, progress=progress, desc=label
+    )
+    labels = store.labels[rows]
+    labelled = ~(labels == UNLABELLED).any(axis=1)
+    if not labelled.any():
+        raise UserError(f"run {run}: none of the {len(rows)} held-out slices in {store.path} has labels")
+    result = RunEvaluation(
+        name=label,
+        run_dir=run,
+        checkpoint=ckpt,
+        info=info,
+        series=np.asarray(series, dtype=np.int64),
+        rows=rows,
+        image_id=store.image_id[rows],
+        labels=labels,
+        probs=probs,
+        labelled=labelled,
+        n_patients=n_patients,
+    )
+    result.summary = summarize(result.y_true, result.y_prob, classes=classes, threshold=threshold)
+    return result
+
+
+def _json_safe(x: Any) -> Any:
+    """NaN/inf -> None (JSON has no NaN), NumPy scalars -> Python, recursively."""
+    if isinstance(x, dict):
+        return {str(k): _json_safe(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_json_safe(v) for v in x]
+    if isinstance(x, np.integer):
+        return int(x)
+    if isinstance(x, float | np.floating):
+        return None if not math.isfinite(float(x)) else float(x)
+    if isinstance(x, Path):
+        return str(x)
+    return x
+
+
+def _round(x: Any, digits: int = 4) -> Any:
+    return round(float(x), digits) if isinstance(x, float | int) and not isinstance(x, bool) else x
+
+
+def _run_info(r: RunEvaluation, store: Any) -> dict[str, Any]:
+    model = r.info.get("model", {})
+    return {
+        "model": model.get("name", "?"),
+        "backbone": model.get("backbone", "?"),
+        "bidirectional": bool(model.get("bidirectional", False)),
+        "checkpoint": str(r.checkpoint),
+        "epoch": r.info.get("epoch"),
+        "validation loss at checkpoint": _round(r.info.get("val_loss")),
+        "held-out patients": r.n_patients,
+        "held-out studies": int(store.series["study_uid"].iloc[r.series].nunique()),
+        "held-out slices": len(r.rows),
+        "unlabelled (not scored)": int((~r.labelled).sum()),
+    }
+
+
+def _missed(r: RunEvaluation, store: Any, threshold: float, k: int = N_FALSE_NEGATIVES) -> list[MissedSlice]:
+    """The run's k held-out slices with a hemorrhage and the lowest p(any) below the threshold."""
+    any_col = list(store.classes).index("any")
+    y, p = r.labels[:, any_col], r.probs[:, any_col]
+    candidates = np.flatnonzero(r.labelled & (y == 1) & (p < threshold))
+    worst = candidates[np.argsort(p[candidates], kind="stable")][:k]
+    return [
+        MissedSlice(
+            model=r.name,
+            image_id=str(r.image_id[i]),
+            image=store.read_rows(int(r.rows[i]), int(r.rows[i]) + 1)[0],
+            labels=r.labels[i],
+            probs=r.probs[i],
+        )
+        for i in worst
+    ]
+
+
+def _predictions_frame(r: RunEvaluation, store: Any) -> pd.DataFrame:
+    series_of_row = np.searchsorted(store.study_offsets, r.rows, side="right") - 1
+    df = pd.DataFrame(
+        {
+            "image_id": r.image_id,
+            "study_uid": store.series["study_uid"].to_numpy()[series_of_row],
+            "series_index": series_of_row,
+            "slice_index": r.rows - store.study_offsets[series_of_row],
+        }
+    )
+    for c, name in enumerate(store.classes):
+        df[f"label_{name}"] = r.labels[:, c]
+    for c, name in enumerate(store.classes):
+        df[f"p_{name}"] = np.round(r.probs[:, c].astype(np.float64), 6)
+    return df
+
+
+def write_report(
+    runs: Sequence[RunEvaluation],
+    store: Any,
+    out: str | os.PathLike[str],
+    *,
+    threshold: float = 0.5,
+    title: str = "Evaluation on held-out patients",
+    intro: Sequence[str] = (),
+) -> dict[str, Path]:
+    """Write report.md, metrics.json, roc.png, false_negatives.png and the per-run predictions to `out`."""
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    classes = tuple(store.classes)
+    paths = {
+        "report": out_dir / "report.md",
+        "metrics": out_dir / "metrics.json",
+        "roc": out_dir / "roc.png",
+        "false_negatives": out_dir / "false_negatives.png",
+    }
+    plot_roc({r.name: (r.y_true, r.y_prob) for r in runs}, paths["roc"], classes)
+    missed = [m for r in runs for m in _missed(r, store, threshold)]
+    plot_false_negatives(missed, paths["false_negatives"], classes, models=[r.name for r in runs])
+    for r in runs:
+        p = out_dir / f"predictions_{r.name}.csv"
+        _predictions_frame(r, store).to_csv(p, index=False)
+        paths[f"predictions_{r.name}"] = p
+
+    same_split = len({tuple(r.series.tolist()) for r in runs}) == 1
+    notes = list(intro)
+    if not same_split:
+        notes.append(
+            "**The runs hold out different patients** (different split files), so their figures are "
+            "not measured on the same images."
+        )
+    text = markdown_report(
+        {r.name: r.summary for r in runs},
+        classes,
+        title=title,
+        intro=[
+            *notes,
+            f"Store: `{store.path}`. Every held-out study went through the model whole, in slice order.",
+        ],
+        figures={
+            "ROC curves, all labels pooled and per class (cf. the paper's Fig. 5)": paths["roc"].name,
+            "Worst false negatives: held-out hemorrhage slices with the lowest p(any)": paths[
+                "false_negatives"
+            ].name,
+        },
+        run_info={r.name: _run_info(r, store) for r in runs},
+    )
+    paths["report"].write_text(text)
+    metrics = {
+        "store": str(store.path),
+        "threshold": threshold,
+        "classes": list(classes),
+        "same_held_out_patients": same_split,
+        "runs": {
+            r.name: {**_run_info(r, store), "run_dir": str(r.run_dir), "metrics": r.summary} for r in runs
+        },
+    }
+    paths["metrics"].write_text(json.dumps(_json_safe(metrics), indent=2, allow_nan=False) + "\n")
+    return paths
+
+
+def _run_names(run_dirs: Sequence[Path]) -> list[str]:
+    """Directory names, made unique (`a`, `a-2`) when two runs share one."""
+    names: list[str] = []
+    for d in run_dirs:
+        base = d.resolve().name or "run"
+        name, k = base, 2
+        while name in names:
+            name, k = f"{base}-{k}", k + 1
+        names.append(name)
+    return names
+
+
+def evaluate_runs(
+    run_dirs: Sequence[str | os.PathLike[str]],
+    store: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    *,
+    threshold: float = 0.5,
+    checkpoint: str = "best.pt",
+    device: str | None = None,
+    progress: bool = True,
+    title: str = "Evaluation on held-out patients",
+    intro: Sequence[str] = (),
+    log: Callable[[str], None] | None = print,
+) -> tuple[list[RunEvaluation], dict[str, Path]]:
+    """What `ich evaluate` runs: score every run on its held-out patients and write the report."""
+    from ichdata.store import open_store
+
+    if not run_dirs:
+        raise UserError("no run directory given")
+    if not 0.0 <= threshold <= 1.0:
+        raise UserError(f"--threshold {threshold}: expected a probability within [0, 1]")
+    opened = open_store(store)
+    dirs = [Path(d) for d in run_dirs]
+    runs = [
+        evaluate_run(
+            d, opened, name=n, checkpoint=checkpoint, threshold=threshold, device=device, progress=progress
+        )
+        for d, n in zip(dirs, _run_names(dirs), strict=True)
+    ]
+    paths = write_report(runs, opened, out, threshold=threshold, title=title, intro=intro)
+    if log is not None:
+        for r in runs:
+            s = r.summary
+            log(
+                f"{r.name}: weighted log loss {s['weighted_log_loss']:.4f}, AUC {s['overall']['roc_auc']:.4f}, "
+                f"F1 {s['overall']['f1']:.4f} on {s['n_images']} slices of {r.n_patients} held-out patients"
+            )
+        log(f"wrote {paths['report']}")
+    return runs, paths

@@ -1,0 +1,235 @@
+"""`ich predict`: a trained model on a folder of new DICOM studies, in the Kaggle submission format.
+
+There is one preprocessing path: the folder is converted with `ichdata.convert.convert` — the same
+scan, set-aside rules, slice ordering (DESIGN.md "Slice order") and `ichdata.dicom.read_rendered`
+windowing as `ich convert` — into a temporary store (or one the user keeps with `--store`), and the
+model reads that store exactly as `ich evaluate` does: each study whole, in slice order.
+
+Outputs, for `--out predictions.csv`:
+
+- `predictions.csv` — Kaggle's `ID,Label` with the six rows `ID_<image id>_<class>` of every
+  converted image, classes in `CLASSES` order (`epidural` … `any`); every readable slice appears.
+- `predictions.studies.csv` — one row per study: the probability of each class for the study = the
+  maximum over its slices (a study has a hemorrhage when any of its slices has one, which is how a
+  radiologist reads it and how the RSNA labels were made per slice), the image id and slice index
+  of the slice that sets each maximum, how many slices reach the threshold for `any`, the first and
+  last of them (the extent of the finding along the series), and the three slices with the highest
+  p(any).
+- `predictions.set_aside.csv` — every input file that is not in the predictions (`path`, `reason`,
+  `detail`: not DICOM, truncated, localizer, duplicate, …); their count is printed, never dropped
+  silently.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from ichdata.errors import UserError
+
+__all__ = [
+    "PredictResult",
+    "predict_folder",
+    "predict_store",
+    "study_summary",
+    "submission_frame",
+]
+
+
+def submission_frame(image_ids: Sequence[str], probs: np.ndarray, classes: Sequence[str]) -> pd.DataFrame:
+    """Kaggle's `ID,Label` table: six rows per image, `ID_<hex>_<class>` (image ids are `ID_<hex>`).
+
+    Image ids that are not RSNA's `ID_…` (a hospital's SOPInstanceUIDs) are used as they are, so the
+    ID is `<uid>_<class>`.
+    """
+    ids = np.asarray(image_ids, dtype=str)
+    p = np.asarray(probs, dtype=np.float64)
+    if p.shape != (len(ids), len(classes)):
+        raise ValueError(f"probabilities have shape {p.shape}, expected ({len(ids)}, {len(classes)})")
+    row_ids = np.char.add(
+        np.repeat(ids, len(classes)), np.tile(np.char.add("_", np.asarray(classes)), len(ids))
+    )
+    return pd.DataFrame({"ID": row_ids, "Label": p.reshape(-1)})
+
+
+def study_summary(
+    store: Any, rows: np.ndarray, probs: np.ndarray, threshold: float = 0.5, top: int = 3
+) -> pd.DataFrame:
+    """One row per study from slice probabilities (see the module docstring for the columns).
+
+    `rows` are store rows (in series then slice order), `probs` their (N, C) probabilities.
+    """
+    classes = list(store.classes)
+    any_col = classes.index("any")
+    series_of_row = np.searchsorted(store.study_offsets, rows, side="right") - 1
+    slice_index = rows - store.study_offsets[series_of_row]
+    frame = pd.DataFrame(
+        {
+            "study_uid": store.series["study_uid"].to_numpy()[series_of_row],
+            "series_uid": store.series["series_uid"].to_numpy()[series_of_row],
+            "image_id": store.image_id[rows],
+            "slice_index": slice_index,
+            "pos": np.arange(len(rows)),
+        }
+    )
+    out: list[dict[str, Any]] = []
+    for study, g in frame.groupby("study_uid", sort=False):
+        pos = g["pos"].to_numpy()
+        p = probs[pos]
+        rec: dict[str, Any] = {
+            "study_uid": study,
+            "series_uid": ";".join(dict.fromkeys(g["series_uid"])),
+            "n_slices": len(pos),
+        }
+        for c, name in enumerate(classes):
+            k = int(np.argmax(p[:, c]))
+            rec[f"p_{name}"] = float(p[k, c])
+            rec[f"{name}_slice"] = g["image_id"].iloc[k]
+            rec[f"{name}_slice_index"] = int(g["slice_index"].iloc[k])
+        flagged = np.flatnonzero(p[:, any_col] >= threshold)
+        rec["n_slices_any"] = len(flagged)
+        rec["first_slice_any"] = int(g["slice_index"].iloc[flagged[0]]) if len(flagged) else None
+        rec["last_slice_any"] = int(g["slice_index"].iloc[flagged[-1]]) if len(flagged) else None
+        order = np.argsort(-p[:, any_col], kind="stable")[:top]
+        rec["top_slices"] = ";".join(f"{g['image_id'].iloc[k]}:{p[k, any_col]:.3f}" for k in order)
+        out.append(rec)
+    df = pd.DataFrame(out)
+    if len(df):
+        for col in ("first_slice_any", "last_slice_any"):
+            df[col] = df[col].astype("Int64")
+    return df
+
+
+def _outputs(out: Path) -> tuple[Path, Path]:
+    stem = out.with_suffix("") if out.suffix == ".csv" else out
+    return stem.with_name(stem.name + ".studies.csv"), stem.with_name(stem.name + ".set_aside.csv")
+
+
+@dataclass(frozen=True)
+class PredictResult:
+    """What `ich predict` wrote and counted."""
+
+    predictions: Path
+    studies: Path
+    set_aside: Path
+    n_images: int
+    n_studies: int
+    n_set_aside: int
+    set_aside_by_reason: dict[str, int]
+
+    def __str__(self) -> str:
+        reasons = ", ".join(f"{k} {v}" for k, v in sorted(self.set_aside_by_reason.items()))
+        aside = f"{self.n_set_aside} files set aside" + (f" ({reasons})" if reasons else "")
+        return (
+            f"predicted {self.n_images} images of {self.n_studies} studies -> {self.predictions} "
+            f"(studies: {self.studies}); {aside} -> {self.set_aside}"
+        )
+
+
+def predict_store(
+    checkpoint: str | os.PathLike[str],
+    store: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    *,
+    threshold: float = 0.5,
+    device: str | None = None,
+    progress: bool = True,
+    set_aside: pd.DataFrame | None = None,
+) -> PredictResult:
+    """Predict every series of a converted store and write the three CSVs next to `out`.
+
+    `set_aside` defaults to the store's quarantine table.
+    """
+    from ichdata.store import open_store
+    from ichmodel.evaluate import _device, predict_series
+    from ichmodel.models import load_model
+
+    if not 0.0 <= threshold <= 1.0:
+        raise UserError(f"--threshold {threshold}: expected a probability within [0, 1]")
+    st = open_store(store)
+    dev = _device(device)
+    model, info = load_model(Path(checkpoint), device=dev)
+    classes = tuple(info.get("classes") or st.classes)
+    if classes != tuple(st.classes):
+        raise UserError(
+            f"{checkpoint}: trained on classes {', '.join(classes)}, the store has {', '.join(st.classes)}"
+        )
+    rows, probs = predict_series(
+        model,
+        st,
+        range(st.n_series),
+        max_len=info.get("max_len"),
+        device=dev,
+        progress=progress,
+        desc="predict",
+    )
+    out_path = Path(out)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    studies_path, aside_path = _outputs(out_path)
+    submission_frame(st.image_id[rows], probs, classes).to_csv(out_path, index=False, float_format="%.6g")
+    summary = study_summary(st, rows, probs, threshold)
+    summary.to_csv(studies_path, index=False, float_format="%.6g")
+    aside = (st.quarantine if set_aside is None else set_aside).loc[:, ["path", "reason", "detail"]]
+    aside.to_csv(aside_path, index=False)
+    return PredictResult(
+        predictions=out_path,
+        studies=studies_path,
+        set_aside=aside_path,
+        n_images=len(rows),
+        n_studies=len(summary),
+        n_set_aside=len(aside),
+        set_aside_by_reason={str(k): int(v) for k, v in aside["reason"].value_counts().items()},
+    )
+
+
+def _convert(source: Path, store: Path, workers: int | None, progress: bool) -> None:
+    """Convert `source` into `store` with the conversion `ich convert` runs (no labels)."""
+    from ichdata.convert import ConvertConfig, convert
+
+    convert(
+        ConvertConfig(source=source, store=store, labels=None, workers=workers, overwrite=True),
+        progress=progress,
+    )
+
+
+def predict_folder(
+    checkpoint: str | os.PathLike[str],
+    source: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    *,
+    store: str | os.PathLike[str] | None = None,
+    threshold: float = 0.5,
+    device: str | None = None,
+    workers: int | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] | None = print,
+) -> PredictResult:
+    """What `ich predict` runs: convert `source` (to `store`, or a temporary one), then `predict_store`."""
+    src = Path(source)
+    if not src.is_dir():
+        raise UserError(f"{src}: no such folder; expected a folder of DICOM files")
+    if not Path(checkpoint).is_file():
+        raise UserError(f"checkpoint {checkpoint}: no such file")
+    with tempfile.TemporaryDirectory(prefix="ich-predict-") as tmp:
+        st = Path(store) if store is not None else Path(tmp) / "store.zarr"
+        if log is not None:
+            log(f"converting {src} -> {st}")
+        _convert(src, st, workers, progress)
+        result = predict_store(checkpoint, st, out, threshold=threshold, device=device, progress=progress)
+    if log is not None:
+        log(str(result))
+        if result.n_set_aside:
+            print(
+                f"ich predict: {result.n_set_aside} files were set aside and have no prediction; "
+                f"see {result.set_aside}",
+                file=sys.stderr,
+            )
+    return result

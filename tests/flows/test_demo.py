@@ -1,0 +1,65 @@
+"""`ich demo --quick` end to end: archive -> Prefect ingest (ephemeral) -> Dask -> two models -> report."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ichdata.cli import main
+
+
+@pytest.mark.slow
+def test_quick_demo_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--quick", "--quiet", "--workers", "1"]) == 0
+    printed = capsys.readouterr().out
+    for k in range(1, 6):
+        assert f"[{k}/5]" in printed  # progress, stage by stage
+    assert "demo done in" in printed
+
+    # the store came through the Prefect flow, complete, with every synthetic slice
+    from ichdata.store import open_store
+
+    st = open_store(out / "store.zarr")
+    demo = json.loads((out / "demo.json").read_text())
+    assert demo["config"]["studies"] == 8
+    assert st.n_studies == 8
+    assert st.n_slices > 8 * 19
+    assert not (st.labels == 255).any()
+    # Prefect ran against its own home inside DIR (ephemeral mode, nothing in ~/.prefect)
+    assert (out / "prefect" / "prefect.db").is_file()
+
+    # both models trained on the same split, and were evaluated on its held-out patients
+    s1 = json.loads((out / "runs" / "xception" / "split.json").read_text())
+    s2 = json.loads((out / "runs" / "xception_gru" / "split.json").read_text())
+    assert s1["val_patients"] == s2["val_patients"]
+    assert s1["val_patients"]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert list(metrics["runs"]) == ["xception", "xception_gru"]
+    assert metrics["same_held_out_patients"] is True
+    for name, run in metrics["runs"].items():
+        wll = run["metrics"]["weighted_log_loss"]
+        assert np.isfinite(wll)
+        assert wll > 0
+        assert demo["weighted_log_loss"][name] == pytest.approx(wll)
+        assert run["held-out patients"] == len(s1["val_patients"])
+
+    report = (out / "report.md").read_text()
+    assert report.startswith("# ich demo: CNN-only vs CNN-GRU")
+    assert "| Loss |" in report
+    assert "| model | xception | xception_gru |" in report
+    assert "](roc.png)" in report
+    import matplotlib.image as mpimg
+
+    assert mpimg.imread(out / "roc.png").shape[1] > 400
+
+    # a folder that ich demo did not make is refused before anything is written into it
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "thesis.tex").write_text("precious\n")
+    assert main(["demo", "--out", str(foreign), "--quick"]) == 2
+    assert "was not made by `ich demo`" in capsys.readouterr().err
+    assert (foreign / "thesis.tex").read_text() == "precious\n"

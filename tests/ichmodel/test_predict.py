@@ -1,0 +1,208 @@
+"""`ich predict` on a folder of new studies with a few broken files: every good image predicted, the
+broken ones listed with their reason, the per-study summary taken over slices in slice order."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from ichdata.cli import main
+from ichdata.store import open_store
+from ichdata.synthetic import stored_from_hu, write_ct_slice
+from ichmodel.models import create_model, load_model, predict_study
+from ichmodel.predict import study_summary, submission_frame
+
+CLASSES = ("epidural", "intraparenchymal", "intraventricular", "subarachnoid", "subdural", "any")
+
+
+def _checkpoint(path: Path, model_name: str = "xception_gru", max_len: int | None = 3) -> Path:
+    torch.manual_seed(0)
+    kwargs = {"name": model_name, "backbone": "test_efficientnet", "rnn_hidden": 16, "rnn_layers": 1}
+    model = create_model(model_name, **{k: v for k, v in kwargs.items() if k != "name"})
+    torch.save(
+        {
+            "format": "ich-checkpoint",
+            "model": kwargs,
+            "state_dict": model.state_dict(),
+            "classes": list(CLASSES),
+            "max_len": max_len,
+            "epoch": 1,
+            "val_loss": 0.6,
+        },
+        path,
+    )
+    return path
+
+
+def _new_studies(src: Path) -> dict[str, list[str]]:
+    """Two studies written in shuffled file order, plus broken files; returns study -> ids in slice order."""
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:64, :64]
+    head = ((yy - 32) ** 2 + (xx - 32) ** 2) < 26**2
+    studies: dict[str, list[str]] = {}
+    files = []
+    for s, n in enumerate((5, 4)):
+        study = f"1.2.826.0.1.{s}"
+        ids = [f"ID_{s:02d}{k:07x}" for k in range(n)]
+        studies[study] = ids
+        for k, image_id in enumerate(ids):
+            hu = np.where(head, 35.0, -1000.0) + rng.normal(0, 5, (64, 64))
+            hu[20:28, 20:28] += 40 * (k == 2)
+            files.append((image_id, study, k, hu))
+    rng.shuffle(files)  # file order (and names) say nothing about slice order
+    for j, (image_id, study, k, hu) in enumerate(files):
+        write_ct_slice(
+            src / f"file{j:03d}.dcm",
+            stored_from_hu(hu),
+            image_id=image_id,
+            study_uid=study,
+            series_uid=study + ".1",
+            patient_id=f"PAT{study[-1]}",
+            image_position=(0.0, 0.0, 5.0 * k),
+        )
+    (src / "notes.txt").write_text("not a DICOM file\n")
+    write_ct_slice(
+        src / "broken_nopixels.dcm",
+        stored_from_hu(np.zeros((64, 64))),
+        image_id="ID_nopix",
+        study_uid="1.2.826.0.1.9",
+        series_uid="1.2.826.0.1.9.1",
+        patient_id="PAT9",
+        image_position=(0, 0, 0),
+        extra={"PixelData": None},
+    )
+    full = src / "broken_truncated.dcm"
+    write_ct_slice(
+        full,
+        stored_from_hu(np.zeros((64, 64))),
+        image_id="ID_trunc",
+        study_uid="1.2.826.0.1.9",
+        series_uid="1.2.826.0.1.9.1",
+        patient_id="PAT9",
+        image_position=(0, 0, 5),
+    )
+    full.write_bytes(full.read_bytes()[:-3000])
+    return studies
+
+
+@pytest.fixture(scope="module")
+def predicted(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path, dict[str, list[str]]]:
+    root = tmp_path_factory.mktemp("predict")
+    src = root / "new"
+    src.mkdir()
+    studies = _new_studies(src)
+    ckpt = _checkpoint(root / "best.pt")
+    out = root / "out" / "predictions.csv"
+    store = root / "kept.zarr"
+    printed_out, printed_err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(printed_out), contextlib.redirect_stderr(printed_err):
+        rc = main(
+            [
+                "predict",
+                str(ckpt),
+                str(src),
+                "--out",
+                str(out),
+                "--store",
+                str(store),
+                "--workers",
+                "1",
+                "--quiet",
+            ]
+        )
+    assert rc == 0
+    assert "predicted 9 images of 2 studies" in printed_out.getvalue()
+    assert "3 files set aside (no_pixel_data 1, not_dicom 1, truncated 1)" in printed_out.getvalue()
+    assert "3 files were set aside and have no prediction" in printed_err.getvalue()
+    return ckpt, out, store, studies
+
+
+def test_every_good_image_has_six_rows_and_broken_files_are_listed(
+    predicted: tuple[Path, Path, Path, dict[str, list[str]]],
+) -> None:
+    _, out, _, studies = predicted
+    sub = pd.read_csv(out)
+    assert list(sub.columns) == ["ID", "Label"]
+    good = [i for ids in studies.values() for i in ids]
+    expected = {f"{i}_{c}" for i in good for c in CLASSES}
+    assert set(sub["ID"]) == expected
+    assert len(sub) == 6 * len(good)
+    assert sub["Label"].between(0, 1).all()
+    aside = pd.read_csv(out.with_name("predictions.set_aside.csv"))
+    assert dict(zip(aside["path"], aside["reason"], strict=True)) == {
+        "notes.txt": "not_dicom",
+        "broken_nopixels.dcm": "no_pixel_data",
+        "broken_truncated.dcm": "truncated",
+    }
+    assert aside["detail"].str.len().gt(0).all()
+
+
+def test_predictions_equal_the_model_on_the_converted_store(
+    predicted: tuple[Path, Path, Path, dict[str, list[str]]],
+) -> None:
+    ckpt, out, store, studies = predicted
+    st = open_store(store)
+    model, info = load_model(ckpt)
+    sub = pd.read_csv(out).set_index("ID")["Label"]
+    for s in range(st.n_series):
+        a, b = st.series_rows(s)
+        ids = list(st.image_id[a:b])
+        assert ids == studies[st.series["study_uid"].iloc[s]]  # slice order, not file order
+        probs = predict_study(model, st.read_series(s), max_len=info["max_len"])
+        got = np.array([[sub[f"{i}_{c}"] for c in CLASSES] for i in ids])
+        np.testing.assert_allclose(got, probs, rtol=1e-5, atol=1e-6)
+
+
+def test_study_summary_is_the_max_over_slices(
+    predicted: tuple[Path, Path, Path, dict[str, list[str]]],
+) -> None:
+    _, out, _, studies = predicted
+    summary = pd.read_csv(out.with_name("predictions.studies.csv"))
+    sub = pd.read_csv(out).set_index("ID")["Label"]
+    assert list(summary["study_uid"]) == list(studies)
+    for _, row in summary.iterrows():
+        ids = studies[row["study_uid"]]
+        assert row["n_slices"] == len(ids)
+        for c in CLASSES:
+            p = np.array([sub[f"{i}_{c}"] for i in ids])
+            assert row[f"p_{c}"] == pytest.approx(p.max(), rel=1e-5)
+            # the slice named is one that reaches the maximum (ties possible after CSV rounding)
+            k = row[f"{c}_slice_index"]
+            assert row[f"{c}_slice"] == ids[k]
+            assert p[k] == pytest.approx(p.max(), rel=1e-5)
+        assert row["top_slices"].split(";")[0].split(":")[0] == row["any_slice"]
+
+
+def test_cli_errors_name_the_missing_thing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["predict", str(tmp_path / "none.pt"), str(tmp_path), "--out", str(tmp_path / "p.csv")]) == 2
+    assert "checkpoint" in capsys.readouterr().err
+    assert main(["predict", str(tmp_path / "none.pt"), str(tmp_path / "nope"), "--out", "p.csv"]) == 2
+    assert "no such folder" in capsys.readouterr().err
+
+
+def test_submission_and_summary_from_arrays() -> None:
+    df = submission_frame(["ID_a", "ID_b"], np.arange(12).reshape(2, 6) / 12, CLASSES)
+    assert df["ID"].tolist()[:7] == [f"ID_a_{c}" for c in CLASSES] + ["ID_b_epidural"]
+    assert df["Label"].iloc[6] == pytest.approx(6 / 12)  # ID_b_epidural
+
+    class _Store:
+        classes = CLASSES
+        study_offsets = np.array([0, 3, 5])
+        series = pd.DataFrame({"study_uid": ["s1", "s2"], "series_uid": ["s1.1", "s2.1"]})
+        image_id = np.array([f"ID_{k}" for k in range(5)])
+
+    probs = np.zeros((5, 6))
+    probs[:, 5] = [0.1, 0.7, 0.6, 0.2, 0.3]
+    s = study_summary(_Store(), np.arange(5), probs, threshold=0.5)
+    assert s["p_any"].tolist() == [0.7, 0.3]
+    assert s["n_slices_any"].tolist() == [2, 0]
+    assert s["first_slice_any"].iloc[0] == 1
+    assert s["last_slice_any"].iloc[0] == 2
+    assert pd.isna(s["first_slice_any"].iloc[1])
+    assert s["top_slices"].iloc[0] == "ID_1:0.700;ID_2:0.600;ID_0:0.100"
