@@ -24,7 +24,17 @@ __version__ = "0.1.0"
 
 _EXPORTS: dict[str, str] = {
     **dict.fromkeys(
-        ("read_slice", "read_header", "read_rendered", "is_dicom", "SliceMeta", "SliceError", "REASONS"),
+        (
+            "read_slice",
+            "read_header",
+            "read_rendered",
+            "read_header_layout",
+            "read_rendered_layout",
+            "is_dicom",
+            "SliceMeta",
+            "SliceError",
+            "REASONS",
+        ),
         "ichdata.dicom",
     ),
     **dict.fromkeys(("WINDOWS", "Window", "window_hu", "window_stored"), "ichdata.windows"),

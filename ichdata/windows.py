@@ -20,6 +20,7 @@ Two entry points compute it:
 from __future__ import annotations
 
 import functools
+import threading
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -118,6 +119,40 @@ def _area_resize(x: np.ndarray, size: int) -> np.ndarray:
     return out
 
 
+@functools.lru_cache(maxsize=64)
+def _folded_taps(n: int, size: int, offset: int, length: int) -> tuple[np.ndarray, np.ndarray]:
+    """`_area_taps(n, size)` for an axis of `length` samples placed at `offset` inside `n` (a centred
+    pad): taps on the padding (zeros, air) get weight 0, and indices point into the unpadded axis."""
+    idx, w = _area_taps(n, size)
+    src = idx - offset
+    inside = (src >= 0) & (src < length) & (w > 0)
+    return np.where(inside, src, 0).astype(np.intp), np.where(inside, w, 0.0).astype(np.float32)
+
+
+def _area_resize_padded(x: np.ndarray, n: int, top: int, left: int, size: int) -> np.ndarray:
+    """`_area_resize` of `x` (C, rows, cols) float32 zero-padded to (C, n, n) at (`top`, `left`),
+    without building the padded square: the pad's taps are dropped (they add 0). Returns a scratch
+    (C, size, size) float32 array of this thread."""
+    c, rows, cols = x.shape
+    ridx, rw = _folded_taps(n, size, top, rows)
+    cidx, cw = _folded_taps(n, size, left, cols)
+    acc = _scratch("rows_acc", (c, size, cols), np.float32)
+    tmp = _scratch("rows_tmp", (c, size, cols), np.float32)
+    acc[...] = 0
+    for t in range(ridx.shape[1]):
+        np.take(x, ridx[:, t], axis=1, out=tmp, mode="clip")
+        np.multiply(tmp, rw[:, t, None], out=tmp)
+        np.add(acc, tmp, out=acc)
+    out = _scratch("cols_acc", (c, size, size), np.float32)
+    tmp2 = _scratch("cols_tmp", (c, size, size), np.float32)
+    out[...] = 0
+    for t in range(cidx.shape[1]):
+        np.take(acc, cidx[:, t], axis=2, out=tmp2, mode="clip")
+        np.multiply(tmp2, cw[:, t], out=tmp2)
+        np.add(out, tmp2, out=out)
+    return out
+
+
 def _round_u8(x: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(x), 0, 255).astype(np.uint8)
 
@@ -158,56 +193,125 @@ def _packed_table(hu_of_code: np.ndarray, scale: int) -> np.ndarray:
 
 
 def _render_codes(
-    codes: np.ndarray, hu_of_code: np.ndarray, size: int, table_key: object = None
+    codes: np.ndarray,
+    hu_of_code: np.ndarray,
+    size: int,
+    table_key: object = None,
+    out: np.ndarray | None = None,
 ) -> np.ndarray:
     """Render integer `codes` (indices into `hu_of_code`, the HU of each code) as uint8 (3, size, size).
 
     `table_key`, when given, is a hashable name for `hu_of_code` under which the derived tables are
-    cached (reused across slices with the same header).
+    cached (reused across slices with the same header). `out`, when given, is a uint8 (3, size, size)
+    array to write into (a row of a shard block) and is returned.
     """
     rows, cols = codes.shape
     n, top, left = _pad_amounts(rows, cols)
     if n % size or n // size > np.sqrt(_MAX_PACKED_BLOCK):
         # A non-integer factor (a padded 638×490, or upscaling): float taps from float tables.
-        windowed = np.take(_float_table(hu_of_code, table_key), codes, axis=1)
-        if (rows, cols) != (n, n):
-            padded = np.zeros((len(WINDOWS), n, n), dtype=np.float32)
-            padded[:, top : top + rows, left : left + cols] = windowed
-            windowed = padded
-        return _round_u8(_area_resize(windowed, size))
+        idx = _scratch("idx", (rows, cols), np.intp)
+        np.copyto(idx, codes, casting="unsafe")
+        windowed = _scratch("windowed", (len(WINDOWS), rows, cols), np.float32)
+        np.take(_float_table(hu_of_code, table_key), idx, axis=1, out=windowed, mode="clip")
+        if n % size == 0:  # a block mean (a factor too large for the packed sums): pad, then mean
+            if (rows, cols) != (n, n):
+                padded = np.zeros((len(WINDOWS), n, n), dtype=np.float32)
+                padded[:, top : top + rows, left : left + cols] = windowed
+                windowed = padded
+            resized = _area_resize(windowed, size)
+        else:
+            resized = _area_resize_padded(windowed, n, top, left, size)
+        if out is None:
+            out = np.empty((len(WINDOWS), size, size), dtype=np.uint8)
+        np.rint(resized, out=resized)
+        np.clip(resized, 0, 255, out=resized)
+        np.copyto(out, resized, casting="unsafe")
+        return out
 
     k = n // size
     scale = _packed_scale(k)
     table = _cached(table_key, scale, lambda: _packed_table(hu_of_code, scale))
-    packed = np.take(table, codes)  # np.take: several times faster than fancy indexing here
-    if (rows, cols) != (n, n):
-        square = np.zeros((n, n), dtype=np.uint64)  # air: 0 in every channel
-        square[top : top + rows, left : left + cols] = packed
-        packed = square
-    if k > 1:
-        block = packed[0::k]
-        for r in range(1, k):
-            block = block + packed[r::k]
-        summed = block[:, 0::k]
-        for c in range(1, k):
-            summed = summed + block[:, c::k]
+    # Every intermediate goes into this thread's scratch buffers: fresh multi-MB arrays cost more in
+    # page faults than the arithmetic (0.4 ms of 0.9 per 512×512 slice, measured), and np.take is
+    # given intp indices because it casts uint16 ones itself 6× slower than `copyto` does.
+    summed = _scratch("summed", (size, size), np.uint64)
+    if (rows, cols) == (n, n) and k > 1:
+        # A band of input rows at a time (64 for 512×512), so that indices, packed values and row sums
+        # stay in the CPU cache: 25 % faster than whole-image passes (0.44 against 0.58 ms, measured).
+        band = k * max(1, _BAND_ROWS // k)
+        for r0 in range(0, n, band):
+            r1 = min(n, r0 + band)
+            _packed_block_sums(table, codes[r0:r1], k, summed[r0 // k : r1 // k])
     else:
-        summed = packed
+        idx = _scratch("idx", (rows, cols), np.intp)
+        np.copyto(idx, codes, casting="unsafe")
+        packed = _scratch("square", (n, n), np.uint64)
+        if (rows, cols) != (n, n):
+            packed[...] = 0  # air: 0 in every channel
+        # Indices are in range: mode="clip" skips the copy np.take makes of `out` to check bounds.
+        np.take(table, idx, out=packed[top : top + rows, left : left + cols], mode="clip")
+        if k > 1:
+            _block_sums(packed, k, summed)
+        else:
+            np.copyto(summed, packed)
     divisor = k * k * scale
-    out = np.empty((len(WINDOWS), size, size), dtype=np.uint8)
+    if out is None:
+        out = np.empty((len(WINDOWS), size, size), dtype=np.uint8)
     if divisor & (divisor - 1) == 0:
         # A power of two: add half the divisor to every field at once (a field's sum stays below
         # 2**21, so nothing carries into the next), shift each field down, keep its low 8 bits.
         shift = divisor.bit_length() - 1
         half = sum((divisor // 2) << (c * _FIELD_BITS) for c in range(len(WINDOWS)))
-        rounded = summed + np.uint64(half)
+        np.add(summed, np.uint64(half), out=summed)
         for c in range(len(WINDOWS)):
-            out[c] = rounded >> np.uint64(c * _FIELD_BITS + shift)  # uint8 assignment keeps the low 8 bits
+            # The uint8 output keeps the low 8 bits of each shifted field.
+            np.right_shift(summed, np.uint64(c * _FIELD_BITS + shift), out=out[c], casting="unsafe")
     else:
         for c in range(len(WINDOWS)):
             field = (summed >> np.uint64(c * _FIELD_BITS)) & _FIELD_MASK
             out[c] = (field + np.uint64(divisor // 2)) // np.uint64(divisor)
     return out
+
+
+_BAND_ROWS = 64
+
+
+def _packed_block_sums(table: np.ndarray, codes: np.ndarray, k: int, out: np.ndarray) -> None:
+    """`out` = the k×k block sums of `table[codes]` (codes: a band of rows, a multiple of k)."""
+    idx = _scratch("band_idx", codes.shape, np.intp)
+    np.copyto(idx, codes, casting="unsafe")
+    packed = _scratch("band_packed", codes.shape, np.uint64)
+    np.take(table, idx, out=packed, mode="clip")
+    _block_sums(packed, k, out)
+
+
+def _block_sums(packed: np.ndarray, k: int, out: np.ndarray) -> None:
+    """`out` (h/k, w/k) = the sums of the k×k blocks of `packed` (h, w), integer (packed fields)."""
+    h, w = packed.shape
+    rows = _scratch("block_rows", (h // k, w), np.uint64)
+    np.add(packed[0::k], packed[1::k], out=rows)
+    for r in range(2, k):
+        np.add(rows, packed[r::k], out=rows)
+    np.add(rows[:, 0::k], rows[:, 1::k], out=out)
+    for c in range(2, k):
+        np.add(out, rows[:, c::k], out=out)
+
+
+_SCRATCH = threading.local()
+
+
+def _scratch(name: str, shape: tuple[int, ...], dtype: type) -> np.ndarray:
+    """A reusable array of this thread (its contents are garbage): one per name and shape."""
+    bufs: dict[tuple[str, tuple[int, ...], type], np.ndarray] | None = getattr(_SCRATCH, "bufs", None)
+    if bufs is None:
+        bufs = _SCRATCH.bufs = {}
+    key = (name, shape, dtype)
+    a = bufs.get(key)
+    if a is None:
+        if len(bufs) >= 32:  # many distinct image sizes: start again
+            bufs.clear()
+        a = bufs[key] = np.empty(shape, dtype=dtype)
+    return a
 
 
 # Tables per (key, kind): a handful of distinct headers in practice (RSNA has four). Plain dict
@@ -240,14 +344,15 @@ def _hu_table(dtype: np.dtype, slope: float, intercept: float) -> np.ndarray:
 
 
 def _render_table_codes(
-    codes: np.ndarray, hu_of_code: np.ndarray, key: object, size: int = 256
+    codes: np.ndarray, hu_of_code: np.ndarray, key: object, size: int = 256, out: np.ndarray | None = None
 ) -> np.ndarray:
-    """Render `codes` (uint8/uint16 indices) through the HU table `hu_of_code`, cached under `key`.
+    """Render `codes` (uint8/uint16 indices) through the HU table `hu_of_code`, cached under `key`
+    (into `out`, a uint8 (3, size, size) array, when given).
 
     The shared core of `window_stored` and `ichdata.dicom.read_rendered`.
     """
     size = _check_size(size)
-    return _render_codes(codes, hu_of_code, size, key)
+    return _render_codes(codes, hu_of_code, size, key, out)
 
 
 def window_stored(stored: np.ndarray, slope: float, intercept: float, size: int = 256) -> np.ndarray:

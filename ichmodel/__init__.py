@@ -33,6 +33,22 @@ _EXPORTS = {
     "weighted_bce_sums": "losses",
     "TrainConfig": "train",
     "RunResult": "train",
+    "weighted_log_loss": "metrics",
+    "roc_auc": "metrics",
+    "roc_curve": "metrics",
+    "confusion_counts": "metrics",
+    "Counts": "metrics",
+    "summarize": "metrics",
+    "evaluate_runs": "evaluate",
+    "evaluate_run": "evaluate",
+    "write_report": "evaluate",
+    "RunEvaluation": "evaluate",
+    "predict_folder": "predict",
+    "predict_store": "predict",
+    "PredictResult": "predict",
+    "plot_roc": "report",
+    "plot_false_negatives": "report",
+    "markdown_report": "report",
 }
 
 __all__ = sorted(_EXPORTS)
