@@ -36,7 +36,7 @@ import functools
 import os
 import struct
 from dataclasses import dataclass
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, cast
 
 import numpy as np
 from pydicom import dcmread
@@ -866,7 +866,7 @@ def _parse_layout(text: str) -> tuple[int, int, int, int, int, int, int, bool, t
 def _read_at(raw: Any, buf: np.ndarray, offset: int) -> int:
     """Fill `buf` from byte `offset` of the unbuffered file `raw`: one positioned read where the system
     has `preadv` (Linux, the BSDs), else seek + read. Returns the bytes read (less at the end of file)."""
-    view = memoryview(buf).cast("B")
+    view = memoryview(cast(Any, buf)).cast("B")  # ndarray is a buffer; numpy stubs say otherwise
     got = 0
     while got < len(view):
         if _HAS_PREADV:
