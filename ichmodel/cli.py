@@ -26,6 +26,10 @@ def _train(a: argparse.Namespace) -> int:
         pretrained=a.pretrained,
         weights=None if a.weights is None else str(a.weights),
         bidirectional=a.bidirectional,
+        rnn_hidden=a.rnn_hidden,
+        rnn_layers=a.rnn_layers,
+        init_backbone=None if a.init_backbone is None else str(a.init_backbone),
+        freeze_backbone=a.freeze_backbone,
         epochs=a.epochs,
         batch_size=a.batch_size,
         max_len=a.max_len,
@@ -79,6 +83,22 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         "--weights", type=Path, default=None, help="local weights file for the backbone (.pth/.safetensors)"
     )
     p.add_argument("--bidirectional", action="store_true", help="bidirectional LSTM/GRU")
+    p.add_argument(
+        "--rnn-hidden", type=int, default=512, help="LSTM/GRU units per direction (the paper's 512)"
+    )
+    p.add_argument("--rnn-layers", type=int, default=2, help="LSTM/GRU layers (the paper's 2)")
+    p.add_argument(
+        "--init-backbone",
+        type=Path,
+        default=None,
+        metavar="CHECKPOINT",
+        help="start from the backbone (and classifier) of an earlier run's best.pt: stage-wise training",
+    )
+    p.add_argument(
+        "--freeze-backbone",
+        action="store_true",
+        help="train only the LSTM/GRU and the head on a fixed backbone",
+    )
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument(
         "--batch-size", type=int, default=None, help="studies per step (slices for xception); default 4 (64)"

@@ -9,6 +9,11 @@ trains like one batch of `P·B·accum` windows. AdamW with linear warm-up and co
 autocast and channels_last on GPU, augmentation on the device (`ichmodel.augment`), optional
 `torch.compile` of the backbone and gradient checkpointing.
 
+Stage-wise training (what the RSNA competition's winners did): train `xception` first, then a
+sequence model with `init_backbone=` that run's `best.pt` and `freeze_backbone=True`; it starts from
+the CNN's backbone and classifier with its gate open (the CNN-only model's predictions) and learns
+only the RNN and the head. `rnn_hidden`/`rnn_layers` size the RNN (the paper's 512 × 2 by default).
+
 The run directory (`out`) receives:
 
 - `config.json`: the resolved `TrainConfig` (every default filled in) plus the world size;
@@ -91,6 +96,16 @@ class TrainConfig:
     pretrained: bool = False
     weights: str | None = None
     bidirectional: bool = False
+    #: units and layers of the LSTM/GRU (the paper's 512 × 2; a few hundred training studies need fewer)
+    rnn_hidden: int = 512
+    rnn_layers: int = 2
+    #: start from this checkpoint's per-slice CNN (`best.pt` of an earlier run on the same backbone):
+    #: the backbone's weights, and the classifier (`fc`) when the shapes match. A sequence model then
+    #: starts with its gate open (`proj` = 1), i.e. exactly as the CNN-only model: the winners'
+    #: stage-wise schedule, CNN first, sequence model on its features second.
+    init_backbone: str | None = None
+    #: keep the backbone's weights and batch-norm statistics fixed (train only the RNN and the head)
+    freeze_backbone: bool = False
     epochs: int = 10
     #: study windows per step for the sequence models, slices per step for `xception`
     batch_size: int | None = None
@@ -119,11 +134,16 @@ class TrainConfig:
         """Fill in defaults that depend on the model or the machine, and check values."""
         if self.model not in MODEL_NAMES:
             raise UserError(f"--model {self.model!r}: expected one of {', '.join(MODEL_NAMES)}")
-        for name in ("epochs", "accum", "max_len"):
+        for name in ("epochs", "accum", "max_len", "rnn_hidden", "rnn_layers"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be at least 1")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise UserError(f"--device {self.device!r}: expected cpu, cuda or auto")
+        init = self.init_backbone
+        if init is not None:
+            if not Path(init).is_file():
+                raise UserError(f"--init-backbone {init}: no such file")
+            init = str(Path(init).absolute())
         batch = self.batch_size or (64 if self.model == "xception" else 4)
         workers = self.workers if self.workers is not None else min(8, os.cpu_count() or 1)
         return dataclasses.replace(
@@ -132,6 +152,7 @@ class TrainConfig:
             out=str(Path(self.out).absolute()),
             batch_size=batch,
             workers=workers,
+            init_backbone=init,
         )
 
 
@@ -213,8 +234,9 @@ def _all_reduce(t: torch.Tensor, d: _Dist) -> torch.Tensor:
 
 
 def _optimizer(model: nn.Module, config: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    decay = [p for p in model.parameters() if p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.ndim < 2]  # biases, norms: no weight decay
+    params = [p for p in model.parameters() if p.requires_grad]  # a frozen backbone is left out
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]  # biases, norms: no weight decay
     groups = [
         {"params": decay, "weight_decay": config.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
@@ -234,6 +256,29 @@ def _schedule(
         return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def _init_from(model: nn.Module, path: Path, backbone: str) -> None:
+    """Copy the per-slice CNN of checkpoint `path` into `model` (see `TrainConfig.init_backbone`)."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise UserError(f"--init-backbone {path}: not an ich training checkpoint")
+    theirs = ckpt["model"].get("backbone")
+    if theirs != backbone:
+        raise UserError(f"--init-backbone {path}: trained on backbone {theirs!r}, this run uses {backbone!r}")
+    state = ckpt["state_dict"]
+    encoder = {k[len("encoder.") :]: v for k, v in state.items() if k.startswith("encoder.")}
+    model.encoder.load_state_dict(encoder)
+    own = model.state_dict()
+    fc = {k: v for k, v in state.items() if k.startswith("fc.")}
+    if fc and all(k in own and own[k].shape == v.shape for k, v in fc.items()):
+        model.fc.load_state_dict({k[len("fc.") :]: v for k, v in fc.items()})
+        proj = getattr(model, "proj", None)
+        if isinstance(proj, nn.Linear):
+            # gate = 1 + (small learned correction): the sequence model starts as the CNN it came from
+            with torch.no_grad():
+                proj.weight.mul_(0.01)
+                proj.bias.fill_(1.0)
 
 
 # --- RNG state (bit-for-bit resume) -------------------------------------------------------------
@@ -460,8 +505,8 @@ def _train(config: TrainConfig, device: torch.device, d: _Dist, t_start: float) 
         "bidirectional": config.bidirectional,
         "num_classes": len(store.classes),
         "drop_rate": 0.2,
-        "rnn_hidden": 512,
-        "rnn_layers": 2,
+        "rnn_hidden": config.rnn_hidden,
+        "rnn_layers": config.rnn_layers,
     }
     model = create_model(
         **{k: v for k, v in model_kwargs.items() if k != "name"},
@@ -470,6 +515,10 @@ def _train(config: TrainConfig, device: torch.device, d: _Dist, t_start: float) 
         weights=config.weights,
         grad_checkpointing=config.grad_checkpointing,
     ).to(device)
+    if config.init_backbone is not None and resume_ckpt is None:
+        _init_from(model, Path(config.init_backbone), config.backbone)
+    if config.freeze_backbone:
+        model.encoder.requires_grad_(False)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
         model.encoder.channels_last = True
@@ -511,6 +560,8 @@ def _train(config: TrainConfig, device: torch.device, d: _Dist, t_start: float) 
         t_epoch = time.perf_counter()
         train_sampler.set_epoch(epoch)
         net.train()
+        if config.freeze_backbone:
+            model.encoder.eval()  # batch-norm statistics stay the initial backbone's
         wait = [0.0]
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         weight_sum = torch.zeros((), dtype=torch.float64, device=device)

@@ -37,6 +37,11 @@ def test_quick_demo_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str
     s2 = json.loads((out / "runs" / "xception_gru" / "split.json").read_text())
     assert s1["val_patients"] == s2["val_patients"]
     assert s1["val_patients"]
+    # stage-wise: the CNN-GRU started from the CNN-only run's best checkpoint, its backbone frozen
+    gru_config = json.loads((out / "runs" / "xception_gru" / "config.json").read_text())
+    assert gru_config["init_backbone"] == str(out / "runs" / "xception" / "best.pt")
+    assert gru_config["freeze_backbone"] is True
+    assert (gru_config["rnn_hidden"], gru_config["rnn_layers"]) == (64, 1)
     metrics = json.loads((out / "metrics.json").read_text())
     assert list(metrics["runs"]) == ["xception", "xception_gru"]
     assert metrics["same_held_out_patients"] is True

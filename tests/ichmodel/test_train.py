@@ -87,6 +87,38 @@ def test_one_epoch_per_model_and_its_checkpoint(tmp_path: Path, tiny_store: Stor
     assert row["val_loss"] == pytest.approx(expected, rel=1e-5)
 
 
+def test_stage_wise_gru_on_a_frozen_backbone(tmp_path: Path, tiny_store: Store) -> None:
+    cnn = train(_config(tiny_store, tmp_path / "cnn", "xception", batch_size=8))
+    cnn_state = torch.load(cnn.best_checkpoint, map_location="cpu", weights_only=False)["state_dict"]
+    gru_cfg = {"rnn_hidden": 8, "rnn_layers": 1, "init_backbone": str(cnn.best_checkpoint)}
+    split = str(tmp_path / "cnn" / "split.json")
+    frozen = train(_config(tiny_store, tmp_path / "gru", freeze_backbone=True, split=split, **gru_cfg))
+    net, info = load_model(frozen.best_checkpoint)
+    assert (info["model"]["rnn_hidden"], info["model"]["rnn_layers"]) == (8, 1)
+    assert (net.rnn.hidden_size, net.rnn.num_layers) == (8, 1)
+    # the backbone is the CNN run's, weights and batch-norm statistics alike, after a training epoch
+    enc = {k: v for k, v in cnn_state.items() if k.startswith("encoder.")}
+    assert enc
+    got = net.state_dict()
+    for k, v in enc.items():
+        assert torch.equal(got[k], v), k
+    # ... while the GRU and the head did learn (the head started as the CNN's classifier)
+    assert not torch.equal(got["fc.weight"], cnn_state["fc.weight"])
+    assert frozen.history[0]["train_loss"] > 0
+
+    # without freezing, the same start trains the backbone too
+    free = train(_config(tiny_store, tmp_path / "free", split=split, **gru_cfg))
+    got = load_model(free.best_checkpoint)[0].state_dict()
+    assert any(not torch.equal(got[k], v) for k, v in enc.items() if v.is_floating_point())
+
+    with pytest.raises(UserError, match=r"--init-backbone .*no such file"):
+        train(_config(tiny_store, tmp_path / "x", init_backbone=str(tmp_path / "nope.pt")))
+    with pytest.raises(
+        UserError, match="trained on backbone 'test_efficientnet', this run uses 'test_resnet'"
+    ):
+        train(_config(tiny_store, tmp_path / "y", backbone="test_resnet", **gru_cfg))
+
+
 def test_masked_padding_does_not_leak_into_the_loss(tiny_store: Store) -> None:
     ds = StudyDataset(tiny_store, series=[2, 3], max_len=None, reader="zarr")  # 3 and 12 slices
     batch = collate_studies([ds[0], ds[1]])
@@ -223,7 +255,10 @@ def test_cli_train_and_its_errors(
     out = tmp_path / "run"
     args = ["train", str(tiny_store.path), "--out", str(out), "--backbone", BACKBONE, "--max-len", "6"]
     args += ["--epochs", "1", "--workers", "0", "--device", "cpu", "--quiet", "--batch-size", "3"]
-    assert main([*args, "--model", "xception_lstm", "--bidirectional", "--accum", "2"]) == 0
+    assert (
+        main([*args, "--model", "xception_lstm", "--bidirectional", "--accum", "2", "--rnn-hidden", "16"])
+        == 0
+    )
     assert "best epoch 1: val loss" in capsys.readouterr().out
     config = json.loads((out / "config.json").read_text())
     assert (config["model"], config["bidirectional"], config["accum"], config["batch_size"]) == (
@@ -234,6 +269,7 @@ def test_cli_train_and_its_errors(
     )
     net, _ = load_model(out / "best.pt")
     assert net.rnn.bidirectional
+    assert (net.rnn.hidden_size, net.rnn.num_layers) == (16, 2)
     assert main([*args, "--model", "xception_lstm"]) == 2
     assert "holds a run already (last.pt); use --resume or another --out" in capsys.readouterr().err
     assert main([*args, "--out", str(tmp_path / "new"), "--resume"]) == 2
