@@ -68,28 +68,13 @@ import numpy as np
 import pandas as pd
 
 from ichdata.errors import UserError
+from ichdata.labels import CLASSES, UNLABELLED
+from ichdata.windows import WINDOWS
 
 FORMAT_VERSION = 1
 IMAGE_SIZE = 256
 DEFAULT_SHARD_SIZE = 64
 N_CHANNELS = 3
-UNLABELLED = 255
-#: Classes in label column order (also `ichdata.labels.CLASSES`; repeated here so that the store reader
-#: does not depend on the CSV reader).
-CLASSES: tuple[str, ...] = (
-    "epidural",
-    "intraparenchymal",
-    "intraventricular",
-    "subarachnoid",
-    "subdural",
-    "any",
-)
-#: Windows in channel order: (name, level, width); DESIGN.md "Preprocessing".
-WINDOWS: tuple[tuple[str, float, float], ...] = (
-    ("brain", 40, 80),
-    ("subdural", 80, 200),
-    ("bone", 600, 2800),
-)
 SERIES_COLUMNS: tuple[str, ...] = ("study_uid", "series_uid", "patient_key", "n_slices")
 QUARANTINE_COLUMNS: tuple[str, ...] = ("path", "reason", "detail")
 STATES = ("converting", "finalizing", "complete")
@@ -282,7 +267,7 @@ def base_attrs(image_size: int = IMAGE_SIZE) -> dict[str, Any]:
     return {
         "format_version": FORMAT_VERSION,
         "classes": list(CLASSES),
-        "windows": [{"name": n, "level": lv, "width": w} for n, lv, w in WINDOWS],
+        "windows": [{"name": w.name, "level": w.level, "width": w.width} for w in WINDOWS],
         "image_size": image_size,
     }
 
