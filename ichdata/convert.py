@@ -484,25 +484,7 @@ def _marker_key(markers: list[str], i: int) -> str:
 def _shard_args(p: Plan, i: int) -> tuple[Any, ...]:
     a, _ = p.shard_rows(i)
     sources = p.shard_sources(i)
-    return (str(p.store), i, a, p.shard_key(i), sources, str(p.source), p.image_size, _shard_layouts(p, i))
-
-
-# The scan's pixel layouts by path, of the last manifest table asked about (built once per plan).
-_LAYOUTS: list[Any] = [None, {}]
-
-
-def _shard_layouts(p: Plan, i: int) -> list[str]:
-    """The manifest's `pixel_layout` of each row of shard `i` ("" where the manifest has none)."""
-    table = p.manifest.table
-    if _LAYOUTS[0] is not table:
-        col = table["pixel_layout"] if "pixel_layout" in table.columns else [None] * len(table)
-        _LAYOUTS[:] = [
-            table,
-            {path: v for path, v in zip(table["path"], col, strict=True) if isinstance(v, str)},
-        ]
-    by_path = _LAYOUTS[1]
-    a, b = p.shard_rows(i)
-    return [by_path.get(path, "") for path in p.rows["path"].iloc[a:b]]
+    return (str(p.store), i, a, p.shard_key(i), sources, str(p.source), p.image_size, p.shard_layouts(i))
 
 
 def _shard_failed(p: Plan, i: int, exc: BaseException) -> RuntimeError:

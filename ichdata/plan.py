@@ -162,6 +162,19 @@ class Plan:
         root = str(self.source)
         return [None if e else os.path.join(root, p) for p, e in zip(r["path"], r["existing"], strict=True)]
 
+    @cached_property
+    def _layout_by_path(self) -> dict[str, str]:
+        table = self.manifest.table
+        if "pixel_layout" not in table.columns:
+            return {}
+        return {p: v for p, v in zip(table["path"], table["pixel_layout"], strict=True) if isinstance(v, str)}
+
+    def shard_layouts(self, i: int) -> list[str]:
+        """For each row of shard `i`: the scan's pixel layout of its file (`ichdata.dicom.read_header_layout`),
+        "" where the manifest has none (the shard task then parses the header itself)."""
+        a, b = self.shard_rows(i)
+        return [self._layout_by_path.get(path, "") for path in self.rows["path"].iloc[a:b]]
+
     def new_quarantine(self) -> pd.DataFrame:
         """Files set aside by this run (not those an earlier run reported)."""
         return self.quarantine.loc[self.quarantine["new"]].reset_index(drop=True)

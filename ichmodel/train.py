@@ -56,7 +56,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
@@ -268,11 +268,11 @@ def _init_from(model: nn.Module, path: Path, backbone: str) -> None:
         raise UserError(f"--init-backbone {path}: trained on backbone {theirs!r}, this run uses {backbone!r}")
     state = ckpt["state_dict"]
     encoder = {k[len("encoder.") :]: v for k, v in state.items() if k.startswith("encoder.")}
-    model.encoder.load_state_dict(encoder)
+    cast(nn.Module, model.encoder).load_state_dict(encoder)
     own = model.state_dict()
     fc = {k: v for k, v in state.items() if k.startswith("fc.")}
     if fc and all(k in own and own[k].shape == v.shape for k, v in fc.items()):
-        model.fc.load_state_dict({k[len("fc.") :]: v for k, v in fc.items()})
+        cast(nn.Module, model.fc).load_state_dict({k[len("fc.") :]: v for k, v in fc.items()})
         proj = getattr(model, "proj", None)
         if isinstance(proj, nn.Linear):
             # gate = 1 + (small learned correction): the sequence model starts as the CNN it came from
