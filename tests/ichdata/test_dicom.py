@@ -21,6 +21,7 @@ from pydicom.encaps import encapsulate
 from pydicom.uid import (
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
     JPEG2000Lossless,
     JPEGLosslessSV1,
@@ -28,7 +29,17 @@ from pydicom.uid import (
     RLELossless,
 )
 
-from ichdata.dicom import REASONS, SliceError, SliceMeta, is_dicom, read_header, read_rendered, read_slice
+from ichdata import dicom
+from ichdata.dicom import (
+    REASONS,
+    SliceError,
+    SliceMeta,
+    is_dicom,
+    read_header,
+    read_header_layout,
+    read_rendered,
+    read_slice,
+)
 from ichdata.synthetic import stored_from_hu, write_ct_slice
 from ichdata.windows import window_hu
 
@@ -661,3 +672,135 @@ def test_corrupt_files_raise_only_slice_errors(
         assert rendered.shape == (3, 8, 8)
         assert isinstance(meta, SliceMeta)
     assert reason in (*REASONS, "ok")
+
+
+# --- the header walk (`_walk_header`) against pydicom's reader ------------------------------------------
+#
+# `read_header` walks the common files itself and leaves the rest to `pydicom.dcmread`. Whatever path a
+# file takes, the outcome (the meta and pixel layout, or the SliceError's reason and message) must be
+# the one pydicom's path gives.
+
+
+def _header_outcome(path: Path, fast: bool) -> tuple[Any, ...]:
+    old = dicom._FAST_HEADER
+    dicom._FAST_HEADER = fast
+    try:
+        return ("ok", *read_header_layout(path))
+    except SliceError as e:
+        return (e.reason, e.detail)
+    finally:
+        dicom._FAST_HEADER = old
+
+
+def _walked(path: Path) -> bool:
+    """Whether the walk reads this file's header itself (rather than handing it to pydicom)."""
+    with open(path, "rb") as f:
+        head = f.read(144)
+        size = path.stat().st_size
+        if len(head) < 144 or head[128:132] != b"DICM" or head[132:138] != b"\x02\x00\x00\x00UL":
+            return False
+        meta_end = 144 + int.from_bytes(head[140:144], "little")
+        return dicom._walk_header(f, size, meta_end) is not None
+
+
+def _with_sequence(path: Path, undefined_length: bool, transfer_syntax: str = ExplicitVRLittleEndian) -> Path:
+    """A slice with a two-level sequence before the pixel data (as hospital exports have)."""
+    _write(path, _hu((16, 12)), transfer_syntax=transfer_syntax)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pydicom validates the RSNA-style `ID_…` UIDs as it rewrites them
+        return _add_sequence(path, undefined_length)
+
+
+def _add_sequence(path: Path, undefined_length: bool) -> Path:
+    ds = pydicom.dcmread(path)
+    inner = pydicom.Dataset()
+    inner.CodeValue, inner.CodingSchemeDesignator = "113100", "DCM"
+    item = pydicom.Dataset()
+    item.ReferencedSOPInstanceUID = "1.2.3.4"
+    item.PurposeOfReferenceCodeSequence = pydicom.Sequence([inner])
+    ds.ReferencedImageSequence = pydicom.Sequence([item, pydicom.Dataset()])
+    for elem in (ds["ReferencedImageSequence"], item["PurposeOfReferenceCodeSequence"]):
+        elem.is_undefined_length = undefined_length
+    for it in (item, inner):
+        it.is_undefined_length_sequence_item = undefined_length
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def test_header_walk_reads_the_common_files(tmp_path: Path) -> None:
+    common = [
+        _write(tmp_path / "ID_w1.dcm"),
+        _write(tmp_path / "ID_w2.dcm", transfer_syntax=ImplicitVRLittleEndian),
+        _write(tmp_path / "ID_w3.dcm", transfer_syntax=RLELossless),
+        _write(tmp_path / "ID_w4.dcm", bits_stored=12, pixel_representation=0, intercept=0.0),
+        _with_sequence(tmp_path / "ID_w5.dcm", undefined_length=False),
+        _with_sequence(
+            tmp_path / "ID_w6.dcm", undefined_length=False, transfer_syntax=ImplicitVRLittleEndian
+        ),
+    ]
+    left_to_pydicom = [
+        _write(tmp_path / "ID_p1.dcm", transfer_syntax=ExplicitVRBigEndian),
+        _write(tmp_path / "ID_p2.dcm", transfer_syntax=DeflatedExplicitVRLittleEndian),
+        _with_sequence(tmp_path / "ID_p3.dcm", undefined_length=True),
+    ]
+    assert [_walked(p) for p in common] == [True] * len(common)
+    assert [_walked(p) for p in left_to_pydicom] == [False] * len(left_to_pydicom)
+    for p in common + left_to_pydicom:
+        fast = _header_outcome(p, fast=True)
+        assert fast[0] == "ok", fast
+        assert fast == _header_outcome(p, fast=False), p.name
+
+
+@pytest.mark.parametrize(
+    ("reason", "index"), [(reason, i) for reason, cases in CASES.items() for i in range(len(cases))]
+)
+def test_header_walk_fails_like_pydicom(tmp_path: Path, reason: str, index: int) -> None:
+    path = CASES[reason][index][0](tmp_path)
+    assert _header_outcome(path, fast=True) == _header_outcome(path, fast=False)
+
+
+def test_header_walk_agrees_with_pydicom_on_its_test_files(tmp_path: Path) -> None:
+    # The files pydicom ships (its larger test files download on demand, which nothing here may do).
+    data = Path(pydicom.__file__).parent / "data"
+    files = sorted(p for d in ("test_files", "charset_files") for p in (data / d).rglob("*") if p.is_file())
+    assert len(files) > 80
+    walked = 0
+    for p in files:
+        assert _header_outcome(p, fast=True) == _header_outcome(p, fast=False), p.name
+        walked += _walked(p)
+    assert walked > 40  # the comparison covers the walk, not only files it hands over
+
+
+@pytest.fixture(scope="module")
+def walk_fuzz_sources(tmp_path_factory: pytest.TempPathFactory) -> list[bytes]:
+    d = tmp_path_factory.mktemp("walkfuzz")
+    hu = _hu((24, 20))
+    return [
+        _write(d / "ID_f1.dcm", hu).read_bytes(),
+        _write(d / "ID_f2.dcm", hu, transfer_syntax=RLELossless).read_bytes(),
+        _write(d / "ID_f3.dcm", hu, transfer_syntax=ImplicitVRLittleEndian).read_bytes(),
+        _with_sequence(d / "ID_f4.dcm", undefined_length=False).read_bytes(),
+        _with_sequence(
+            d / "ID_f5.dcm", undefined_length=False, transfer_syntax=ImplicitVRLittleEndian
+        ).read_bytes(),
+    ]
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    source=st.integers(0, 4),
+    edits=st.lists(st.tuples(st.integers(0, 1400), st.integers(0, 255)), min_size=1, max_size=4),
+    cut=st.one_of(st.none(), st.integers(0, 1600)),
+)
+def test_header_walk_agrees_with_pydicom_on_corrupt_files(
+    tmp_path: Path, walk_fuzz_sources: list[bytes], source: int, edits: list[tuple[int, int]], cut: int | None
+) -> None:
+    data = bytearray(walk_fuzz_sources[source])
+    for at, value in edits:
+        if at < len(data):
+            data[at] = value
+    path = tmp_path / "ID_fuzz.dcm"
+    path.write_bytes(bytes(data[:cut] if cut is not None else data))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pydicom warns about some corrupt values, in both paths alike
+        assert _header_outcome(path, fast=True) == _header_outcome(path, fast=False)
