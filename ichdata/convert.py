@@ -246,7 +246,7 @@ def dask_client(
     for lg in loggers:
         lg.setLevel(logging.CRITICAL)
     try:
-        with _local_cluster(n) as cluster, Client(cluster) as client:
+        with _local_cluster(n) as cluster, Client(cluster, direct_to_workers=True) as client:
             yield client
     finally:
         for lg, level in zip(loggers, saved, strict=True):

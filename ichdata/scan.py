@@ -113,7 +113,12 @@ def walk(source: str | os.PathLike[str], exclude: Iterable[str | os.PathLike[str
     # others skip `realpath` (a few system calls per file: 0.1 s of the driver's time per 4,000 files).
     skip_names = {os.path.basename(p) for p in skip}
     out: list[str] = []
-    stack = [str(root)]
+    # Relative paths by slicing, not `Path.relative_to` (20 µs a file: 0.1 s of the driver per 4,000 files).
+    # scandir yields `d + os.sep + name`, so every entry's path starts with the root's `str` and a separator.
+    top = str(root)
+    cut = len(top) + (0 if top.endswith(os.sep) else 1)
+    posix = os.sep == "/"
+    stack = [top]
     while stack:
         d = stack.pop()
         with os.scandir(d) as it:
@@ -123,7 +128,8 @@ def walk(source: str | os.PathLike[str], exclude: Iterable[str | os.PathLike[str
                 if e.is_dir(follow_symlinks=False):
                     stack.append(e.path)
                 elif e.is_file(follow_symlinks=True):
-                    out.append(Path(e.path).relative_to(root).as_posix())
+                    rel = e.path[cut:]
+                    out.append(rel if posix else rel.replace(os.sep, "/"))
     out.sort()
     return out
 
@@ -262,8 +268,10 @@ def scan(
 
             futures = client.map(scan_files, [str(root)] * len(batches), batches, pure=False)
             size_of = {f.key: len(b) for f, b in zip(futures, batches, strict=True)}
-            for fut in as_completed(futures):
-                parts.extend(fut.result())
+            # with_results: each batch's rows are fetched on the client's event loop as it finishes,
+            # not by one blocking round trip per batch from this thread.
+            for fut, rows in as_completed(futures, with_results=True):
+                parts.extend(rows)
                 if on_progress is not None:
                     on_progress(size_of[fut.key])
                 fut.release()
