@@ -28,8 +28,8 @@ common files (Implicit/Explicit VR Little Endian, elements of defined length) ar
 (`_walk_header`, 3× faster than `pydicom.dcmread`, the scan's main cost); everything else goes through
 pydicom, with identical results. Header values are decoded from the raw elements rather than through
 pydicom's value conversion: RSNA's `ID_…` UIDs are not valid UIDs and pydicom warns when converting
-them. Decoding the raw bytes avoids the warning without touching the warning filters, which are process-wide and not thread-safe (Dask runs reads
-in threads).
+them. Decoding the raw bytes avoids the warning without touching the warning filters, which are
+process-wide and not thread-safe (Dask runs reads in threads).
 """
 
 from __future__ import annotations
