@@ -271,6 +271,11 @@ def _local_cluster(n: int) -> Iterator[Any]:
         import zarr  # noqa: F401
 
         import ichdata.dicom  # noqa: F401
+        from ichdata._kernels import warm_up
+
+        # Numba's first call in a process costs ≈ 0.45 s (import, typing context, the disk cache): paid
+        # here once, the forked workers inherit the compiled render loop.
+        warm_up()
     # Nobody looks at this cluster's diagnostics (it has no dashboard): no statistical profiler sampling
     # every task's stack every 10 ms in each worker, and slower housekeeping ticks. Together they took
     # ≈ 2 % of a core per process even while idle (0.3–0.8 % with these settings, measured on 2 cores).

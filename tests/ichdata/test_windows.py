@@ -189,3 +189,73 @@ def test_window_stored_within_one_of_reference(
     out = window_stored(stored, slope, intercept, size)
     ref = reference(stored.astype(np.float64) * slope + intercept, size)
     assert np.abs(out.astype(int) - ref).max() <= 1
+
+
+# --- the compiled render loop (`ichdata._kernels`) against the NumPy passes it replaces ----------------
+
+
+def test_the_compiled_kernel_is_what_runs_here() -> None:
+    from ichdata import _kernels
+
+    # Numba is a core dependency: the suite must exercise the kernel, not fall back silently.
+    assert _kernels.available()
+
+
+def _codes_and_table(rng: np.random.Generator, shape: tuple[int, int], dtype: type) -> tuple:
+    from ichdata.dicom import _hu_of_code
+
+    bits = 8 * np.dtype(dtype).itemsize
+    # Values inside the windows' ramps (saturated pixels would hide rounding mistakes): HU -200..1500
+    # for 16-bit codes (stored = HU + 1024), HU 0..127 for 8-bit ones (stored = HU).
+    hu_of_code = _hu_of_code(("dicom", bits, bits, True, 1.0, 0.0 if bits == 8 else -1024.0, False))[0]
+    low, high = (0, 128) if bits == 8 else (1024 - 200, 1024 + 1500)
+    codes = rng.integers(low, high, shape).astype(dtype)
+    return codes, hu_of_code
+
+
+@pytest.mark.parametrize(
+    ("shape", "dtype", "size"),
+    [
+        ((512, 512), np.uint16, 256),  # RSNA: the k = 2 fast loop
+        ((512, 512), np.uint8, 256),
+        ((768, 768), np.uint16, 256),  # k = 3, a divisor that is not a power of two
+        ((1024, 1024), np.uint16, 256),
+        ((512, 384), np.uint16, 256),  # padded with air, integer factor
+        ((384, 512), np.uint16, 256),
+        ((511, 512), np.uint16, 256),  # an odd pad
+        ((256, 256), np.uint16, 256),  # k = 1
+        ((512, 512), np.uint16, 128),  # k = 4 to a smaller size
+    ],
+)
+def test_kernel_renders_exactly_what_numpy_renders(shape: tuple[int, int], dtype: type, size: int) -> None:
+    from ichdata.windows import _render_codes
+
+    codes, hu_of_code = _codes_and_table(np.random.default_rng(sum(shape)), shape, dtype)
+    compiled = _render_codes(codes, hu_of_code, size, ("kernel-test", dtype), jit=True)
+    plain = _render_codes(codes, hu_of_code, size, ("kernel-test", dtype), jit=False)
+    assert compiled.dtype == np.uint8
+    assert compiled.shape == (3, size, size)
+    np.testing.assert_array_equal(compiled, plain)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    k=st.integers(1, 6),
+    size=st.sampled_from([4, 8, 16, 24]),
+    short=st.floats(0.01, 1.0),
+    tall=st.booleans(),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_kernel_equals_numpy_on_any_integer_factor(
+    k: int, size: int, short: float, tall: bool, seed: int
+) -> None:
+    from ichdata.windows import _render_codes
+
+    n = k * size  # the padded square's side: an integer factor, which the kernel renders
+    other = max(1, round(n * short))
+    shape = (n, other) if tall else (other, n)
+    codes, hu_of_code = _codes_and_table(np.random.default_rng(seed), shape, np.uint16)
+    out = np.full((3, size, size), 7, dtype=np.uint8)  # a row of a shard block, written in place
+    _render_codes(codes, hu_of_code, size, ("kernel-test", np.uint16), out=out, jit=True)
+    plain = _render_codes(codes, hu_of_code, size, ("kernel-test", np.uint16), jit=False)
+    np.testing.assert_array_equal(out, plain)
