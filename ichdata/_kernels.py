@@ -77,7 +77,42 @@ def _compile() -> dict[str, Any]:
                 out[1, i, j] = np.uint8((((s >> f1) & mask) + half) // d)
                 out[2, i, j] = np.uint8((((s >> f2) & mask) + half) // d)
 
-    return {"square_k2": square_k2, "blocks": blocks}
+    @jit
+    def taps(codes, ftable, ridx, rw, cidx, cw, acc, out):
+        """A non-integer factor (a padded 638×490, say): float32 area taps, in exactly the order and
+        precision of `ichdata.windows._area_resize_padded` over `ftable[:, codes]`, then rint, clip and
+        uint8. `acc` is a float32 (3, size, cols) scratch array."""
+        cols = codes.shape[1]
+        size = out.shape[1]
+        nr = ridx.shape[1]
+        nc = cidx.shape[1]
+        zero = np.float32(0.0)
+        for c in range(3):
+            tab = ftable[c]
+            for i in range(size):
+                a = acc[c, i]
+                for col in range(cols):
+                    a[col] = zero
+                for t in range(nr):
+                    w = rw[i, t]
+                    src = codes[ridx[i, t]]
+                    for col in range(cols):
+                        a[col] = a[col] + tab[src[col]] * w
+            for i in range(size):
+                a = acc[c, i]
+                o = out[c, i]
+                for j in range(size):
+                    v = zero
+                    for t in range(nc):
+                        v = v + a[cidx[j, t]] * cw[j, t]
+                    v = np.rint(v)
+                    if v < zero:
+                        v = zero
+                    elif v > np.float32(255.0):
+                        v = np.float32(255.0)
+                    o[j] = np.uint8(v)
+
+    return {"square_k2": square_k2, "blocks": blocks, "taps": taps}
 
 
 def kernels() -> dict[str, Any] | None:
@@ -130,6 +165,39 @@ def packed_block_render(
     return True
 
 
+def taps_render(
+    codes: np.ndarray,
+    ftable: np.ndarray,
+    taps: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
+    acc: np.ndarray,
+    out: np.ndarray,
+) -> bool:
+    """`out` = rint(clip(the folded area taps `taps` = (row indices, row weights, column indices,
+    column weights) applied to `ftable[:, codes]`)) as uint8; False when the kernels are unavailable or
+    the inputs are not what they are compiled for."""
+    ks = kernels()
+    if ks is None:
+        return False
+    ridx, rw, cidx, cw = taps
+    if (
+        codes.ndim != 2
+        or codes.dtype not in (np.uint8, np.uint16)
+        or ftable.dtype != np.float32
+        or ftable.ndim != 2
+        or ftable.shape[0] != 3
+        or ftable.shape[1] < 1 << (8 * codes.dtype.itemsize)
+        or rw.dtype != np.float32
+        or cw.dtype != np.float32
+        or out.dtype != np.uint8
+        or out.ndim != 3
+        or not out.flags.c_contiguous
+        or acc.shape != (3, out.shape[1], codes.shape[1])
+    ):
+        return False
+    ks["taps"](np.ascontiguousarray(codes), np.ascontiguousarray(ftable), ridx, rw, cidx, cw, acc, out)
+    return True
+
+
 def warm_up() -> bool:
     """Compile (or load from the disk cache) every kernel signature the conversion uses, e.g. in a
     process about to fork its workers. True when the kernels are available."""
@@ -137,8 +205,13 @@ def warm_up() -> bool:
         return False
     table = np.zeros(1 << 16, dtype=np.uint64)
     out = np.empty((3, 2, 2), dtype=np.uint8)
+    ftable = np.zeros((3, 1 << 16), dtype=np.float32)
+    ridx, cidx = np.zeros((2, 2), dtype=np.intp), np.zeros((2, 2), dtype=np.intp)
+    w = np.zeros((2, 2), dtype=np.float32)
+    acc = np.zeros((3, 2, 4), dtype=np.float32)
     for dtype in (np.uint16, np.uint8):
         codes = np.zeros((4, 4), dtype=dtype)
         packed_block_render(codes, table, 2, 0, 0, 4, out)
         packed_block_render(codes, table, 2, 0, 0, 3, out)
+        taps_render(codes, ftable, (ridx, w, cidx, w), acc, out)
     return True

@@ -216,6 +216,13 @@ def _render_codes(
     n, top, left = _pad_amounts(rows, cols)
     if n % size or n // size > np.sqrt(_MAX_PACKED_BLOCK):
         # A non-integer factor (a padded 638×490, or upscaling): float taps from float tables.
+        if n % size and jit:
+            if out is None:
+                out = np.empty((len(WINDOWS), size, size), dtype=np.uint8)
+            taps = (*_folded_taps(n, size, top, rows), *_folded_taps(n, size, left, cols))
+            acc = _scratch("taps_acc", (len(WINDOWS), size, cols), np.float32)
+            if _kernels.taps_render(codes, _float_table(hu_of_code, table_key), taps, acc, out):
+                return out
         idx = _scratch("idx", (rows, cols), np.intp)
         np.copyto(idx, codes, casting="unsafe")
         windowed = _scratch("windowed", (len(WINDOWS), rows, cols), np.float32)

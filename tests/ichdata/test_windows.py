@@ -225,6 +225,11 @@ def _codes_and_table(rng: np.random.Generator, shape: tuple[int, int], dtype: ty
         ((511, 512), np.uint16, 256),  # an odd pad
         ((256, 256), np.uint16, 256),  # k = 1
         ((512, 512), np.uint16, 128),  # k = 4 to a smaller size
+        ((512, 640), np.uint16, 256),  # non-integer factors: the float taps kernel
+        ((490, 638), np.uint16, 256),
+        ((374, 408), np.uint8, 256),
+        ((257, 256), np.uint16, 256),
+        ((100, 300), np.uint16, 256),  # upscaling
     ],
 )
 def test_kernel_renders_exactly_what_numpy_renders(shape: tuple[int, int], dtype: type, size: int) -> None:
@@ -259,3 +264,19 @@ def test_kernel_equals_numpy_on_any_integer_factor(
     _render_codes(codes, hu_of_code, size, ("kernel-test", np.uint16), out=out, jit=True)
     plain = _render_codes(codes, hu_of_code, size, ("kernel-test", np.uint16), jit=False)
     np.testing.assert_array_equal(out, plain)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    rows=st.integers(1, 90),
+    cols=st.integers(1, 90),
+    size=st.integers(2, 40),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_kernels_equal_numpy_on_any_shape(rows: int, cols: int, size: int, seed: int) -> None:
+    from ichdata.windows import _render_codes
+
+    codes, hu_of_code = _codes_and_table(np.random.default_rng(seed), (rows, cols), np.uint16)
+    compiled = _render_codes(codes, hu_of_code, size, ("kernel-test", np.uint16), jit=True)
+    plain = _render_codes(codes, hu_of_code, size, ("kernel-test", np.uint16), jit=False)
+    np.testing.assert_array_equal(compiled, plain)
