@@ -75,6 +75,7 @@ import logging
 import os
 import shutil
 import sys
+import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -735,6 +736,10 @@ def convert(
     work, even before the cluster starts); progress bars (tqdm, on stderr) when `progress`.
     """
     started = time.perf_counter()
+    if client is None and not (config.scheduler or config.scheduler_file):
+        # The local cluster's workers fork from this process once the render kernels are warm
+        # (`_local_cluster`): start on that now, beside the checks and the label CSV (seconds for RSNA's).
+        threading.Thread(target=_warm_kernels, name="ich-warm-kernels", daemon=True).start()
     check_inputs(config)
     labels = load_labels(config.labels)
     stages: dict[str, float] = {}
@@ -759,6 +764,12 @@ def convert(
     stages["finalize"] = time.perf_counter() - t
     summary.stages_s = stages
     return summary
+
+
+def _warm_kernels() -> None:
+    from ichdata._kernels import warm_up
+
+    warm_up()
 
 
 class _NoBar:
