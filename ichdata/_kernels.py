@@ -157,6 +157,7 @@ def packed_block_render(
         or out.dtype != np.uint8
         or out.ndim != 3
         or out.shape[0] != 3
+        or out.shape[1] != out.shape[2]
         or not out.flags.c_contiguous
     ):
         return False
@@ -197,6 +198,9 @@ def taps_render(
         or out.dtype != np.uint8
         or out.ndim != 3
         or not out.flags.c_contiguous
+        or out.shape[1:] != (ridx.shape[0], cidx.shape[0])
+        or ridx.shape != rw.shape
+        or cidx.shape != cw.shape
         or acc.shape != (3, out.shape[1], codes.shape[1])
     ):
         return False
