@@ -27,10 +27,10 @@ _LOCK = threading.Lock()  # one compilation at a time; `warm_up` callers wait fo
 _WARM = False
 
 
-def _compile() -> dict[str, Any]:
+def _compile(cache: bool = True) -> dict[str, Any]:
     from numba import njit
 
-    jit = njit(cache=True, nogil=True, boundscheck=False)
+    jit = njit(cache=cache, nogil=True, boundscheck=False)
 
     @jit
     def square_k2(codes, table, shift, out):
@@ -130,10 +130,23 @@ def kernels() -> dict[str, Any] | None:
             _FAILED = True
             return None
         try:
-            _KERNELS = _compile()
-        except ImportError:
+            try:
+                _KERNELS = _compile()
+            except ImportError:
+                raise
+            except Exception:
+                # No writable cache directory (a read-only install and home, as in some cluster
+                # images): Numba refuses `cache=True`. Compile in memory instead.
+                _KERNELS = _compile(cache=False)
+        except Exception:  # no Numba, or one that cannot compile here: the NumPy path, same pixels
             _FAILED = True
     return _KERNELS
+
+
+def _disable() -> None:
+    """Stop using the kernels in this process (a kernel failed at run time; NumPy takes over)."""
+    global _KERNELS, _FAILED
+    _KERNELS, _FAILED = None, True
 
 
 def available() -> bool:
@@ -165,10 +178,14 @@ def packed_block_render(
     size = out.shape[1]
     if not codes.flags.c_contiguous:
         codes = np.ascontiguousarray(codes)
-    if k == 2 and (rows, cols) == (2 * size, 2 * size) and divisor & (divisor - 1) == 0:
-        ks["square_k2"](codes, table, divisor.bit_length() - 1, out)
-    else:
-        ks["blocks"](codes, table, k, top, left, divisor, out)
+    try:
+        if k == 2 and (rows, cols) == (2 * size, 2 * size) and divisor & (divisor - 1) == 0:
+            ks["square_k2"](codes, table, divisor.bit_length() - 1, out)
+        else:
+            ks["blocks"](codes, table, k, top, left, divisor, out)
+    except Exception:  # compilation failed at first call (an LLVM/CPU problem): NumPy from now on
+        _disable()
+        return False
     return True
 
 
@@ -204,7 +221,11 @@ def taps_render(
         or acc.shape != (3, out.shape[1], codes.shape[1])
     ):
         return False
-    ks["taps"](np.ascontiguousarray(codes), np.ascontiguousarray(ftable), ridx, rw, cidx, cw, acc, out)
+    try:
+        ks["taps"](np.ascontiguousarray(codes), np.ascontiguousarray(ftable), ridx, rw, cidx, cw, acc, out)
+    except Exception:
+        _disable()
+        return False
     return True
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -280,3 +282,52 @@ def test_kernels_equal_numpy_on_any_shape(rows: int, cols: int, size: int, seed:
     compiled = _render_codes(codes, hu_of_code, size, ("kernel-test", np.uint16), jit=True)
     plain = _render_codes(codes, hu_of_code, size, ("kernel-test", np.uint16), jit=False)
     np.testing.assert_array_equal(compiled, plain)
+
+
+@pytest.fixture
+def fresh_kernels(monkeypatch: pytest.MonkeyPatch) -> object:
+    """`ichdata._kernels` with its process-wide state reset for one test (and restored after)."""
+    from ichdata import _kernels
+
+    monkeypatch.setattr(_kernels, "_KERNELS", None)
+    monkeypatch.setattr(_kernels, "_FAILED", False)
+    return _kernels
+
+
+def test_kernels_compile_in_memory_when_numba_cannot_cache(
+    fresh_kernels: object, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    k: Any = fresh_kernels
+    real = k._compile
+    calls: list[bool] = []
+
+    def compile_(cache: bool = True) -> object:
+        calls.append(cache)
+        if cache:  # what Numba raises where neither the package nor the home folder is writable
+            raise RuntimeError("cannot cache function 'square_k2': no locator available")
+        return real(cache=False)
+
+    monkeypatch.setattr(k, "_compile", compile_)
+    assert k.available()
+    assert calls == [True, False]
+
+
+def test_renders_through_numpy_when_the_kernels_fail(
+    fresh_kernels: object, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ichdata.windows import _render_codes
+
+    k: Any = fresh_kernels
+
+    def broken(*args: object) -> None:
+        raise RuntimeError("LLVM cannot compile for this CPU")
+
+    monkeypatch.setattr(
+        k, "_compile", lambda cache=True: {"square_k2": broken, "blocks": broken, "taps": broken}
+    )
+    codes, hu_of_code = _codes_and_table(np.random.default_rng(5), (512, 512), np.uint16)
+    got = _render_codes(codes, hu_of_code, 256, ("kernel-test", np.uint16))
+    np.testing.assert_array_equal(
+        got, _render_codes(codes, hu_of_code, 256, ("kernel-test", np.uint16), jit=False)
+    )
+    assert not k.available()  # disabled for the rest of the process
