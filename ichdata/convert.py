@@ -77,6 +77,7 @@ import shutil
 import sys
 import threading
 import time
+import uuid
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
@@ -537,11 +538,19 @@ def _run_shards(
     stop = False
 
     index_of: dict[str, int] = {}
+    # A key of this call's own: the scheduler may still hold a failed task of an earlier attempt under
+    # the same shard key (its release is asynchronous), and would hand that error back instead of
+    # running the shard again, which would make a Prefect retry of this stage a no-op.
+    run = uuid.uuid4().hex[:8]
 
     def submit() -> None:
         i = pending.pop()
         fut = client.submit(
-            _convert_shard, *_shard_args(p, i), key=f"ich-shard-{i}-{p.shard_key(i)}", priority=-i, pure=False
+            _convert_shard,
+            *_shard_args(p, i),
+            key=f"ich-shard-{i}-{p.shard_key(i)}-{run}",
+            priority=-i,
+            pure=False,
         )
         index_of[fut.key] = i
         ac.add(fut)

@@ -208,7 +208,11 @@ def test_incremental_ingest_equals_one_shot_and_survives_a_failed_run(
     state = _run(**params)
     assert state.is_failed()
     assert "disk quota exceeded" in state.message
-    assert attempts.count(max(attempts)) == 3  # the failing shard: first try + 2 retries
+    # Shards from 1 on fail. Shard 1 is submitted first in every try, so it is tried exactly 3 times
+    # (first try + 2 retries); whether shard 2 also starts before shard 1's failure ends a try is a
+    # race between the two worker threads.
+    assert attempts.count(1) == 3
+    assert set(attempts) <= {1, 2}
     # … and the store still opens, holding exactly what the first run committed.
     during = open_store(store)
     assert list(during.image_id) == list(before.image_id)
