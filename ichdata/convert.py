@@ -87,6 +87,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from ichdata._kernels import warm_up  # Numba itself is imported on first use, not here
 from ichdata.errors import UserError
 from ichdata.plan import Plan, check_store, load_labels, plan
 from ichdata.scan import Manifest, scan
@@ -248,7 +249,7 @@ def dask_client(
     for lg in loggers:
         lg.setLevel(logging.CRITICAL)
     try:
-        with _local_cluster(n) as cluster, Client(cluster, direct_to_workers=True) as client:
+        with _local_cluster(n) as cluster, Client(cluster) as client:
             yield client
     finally:
         for lg, level in zip(loggers, saved, strict=True):
@@ -273,14 +274,13 @@ def _local_cluster(n: int) -> Iterator[Any]:
         import zarr  # noqa: F401
 
         import ichdata.dicom  # noqa: F401
-        from ichdata._kernels import warm_up
 
-        # Numba's first call in a process costs ≈ 0.45 s (import, typing context, the disk cache): paid
+        # Numba's first call in a process costs ≈ 0.6 s (import, typing context, the disk cache): paid
         # here once, the forked workers inherit the compiled render loop.
         warm_up()
     # Nobody looks at this cluster's diagnostics (it has no dashboard): no statistical profiler sampling
-    # every task's stack every 10 ms in each worker, and slower housekeeping ticks. Together they took
-    # ≈ 2 % of a core per process even while idle (0.3–0.8 % with these settings, measured on 2 cores).
+    # every task's stack every 10 ms in each worker, and slower housekeeping ticks: on 2 cores every
+    # per cent of a core the cluster spends on itself is taken from the conversion.
     settings["distributed.worker.profile.enabled"] = False
     settings["distributed.admin.tick.interval"] = "500ms"
     settings["distributed.admin.system-monitor.interval"] = "2s"
@@ -748,7 +748,7 @@ def convert(
     if client is None and not (config.scheduler or config.scheduler_file):
         # The local cluster's workers fork from this process once the render kernels are warm
         # (`_local_cluster`): start on that now, beside the checks and the label CSV (seconds for RSNA's).
-        threading.Thread(target=_warm_kernels, name="ich-warm-kernels", daemon=True).start()
+        threading.Thread(target=warm_up, name="ich-warm-kernels", daemon=True).start()
     check_inputs(config)
     labels = load_labels(config.labels)
     stages: dict[str, float] = {}
@@ -773,12 +773,6 @@ def convert(
     stages["finalize"] = time.perf_counter() - t
     summary.stages_s = stages
     return summary
-
-
-def _warm_kernels() -> None:
-    from ichdata._kernels import warm_up
-
-    warm_up()
 
 
 class _NoBar:

@@ -394,11 +394,16 @@ _WANTED = frozenset(
 _PIXEL_TAGS = frozenset({_PIXEL_DATA, 0x7FE00008, 0x7FE00009})  # pydicom's stop_before_pixels set
 _VR_KNOWN = frozenset(v.value.encode() for v in _VR if len(v.value) == 2)
 _VR_LONG = frozenset(v.encode() for v in EXPLICIT_VR_LENGTH_32)  # 2 reserved bytes, 4-byte length
-_IMPLICIT_LE = b"1.2.840.10008.1.2"
-_EXPLICIT_LE = ExplicitVRLittleEndian.encode()
 _SPECIFIC_CHARACTER_SET = 0x00080005
 _CHARSETS = frozenset({b"", *(term.encode() for term in python_encoding)})
-_KNOWN_SYNTAXES = {ts.encode(): ts for ts in AllTransferSyntaxes}
+# Transfer syntax UID (bytes) → whether pydicom reads the dataset as Explicit VR (True) or Implicit VR
+# (False) Little Endian; absent: what the walk leaves to pydicom (big endian, deflated, unknown). Looked
+# up, never `UID()` of unknown bytes: pydicom validates those, and warns.
+_DATASET_EXPLICIT = {
+    ts.encode(): not ts.is_implicit_VR
+    for ts in AllTransferSyntaxes
+    if ts.is_little_endian and ts != DeflatedExplicitVRLittleEndian
+}
 _HEADER_READ = 16384  # bytes per read while walking: RSNA headers are ≈ 1.2 kB
 
 
@@ -407,21 +412,6 @@ class _Elements(dict[int, RawDataElement]):
 
     def get_item(self, tag: int, keep_deferred: bool = True) -> RawDataElement | None:
         return self.get(tag)
-
-
-@functools.lru_cache(maxsize=64)
-def _explicit_vr_syntax(uid: bytes) -> bool | None:
-    """True for a transfer syntax whose dataset pydicom reads as Explicit VR Little Endian, False for
-    Implicit VR Little Endian, None for what the walk leaves to pydicom (big endian, deflated,
-    unknown)."""
-    if uid == _IMPLICIT_LE:
-        return False
-    if uid == _EXPLICIT_LE:
-        return True
-    ts = _KNOWN_SYNTAXES.get(uid)  # (never a UID() of unknown bytes: pydicom validates, and warns)
-    if ts is None or ts == DeflatedExplicitVRLittleEndian or not ts.is_little_endian:
-        return None
-    return None if ts.is_implicit_VR else True
 
 
 def _walk_header(f: BinaryIO, size: int, meta_end: int) -> tuple[_Elements, _Elements, int] | None:
@@ -461,7 +451,7 @@ def _walk_header(f: BinaryIO, size: int, meta_end: int) -> tuple[_Elements, _Ele
             ts = meta.get(_TRANSFER_SYNTAX)
             if ts is None or not isinstance(ts.value, bytes):
                 return None
-            syntax = _explicit_vr_syntax(ts.value.rstrip(b"\x00 "))
+            syntax = _DATASET_EXPLICIT.get(ts.value.rstrip(b"\x00 "))
             if syntax is None:
                 return None
             explicit = syntax
