@@ -68,6 +68,12 @@ def _cpu_s() -> float:
     return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
 
 
+def _driver_cpu_s() -> float:
+    """CPU seconds of this process alone: for `ich convert`, the driver (scheduler, client, plan, finalize)."""
+    me = resource.getrusage(resource.RUSAGE_SELF)
+    return me.ru_utime + me.ru_stime
+
+
 def _png(archive: Path, workers: int, dtype: str) -> dict:
     png_dir = WORK / "png"
     shutil.rmtree(png_dir, ignore_errors=True)
@@ -83,6 +89,7 @@ def _ich(archive: Path, store: Path, workers: int) -> dict:
 
     shutil.rmtree(store, ignore_errors=True)
     c0 = _cpu_s()
+    d0 = _driver_cpu_s()
     t0 = time.perf_counter()
     s = convert(
         ConvertConfig(archive, store, labels=archive / "stage_2_train.csv", workers=workers, overwrite=True),
@@ -93,6 +100,7 @@ def _ich(archive: Path, store: Path, workers: int) -> dict:
         "n": s.n_slices,
         "seconds": wall,
         "cpu_s": _cpu_s() - c0,
+        "driver_cpu_s": _driver_cpu_s() - d0,
         "slices_per_s": s.n_slices / wall,
         "stages_s": s.stages_s,
         "bytes": _du(store),
@@ -274,7 +282,8 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"{name}: {r['n']:,} slices in {r['seconds']:.1f} s (rounds {r['all_seconds']}) = "
             f"{r['slices_per_s']:.0f} slices/s, {r['cpu_s'] / r['n'] * 1e3:.2f} CPU ms/slice"
-            + (f" ({stages})" if stages else ""),
+            + (f" ({stages})" if stages else "")
+            + (f"; driver {r['driver_cpu_s']:.2f} CPU s" if "driver_cpu_s" in r else ""),
             flush=True,
         )
 

@@ -88,7 +88,10 @@ def main(argv: list[str] | None = None) -> int:
 
     plain = per_item_ms(lambda s: plain_float(s, slope, intercept), slices, args.repeat)
     fast = per_item_ms(lambda s: window_stored(s, slope, intercept), slices, args.repeat)
-    print(f"slices: {args.slices} × 512×512 int16, max |fast - plain| = {worst}")
+    from ichdata import _kernels
+
+    path = "compiled (Numba)" if _kernels.available() else "NumPy (ICH_NO_JIT=1 or no Numba)"
+    print(f"slices: {args.slices} × 512×512 int16, max |fast - plain| = {worst}; render loop: {path}")
     print(f"plain float  {plain:7.2f} ms/slice")
     print(f"fast path    {fast:7.2f} ms/slice")
     print(f"ratio        {plain / fast:7.1f}×")

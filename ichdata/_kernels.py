@@ -2,8 +2,9 @@
 
 `ichdata.windows` renders a slice by looking up each stored value's three windowed levels, packed as
 fixed-point fields in one uint64, and summing k×k blocks (see its docstring). In NumPy that is one
-gather and several strided passes over multi-megabyte temporaries: ≈ 0.45 ms for a 512×512 slice, a
-third of the conversion's work per slice. Fused in one compiled loop it takes ≈ 0.06 ms. The kernels
+gather and several strided passes over multi-megabyte temporaries: `window_stored` took ≈ 0.5 ms for a
+512×512 slice, a third of the conversion's work per slice; fused in one compiled loop ≈ 0.1 ms
+(`bench/windows.py`, with and without `ICH_NO_JIT=1`). The kernels
 compute exactly what the NumPy path computes (same table, same integer sums, same rounding), so the
 store's pixels do not depend on which one ran; `tests/ichdata/test_windows.py` holds them equal.
 
@@ -231,7 +232,7 @@ def taps_render(
 
 def warm_up() -> bool:
     """Compile (or load from the disk cache) every kernel signature the conversion uses, e.g. in a
-    process about to fork its workers (≈ 0.45 s the first time in a process, ≈ 1.2 s when nothing is
+    process about to fork its workers (≈ 0.6 s the first time in a process, ≈ 1.8 s when nothing is
     cached yet; instant afterwards). Returns when the kernels are ready, also when another thread is
     warming them up. True when the kernels are available."""
     global _WARM

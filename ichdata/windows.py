@@ -15,7 +15,7 @@ Two entry points compute it:
   of fixed-point numbers packed into one uint64 (21 bits per channel), one gather maps the whole
   slice, and integer block sums average all three channels at once. The result stays within ±1 of
   the float reference on every pixel (tested). Lookup and block sums run as one compiled loop
-  (`ichdata._kernels`, Numba; 8× faster than the NumPy passes, identical integers) where Numba is
+  (`ichdata._kernels`, Numba; ≈ 5× faster than the NumPy passes, identical integers) where Numba is
   available.
 """
 
