@@ -8,7 +8,7 @@ took and which one failed, and a stage that hits a transient I/O error is retrie
 | --- | --- | --- |
 | `scan` | `ichdata.convert.scan_source` (input checks, then a header-only scan on Dask that re-reads only new or changed files) | I/O errors, 2× |
 | `plan` | `ichdata.convert.plan_conversion` (labels, order, shards, set-asides; incremental) | I/O errors, 2× |
-| `convert` | `ichdata.convert.convert_shards` (one Dask task per shard, done-markers) | I/O errors, 2× |
+| `convert` | `ichdata.convert.convert_shards` (Dask tasks of a few shards, done-markers) | I/O errors, 2× |
 | `finalize` | `ichdata.convert.finalize` (commit: manifest, small arrays, attributes) | I/O errors, 2× |
 | `verify` | `ichdata.verify.verify_store` (re-reads every shard, accounts for every file) | I/O errors, 2× |
 | `report` | Prefect artifacts: a Markdown summary and the quarantine table | any error, 2× |

@@ -32,9 +32,10 @@ The stages are public functions that `convert` chains and that the Prefect `inge
    order, shards and their keys, set-aside files, labels (the CSV's path kept for the provenance);
    incremental on a store made by an earlier run of the same plan, a `UserError` on a store of
    another plan.
-3. `convert_shards`: one Dask task per shard renders its slices (`ichdata.dicom.read_rendered_layout`
-   from the pixel layout the scan kept in the manifest: no second header parse),
-   writes the whole shard in one assignment (`images[a:b] = block`; zarr writes a whole shard
+3. `convert_shards`: Dask tasks of a few consecutive shards each (up to `MAX_SHARDS_PER_TASK`, fewer
+   towards the end: `_group_size`), which for each shard render its slices
+   (`ichdata.dicom.read_rendered_layout` from the pixel layout the scan kept in the manifest: no second
+   header parse), write the whole shard in one assignment (`images[a:b] = block`; zarr writes a whole shard
    atomically) and then its done-marker (`conversion/shard_done[i] = "<key>:<CRC-32 of the pixels>"`,
    a chunk of its own). Shards whose marker holds their key are skipped: a killed run resumes, an
    append redoes only the last partial shard and the new ones.
@@ -55,7 +56,7 @@ one assignment, and only the driver writes the small arrays.
 A file that fails only when its pixels are decoded (undecodable compressed data: RSNA's
 `ID_6431af929.dcm`) makes its shard task return the failure instead of writing. The driver then waits
 for the few tasks in flight (at most two per worker thread are submitted at a time, so a failure wastes
-at most that many shards), moves the file to the quarantine, re-plans (later rows move up) and carries
+at most that many tasks of a few shards), moves the file to the quarantine, re-plans (later rows move up) and carries
 on: shards before the failure keep their keys and are not redone, and `images` has no hole. Failures
 are recorded in the store's attributes so that a resumed run plans without them from the start.
 
@@ -285,6 +286,11 @@ def _local_cluster(n: int) -> Iterator[Any]:
     settings["distributed.admin.tick.interval"] = "500ms"
     settings["distributed.admin.system-monitor.interval"] = "2s"
     settings["distributed.worker.memory.monitor-interval"] = "500ms"
+    # Nothing for work stealing or the active memory manager to do: the driver keeps at most two tasks
+    # per worker thread in flight, and no task's result stays on a worker. Off, the scheduler's CPU (on
+    # a core the workers need) drops by ≈ 7 % (`bench/convert.py` prints the driver's CPU).
+    settings["distributed.scheduler.work-stealing"] = False
+    settings["distributed.scheduler.active-memory-manager.start"] = False
     with dask.config.set(settings):
         with warnings.catch_warnings():
             # Python >= 3.12 warns about fork() in a process with threads (the cluster's event loop).
@@ -335,13 +341,10 @@ def _convert_shard(
     is the scan's pixel layout of that file (`ichdata.dicom.read_header_layout`; "" when unknown): the
     pixels are read without parsing the header a second time.
     """
-    import zarr
-
     from ichdata.dicom import SliceError, read_rendered_layout
 
     t0 = time.perf_counter()
-    group: Any = zarr.open_group(store, mode="r+")
-    images = group["images"]
+    images, markers = _open_for_shards(store)
     n = len(sources)
     block = np.empty((n, N_CHANNELS, image_size, image_size), dtype=np.uint8)
     n_old = sum(1 for s in sources if s is None)
@@ -365,8 +368,76 @@ def _convert_shard(
         return ShardDone(index, key, n, failures=tuple(failures), elapsed_s=time.perf_counter() - t0)
     write_images(images, start, block)
     checksum = shard_checksum(block)
-    group["conversion/shard_done"][index] = f"{key}:{checksum}"
+    markers[index] = f"{key}:{checksum}"
     return ShardDone(index, key, n, checksum=checksum, elapsed_s=time.perf_counter() - t0)
+
+
+#: The store a shard group task has opened, for the shards of that task (`_open_for_shards`).
+_OPEN = threading.local()
+
+
+def _open_for_shards(store: str) -> tuple[Any, Any]:
+    """The store's `images` and done-markers, opened read-write: once per shard group task
+    (`_convert_shard_group`, which keeps them for its shards: opening costs ≈ 2 ms, 3 % of a shard),
+    else now."""
+    cached = getattr(_OPEN, "arrays", None)
+    if cached is not None and cached[0] == store:
+        return cached[1]
+    import zarr
+
+    group: Any = zarr.open_group(store, mode="r+")
+    arrays = (group["images"], group["conversion/shard_done"])
+    if getattr(_OPEN, "active", False):
+        _OPEN.arrays = (store, arrays)
+    return arrays
+
+
+class ShardTaskError(Exception):
+    """What a shard group task raises when one of its shards raised (not a bad file: an I/O error, a
+    bug): the shard's index and the original exception, for the driver's message."""
+
+    def __init__(self, index: int, error: BaseException) -> None:
+        super().__init__(index, error)
+        self.index, self.error = index, error
+
+    def __str__(self) -> str:
+        return f"shard {self.index}: {type(self.error).__name__}: {self.error}"
+
+
+def _convert_shard_group(
+    convert_one: Callable[..., ShardDone], jobs: list[tuple[Any, ...]]
+) -> list[ShardDone]:
+    """The Dask task of a few consecutive shards: `convert_one(*args)` (`_convert_shard`) for each of
+    `jobs` in order, the store opened once. Stops after a shard with failures (the driver re-plans
+    before any later shard is written); a shard that raises ends the task with a `ShardTaskError`
+    naming it (the shards before it are written, and their markers say so)."""
+    _OPEN.active, _OPEN.arrays = True, None
+    out: list[ShardDone] = []
+    try:
+        for args in jobs:
+            try:
+                done = convert_one(*args)
+            except Exception as exc:
+                raise ShardTaskError(args[1], exc) from exc
+            out.append(done)
+            if done.failures:
+                break
+    finally:
+        _OPEN.active, _OPEN.arrays = False, None
+    return out
+
+
+#: Shards per task at most: 8 shards of 64 slices are ≈ 0.5 s of one worker.
+MAX_SHARDS_PER_TASK = 8
+
+
+def _group_size(remaining: int, n_threads: int) -> int:
+    """Shards in the next task, given `remaining` shards still to submit: a quarter of each worker
+    thread's share (at most `MAX_SHARDS_PER_TASK`), so tasks shrink to one shard towards the end
+    (guided self-scheduling). Fewer, larger tasks cut distributed's cost per task (≈ 5 ms of the
+    driver's CPU, and the worker's) where it matters; small last tasks keep every worker busy to the
+    end."""
+    return max(1, min(MAX_SHARDS_PER_TASK, remaining // (4 * max(1, n_threads))))
 
 
 # ----------------------------------------------------------------------------------------- stages
@@ -443,7 +514,7 @@ def convert_shards(
     *,
     max_in_flight: int | None = None,
 ) -> ConvertResult:
-    """Write every shard of `p` whose done-marker does not hold its key, one Dask task per shard.
+    """Write every shard of `p` whose done-marker does not hold its key, in Dask tasks of a few shards.
 
     Without a client the shards are converted in this process, one after another. `on_shard_done` is
     called in the driver for each shard written (not for skipped ones). A task that fails for a reason
@@ -451,11 +522,13 @@ def convert_shards(
     `overwrite` replaces whatever is at the store first.
     """
     t0 = time.perf_counter()
+    fresh = p.overwrite or not (p.store / "zarr.json").is_file()
     group = prepare_store(p, overwrite=p.overwrite)
     store = str(p.store)
     failures_all: list[tuple[str, str, str]] = []
     n_written = 0
-    done_keys = read_markers(group)
+    # A store made just now has no markers to read (reading them is ≈ 0.2 ms a shard).
+    done_keys = [""] * p.n_shards if fresh else read_markers(group)
     n_skipped = sum(1 for i in range(p.n_shards) if _marker_key(done_keys, i) == p.shard_key(i))
     while True:
         todo = [i for i in range(p.n_shards) if _marker_key(done_keys, i) != p.shard_key(i)]
@@ -530,29 +603,32 @@ def _run_shards(
         return
     from distributed import as_completed
 
-    limit = max_in_flight or max(2, 2 * sum(client.nthreads().values()))
+    n_threads = sum(client.nthreads().values())
+    limit = max_in_flight or max(2, 2 * n_threads)
     pending = list(reversed(todo))
     # with_results: the results are fetched on the client's event loop as tasks finish, instead of one
-    # blocking `Future.result()` round trip per shard from this thread.
+    # blocking `Future.result()` round trip per task from this thread.
     ac = as_completed(with_results=True, raise_errors=False)
     stop = False
 
-    index_of: dict[str, int] = {}
+    shards_of: dict[str, list[int]] = {}
     # A key of this call's own: the scheduler may still hold a failed task of an earlier attempt under
     # the same shard key (its release is asynchronous), and would hand that error back instead of
     # running the shard again, which would make a Prefect retry of this stage a no-op.
     run = uuid.uuid4().hex[:8]
 
     def submit() -> None:
-        i = pending.pop()
+        group = [pending.pop() for _ in range(min(len(pending), _group_size(len(pending), n_threads)))]
+        # `_convert_shard` is looked up now, not in the worker: a stand-in a test installs reaches it.
         fut = client.submit(
+            _convert_shard_group,
             _convert_shard,
-            *_shard_args(p, i),
-            key=f"ich-shard-{i}-{p.shard_key(i)}-{run}",
-            priority=-i,
+            [_shard_args(p, i) for i in group],
+            key=f"ich-shard-{group[0]}-{p.shard_key(group[0])}-{len(group)}-{run}",
+            priority=-group[0],
             pure=False,
         )
-        index_of[fut.key] = i
+        shards_of[fut.key] = group
         ac.add(fut)
 
     while pending and ac.count() < limit:
@@ -561,16 +637,19 @@ def _run_shards(
         try:
             if fut.status != "finished":
                 fut.result()  # raises the task's exception (or CancelledError)
-            done = result
+            dones = result
         except Exception as exc:
             for other in list(ac.futures):
                 other.cancel()
-            raise _shard_failed(p, index_of[fut.key], exc) from exc
+            if isinstance(exc, ShardTaskError):
+                raise _shard_failed(p, exc.index, exc.error) from exc.error
+            raise _shard_failed(p, shards_of[fut.key][0], exc) from exc
         finally:
             fut.release()
-        if done.failures and stop_on_failure:
-            stop = True
-        yield done
+        for done in dones:
+            if done.failures and stop_on_failure:
+                stop = True
+            yield done
         if pending and not stop:
             submit()
 

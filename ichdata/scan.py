@@ -137,9 +137,10 @@ def walk(source: str | os.PathLike[str], exclude: Iterable[str | os.PathLike[str
 _RECORD = (*COLUMNS, "patient_id")
 
 
-def scan_files(root: str, paths: Sequence[str]) -> list[tuple[Any, ...]]:
+def scan_files(root: str, paths: Sequence[str]) -> pd.DataFrame:
     """Stat and read the header of each of `paths` (relative to `root`): the manifest rows of one batch,
-    as tuples in `(*COLUMNS, "patient_id")` order (cheap to send back; the driver builds one table).
+    as a table (`table_from_records`), built here on the worker: the driver only concatenates the
+    batches (building the table of 4,000 rows took ≈ 20 ms of the driver, while the workers waited).
 
     This is the Dask task of the scan; it never raises for a bad file.
     """
@@ -177,7 +178,7 @@ def scan_files(root: str, paths: Sequence[str]) -> list[tuple[Any, ...]]:
                     m.patient_id,
                 )
             )
-    return rows
+    return table_from_records(rows)
 
 
 def table_from_records(records: Sequence[dict[str, Any] | tuple[Any, ...]]) -> pd.DataFrame:
@@ -255,32 +256,37 @@ def scan(
         paths = [p for p in paths if p not in keep_set]
         if on_progress is not None and keep:
             on_progress(len(keep))
-    parts: list[tuple[Any, ...]] = []
+    parts: list[pd.DataFrame] = []
     if paths:
         n_workers = len(client.nthreads()) if client is not None else 1
         batches = _batches(paths, n_workers, batch_size)
         if client is None:
             for b in batches:
-                parts.extend(scan_files(str(root), b))
+                parts.append(scan_files(str(root), b))
                 if on_progress is not None:
                     on_progress(len(b))
         else:
             from distributed import as_completed
 
             futures = client.map(scan_files, [str(root)] * len(batches), batches, pure=False)
-            size_of = {f.key: len(b) for f, b in zip(futures, batches, strict=True)}
+            batch_of = {f.key: i for i, f in enumerate(futures)}
+            parts = [empty_table()] * len(batches)
             # with_results: each batch's rows are fetched on the client's event loop as it finishes,
             # not by one blocking round trip per batch from this thread.
-            for fut, rows in as_completed(futures, with_results=True):
-                parts.extend(rows)
+            for fut, part in as_completed(futures, with_results=True):
+                i = batch_of[fut.key]
+                parts[i] = part
                 if on_progress is not None:
-                    on_progress(size_of[fut.key])
+                    on_progress(len(batches[i]))
                 fut.release()
-    tables = [t for t in (reused, table_from_records(parts)) if len(t)]
+    # In batch order the scanned rows are already sorted by path (`walk` sorts); the sort below only
+    # has work to do where rows of the previous manifest were reused.
+    tables = [t for t in (reused, *parts) if len(t)]
     table = pd.concat(tables, ignore_index=True) if tables else empty_table()
     if "patient_id" not in table.columns:
         table["patient_id"] = None
-    table = table.sort_values("path", kind="stable").reset_index(drop=True)
+    if not table["path"].is_monotonic_increasing:
+        table = table.sort_values("path", kind="stable").reset_index(drop=True)
     return Manifest(root, table)
 
 

@@ -217,13 +217,35 @@ def test_incremental_append_equals_one_shot(tmp_path, convert_inputs) -> None:
     assert np.array_equal(lab_a, lab_b[keep])
 
 
-def test_pixel_time_failure_is_quarantined_without_a_hole(archive, tmp_path) -> None:
+@pytest.fixture(scope="module")
+def threads_client():
+    """A cluster in this process (one worker of two threads): shard groups of several shards, quickly."""
+    from distributed import Client, LocalCluster
+
+    with (
+        LocalCluster(
+            n_workers=1,
+            threads_per_worker=2,
+            processes=False,
+            protocol="tcp",
+            host="127.0.0.1",
+            dashboard_address=None,
+            scheduler_kwargs={"dashboard": False, "dashboard_address": "127.0.0.1:0"},  # not 8787
+        ) as cluster,
+        Client(cluster) as client,
+    ):
+        yield client
+
+
+@pytest.mark.parametrize("on_cluster", [False, True], ids=["in-process", "cluster"])
+def test_pixel_time_failure_is_quarantined_without_a_hole(archive, tmp_path, request, on_cluster) -> None:
     root, written, broken = archive
-    m = scan(root)
+    client = request.getfixturevalue("threads_client") if on_cluster else None
+    m = scan(root, client)
     # The scan cannot see it: the header is fine.
     assert m.table.set_index("path").at[broken["undecodable"], "reason"] == ""
     p = plan(m, tmp_path / "s.zarr", shard_size=2)
-    result = convert_shards(p, None)
+    result = convert_shards(p, client)
     assert result.pixel_failures["path"].tolist() == [broken["undecodable"]]
     summary = finalize(result)
     s = open_store(tmp_path / "s.zarr")
@@ -354,6 +376,53 @@ def test_a_failing_shard_task_names_its_shard_rows_and_files(archive, tmp_path, 
         f"OSError: [Errno 28] No space left on device: '{p.store}'"
     )
     assert isinstance(caught.value.__cause__, OSError)
+
+
+def _shard_3_fails(store, index, *args):
+    """A stand-in for `ichdata.convert._convert_shard` (module level: Dask ships it by reference)."""
+    import ichdata.convert
+
+    if index == 3:
+        raise OSError(5, "Input/output error", store)
+    return ichdata.convert._real_convert_shard(store, index, *args)
+
+
+def test_a_failing_shard_inside_a_task_of_several_is_named(
+    many, tmp_path, threads_client, monkeypatch
+) -> None:
+    """Tasks convert a few shards each (`_group_size`); the error names the shard that raised, not the
+    task's first, and the shards before it in the same task are written."""
+    import ichdata.convert
+
+    p = plan(scan(many), tmp_path / "s.zarr", shard_size=2)
+    assert ichdata.convert._group_size(p.n_shards, 2) >= 4  # shard 3 shares shard 0's task
+    monkeypatch.setattr(ichdata.convert, "_real_convert_shard", ichdata.convert._convert_shard, raising=False)
+    monkeypatch.setattr(ichdata.convert, "_convert_shard", _shard_3_fails)
+    with pytest.raises(
+        RuntimeError, match=r"shard 3 \(rows 6–7, 2 slices: .*\) failed: OSError: \[Errno 5\]"
+    ) as caught:
+        convert_shards(p, threads_client)
+    assert isinstance(caught.value.__cause__, OSError)
+    markers = zarr.open_array(str(p.store / "conversion" / "shard_done"), mode="r")[:4]
+    assert [m.split(":")[0] for m in markers[:3]] == [p.shard_key(i) for i in range(3)]
+    assert markers[3] == ""
+
+
+def test_tasks_shrink_to_single_shards_towards_the_end() -> None:
+    from ichdata.convert import MAX_SHARDS_PER_TASK, _group_size
+
+    for n_shards, threads in ((1, 1), (7, 2), (64, 2), (190, 2), (11_763, 16), (5, 64)):
+        sizes, left = [], n_shards
+        while left:
+            sizes.append(min(left, _group_size(left, threads)))
+            left -= sizes[-1]
+        assert sum(sizes) == n_shards
+        assert max(sizes) <= MAX_SHARDS_PER_TASK
+        assert sizes == sorted(sizes, reverse=True)  # large tasks first, …
+        assert sizes[-min(len(sizes), 2 * threads) :] == [1] * min(
+            len(sizes), 2 * threads
+        )  # … one shard last
+    assert _group_size(64, 2) > 1  # fewer tasks than shards where there are many
 
 
 def test_a_local_cluster_starts_when_port_8787_is_taken() -> None:
