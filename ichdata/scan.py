@@ -208,9 +208,11 @@ def table_from_records(records: Sequence[dict[str, Any] | tuple[Any, ...]]) -> p
 
 def _batches(paths: Sequence[str], n_workers: int, batch_size: int | None) -> list[Sequence[str]]:
     if batch_size is None:
-        # Enough tasks to balance the workers (4 per worker), few enough that the driver's cost per task
-        # (≈ 5 ms of distributed's messaging, on a core the workers need) stays small.
-        batch_size = min(2000, max(64, -(-len(paths) // max(1, 4 * n_workers))))
+        # Enough tasks to balance the workers (2 per worker), few enough that the cost per task (≈ 4 ms
+        # of distributed's messaging in the driver, on a core the workers need, and ≈ 4 ms in the
+        # worker between two tasks) stays small: 4 per worker made the 2-worker scan of 4,000 files
+        # 0.29 s instead of 0.26 s.
+        batch_size = min(2000, max(64, -(-len(paths) // max(1, 2 * n_workers))))
     return [paths[i : i + batch_size] for i in range(0, len(paths), batch_size)]
 
 
@@ -270,15 +272,16 @@ def scan(
 
             futures = client.map(scan_files, [str(root)] * len(batches), batches, pure=False)
             batch_of = {f.key: i for i, f in enumerate(futures)}
-            parts = [empty_table()] * len(batches)
+            done: list[pd.DataFrame | None] = [None] * len(batches)
             # with_results: each batch's rows are fetched on the client's event loop as it finishes,
             # not by one blocking round trip per batch from this thread.
             for fut, part in as_completed(futures, with_results=True):
                 i = batch_of[fut.key]
-                parts[i] = part
+                done[i] = part
                 if on_progress is not None:
                     on_progress(len(batches[i]))
                 fut.release()
+            parts = [t for t in done if t is not None]
     # In batch order the scanned rows are already sorted by path (`walk` sorts); the sort below only
     # has work to do where rows of the previous manifest were reused.
     tables = [t for t in (reused, *parts) if len(t)]

@@ -419,9 +419,8 @@ def test_tasks_shrink_to_single_shards_towards_the_end() -> None:
         assert sum(sizes) == n_shards
         assert max(sizes) <= MAX_SHARDS_PER_TASK
         assert sizes == sorted(sizes, reverse=True)  # large tasks first, …
-        assert sizes[-min(len(sizes), 2 * threads) :] == [1] * min(
-            len(sizes), 2 * threads
-        )  # … one shard last
+        last = min(len(sizes), threads)
+        assert sizes[-last:] == [1] * last  # … one shard each for the last tasks
     assert _group_size(64, 2) > 1  # fewer tasks than shards where there are many
 
 
