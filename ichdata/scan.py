@@ -206,14 +206,27 @@ def table_from_records(records: Sequence[dict[str, Any] | tuple[Any, ...]]) -> p
     return df
 
 
+#: Files per scan task at most (≈ 0.2 s of one worker).
+MAX_BATCH = 2000
+
+
 def _batches(paths: Sequence[str], n_workers: int, batch_size: int | None) -> list[Sequence[str]]:
+    """`paths` in consecutive batches, one scan task each: `batch_size` files, or by default a number of
+    batches that is a multiple of `n_workers` (so that equally fast workers finish together), at least
+    2 per worker and at most `MAX_BATCH` files (never fewer than 64) each.
+
+    Two per worker: the cost per task (≈ 4 ms of distributed's messaging in the driver, on a core the
+    workers need, and ≈ 4 ms in the worker between two tasks) stays small; 4 per worker made the
+    2-worker scan of 4,000 files 0.29 s instead of 0.26 s. A multiple of the workers: 12,072 files in 7
+    batches of 2,000 left one of 2 workers a whole batch (0.2 s) behind the other.
+    """
+    n = len(paths)
     if batch_size is None:
-        # Enough tasks to balance the workers (2 per worker), few enough that the cost per task (≈ 4 ms
-        # of distributed's messaging in the driver, on a core the workers need, and ≈ 4 ms in the
-        # worker between two tasks) stays small: 4 per worker made the 2-worker scan of 4,000 files
-        # 0.29 s instead of 0.26 s.
-        batch_size = min(2000, max(64, -(-len(paths) // max(1, 2 * n_workers))))
-    return [paths[i : i + batch_size] for i in range(0, len(paths), batch_size)]
+        w = max(1, n_workers)
+        n_batches = max(2 * w, -(-n // MAX_BATCH))
+        n_batches = -(-n_batches // w) * w
+        batch_size = max(64, -(-n // n_batches))
+    return [paths[i : i + batch_size] for i in range(0, n, batch_size)]
 
 
 def scan(
