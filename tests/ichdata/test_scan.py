@@ -103,3 +103,18 @@ def test_rescan_reads_only_new_or_changed_files(tree, tmp_path, monkeypatch) -> 
 def test_missing_source_is_a_user_error(tmp_path) -> None:
     with pytest.raises(UserError, match="no such folder"):
         scan(tmp_path / "nope")
+
+
+def test_scan_batches_cover_every_file_in_order_and_share_evenly_between_workers() -> None:
+    from ichdata.scan import MAX_BATCH, _batches
+
+    for n, workers in ((4_053, 2), (4_053, 1), (12_072, 2), (752_803, 16), (100, 2), (0, 3)):
+        paths = [f"f{i:07d}" for i in range(n)]
+        batches = _batches(paths, workers, None)
+        assert [p for b in batches for p in b] == paths
+        assert all(len(b) <= max(MAX_BATCH, 64) for b in batches)
+        if n >= 64 * 2 * workers:  # enough files for every worker to get batches of its own
+            assert len(batches) % workers == 0
+            assert len(batches) >= 2 * workers
+            assert max(map(len, batches)) - min(map(len, batches)) <= len(batches)
+    assert [len(b) for b in _batches([str(i) for i in range(10)], 2, 4)] == [4, 4, 2]
