@@ -35,8 +35,8 @@ The stages are public functions that `convert` chains and that the Prefect `inge
 3. `convert_shards`: Dask tasks of a few consecutive shards each (up to `MAX_SHARDS_PER_TASK`, fewer
    towards the end: `_group_size`), which for each shard render its slices
    (`ichdata.dicom.read_rendered_layout` from the pixel layout the scan kept in the manifest: no second
-   header parse), write the whole shard in one assignment (`images[a:b] = block`; zarr writes a whole shard
-   atomically) and then its done-marker (`conversion/shard_done[i] = "<key>:<CRC-32 of the pixels>"`,
+   header parse), write the whole shard in one assignment (`images[a:b] = block`; zarr writes a whole
+   shard atomically) and then its done-marker (`conversion/shard_done[i] = "<key>:<CRC-32 of the pixels>"`,
    a chunk of its own). Shards whose marker holds their key are skipped: a killed run resumes, an
    append redoes only the last partial shard and the new ones.
 4. `finalize`: the driver writes the manifest beside the store (the commit record), then labels, ids,
@@ -54,11 +54,12 @@ reads-modifies-writes it, and two writers on one shard lost slices (zarr-python 
 one assignment, and only the driver writes the small arrays.
 
 A file that fails only when its pixels are decoded (undecodable compressed data: RSNA's
-`ID_6431af929.dcm`) makes its shard task return the failure instead of writing. The driver then waits
-for the few tasks in flight (at most two per worker thread are submitted at a time, so a failure wastes
-at most that many tasks of a few shards), moves the file to the quarantine, re-plans (later rows move up) and carries
-on: shards before the failure keep their keys and are not redone, and `images` has no hole. Failures
-are recorded in the store's attributes so that a resumed run plans without them from the start.
+`ID_6431af929.dcm`) makes its shard task return the failure instead of writing that shard or the ones
+after it in the task. The driver then waits for the few tasks in flight (at most two per worker thread
+are submitted at a time, so a failure wastes at most that many tasks of up to `MAX_SHARDS_PER_TASK`
+shards), moves the file to the quarantine, re-plans (later rows move up) and carries on: shards before
+the failure keep their keys and are not redone, and `images` has no hole. Failures are recorded in the
+store's attributes so that a resumed run plans without them from the start.
 
 A worker that dies mid-task is replaced by distributed, which reruns its task elsewhere: the shard
 write is atomic (a temporary file renamed over the old one), so the rerun simply writes it again.
