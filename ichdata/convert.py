@@ -577,16 +577,26 @@ def _shard_args(p: Plan, i: int) -> tuple[Any, ...]:
     return (str(p.store), i, a, p.shard_key(i), sources, str(p.source), p.image_size, p.shard_layouts(i))
 
 
-def _shard_failed(p: Plan, i: int, exc: BaseException) -> RuntimeError:
-    """The error that ends a conversion when shard `i`'s task raised (not a bad file: those are set
-    aside): the shard, its rows and files, and the task's exception (kept as `__cause__`)."""
-    a, b = p.shard_rows(i)
-    paths = p.rows["path"].iloc[a:b]
-    files = str(paths.iloc[0]) if b - a == 1 else f"{paths.iloc[0]} … {paths.iloc[-1]}"
-    return RuntimeError(
-        f"{p.store}: shard {i} (rows {a}–{b - 1}, {b - a} slices: {files}) failed: "
-        f"{type(exc).__name__}: {exc}"
-    )
+def _shard_failed(p: Plan, shards: int | list[int], exc: BaseException) -> RuntimeError:
+    """The error that ends a conversion when a shard task raised (not a bad file: those are set aside):
+    the shard, its rows and files, and the task's exception (kept as `__cause__`). `shards` is the
+    shard that raised, or the shards of a task that failed as a whole (its worker died, say): all are
+    named, since any of them may be the cause."""
+    group = [shards] if isinstance(shards, int) else shards
+    a, b = p.shard_rows(group[0])
+    last_b = p.shard_rows(group[-1])[1]
+    paths = p.rows["path"]
+    first, last = paths.iloc[a], paths.iloc[last_b - 1]
+    files = str(first) if last_b - a == 1 else f"{first} … {last}"
+    if len(group) == 1:
+        what = f"shard {group[0]} (rows {a}–{b - 1}, {b - a} slices: {files})"
+    else:
+        n = sum(p.shard_rows(i)[1] - p.shard_rows(i)[0] for i in group)
+        what = (
+            f"a task of {len(group)} shards, {group[0]}–{group[-1]} (rows {a}–{last_b - 1}, {n} slices: "
+            f"{files})"
+        )
+    return RuntimeError(f"{p.store}: {what} failed: {type(exc).__name__}: {exc}")
 
 
 def _run_shards(
@@ -646,7 +656,7 @@ def _run_shards(
                 other.cancel()
             if isinstance(exc, ShardTaskError):
                 raise _shard_failed(p, exc.index, exc.error) from exc.error
-            raise _shard_failed(p, shards_of[fut.key][0], exc) from exc
+            raise _shard_failed(p, shards_of[fut.key], exc) from exc
         finally:
             fut.release()
         for done in dones:

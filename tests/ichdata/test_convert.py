@@ -408,6 +408,21 @@ def test_a_failing_shard_inside_a_task_of_several_is_named(
     assert markers[3] == ""
 
 
+def test_a_task_that_fails_as_a_whole_names_all_its_shards(many, tmp_path) -> None:
+    """A worker that dies (KilledWorker, after distributed's retries) fails the task, not one shard:
+    any of its shards may be the cause, so the message names them all."""
+    from ichdata.convert import _shard_failed
+
+    p = plan(scan(many), tmp_path / "s.zarr", shard_size=2)
+    err = _shard_failed(p, [4, 5, 6], RuntimeError("worker died"))
+    first, last = p.rows["path"].iloc[8], p.rows["path"].iloc[13]
+    assert str(err) == (
+        f"{p.store}: a task of 3 shards, 4–6 (rows 8–13, 6 slices: {first} … {last}) failed: "
+        "RuntimeError: worker died"
+    )
+    assert str(_shard_failed(p, [4], OSError("x"))) == str(_shard_failed(p, 4, OSError("x")))
+
+
 def test_tasks_shrink_to_single_shards_towards_the_end() -> None:
     from ichdata.convert import MAX_SHARDS_PER_TASK, _group_size
 
