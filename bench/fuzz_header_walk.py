@@ -25,7 +25,7 @@ import pydicom
 from pydicom.uid import ImplicitVRLittleEndian, RLELossless
 
 from ichdata import dicom
-from ichdata.synthetic import stored_from_hu, write_ct_slice
+from ichdata.synthetic import add_reference_sequence, stored_from_hu, write_ct_slice
 
 
 def _slice(path: Path, transfer_syntax: str | None = None, sequence: bool = False) -> bytes:
@@ -42,14 +42,7 @@ def _slice(path: Path, transfer_syntax: str | None = None, sequence: bool = Fals
         **kwargs,
     )
     if sequence:  # a two-level sequence of defined length before the pixel data
-        ds = pydicom.dcmread(path)
-        inner = pydicom.Dataset()
-        inner.CodeValue, inner.CodingSchemeDesignator = "113100", "DCM"
-        item = pydicom.Dataset()
-        item.ReferencedSOPInstanceUID = "1.2.3.4"
-        item.PurposeOfReferenceCodeSequence = pydicom.Sequence([inner])
-        ds.ReferencedImageSequence = pydicom.Sequence([item, pydicom.Dataset()])
-        ds.save_as(path, enforce_file_format=True)
+        add_reference_sequence(path)
     return path.read_bytes()
 
 

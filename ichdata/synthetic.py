@@ -33,7 +33,9 @@ from pydicom import config as _dicom_config
 from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.filereader import dcmread
 from pydicom.filewriter import dcmwrite
+from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import (
     PYDICOM_IMPLEMENTATION_UID,
     UID,
@@ -52,6 +54,7 @@ __all__ = [
     "SUBTYPES",
     "ArchiveSummary",
     "Phantom",
+    "add_reference_sequence",
     "phantom_series",
     "stored_from_hu",
     "write_archive",
@@ -246,6 +249,26 @@ def write_ct_slice(
     # written on purpose (RSNA's quirk), so validation is off for the write.
     with _dicom_config.disable_value_validation():
         dcmwrite(path, ds, enforce_file_format=True)
+
+
+def add_reference_sequence(path: str | os.PathLike[str], *, undefined_length: bool = False) -> Path:
+    """Insert a two-level sequence (Referenced Image Sequence with a coded purpose, and an empty item)
+    before the pixel data of the file at `path`, as hospital exports have: of defined length, or of
+    undefined length with delimiters. Returns the path."""
+    with _dicom_config.disable_value_validation():  # the RSNA-style `ID_…` UIDs are rewritten as they are
+        ds = dcmread(path)
+        inner = Dataset()
+        inner.CodeValue, inner.CodingSchemeDesignator = "113100", "DCM"
+        item = Dataset()
+        item.ReferencedSOPInstanceUID = "1.2.3.4"
+        item.PurposeOfReferenceCodeSequence = DicomSequence([inner])
+        ds.ReferencedImageSequence = DicomSequence([item, Dataset()])
+        for elem in (ds["ReferencedImageSequence"], item["PurposeOfReferenceCodeSequence"]):
+            elem.is_undefined_length = undefined_length
+        for it in (item, inner):
+            it.is_undefined_length_sequence_item = undefined_length
+        ds.save_as(path, enforce_file_format=True)
+    return Path(path)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,6 +1,9 @@
-"""Suite-wide settings: `gpu` tests skip cleanly on machines without CUDA (CI has none)."""
+"""Suite-wide settings and fixtures: `gpu` tests skip cleanly on machines without CUDA (CI has none); one
+in-process Dask cluster for the tests that need a cluster but not worker processes."""
 
 from __future__ import annotations
+
+from collections.abc import Iterator
 
 import pytest
 
@@ -20,3 +23,25 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     skip = pytest.mark.skip(reason="needs a CUDA device")
     for item in gpu_items:
         item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def dask_scheduler() -> Iterator[str]:
+    """The address of an in-process Dask cluster (tcp on 127.0.0.1, one worker of two threads), shared by
+    the session: passed to the flows as `scheduler=` (a LocalCluster of processes per flow run would cost
+    seconds each) and to `ichdata`'s tests that need tasks on a cluster; worker threads see the tests'
+    monkeypatches of `ichdata.convert`."""
+    from distributed import LocalCluster
+
+    with LocalCluster(
+        n_workers=1,
+        threads_per_worker=2,
+        processes=False,
+        protocol="tcp",
+        host="127.0.0.1",
+        # No dashboard, and the scheduler's plain HTTP endpoint on a free loopback port: its default,
+        # 8787, may be taken by another cluster, which distributed reports with a UserWarning.
+        dashboard_address=None,
+        scheduler_kwargs={"dashboard": False, "dashboard_address": "127.0.0.1:0"},
+    ) as cluster:
+        yield cluster.scheduler_address

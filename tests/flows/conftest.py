@@ -1,4 +1,5 @@
-"""Fixtures of the Prefect tests: a private PREFECT_HOME, one test API server, one in-process Dask cluster.
+"""Fixtures of the Prefect tests: a private PREFECT_HOME and one test API server (the in-process Dask
+cluster, `dask_scheduler`, is the suite's: `tests/conftest.py`).
 
 Nothing here writes to ~/.prefect: PREFECT_HOME points into pytest's temporary folder for this process
 and for every subprocess the tests start, and Prefect's anonymous telemetry is off (these machines have
@@ -46,27 +47,6 @@ def prefect_api(prefect_home: Path) -> Iterator[None]:
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
-
-
-@pytest.fixture(scope="session")
-def dask_scheduler() -> Iterator[str]:
-    """The address of an in-process Dask cluster (tcp on 127.0.0.1, two worker threads), passed to the
-    flow as `scheduler=`: a LocalCluster of processes per flow run would cost seconds each, and worker
-    threads see the tests' monkeypatches of `ichdata.convert`."""
-    from distributed import LocalCluster
-
-    with LocalCluster(
-        n_workers=1,
-        threads_per_worker=2,
-        processes=False,
-        protocol="tcp",
-        host="127.0.0.1",
-        # No dashboard, and the scheduler's plain HTTP endpoint on a free loopback port: its default,
-        # 8787, may be taken by another cluster, which distributed reports with a UserWarning.
-        dashboard_address=None,
-        scheduler_kwargs={"dashboard": False, "dashboard_address": "127.0.0.1:0"},
-    ) as cluster:
-        yield cluster.scheduler_address
 
 
 @pytest.fixture

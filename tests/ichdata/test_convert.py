@@ -218,22 +218,12 @@ def test_incremental_append_equals_one_shot(tmp_path, convert_inputs) -> None:
 
 
 @pytest.fixture(scope="module")
-def threads_client():
-    """A cluster in this process (one worker of two threads): shard groups of several shards, quickly."""
-    from distributed import Client, LocalCluster
+def threads_client(dask_scheduler: str):
+    """A client of the suite's in-process cluster (one worker of two threads): tasks of several shards,
+    quickly."""
+    from distributed import Client
 
-    with (
-        LocalCluster(
-            n_workers=1,
-            threads_per_worker=2,
-            processes=False,
-            protocol="tcp",
-            host="127.0.0.1",
-            dashboard_address=None,
-            scheduler_kwargs={"dashboard": False, "dashboard_address": "127.0.0.1:0"},  # not 8787
-        ) as cluster,
-        Client(cluster) as client,
-    ):
+    with Client(dask_scheduler) as client:
         yield client
 
 
@@ -378,13 +368,15 @@ def test_a_failing_shard_task_names_its_shard_rows_and_files(archive, tmp_path, 
     assert isinstance(caught.value.__cause__, OSError)
 
 
-def _shard_3_fails(store, index, *args):
-    """A stand-in for `ichdata.convert._convert_shard` (module level: Dask ships it by reference)."""
-    import ichdata.convert
+_REAL: dict[str, object] = {}
 
+
+def _shard_3_fails(store, index, *args):
+    """A stand-in for `ichdata.convert._convert_shard` (module level: Dask ships it by reference; it runs
+    in the in-process cluster's worker threads, which see `_REAL`)."""
     if index == 3:
         raise OSError(5, "Input/output error", store)
-    return ichdata.convert._real_convert_shard(store, index, *args)
+    return _REAL["convert_shard"](store, index, *args)
 
 
 def test_a_failing_shard_inside_a_task_of_several_is_named(
@@ -396,7 +388,7 @@ def test_a_failing_shard_inside_a_task_of_several_is_named(
 
     p = plan(scan(many), tmp_path / "s.zarr", shard_size=2)
     assert ichdata.convert._group_size(p.n_shards, 2) >= 4  # shard 3 shares shard 0's task
-    monkeypatch.setattr(ichdata.convert, "_real_convert_shard", ichdata.convert._convert_shard, raising=False)
+    monkeypatch.setitem(_REAL, "convert_shard", ichdata.convert._convert_shard)
     monkeypatch.setattr(ichdata.convert, "_convert_shard", _shard_3_fails)
     with pytest.raises(
         RuntimeError, match=r"shard 3 \(rows 6–7, 2 slices: .*\) failed: OSError: \[Errno 5\]"

@@ -40,7 +40,7 @@ from ichdata.dicom import (
     read_rendered,
     read_slice,
 )
-from ichdata.synthetic import stored_from_hu, write_ct_slice
+from ichdata.synthetic import add_reference_sequence, stored_from_hu, write_ct_slice
 from ichdata.windows import window_hu
 
 
@@ -706,25 +706,7 @@ def _walked(path: Path) -> bool:
 def _with_sequence(path: Path, undefined_length: bool, transfer_syntax: str = ExplicitVRLittleEndian) -> Path:
     """A slice with a two-level sequence before the pixel data (as hospital exports have)."""
     _write(path, _hu((16, 12)), transfer_syntax=transfer_syntax)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # pydicom validates the RSNA-style `ID_…` UIDs as it rewrites them
-        return _add_sequence(path, undefined_length)
-
-
-def _add_sequence(path: Path, undefined_length: bool) -> Path:
-    ds = pydicom.dcmread(path)
-    inner = pydicom.Dataset()
-    inner.CodeValue, inner.CodingSchemeDesignator = "113100", "DCM"
-    item = pydicom.Dataset()
-    item.ReferencedSOPInstanceUID = "1.2.3.4"
-    item.PurposeOfReferenceCodeSequence = pydicom.Sequence([inner])
-    ds.ReferencedImageSequence = pydicom.Sequence([item, pydicom.Dataset()])
-    for elem in (ds["ReferencedImageSequence"], item["PurposeOfReferenceCodeSequence"]):
-        elem.is_undefined_length = undefined_length
-    for it in (item, inner):
-        it.is_undefined_length_sequence_item = undefined_length
-    ds.save_as(path, enforce_file_format=True)
-    return path
+    return add_reference_sequence(path, undefined_length=undefined_length)
 
 
 def test_header_walk_reads_the_common_files(tmp_path: Path) -> None:
