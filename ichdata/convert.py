@@ -288,8 +288,8 @@ def _local_cluster(n: int) -> Iterator[Any]:
     settings["distributed.admin.system-monitor.interval"] = "2s"
     settings["distributed.worker.memory.monitor-interval"] = "500ms"
     # Nothing for work stealing or the active memory manager to do: the driver keeps at most two tasks
-    # per worker thread in flight, and no task's result stays on a worker. Off, the scheduler's CPU (on
-    # a core the workers need) drops by ≈ 7 % (`bench/convert.py` prints the driver's CPU).
+    # per worker thread in flight, and no task's result stays on a worker. Off, they cost the scheduler
+    # no CPU on a core the workers need.
     settings["distributed.scheduler.work-stealing"] = False
     settings["distributed.scheduler.active-memory-manager.start"] = False
     with dask.config.set(settings):
@@ -373,23 +373,22 @@ def _convert_shard(
     return ShardDone(index, key, n, checksum=checksum, elapsed_s=time.perf_counter() - t0)
 
 
-#: The store a shard group task has opened, for the shards of that task (`_open_for_shards`).
+#: Inside a shard group task (`_convert_shard_group`): the arrays it has opened, by store; else unset.
 _OPEN = threading.local()
 
 
 def _open_for_shards(store: str) -> tuple[Any, Any]:
-    """The store's `images` and done-markers, opened read-write: once per shard group task
-    (`_convert_shard_group`, which keeps them for its shards: opening costs ≈ 2 ms, 3 % of a shard),
-    else now."""
-    cached = getattr(_OPEN, "arrays", None)
-    if cached is not None and cached[0] == store:
-        return cached[1]
+    """The store's `images` and done-markers, opened read-write: once per shard group task (which keeps
+    them for its shards: opening costs ≈ 2 ms, 3 % of a shard), else now."""
+    opened: dict[str, tuple[Any, Any]] | None = getattr(_OPEN, "arrays", None)
+    if opened is not None and store in opened:
+        return opened[store]
     import zarr
 
     group: Any = zarr.open_group(store, mode="r+")
     arrays = (group["images"], group["conversion/shard_done"])
-    if getattr(_OPEN, "active", False):
-        _OPEN.arrays = (store, arrays)
+    if opened is not None:
+        opened[store] = arrays
     return arrays
 
 
@@ -412,7 +411,7 @@ def _convert_shard_group(
     `jobs` in order, the store opened once. Stops after a shard with failures (the driver re-plans
     before any later shard is written); a shard that raises ends the task with a `ShardTaskError`
     naming it (the shards before it are written, and their markers say so)."""
-    _OPEN.active, _OPEN.arrays = True, None
+    _OPEN.arrays = {}
     out: list[ShardDone] = []
     try:
         for args in jobs:
@@ -424,7 +423,7 @@ def _convert_shard_group(
             if done.failures:
                 break
     finally:
-        _OPEN.active, _OPEN.arrays = False, None
+        _OPEN.arrays = None
     return out
 
 
@@ -435,11 +434,11 @@ MAX_SHARDS_PER_TASK = 16
 def _group_size(remaining: int, n_threads: int) -> int:
     """Shards in the next task, given `remaining` shards still to submit: half of each worker thread's
     share (at most `MAX_SHARDS_PER_TASK`), so that tasks shrink towards the end, down to one shard
-    (guided self-scheduling). Fewer, larger tasks cut distributed's cost per task (≈ 4 ms of the
-    driver's CPU, on a core a worker needs, and ≈ 4 ms of the worker's between two tasks) where there
-    are many shards; the small last tasks keep every worker busy to the end. (With a whole share per
-    task, one measured 4,000-slice run left a worker idle for 0.55 s of 2.5 s: with two tasks in
-    flight per worker, the two largest landed on the same one.)"""
+    (guided self-scheduling). Fewer, larger tasks cut distributed's cost per task (a few ms of the
+    driver's CPU, on a core a worker needs, and of the worker's between two tasks) where there
+    are many shards; the small last tasks keep every worker busy to the end. (A whole share per task
+    was worse in a trial: with two tasks in flight per worker, the two largest could land on the same
+    one.) `bench/convert_timeline.py` shows the tasks and how far apart the workers finish."""
     return max(1, min(MAX_SHARDS_PER_TASK, remaining // (2 * max(1, n_threads))))
 
 
