@@ -140,7 +140,7 @@ _RECORD = (*COLUMNS, "patient_id")
 def scan_files(root: str, paths: Sequence[str]) -> pd.DataFrame:
     """Stat and read the header of each of `paths` (relative to `root`): the manifest rows of one batch,
     as a table (`table_from_records`), built here on the worker: the driver only concatenates the
-    batches (building the table of 4,000 rows took ≈ 20 ms of the driver, while the workers waited).
+    batches, instead of building the whole table while the workers wait for the plan.
 
     This is the Dask task of the scan; it never raises for a bad file.
     """
@@ -215,10 +215,9 @@ def _batches(paths: Sequence[str], n_workers: int, batch_size: int | None) -> li
     batches that is a multiple of `n_workers` (so that equally fast workers finish together), at least
     2 per worker and at most `MAX_BATCH` files (never fewer than 64) each.
 
-    Two per worker: the cost per task (≈ 4 ms of distributed's messaging in the driver, on a core the
-    workers need, and ≈ 4 ms in the worker between two tasks) stays small; 4 per worker made the
-    2-worker scan of 4,000 files 0.29 s instead of 0.26 s. A multiple of the workers: 12,072 files in 7
-    batches of 2,000 left one of 2 workers a whole batch (0.2 s) behind the other.
+    Two per worker: the cost per task (distributed's messaging in the driver, on a core the workers
+    need, and in the worker between two tasks) stays small. A multiple of the workers: 12,072 files in
+    7 batches of 2,000 left one of 2 workers a whole batch (≈ 0.2 s) behind the other.
     """
     n = len(paths)
     if batch_size is None:
