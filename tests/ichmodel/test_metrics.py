@@ -1,4 +1,4 @@
-"""Metric functions against hand-computed values and against scikit-learn (a test-only dependency)."""
+"""Metric functions against hand-computed values and against scikit-learn's metrics called directly."""
 
 from __future__ import annotations
 
