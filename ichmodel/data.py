@@ -1,36 +1,12 @@
-"""Stream a store into torch: whole studies (or single slices) as uint8 tensors, split by patient.
+"""Stream a store into torch: study windows (or single slices) as uint8 tensors, split by patient.
 
-- `StudyDataset(store, series=None, max_len=64)`: a map-style dataset whose items are *study
-  windows*: one store series, or a contiguous part of it when the series is longer than `max_len`
-  (cut into near-equal windows, see `ichmodel.models.study_windows`). An item is a dict with
-  `images` uint8 (T, 3, S, S), `labels` uint8 (T, 6) (255 = unlabelled), `mask` bool (T,), `image_id`
-  (list of T str), `series`, `start` (first slice of the window within its series) and `weight`
-  (1.0; 0.0 for the filler windows described below). Each item is one contiguous read of
-  `images[a:b]`: zarr 3's fancy indexing on sharded arrays is slow, and a study is one or two
-  shards. Being map-style, `DataLoader(StudyDataset(store), batch_size=None, shuffle=True,
-  num_workers=2)` works as is: every window once per epoch, in random order, whatever the number
-  of workers (the sampler in the main process decides who reads what).
-- `SliceDataset(store, series=None)`: the same with one slice per item, for the CNN-only model.
-- `collate_studies(items)`: pads a list of windows to the longest (zeros, label 255) and adds the
-  (B, T) `mask` and `lengths`; real slices come first in every row, as the models expect.
-- `StudyBatchSampler`: random window order per epoch from `(seed, epoch)`, split without overlap
-  across DDP ranks; every rank gets the same number of batches (DDP needs equal step counts), so
-  the ranks that come up one window short get a *filler* window with weight 0 that the loss
-  ignores. Every window is seen (with weight 1) exactly once per epoch across all ranks.
-- `split_by_patient` / `write_split` / `read_split`: the validation split, by
-  `series.patient_key` (slices and series of one patient are near-duplicates, so a random slice
-  split is optimistic), written as JSON to the run directory and reusable on a grown store.
-
-Reading backend (`reader=`): `"tensorstore"`, `"zarr"` or `"auto"` (default). Both read the same
-bytes of the same shards; tensorstore decodes them about 4× faster (bench/RESULTS.md, "Loader")
-because zarr-python spends more per chunk in its own machinery than zstd takes to decode it. But
-tensorstore is not fork-safe: once its threads run in a process, a `fork` of that process aborts.
-So `"auto"` uses tensorstore only inside DataLoader worker processes (leaves that never fork) and
-zarr in the main process, which therefore stays safe to fork: a plain `DataLoader(...,
-num_workers=2)` with Linux's default `fork` works, and so does anything else the caller forks later.
-Arrays are opened lazily in the process that reads. `"tensorstore"` forces it everywhere, the main
-process included; `make_loader` then starts its workers with `forkserver`, which is safe even when
-the main process already runs tensorstore threads.
+`StudyDataset` yields one store series, or a contiguous window of it, per item (one contiguous read
+of `images`); `SliceDataset` one slice. `collate_studies` pads windows into a `StudyBatch`;
+`StudyBatchSampler` orders windows per `(seed, epoch)` and splits them across DDP ranks without
+overlap; `make_loader` puts them together. `split_by_patient`, `write_split` and `read_split` make
+and reapply the validation split by `series.patient_key` (slices of one patient are near-duplicates).
+Reading backends and why `auto` uses tensorstore only inside DataLoader workers: `resolve_reader`.
+The store's layout is `ichdata.store`'s contract.
 """
 
 from __future__ import annotations
@@ -42,23 +18,70 @@ import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, TypedDict
 
 import numpy as np
 import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
+from ichdata.atomic import write_text_atomic
 from ichdata.errors import UserError
 from ichdata.store import UNLABELLED, Store, open_store
 from ichmodel.models import study_windows
+
+if TYPE_CHECKING:
+    import tensorstore
+    import zarr
 
 READERS: tuple[str, ...] = ("auto", "tensorstore", "zarr")
 DEFAULT_MAX_LEN = 64
 
 
+class StudyItem(TypedDict):
+    """One study window as `StudyDataset` returns it (T slices of one series, in slice order)."""
+
+    images: torch.Tensor  # uint8 (T, 3, S, S)
+    labels: torch.Tensor  # uint8 (T, C), 255 = unlabelled
+    mask: torch.Tensor  # bool (T,), all True
+    image_id: list[str]  # T image ids
+    series: int  # store series index
+    start: int  # first slice of the window within its series
+    weight: float  # 1.0; 0.0 for a filler window (see `StudyBatchSampler`)
+
+
+class StudyBatch(TypedDict):
+    """B study windows padded to the longest, T, as `collate_studies` returns them.
+
+    Real slices come first in every row, as the models expect; padding is zeros with label 255.
+    """
+
+    images: torch.Tensor  # uint8 (B, T, 3, S, S)
+    labels: torch.Tensor  # uint8 (B, T, C)
+    mask: torch.Tensor  # bool (B, T): True on real slices
+    lengths: torch.Tensor  # int64 (B,): real slices per row
+    image_id: list[list[str]]  # per row, its real slices' ids
+    series: torch.Tensor  # int64 (B,)
+    start: torch.Tensor  # int64 (B,)
+    weight: torch.Tensor  # float32 (B,)
+
+
 def resolve_reader(reader: str) -> str:
-    """Check `reader`; `auto` stays `auto` when tensorstore is installed and becomes `zarr` otherwise."""
+    """Check the reading backend of `images`: `"tensorstore"`, `"zarr"` or `"auto"`.
+
+    Both read the same bytes of the same shards; tensorstore decodes them faster (bench/loader.py)
+    because zarr-python spends more per chunk in its own machinery than zstd takes. But tensorstore
+    is not fork-safe: once its threads run in a process, a `fork` of that process aborts. So `"auto"`
+    uses tensorstore only inside DataLoader worker processes (leaves that never fork) and zarr in the
+    main process, which stays safe to fork. `"tensorstore"` forces it everywhere; `make_loader` then
+    starts its workers with `forkserver`.
+
+    Returns:
+        `reader`, except that `"auto"` becomes `"zarr"` when tensorstore is not installed.
+
+    Raises:
+        UserError: an unknown reader, or `"tensorstore"` without tensorstore installed.
+    """
     if reader not in READERS:
         raise UserError(f"reader {reader!r} is not one of {', '.join(READERS)}")
     if reader != "zarr" and importlib.util.find_spec("tensorstore") is None:
@@ -71,52 +94,66 @@ def resolve_reader(reader: str) -> str:
 class _ImageReader:
     """Contiguous reads of `STORE/images`, opened lazily in the process that reads.
 
-    Picklable (only the path and backend travel to DataLoader workers).
+    Picklable: only the path and backend travel to DataLoader workers.
     """
 
     def __init__(self, store_path: Path, backend: str) -> None:
         self.path = Path(store_path)
         self.backend = backend
-        self._array: Any = None
+        self._ts: tensorstore.TensorStore | None = None
+        self._zarr: zarr.Array | None = None
         self._pid: int | None = None
-        self._kind: str | None = None
 
-    def __getstate__(self) -> dict[str, Any]:
-        return {"path": self.path, "backend": self.backend, "_array": None, "_pid": None, "_kind": None}
+    def __getstate__(self) -> dict[str, object]:
+        return {"path": self.path, "backend": self.backend, "_ts": None, "_zarr": None, "_pid": None}
 
     def _open(self) -> None:
         pid = os.getpid()
         kind = self.backend
         if kind == "auto":
             kind = "tensorstore" if get_worker_info() is not None else "zarr"
-        if self._pid is not None and self._pid != pid and self._kind == "tensorstore":
+        if self._pid is not None and self._pid != pid and self._ts is not None:
             kind = "zarr"  # inherited through fork from a process that had tensorstore running
+        self._ts = self._zarr = None
         if kind == "tensorstore":
             import tensorstore as ts
 
             spec = {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(self.path / "images")}}
-            self._array = ts.open(spec, open=True, read=True).result()
+            self._ts = ts.open(spec, open=True, read=True).result()
         else:
             import zarr
 
-            self._array = zarr.open_array(str(self.path / "images"), mode="r")
-        self._pid, self._kind = pid, kind
+            self._zarr = zarr.open_array(str(self.path / "images"), mode="r")
+        self._pid = pid
 
     def read(self, start: int, stop: int) -> np.ndarray:
         """Rows [start, stop) of `images` as uint8 (T, 3, S, S), one contiguous read."""
-        if self._array is None or self._pid != os.getpid():
+        if self._pid != os.getpid():
             self._open()
-        if self._kind == "tensorstore":
-            return self._array[start:stop].read().result()
-        return np.asarray(self._array[start:stop])
+        if self._ts is not None:
+            return self._ts[start:stop].read().result()
+        assert self._zarr is not None
+        return np.asarray(self._zarr[start:stop])
 
 
 def _as_store(store: Store | str | os.PathLike[str]) -> Store:
     return store if isinstance(store, Store) else open_store(store)
 
 
-class StudyDataset(Dataset):
-    """Study windows of the series `series` (store series indices; all by default), see module doc."""
+class StudyDataset(Dataset[StudyItem]):
+    """Study windows of the store series `series` (all by default), one contiguous read each.
+
+    A series longer than `max_len` is cut into near-equal windows (`ichmodel.models.study_windows`);
+    `max_len=None` keeps every series whole. Map-style, so `DataLoader(ds, batch_size=None,
+    shuffle=True, num_workers=2)` works as is: every window once per epoch, in random order, whatever
+    the number of workers. An index may be `(window, weight)`, as `StudyBatchSampler` yields.
+
+    Args:
+        store: an opened store or its path.
+        series: store series indices.
+        max_len: the longest window, in slices.
+        reader: the backend of `images`, see `resolve_reader`.
+    """
 
     def __init__(
         self,
@@ -151,19 +188,22 @@ class StudyDataset(Dataset):
 
     @property
     def reader(self) -> str:
+        """The resolved reading backend (see `resolve_reader`)."""
         return self._reader.backend
 
     @property
     def n_slices(self) -> int:
+        """Slices over all windows."""
         return int((self.windows[:, 2] - self.windows[:, 1]).sum())
 
     def window_lengths(self) -> np.ndarray:
+        """Slices per window, (n_windows,)."""
         return self.windows[:, 2] - self.windows[:, 1]
 
     def __len__(self) -> int:
         return len(self.windows)
 
-    def __getitem__(self, index: int | tuple[int, float]) -> dict[str, Any]:
+    def __getitem__(self, index: int | tuple[int, float]) -> StudyItem:
         i, weight = index if isinstance(index, tuple) else (index, 1.0)
         s, a, b = (int(v) for v in self.windows[i])
         row = int(self._offsets[s])
@@ -195,8 +235,8 @@ class SliceDataset(StudyDataset):
 def _batch_tensor(like: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     """An uninitialised tensor for the batch; in a DataLoader worker, directly in shared memory.
 
-    (What torch's `default_collate` does: the batch then crosses to the main process without the
-    extra copy that moving an ordinary tensor into shared memory costs, ~200 kB per slice.)
+    This is what torch's `default_collate` does: the batch then crosses to the main process without
+    the extra copy that moving an ordinary tensor into shared memory costs.
     """
     if get_worker_info() is None:
         return like.new_empty(shape)
@@ -205,8 +245,8 @@ def _batch_tensor(like: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     return like.new(storage).resize_(shape)
 
 
-def collate_studies(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Pad windows to the longest: images (B, T, 3, S, S) uint8 zeros, labels (B, T, 6) 255, mask (B, T)."""
+def collate_studies(items: Sequence[StudyItem]) -> StudyBatch:
+    """Pad windows to the longest: images with zeros, labels with 255, and add `mask` and `lengths`."""
     if not items:
         raise ValueError("empty batch")
     lengths = [int(it["images"].shape[0]) for it in items]
@@ -233,10 +273,12 @@ def collate_studies(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 
 class StudyBatchSampler(Sampler[list[tuple[int, float]]]):
-    """Batches of (window index, weight) for one DDP rank; see the module docstring.
+    """Batches of `(window index, weight)` for one DDP rank.
 
-    Order is a function of `(seed, epoch)` only (call `set_epoch` before each epoch), so a resumed
-    run replays the same order.
+    The order is a function of `(seed, epoch)` only (call `set_epoch` before each epoch), so a
+    resumed run replays it. Every rank gets the same number of batches (DDP needs equal step counts):
+    the ranks that come up one window short get a filler window with weight 0, which the loss
+    ignores. Across all ranks every window is seen with weight 1 exactly once per epoch.
     """
 
     def __init__(
@@ -262,10 +304,12 @@ class StudyBatchSampler(Sampler[list[tuple[int, float]]]):
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose order the next iteration yields."""
         self.epoch = epoch
 
     @property
     def per_rank(self) -> int:
+        """Windows per rank and epoch, fillers included."""
         return -(-self.n_windows // self.world_size)
 
     def __len__(self) -> int:
@@ -298,14 +342,14 @@ def make_loader(
     workers: int = 2,
     pin_memory: bool = False,
     prefetch: int = 4,
-) -> DataLoader:
-    """A DataLoader of padded study batches.
+) -> DataLoader[StudyItem]:
+    """A DataLoader of `StudyBatch`es, with persistent workers.
 
     With `reader="auto"` the main process never runs tensorstore, so workers are forked (fast to
     start, no pickling of the label arrays); with `reader="tensorstore"` they start from a
     `forkserver`.
     """
-    kwargs: dict[str, Any] = {}
+    kwargs: dict[str, object] = {}
     if workers > 0:
         kwargs.update(persistent_workers=True, prefetch_factor=prefetch)
         if dataset.reader == "tensorstore":  # this process may run tensorstore: never fork it
@@ -316,7 +360,7 @@ def make_loader(
         collate_fn=collate_studies,
         num_workers=workers,
         pin_memory=pin_memory,
-        **kwargs,
+        **kwargs,  # type: ignore[arg-type]
     )
 
 
@@ -381,9 +425,7 @@ def write_split(path: str | os.PathLike[str], split: Split, series: pd.DataFrame
         "train_series": series["series_uid"].to_numpy()[split.train_series].tolist(),
         "val_series": series["series_uid"].to_numpy()[split.val_series].tolist(),
     }
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(doc, indent=1) + "\n")
-    tmp.replace(out)
+    write_text_atomic(out, json.dumps(doc, indent=1) + "\n")
     return out
 
 
@@ -418,8 +460,10 @@ __all__ = [
     "READERS",
     "SliceDataset",
     "Split",
+    "StudyBatch",
     "StudyBatchSampler",
     "StudyDataset",
+    "StudyItem",
     "collate_studies",
     "make_loader",
     "read_split",

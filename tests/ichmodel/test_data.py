@@ -19,6 +19,7 @@ from ichmodel.data import (
     SliceDataset,
     StudyBatchSampler,
     StudyDataset,
+    StudyItem,
     collate_studies,
     make_loader,
     read_split,
@@ -66,7 +67,7 @@ def test_slice_dataset_has_one_slice_per_item(tiny_store: Store) -> None:
 
 
 def test_collate_pads_with_a_mask() -> None:
-    def item(n: int, s: int) -> dict:
+    def item(n: int, s: int) -> StudyItem:
         return {
             "images": torch.full((n, 3, 4, 4), s + 1, dtype=torch.uint8),
             "labels": torch.ones(n, 6, dtype=torch.uint8),
@@ -119,7 +120,7 @@ def test_loader_covers_every_slice_once_per_epoch(tiny_store: Store, workers: in
     for epoch in range(2):
         sampler.set_epoch(epoch)
         ids: list[str] = []
-        order = []
+        order: list[tuple[int, int]] = []
         for batch in loader:
             for row, n in zip(batch["image_id"], batch["lengths"].tolist(), strict=True):
                 assert len(row) == n
