@@ -1,4 +1,4 @@
-"""Fuzz check: the header walk (`ichdata.dicom._walk_header`) against pydicom's reader, at scale.
+"""Fuzz check: the header walk (`ichdata.dicom.walk.walk_header`) against pydicom's reader, at scale.
 
     .venv/bin/python bench/fuzz_header_walk.py --seed 4 --cases 30000
 
@@ -25,7 +25,8 @@ import pydicom
 from pydicom.uid import ImplicitVRLittleEndian, RLELossless
 
 from ichdata import dicom
-from ichdata.synthetic import add_reference_sequence, stored_from_hu, write_ct_slice
+from ichdata.dicom import header
+from ichdata.testing import add_reference_sequence, stored_from_hu, write_ct_slice
 
 
 def _slice(path: Path, transfer_syntax: str | None = None, sequence: bool = False) -> bytes:
@@ -47,7 +48,7 @@ def _slice(path: Path, transfer_syntax: str | None = None, sequence: bool = Fals
 
 
 def _outcome(path: Path, fast: bool) -> tuple[Any, ...]:
-    dicom._FAST_HEADER = fast
+    header._FAST_HEADER = fast
     try:
         return ("ok", *dicom.read_header_layout(path))
     except dicom.SliceError as e:
@@ -55,7 +56,7 @@ def _outcome(path: Path, fast: bool) -> tuple[Any, ...]:
     except Exception as e:  # anything else is a difference worth seeing
         return ("exception", type(e).__name__, str(e))
     finally:
-        dicom._FAST_HEADER = True
+        header._FAST_HEADER = True
 
 
 def main(argv: list[str] | None = None) -> int:

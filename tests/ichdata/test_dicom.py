@@ -29,18 +29,19 @@ from pydicom.uid import (
     RLELossless,
 )
 
-from ichdata import dicom
 from ichdata.dicom import (
-    REASONS,
     SliceError,
     SliceMeta,
+    header,
     is_dicom,
     read_header,
     read_header_layout,
     read_rendered,
     read_slice,
+    walk,
 )
-from ichdata.synthetic import add_reference_sequence, stored_from_hu, write_ct_slice
+from ichdata.reasons import READER_REASONS
+from ichdata.testing import add_reference_sequence, stored_from_hu, write_ct_slice
 from ichdata.windows import window_hu
 
 
@@ -259,8 +260,11 @@ def test_pydicom_jpeg2000_ct(name: str) -> None:
 
 
 def _jpeg_lossless_sv1(image: np.ndarray) -> bytes:
-    """A minimal JPEG Lossless encoder (process 14, selection value 1: predict from the left) for one
-    16-bit grey component. Nothing installed encodes this syntax, the commonest in hospital archives."""
+    """A minimal JPEG Lossless encoder (process 14, selection value 1: predict from the left).
+
+    For one 16-bit grey component. Nothing installed encodes this syntax, the commonest in hospital
+    archives.
+    """
     rows, cols = image.shape
     x = image.astype(np.uint16).astype(np.int64)
     pred = np.empty_like(x)
@@ -326,7 +330,7 @@ def test_jpeg_lossless_sv1(tmp_path: Path) -> None:
 
 
 def _as_ct(source: str, out: Path) -> Path:
-    """pydicom's MR_small variants, relabelled CT ((0008,0060) Modality 'MR' -> 'CT', same length)."""
+    """The MR_small variants pydicom ships, relabelled CT ((0008,0060) Modality 'MR' -> 'CT', same length)."""
     data = Path(get_testdata_file(source)).read_bytes()
     for tag in (
         b"\x08\x00\x60\x00CS\x02\x00",
@@ -588,7 +592,7 @@ _PIXEL_ONLY = {"undecodable/0"}  # found only when the pixel data is decoded
 
 
 def test_every_reason_is_exercised() -> None:
-    assert set(CASES) == set(REASONS)
+    assert set(CASES) == set(READER_REASONS)
 
 
 @pytest.mark.parametrize(
@@ -663,6 +667,7 @@ def test_corrupt_files_raise_only_slice_errors(
             data[at] = value
     path = tmp_path / "ID_fuzz.dcm"
     path.write_bytes(bytes(data[:cut] if cut is not None else data))
+    reason: str
     try:
         rendered, meta = read_rendered(path, size=8)
     except SliceError as e:
@@ -671,10 +676,10 @@ def test_corrupt_files_raise_only_slice_errors(
         reason = "ok"
         assert rendered.shape == (3, 8, 8)
         assert isinstance(meta, SliceMeta)
-    assert reason in (*REASONS, "ok")
+    assert reason in (*READER_REASONS, "ok")
 
 
-# --- the header walk (`_walk_header`) against pydicom's reader ------------------------------------------
+# --- the header walk (`walk.walk_header`) against pydicom's reader ------------------------------------------
 #
 # `read_header` walks the common files itself and leaves the rest to `pydicom.dcmread`. Whatever path a
 # file takes, the outcome (the meta and pixel layout, or the SliceError's reason and message) must be
@@ -682,14 +687,14 @@ def test_corrupt_files_raise_only_slice_errors(
 
 
 def _header_outcome(path: Path, fast: bool) -> tuple[Any, ...]:
-    old = dicom._FAST_HEADER
-    dicom._FAST_HEADER = fast
+    old = header._FAST_HEADER
+    header._FAST_HEADER = fast
     try:
         return ("ok", *read_header_layout(path))
     except SliceError as e:
         return (e.reason, e.detail)
     finally:
-        dicom._FAST_HEADER = old
+        header._FAST_HEADER = old
 
 
 def _walked(path: Path) -> bool:
@@ -700,7 +705,7 @@ def _walked(path: Path) -> bool:
         if len(head) < 144 or head[128:132] != b"DICM" or head[132:138] != b"\x02\x00\x00\x00UL":
             return False
         meta_end = 144 + int.from_bytes(head[140:144], "little")
-        return dicom._walk_header(f, size, meta_end) is not None
+        return walk.walk_header(f, size, meta_end) is not None
 
 
 def _with_sequence(path: Path, undefined_length: bool, transfer_syntax: str = ExplicitVRLittleEndian) -> Path:

@@ -1,6 +1,8 @@
-"""The scan's pixel layout: `read_header_layout` + `read_rendered_layout` render exactly what
-`read_rendered` does, without parsing the header again, and fall back to the full reader whenever the
-file is not what the layout describes."""
+"""The scan's pixel layout: `read_header_layout` + `read_rendered_layout` render as `read_rendered` does.
+
+Without parsing the header again, and falling back to the full reader whenever the file is not what
+the layout describes.
+"""
 
 from __future__ import annotations
 
@@ -19,17 +21,17 @@ from pydicom.uid import (
 
 from ichdata.dicom import SliceError, read_header, read_header_layout, read_rendered, read_rendered_layout
 from ichdata.scan import scan
-from ichdata.synthetic import stored_from_hu, write_ct_slice
+from ichdata.testing import stored_from_hu, write_ct_slice
 
 
 def _no_full_reader(monkeypatch: pytest.MonkeyPatch) -> None:
     """From here on, `read_rendered_layout` must not fall back to the full reader."""
-    import ichdata.dicom
+    import ichdata.dicom.layout
 
     def fail(*args: Any, **kwargs: Any) -> Any:
         raise AssertionError("the full reader ran: the layout was not used")
 
-    monkeypatch.setattr(ichdata.dicom, "read_rendered", fail)
+    monkeypatch.setattr(ichdata.dicom.layout, "read_rendered", fail)
 
 
 def _write(path: Path, shape: tuple[int, int] = (64, 80), seed: int = 0, **kwargs: Any) -> Path:
@@ -144,11 +146,11 @@ def test_scan_keeps_the_layout_in_the_manifest(tmp_path: Path) -> None:
 
 
 def test_without_preadv_the_layout_reads_with_seek(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import ichdata.dicom
+    import ichdata.dicom.layout
 
     path = _write(tmp_path / "ID_a.dcm", (512, 512))
     _, layout = read_header_layout(path)
     expected = read_rendered(path)[0]
-    monkeypatch.setattr(ichdata.dicom, "_HAS_PREADV", False)
+    monkeypatch.setattr(ichdata.dicom.layout, "_HAS_PREADV", False)
     _no_full_reader(monkeypatch)
     assert np.array_equal(read_rendered_layout(path, layout), expected)

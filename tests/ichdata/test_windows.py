@@ -204,15 +204,15 @@ def test_the_compiled_kernel_is_what_runs_here() -> None:
 
 
 def _codes_and_table(rng: np.random.Generator, shape: tuple[int, int], dtype: type) -> tuple:
-    from ichdata.dicom import _hu_of_code
+    from ichdata.dicom.hu import HuKey, hu_of_code
 
     bits = 8 * np.dtype(dtype).itemsize
     # Values inside the windows' ramps (saturated pixels would hide rounding mistakes): HU -200..1500
     # for 16-bit codes (stored = HU + 1024), HU 0..127 for 8-bit ones (stored = HU).
-    hu_of_code = _hu_of_code(("dicom", bits, bits, True, 1.0, 0.0 if bits == 8 else -1024.0, False))[0]
+    table = hu_of_code(HuKey(bits, bits, True, 1.0, 0.0 if bits == 8 else -1024.0, False))[0]
     low, high = (0, 128) if bits == 8 else (1024 - 200, 1024 + 1500)
     codes = rng.integers(low, high, shape).astype(dtype)
-    return codes, hu_of_code
+    return codes, table
 
 
 @pytest.mark.parametrize(
