@@ -42,7 +42,7 @@ WORK = Path(__file__).resolve().parent / "_work"
 
 
 def _archive(n_slices: int, work: Path) -> Path:
-    from ichdata.synthetic import write_archive
+    from ichdata.testing import write_archive
 
     out = work / f"archive_{n_slices}"
     if out.is_dir() and (out / "stage_2_train.csv").is_file():

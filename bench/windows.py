@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         import pydicom
 
         from ichdata.dicom import read_rendered
-        from ichdata.synthetic import write_ct_slice
+        from ichdata.testing import write_ct_slice
 
         with tempfile.TemporaryDirectory() as tmp:
             paths = []

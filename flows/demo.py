@@ -1,6 +1,6 @@
 """`ich demo`: the whole system on a synthetic archive, in one command, on a laptop CPU.
 
-    synthetic archive (`ichdata.synthetic.write_archive`: DICOM + stage_2_train.csv)
+    synthetic archive (`ichdata.testing.write_archive`: DICOM + stage_2_train.csv)
       -> the Prefect `ingest` flow (scan, plan, Dask conversion, verify, report) into a Zarr store
       -> a short CPU training of a CNN-only model (`xception`) and a CNN-GRU (`xception_gru`), both on
          the same small timm backbone and the same patient split
@@ -263,7 +263,7 @@ def run_demo(config: DemoConfig, log: Callable[[str], None] | None = None) -> De
         return time.perf_counter()
 
     # 1. synthetic archive
-    from ichdata.synthetic import write_archive
+    from ichdata.testing import write_archive
 
     t = stage(1, f"writing a synthetic archive of {config.studies} studies ({config.image_size}² slices)")
     archive = out / "archive"

@@ -50,7 +50,7 @@ _EXPORTS: dict[str, str] = {
             "ArchiveSummary",
             "SUBTYPES",
         ),
-        "ichdata.synthetic",
+        "ichdata.testing",
     ),
     "write_preview": "ichdata.preview",
     **dict.fromkeys(("open_store", "Store", "write_store_from_arrays"), "ichdata.store"),

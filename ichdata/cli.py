@@ -17,7 +17,7 @@ from ichdata.errors import UserError
 
 
 def _synth(a: argparse.Namespace) -> int:
-    from ichdata.synthetic import write_archive
+    from ichdata.testing import write_archive
 
     summary = write_archive(
         a.out, studies=a.studies, seed=a.seed, any_prevalence=a.prevalence, image_size=a.image_size

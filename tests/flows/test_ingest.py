@@ -26,7 +26,7 @@ IMAGE_SIZE = 64  # DICOM rows/cols of the synthetic slices: small files, quick t
 
 def _archive(root: Path, studies: int, seed: int) -> tuple[Path, Path]:
     """A synthetic RSNA-format archive (flat folder + label CSV kept outside it): (folder, csv)."""
-    from ichdata.synthetic import write_archive
+    from ichdata.testing import write_archive
 
     summary = write_archive(root / "archive", studies=studies, seed=seed, image_size=IMAGE_SIZE)
     csv = root / "labels.csv"

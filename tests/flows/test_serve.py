@@ -179,7 +179,7 @@ def _listening_addresses(procs: list[subprocess.Popen[Any]]) -> set[str]:
 
 
 def _archive(root: Path) -> tuple[Path, Path, int]:
-    from ichdata.synthetic import write_archive
+    from ichdata.testing import write_archive
 
     s = write_archive(root / "archive", studies=2, seed=21, image_size=64)
     csv = root / "labels.csv"

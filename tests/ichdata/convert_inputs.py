@@ -17,7 +17,7 @@ import cv2
 import numpy as np
 from pydicom.uid import RLELossless
 
-from ichdata.synthetic import stored_from_hu, write_ct_slice
+from ichdata.testing import stored_from_hu, write_ct_slice
 
 WINDOWS = ((40.0, 80.0), (80.0, 200.0), (600.0, 2800.0))
 

@@ -169,7 +169,7 @@ def test_incremental_append_equals_one_shot(tmp_path, convert_inputs) -> None:
     (src / "notes.txt").write_text("x")
     later = [w for case in ("slope", "rsna_12bit") for w in write_case(src, case, rng, n=3)]
     # A late slice of a series already stored is reported, not spliced in.
-    from ichdata.synthetic import stored_from_hu, write_ct_slice
+    from ichdata.testing import stored_from_hu, write_ct_slice
 
     write_ct_slice(
         src / "axial" / "late",

@@ -12,7 +12,7 @@ from matplotlib.image import imread
 from ichdata.cli import main
 from ichdata.errors import UserError
 from ichdata.preview import PREVIEW_SIZE_PX, write_preview
-from ichdata.synthetic import phantom_series, stored_from_hu, write_ct_slice
+from ichdata.testing import phantom_series, stored_from_hu, write_ct_slice
 
 
 def _slice(path: Path, *, cols: int | None = None, **header: Any) -> Path:

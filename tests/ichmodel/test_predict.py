@@ -14,7 +14,7 @@ import torch
 
 from ichdata.cli import main
 from ichdata.store import open_store
-from ichdata.synthetic import stored_from_hu, write_ct_slice
+from ichdata.testing import stored_from_hu, write_ct_slice
 from ichmodel.models import create_model, load_model, predict_study
 from ichmodel.predict import study_summary, submission_frame
 
