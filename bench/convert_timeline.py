@@ -42,14 +42,9 @@ def _children() -> tuple[float, float]:
 def _run(archive: Path, workers: int) -> dict[str, Any]:
     from distributed import get_task_stream
 
-    from ichdata.convert import (
-        ConvertConfig,
-        convert_shards,
-        dask_client,
-        finalize,
-        plan_conversion,
-        scan_source,
-    )
+    from ichdata.cluster import dask_client
+    from ichdata.convert import ConvertConfig, convert_shards, plan_conversion, scan_source
+    from ichdata.finalize import finalize
     from ichdata.plan import load_labels
 
     store = WORK / f"timeline{workers}.zarr"

@@ -1,52 +1,12 @@
-"""The Prefect `ingest` flow: a DICOM folder → the Zarr store, as scan → plan → convert → verify → report.
+"""The Prefect `ingest` flow: a DICOM folder → the Zarr store, one Prefect task per stage.
 
-Each stage is one Prefect task wrapping the `ichdata` function that does the work (`ich convert` chains
-the same functions in `ichdata.convert.convert`), so the UI shows where a run is, how long each stage
-took and which one failed, and a stage that hits a transient I/O error is retried on its own:
-
-| task | wraps | retried |
-| --- | --- | --- |
-| `scan` | `ichdata.convert.scan_source` (input checks, then a header-only scan on Dask that re-reads only new or changed files) | I/O errors, 2× |
-| `plan` | `ichdata.convert.plan_conversion` (labels, order, shards, set-asides; incremental) | I/O errors, 2× |
-| `convert` | `ichdata.convert.convert_shards` (Dask tasks of a few shards, done-markers) | I/O errors, 2× |
-| `finalize` | `ichdata.convert.finalize` (commit: manifest, small arrays, attributes) | I/O errors, 2× |
-| `verify` | `ichdata.verify.verify_store` (re-reads every shard, accounts for every file) | I/O errors, 2× |
-| `report` | Prefect artifacts: a Markdown summary and the quarantine table | any error, 2× |
-
-The tasks hold no logic of their own beyond logging: `ich convert` (`ichdata.convert.convert`) calls
-the same functions, so the flow and the command check, scan, plan and write alike. One difference of
-order: `ich convert` reads the label CSV before it scans, the flow in its `plan` task (a missing CSV
-fails `scan` before any file is read; a malformed one fails `plan`).
-
-A retry of `convert` resumes: shards whose done-marker holds their key are skipped. Errors a retry
-cannot fix (a store made from another plan, a malformed label CSV, `KilledWorker`, a timeout) fail the
-task at once, with the reason in the task's state and log.
-
-Why plain Dask inside one Prefect task rather than prefect-dask's `DaskTaskRunner`: the conversion is
-thousands of small shard tasks (RSNA's 752k slices in shards of `ichdata.store.DEFAULT_SHARD_SIZE`
-slices are ~12k). Measured here, a Prefect task on `DaskTaskRunner` costs ~139 ms of orchestration
-each (~27 min of overhead for RSNA, and a Prefect API round-trip per shard) and needs the Prefect API reachable from every Dask worker, which on a cluster
-behind a firewall it is not; a plain Dask task submitted from inside one Prefect task costs ~2 ms, and
-the workers need nothing but the store and the DICOMs, so the same conversion runs on a LocalCluster,
-on SLURM through a scheduler address, or from `ich convert` without Prefect. Prefect sees the
-conversion as one task and the shards through the per-shard log lines and the progress artifact.
-
-The flow never waits forever: the connection to an existing scheduler times out (30 s,
-`ichdata.convert.dask_client`), a shard task that raises fails `convert` with the shard, its rows
-and files named, and every task has a timeout, fixed for scan, plan and finalize and, for convert and verify, scaled to the
-work of the run (`_CONVERT_S_PER_SLICE`: ~100× what rendering a slice takes). Timeouts are not
-retried: a run that stalled that long needs a person, and the next run resumes where it stopped.
-
-Incremental ingest (a landing folder that keeps receiving studies): every run scans the source again,
-re-reading only new or changed files; series already in the store stay untouched and new series are
-appended after them (so the store's series order is the order of arrival, not the order a one-shot
-ingest of everything would give; the rows of each series and the labels per image id are identical);
-files set aside earlier are not reported again. A run killed or failed at any point before `finalize`
-leaves an appended-to store readable as the last finished run left it (an append becomes visible only
-when `finalize` commits it; a first ingest that never finished is refused by `open_store` with a message
-saying so), and the next run finishes the job, skipping the shards already written. A run killed
-*during* `finalize` (the seconds in which it rewrites the small arrays) leaves the store refused by
-`open_store` until the next run, which finalizes it again (see `ichdata.store`).
+scan → plan → convert → finalize → verify → report: each task wraps the `ichdata` function that does
+the work (`ich convert` chains the same functions in `ichdata.convert.convert`), so the UI shows
+where a run is and which stage failed, and a stage that hits a transient I/O error is retried on
+its own; errors a retry cannot fix fail at once. The conversion is plain Dask inside one Prefect task
+(thousands of shard tasks would cost far more as Prefect tasks, and the workers need no Prefect
+API). Every task has a timeout; a failed or killed run is finished by the next run with the same
+parameters. The README's ingest section is the user's guide.
 """
 
 from __future__ import annotations
@@ -66,8 +26,11 @@ from prefect.artifacts import (
 )
 from prefect.cache_policies import NO_CACHE
 
-from ichdata.convert import ConvertConfig, ConvertResult, ConvertSummary, ShardDone, dask_client
+from ichdata.cluster import dask_client
+from ichdata.convert import ConvertConfig, ConvertResult
 from ichdata.errors import UserError
+from ichdata.finalize import ConvertSummary
+from ichdata.shards import ShardDone
 
 if TYPE_CHECKING:
     from prefect.client.schemas.objects import TaskRun
@@ -272,7 +235,7 @@ def convert_task(p: Plan, client: Any) -> ConvertResult:
 @task(name="finalize", timeout_seconds=_FINALIZE_TIMEOUT_S, **_IO_RETRIES)
 def finalize_task(result: ConvertResult, config: ConvertConfig, started: float) -> ConvertSummary:
     """`ichdata.convert.finalize`: commit the run (manifest, labels, ids, offsets, quarantine, attributes)."""
-    from ichdata.convert import finalize as finalize_store
+    from ichdata.finalize import finalize as finalize_store
 
     summary = finalize_store(result, config=config, started=started)
     get_run_logger().info("%s", summary)

@@ -1,43 +1,22 @@
 """The plan of a conversion: which file goes to which store row and shard, and what is set aside.
 
-`plan(manifest, store, labels=...)` turns a scan into:
-
-- the store order: series one after another, each contiguous and in slice order (DESIGN.md
-  "Preprocessing" 4, `ichdata.order.slice_order`); series sorted by (study UID, series UID);
-- the shards: rows `[i*K, (i+1)*K)` of `images` form shard `i`; each shard has a *key*, a hash of the
-  plan settings and of what the shard holds (for each row: path, size, modification time, image id),
-  that the task writing the shard records as its done-marker. A re-run with the same plan skips the
-  shards whose marker holds their key; a plan that changes only the tail (an append) redoes only the
-  last partial shard and the new ones;
-- the set-aside files: header-time reasons from the scan, plus `duplicate` (an image id seen before:
-  the first file by path is kept, or the one already in the store; the detail names the kept file) and
-  `series_in_store` (a new file of a series the store already holds: series stay contiguous and
-  untouched, so it is reported instead of being spliced in; `--overwrite` re-converts everything);
-- the labels: (N, 6) uint8 from the label CSV joined by image id, 255 where the CSV has no row; rows
-  already in the store keep their labels unless the CSV has them;
-- the pseudonymous patient key of each series: an RSNA `ID_…` patient id as is, anything else a salted
-  BLAKE2b hash (`P` + 16 hex digits) with the salt kept beside the store (`STORE.salt`).
-
-Incremental: when the store holds a finished conversion of the same source with the same settings, the
-plan starts from the manifest kept beside it (`STORE.manifest.parquet`, the commit record that
-`finalize` writes before it touches the store's small arrays): the rows already in the store stay
-where they are and are never re-read from DICOM, new series are appended, files already set aside keep
-their rows in the quarantine and are not reported again (a set-aside file that changed since, e.g. one
-caught mid-copy, is examined again).
-
-A store made with different settings (source folder, shard size, image size, format version) is
-refused with a `UserError` unless `overwrite`.
+`plan(manifest, store, labels=...)` turns a scan into a `Plan`: the store order (series contiguous and
+in slice order, `ichdata.order.slice_order`), the shards and their keys (a hash of the plan settings
+and of each row's path, size, modification time and image id: a shard's done-marker), the set-aside
+files with their `ichdata.reasons.Reason`, the labels (255 where the CSV has no row) and each series'
+pseudonymous patient key. On a store an earlier run of the same plan made (`ichdata.resume`), the
+plan starts from the manifest kept beside it: committed rows stay where they are, new series are
+appended, and files set aside before are not reported again. The README's store section says what
+users see of it.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import itertools
 import json
 import os
 import re
-import secrets
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
@@ -47,25 +26,14 @@ import numpy as np
 import pandas as pd
 
 from ichdata.errors import UserError
+from ichdata.reasons import Reason
+from ichdata.resume import load_salt, plan_config, previous_run, resolve_shard_size
 from ichdata.scan import Manifest
-from ichdata.store import (
-    CLASSES,
-    DEFAULT_SHARD_SIZE,
-    FORMAT_VERSION,
-    IMAGE_SIZE,
-    QUARANTINE_COLUMNS,
-    UNLABELLED,
-    manifest_path,
-    salt_path,
-    store_attrs,
-)
+from ichdata.store import CLASSES, IMAGE_SIZE, QUARANTINE_COLUMNS, UNLABELLED, manifest_path
 
-DUPLICATE = "duplicate"
-SERIES_IN_STORE = "series_in_store"
 _RSNA_PATIENT = re.compile(r"^ID_[0-9a-fA-F]+$")
-#: Version of the pixel rendering recorded in every shard key: bump it when `read_rendered` changes
-#: its output, so that existing stores are refused instead of silently mixing two renderings.
-RENDER_VERSION = 1
+#: The columns of a plan's quarantine table: the store's, and what the plan needs to resume.
+_QUARANTINE = [*QUARANTINE_COLUMNS, "size", "mtime_ns", "new"]
 
 
 @dataclass(frozen=True)
@@ -136,8 +104,10 @@ class Plan:
         return text.tolist()
 
     def shard_key(self, i: int) -> str:
-        """The hash of the plan settings and of what shard `i` holds (its done-marker): for each row,
-        path, size, modification time and image id."""
+        """The hash of the plan settings and of what shard `i` holds (its done-marker).
+
+        For each row, path, size, modification time and image id.
+        """
         if i not in self._keys:
             a, b = self.shard_rows(i)
             h = hashlib.blake2b(self.config_hash.encode(), digest_size=16)
@@ -157,7 +127,7 @@ class Plan:
 
     @cached_property
     def _sources(self) -> list[str | None]:
-        # One pass over the rows, not a pandas slice per shard: the driver submits 11,763 shards for RSNA.
+        # One pass over the rows, not a pandas slice per shard: the driver submits thousands of shards.
         root = str(self.source)
         r = self.rows
         return [None if e else os.path.join(root, p) for p, e in zip(r["path"], r["existing"], strict=True)]
@@ -180,8 +150,11 @@ class Plan:
         return [by_path.get(path, "") for path in self.rows["path"]]
 
     def shard_layouts(self, i: int) -> list[str]:
-        """For each row of shard `i`: the scan's pixel layout of its file (`ichdata.dicom.read_header_layout`),
-        "" where the manifest has none (the shard task then parses the header itself)."""
+        """For each row of shard `i`.
+
+        The scan's pixel layout of its file (`ichdata.dicom.read_header_layout`), "" where the manifest has
+        none (the shard task then parses the header itself).
+        """
         a, b = self.shard_rows(i)
         return self._layouts[a:b]
 
@@ -194,8 +167,11 @@ class Plan:
         return {str(k): int(v) for k, v in q["reason"].value_counts().sort_index().items()}
 
     def without(self, failures: pd.DataFrame) -> Plan:
-        """This plan with the rows of `failures` (path, reason, detail; files that failed at pixel time)
-        moved to the quarantine: later rows move up, so shards from the first affected one change keys."""
+        """This plan with the rows of `failures` (path, reason, detail.
+
+        Files that failed at pixel time) moved to the quarantine: later rows move up, so shards from the first
+        affected one change keys.
+        """
         if not len(failures):
             return self
         drop = set(failures["path"])
@@ -230,8 +206,11 @@ class Plan:
         )
 
     def manifest_table(self) -> pd.DataFrame:
-        """The manifest as `finalize` writes it: every input file once, with its store `row` (-1 when set
-        aside), its final reason and detail, its labels (one uint8 column per class) and patient key."""
+        """The manifest as `finalize` writes it.
+
+        Every input file once, with its store `row` (-1 when set aside), its final reason and detail, its
+        labels (one uint8 column per class) and patient key.
+        """
         t = self.manifest.table.drop(columns=["patient_id"], errors="ignore")
         t = t.drop_duplicates("path", keep="last").reset_index(drop=True)
         where = pd.Index(t["path"])
@@ -272,99 +251,6 @@ def patient_key(patient_id: str | None, salt: bytes) -> str:
     return "P" + hashlib.blake2b(pid.encode(), key=salt, digest_size=8).hexdigest()
 
 
-def _load_salt(store: Path, *, must_exist: bool) -> bytes:
-    p = salt_path(store)
-    if p.is_file():
-        return bytes.fromhex(p.read_text().strip())
-    if must_exist:
-        raise UserError(
-            f"{p}: missing; the store's patient keys were made with it, so new series cannot be keyed "
-            "consistently. Put the salt file back beside the store, or pass --overwrite"
-        )
-    salt = secrets.token_bytes(16)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(p.name + ".tmp")
-    tmp.write_text(salt.hex() + "\n")
-    os.chmod(tmp, 0o600)
-    with contextlib.suppress(FileExistsError):
-        os.link(tmp, p)  # two plans racing on a new store keep the first salt
-    tmp.unlink()
-    return bytes.fromhex(p.read_text().strip())
-
-
-def plan_config(source: Path, shard_size: int, image_size: int = IMAGE_SIZE) -> dict[str, Any]:
-    """The settings a store is tied to; a store made with other settings is a different plan."""
-    return {
-        "format_version": FORMAT_VERSION,
-        "render_version": RENDER_VERSION,
-        "image_size": image_size,
-        "shard_size": shard_size,
-        "source": os.path.realpath(source),
-    }
-
-
-def _previous(
-    store: Path, config: dict[str, Any], overwrite: bool
-) -> tuple[dict[str, Any] | None, Manifest | None]:
-    """The store's attributes and previous manifest, after checking that the store has this plan."""
-    if overwrite:
-        return None, None
-    if store.exists() and not (store / "zarr.json").is_file():
-        if store.is_dir() and not any(store.iterdir()):
-            return None, None
-        raise UserError(f"STORE {store}: exists and is not an ich store; choose another path")
-    found = store_attrs(store)
-    if found is None:
-        return None, None
-    attrs = dict(found)
-    prev_plan = attrs.get("plan") or {}
-    prev_config = prev_plan.get("config")
-    if prev_config != config:
-        was = (
-            f"source {prev_config.get('source')}, shard size {prev_config.get('shard_size')}, "
-            f"image size {prev_config.get('image_size')}, format {prev_config.get('format_version')}"
-            if prev_config
-            else "not by `ich convert`"
-        )
-        now = (
-            f"source {config['source']}, shard size {config['shard_size']}, image size {config['image_size']}"
-        )
-        raise UserError(
-            f"STORE {store}: made from a different plan ({was}; this run: {now}); "
-            "pass --overwrite to replace it, or choose another STORE"
-        )
-    mp = manifest_path(store)
-    if mp.is_file():
-        return attrs, Manifest.read(mp, config["source"])
-    if attrs.get("state") == "complete":
-        raise UserError(f"{mp}: missing; it records what the store holds, so the store cannot be extended")
-    return attrs, None
-
-
-def check_store(
-    store: str | os.PathLike[str],
-    source: str | os.PathLike[str],
-    shard_size: int | None = None,
-    overwrite: bool = False,
-) -> None:
-    """Raise `UserError` when `store` exists and was made from another plan (or is not a store): what
-    `ich convert` checks before it scans, so that a mistake costs a second, not a scan."""
-    if not overwrite:
-        _previous(Path(store), plan_config(Path(source), resolve_shard_size(store, shard_size)), False)
-
-
-def resolve_shard_size(store: str | os.PathLike[str], shard_size: int | None, overwrite: bool = False) -> int:
-    """The shard size to use: the one asked for, else the existing store's, else `DEFAULT_SHARD_SIZE`."""
-    if shard_size is not None:
-        if shard_size < 1:
-            raise UserError(f"--shard-size {shard_size}: expected a positive number of slices")
-        return int(shard_size)
-    attrs = None if overwrite else store_attrs(store)
-    if attrs and attrs.get("plan") and attrs["plan"].get("config"):
-        return int(attrs["plan"]["config"]["shard_size"])
-    return DEFAULT_SHARD_SIZE
-
-
 def load_labels(labels: str | os.PathLike[str] | pd.DataFrame | None) -> pd.DataFrame | None:
     """The label table (`ichdata.labels.read_labels`) from a CSV path, or as given."""
     if labels is None or isinstance(labels, pd.DataFrame):
@@ -385,58 +271,101 @@ def plan(
     overwrite: bool = False,
     image_size: int = IMAGE_SIZE,
 ) -> Plan:
-    """Plan the conversion of `manifest` into `store` (see the module docstring). Reads, never writes,
-    the store (only `STORE.salt` is created when missing)."""
+    """Plan the conversion of `manifest` into `store` (see the module docstring).
+
+    Reads, never writes, the store (only `STORE.salt` is created when missing).
+    """
     store = Path(store)
     label_table = load_labels(labels)
     shard_size = resolve_shard_size(store, shard_size, overwrite)
     config = plan_config(manifest.source, shard_size, image_size)
-    attrs, prev = _previous(store, config, overwrite)
-
-    scanned = manifest.table
-    prev_t = prev.table if prev is not None else None
-    # Files already in the store keep their previous row; everything else takes this scan's row.
-    if prev_t is not None and len(prev_t):
-        in_store = prev_t.loc[prev_t["row"] >= 0].sort_values("row")
-        prev_q = prev_t.loc[prev_t["row"] < 0]
-        stored_paths = set(in_store["path"])
-        prev_q_unchanged = prev_q.merge(
-            scanned[["path", "size", "mtime_ns"]], on=["path", "size", "mtime_ns"]
-        )
-        prev_q_gone = prev_q.loc[~prev_q["path"].isin(scanned["path"])]
-        old_q = pd.concat([prev_q_unchanged, prev_q_gone], ignore_index=True)
-        known = stored_paths | set(old_q["path"])
-        fresh = scanned.loc[~scanned["path"].isin(known)]
-        carried = pd.concat([t for t in (in_store, old_q) if len(t)] or [in_store], ignore_index=True).drop(
-            columns=["patient_id"], errors="ignore"
-        )
-        manifest = Manifest(
-            manifest.source, pd.concat([carried, fresh], ignore_index=True).sort_values("path")
-        )
-    else:
-        in_store = scanned.iloc[:0].assign(row=pd.Series(dtype=np.int64))
-        old_q = scanned.iloc[:0]
-        fresh = scanned
+    attrs, prev = previous_run(store, config, overwrite)
+    manifest, in_store, old_q, fresh = _carry_over(manifest, prev)
     n_existing = len(in_store)
     if n_existing and not np.array_equal(in_store["row"].to_numpy(dtype=np.int64), np.arange(n_existing)):
         raise UserError(
             f"{manifest_path(store)}: store rows are not 0..{n_existing - 1}; the manifest is damaged"
         )
-
-    salt = _load_salt(
+    salt = load_salt(
         store,
         must_exist=n_existing > 0 and any(not _RSNA_PATIENT.match(str(k)) for k in in_store["patient_key"]),
     )
+    q_rows, cand = _header_and_pixel_failures(fresh, (attrs or {}).get("pixel_failures", []))
+    for reason, find in ((Reason.DUPLICATE, _duplicates), (Reason.SERIES_IN_STORE, _late_slices)):
+        detail = find(cand, in_store)
+        q_rows += _set_aside(cand, detail, reason)
+        cand = cand.loc[detail.isna().to_numpy()]
+    rows, series = _store_order(in_store, cand, salt)
+    frames = [old_q.assign(new=False)[_QUARANTINE]] if len(old_q) else []
+    if q_rows:
+        frames.append(pd.DataFrame(q_rows, columns=_QUARANTINE))
+    quarantine = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=_QUARANTINE)
+    quarantine["new"] = quarantine["new"].astype(bool)
+    return Plan(
+        store=store,
+        source=Path(manifest.source),
+        shard_size=shard_size,
+        image_size=image_size,
+        config=config,
+        rows=rows,
+        series=series,
+        labels=_labels(rows, in_store, label_table),
+        quarantine=_sorted_quarantine(quarantine),
+        n_existing=n_existing,
+        manifest=manifest,
+        labels_source=None if labels is None or isinstance(labels, pd.DataFrame) else str(labels),
+        overwrite=overwrite,
+    )
 
-    # Header-time set-asides of this scan, and previous pixel-time failures of an unfinished run.
-    q_rows: list[dict[str, Any]] = []
+
+def _carry_over(
+    manifest: Manifest, prev: Manifest | None
+) -> tuple[Manifest, pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """Split the scan against the previous manifest.
+
+    (the manifest with the previous rows carried over, the rows already in the store in row order, the files
+    set aside before and unchanged or gone since, the files to plan now).
+    """
+    scanned = manifest.table
+    prev_t = prev.table if prev is not None else None
+    if prev_t is None or not len(prev_t):
+        return manifest, scanned.iloc[:0].assign(row=pd.Series(dtype=np.int64)), scanned.iloc[:0], scanned
+    # Files already in the store keep their previous row; everything else takes this scan's row.
+    in_store = prev_t.loc[prev_t["row"] >= 0].sort_values("row")
+    prev_q = prev_t.loc[prev_t["row"] < 0]
+    prev_q_unchanged = prev_q.merge(scanned[["path", "size", "mtime_ns"]], on=["path", "size", "mtime_ns"])
+    prev_q_gone = prev_q.loc[~prev_q["path"].isin(scanned["path"])]
+    old_q = pd.concat([prev_q_unchanged, prev_q_gone], ignore_index=True)
+    known = set(in_store["path"]) | set(old_q["path"])
+    fresh = scanned.loc[~scanned["path"].isin(known)]
+    carried = pd.concat([t for t in (in_store, old_q) if len(t)] or [in_store], ignore_index=True).drop(
+        columns=["patient_id"], errors="ignore"
+    )
+    merged = Manifest(manifest.source, pd.concat([carried, fresh], ignore_index=True).sort_values("path"))
+    return merged, in_store, old_q, fresh
+
+
+def _quarantine_row(path: str, reason: str, detail: str, size: Any, mtime_ns: Any) -> dict[str, Any]:
+    return {"path": path, "reason": reason, "detail": detail, "size": size, "mtime_ns": mtime_ns, "new": True}
+
+
+def _header_and_pixel_failures(
+    fresh: pd.DataFrame, pixel_failures: list[dict[str, Any]]
+) -> tuple[list[dict[str, Any]], pd.DataFrame]:
+    """The files set aside at header time, and those an unfinished run found undecodable.
+
+    Returns their quarantine rows and the remaining candidate slices, sorted by path. A file that
+    failed at pixel time is set aside again only while its size and modification time are unchanged.
+    """
     bad = fresh.loc[fresh["reason"] != ""]
-    for p, r, d, s, m in zip(
-        bad["path"], bad["reason"], bad["detail"], bad["size"], bad["mtime_ns"], strict=True
-    ):
-        q_rows.append({"path": p, "reason": r, "detail": d, "size": s, "mtime_ns": m, "new": True})
+    q_rows = [
+        _quarantine_row(p, r, d, s, m)
+        for p, r, d, s, m in zip(
+            bad["path"], bad["reason"], bad["detail"], bad["size"], bad["mtime_ns"], strict=True
+        )
+    ]
     cand = fresh.loc[fresh["reason"] == ""]
-    failed = {f["path"]: f for f in (attrs or {}).get("pixel_failures", [])}
+    failed = {f["path"]: f for f in pixel_failures}
     if failed:
         hit = cand.apply(
             lambda r: (
@@ -449,20 +378,17 @@ def plan(
         for p, s, m in zip(
             cand.loc[hit, "path"], cand.loc[hit, "size"], cand.loc[hit, "mtime_ns"], strict=True
         ):
-            q_rows.append(
-                {
-                    "path": p,
-                    "reason": failed[p]["reason"],
-                    "detail": failed[p]["detail"],
-                    "size": s,
-                    "mtime_ns": m,
-                    "new": True,
-                }
-            )
+            q_rows.append(_quarantine_row(p, failed[p]["reason"], failed[p]["detail"], s, m))
         cand = cand.loc[~hit]
+    return q_rows, cand.sort_values("path", kind="stable")
 
-    # Duplicates: an image id already in the store, or seen earlier (by path) in this scan.
-    cand = cand.sort_values("path", kind="stable")
+
+def _duplicates(cand: pd.DataFrame, in_store: pd.DataFrame) -> pd.Series:
+    """For each candidate.
+
+    The detail of its `duplicate` reason (an image id already in the store, or seen earlier by path in this
+    scan), else null.
+    """
     kept = pd.concat(
         [in_store[["image_id", "path"]], cand[["image_id", "path"]].drop_duplicates("image_id")]
     ).drop_duplicates("image_id")
@@ -470,84 +396,51 @@ def plan(
     is_dup = (
         cand["image_id"].isin(in_store["image_id"]) | cand["image_id"].duplicated(keep="first")
     ).to_numpy()
-    dups = cand.loc[is_dup]
-    for iid, p, sz, m in zip(dups["image_id"], dups["path"], dups["size"], dups["mtime_ns"], strict=True):
-        q_rows.append(
-            {
-                "path": p,
-                "reason": DUPLICATE,
-                "detail": f"image id {iid} is already stored from {kept_path[iid]}",
-                "size": sz,
-                "mtime_ns": m,
-                "new": True,
-            }
-        )
-    cand = cand.loc[~is_dup]
+    detail = pd.Series([None] * len(cand), index=cand.index, dtype=object)
+    for k, iid in zip(np.flatnonzero(is_dup), cand["image_id"].to_numpy()[is_dup], strict=True):
+        detail.iloc[k] = f"image id {iid} is already stored from {kept_path[iid]}"
+    return detail
 
-    # New slices of a series the store already holds are reported, not spliced in.
+
+def _late_slices(cand: pd.DataFrame, in_store: pd.DataFrame) -> pd.Series:
+    """For each candidate.
+
+    The detail of its `series_in_store` reason (a new file of a series the store already holds: series stay
+    contiguous, so it is reported, not spliced in), else null.
+    """
+    detail = pd.Series([None] * len(cand), index=cand.index, dtype=object)
     stored_series = set(zip(in_store["study_uid"], in_store["series_uid"], strict=True))
-    if stored_series:
-        late = np.array(
-            [(a, b) in stored_series for a, b in zip(cand["study_uid"], cand["series_uid"], strict=True)],
-            dtype=bool,
-        )
-        for p, suid, s, m in zip(
-            cand.loc[late, "path"],
-            cand.loc[late, "series_uid"],
-            cand.loc[late, "size"],
-            cand.loc[late, "mtime_ns"],
-            strict=True,
-        ):
-            q_rows.append(
-                {
-                    "path": p,
-                    "reason": SERIES_IN_STORE,
-                    "detail": f"series {suid} is already in the store; pass --overwrite to re-convert it with this slice",
-                    "size": s,
-                    "mtime_ns": m,
-                    "new": True,
-                }
+    if not stored_series:
+        return detail
+    for k, (study, suid) in enumerate(zip(cand["study_uid"], cand["series_uid"], strict=True)):
+        if (study, suid) in stored_series:
+            detail.iloc[k] = (
+                f"series {suid} is already in the store; pass --overwrite to re-convert it with this slice"
             )
-        cand = cand.loc[~late]
+    return detail
 
-    # Store order: existing rows, then new series by (study, series) UID, each in slice order.
+
+def _set_aside(cand: pd.DataFrame, detail: pd.Series, reason: Reason) -> list[dict[str, Any]]:
+    """The quarantine rows, with `reason`, of the candidates whose `detail` is not null."""
+    hit = detail.notna().to_numpy()
+    sub = cand.loc[hit]
+    return [
+        _quarantine_row(p, reason, d, s, m)
+        for p, d, s, m in zip(sub["path"], detail[hit], sub["size"], sub["mtime_ns"], strict=True)
+    ]
+
+
+def _store_order(
+    in_store: pd.DataFrame, cand: pd.DataFrame, salt: bytes
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The plan's rows and series.
+
+    The existing rows, then new series by (study, series) UID, each in slice order.
+    """
     parts = [in_store]
-    series_rows: list[dict[str, Any]] = []
-    if n_existing:
-        run_start = np.flatnonzero(
-            np.r_[
-                True,
-                (in_store["series_uid"].to_numpy()[1:] != in_store["series_uid"].to_numpy()[:-1])
-                | (in_store["study_uid"].to_numpy()[1:] != in_store["study_uid"].to_numpy()[:-1]),
-            ]
-        )
-        bounds = np.r_[run_start, n_existing]
-        for a, b in itertools.pairwise(bounds):
-            r0 = in_store.iloc[a]
-            series_rows.append(
-                {
-                    "study_uid": r0["study_uid"],
-                    "series_uid": r0["series_uid"],
-                    "patient_key": r0["patient_key"],
-                    "n_slices": int(b - a),
-                }
-            )
+    series_rows = _stored_series(in_store)
     if len(cand):
-        # Each new series in slice order: position along the normal, ties by InstanceNumber (missing
-        # last), then image id: the keys of `ichdata.order.slice_order`, sorted for all series at once
-        # (a loop over RSNA's 21,744 series costs a minute of pandas overhead).
-        series_code = cand.groupby(["study_uid", "series_uid"], sort=True).ngroup().to_numpy()
-        inst = cand["instance_number"]
-        order = np.lexsort(
-            (
-                pd.factorize(cand["image_id"], sort=True)[0],
-                inst.fillna(0).to_numpy(dtype=np.int64),
-                inst.isna().to_numpy(),
-                cand["slice_position"].to_numpy(dtype=np.float64),
-                series_code,
-            )
-        )
-        ordered = cand.iloc[order]
+        ordered = cand.iloc[_slice_order(cand)]
         parts.append(ordered)
         g = ordered.groupby(["study_uid", "series_uid"], sort=True)
         firsts = g.first()  # first non-null value per column: the series' patient id
@@ -569,13 +462,58 @@ def plan(
             )
     cols = ["path", "size", "mtime_ns", "image_id", "slice_position"]
     rows = pd.concat([p[cols] for p in parts], ignore_index=True) if parts else pd.DataFrame(columns=cols)
-    rows["existing"] = np.arange(len(rows)) < n_existing
+    rows["existing"] = np.arange(len(rows)) < len(in_store)
     for c in ("size", "mtime_ns"):  # one dtype whatever the rows came from: the shard keys print them
         rows[c] = pd.array(rows[c], dtype="Int64")
     series = pd.DataFrame(series_rows, columns=["study_uid", "series_uid", "patient_key", "n_slices"])
     series["n_slices"] = series["n_slices"].astype(np.int64)
+    return rows, series
 
-    # Labels: the CSV where it has the image, else what the store had, else 255.
+
+def _stored_series(in_store: pd.DataFrame) -> list[dict[str, Any]]:
+    """The series of the rows already in the store, in store order."""
+    n_existing = len(in_store)
+    if not n_existing:
+        return []
+    study, suid = in_store["study_uid"].to_numpy(), in_store["series_uid"].to_numpy()
+    run_start = np.flatnonzero(np.r_[True, (suid[1:] != suid[:-1]) | (study[1:] != study[:-1])])
+    out = []
+    for a, b in itertools.pairwise(np.r_[run_start, n_existing]):
+        r0 = in_store.iloc[a]
+        out.append(
+            {
+                "study_uid": r0["study_uid"],
+                "series_uid": r0["series_uid"],
+                "patient_key": r0["patient_key"],
+                "n_slices": int(b - a),
+            }
+        )
+    return out
+
+
+def _slice_order(cand: pd.DataFrame) -> np.ndarray:
+    """The order of the new slices.
+
+    By series, then the keys of `ichdata.order.slice_order` (position along the normal, InstanceNumber with
+    missing last, image id), sorted for all series at once (a loop over tens of thousands of series costs
+    minutes of pandas overhead).
+    """
+    series_code = cand.groupby(["study_uid", "series_uid"], sort=True).ngroup().to_numpy()
+    inst = cand["instance_number"]
+    return np.lexsort(
+        (
+            pd.factorize(cand["image_id"], sort=True)[0],
+            inst.fillna(0).to_numpy(dtype=np.int64),
+            inst.isna().to_numpy(),
+            cand["slice_position"].to_numpy(dtype=np.float64),
+            series_code,
+        )
+    )
+
+
+def _labels(rows: pd.DataFrame, in_store: pd.DataFrame, label_table: pd.DataFrame | None) -> np.ndarray:
+    """(N, 6) uint8: the CSV's labels where it has the image, else what the store had, else 255."""
+    n_existing = len(in_store)
     lab = np.full((len(rows), len(CLASSES)), UNLABELLED, dtype=np.uint8)
     if n_existing:
         lab[:n_existing] = in_store[list(CLASSES)].to_numpy(dtype=np.uint8)
@@ -583,40 +521,7 @@ def plan(
         found = label_table.reindex(rows["image_id"].to_numpy())
         has = found.notna().all(axis=1).to_numpy()
         lab[has] = found.loc[has, list(CLASSES)].to_numpy(dtype=np.uint8) if has.any() else lab[has]
-
-    qcols = [*QUARANTINE_COLUMNS, "size", "mtime_ns", "new"]
-    frames = []
-    if len(old_q):
-        frames.append(old_q.assign(new=False)[qcols])
-    if q_rows:
-        frames.append(pd.DataFrame(q_rows, columns=qcols))
-    quarantine = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=qcols)
-    quarantine["new"] = quarantine["new"].astype(bool)
-    return Plan(
-        store=store,
-        source=Path(manifest.source),
-        shard_size=shard_size,
-        image_size=image_size,
-        config=config,
-        rows=rows,
-        series=series,
-        labels=lab,
-        quarantine=_sorted_quarantine(quarantine),
-        n_existing=n_existing,
-        manifest=manifest,
-        labels_source=None if labels is None or isinstance(labels, pd.DataFrame) else str(labels),
-        overwrite=overwrite,
-    )
+    return lab
 
 
-__all__ = [
-    "DUPLICATE",
-    "RENDER_VERSION",
-    "SERIES_IN_STORE",
-    "Plan",
-    "check_store",
-    "load_labels",
-    "patient_key",
-    "plan",
-    "plan_config",
-]
+__all__ = ["Plan", "load_labels", "patient_key", "plan"]

@@ -1,19 +1,12 @@
 """The first pass of a conversion: a header-only scan of every file under the source, as a manifest.
 
-`scan(source, client)` walks the source tree recursively (RSNA's flat folder, or a hospital export with
-nested folders, extensionless files and DICOMDIR records: files are recognised by content, never by
-name), then reads the headers (`ichdata.dicom.read_header`, which stops before the pixel data) in
-parallel on a Dask cluster, in batches of a few hundred to a few thousand files per task (752k files
-are a few hundred tasks, not 752k). Every file gets one manifest row: either a slice (its image id,
-study/series UID, position along the normal, …) or the reason it is set aside (`ichdata.dicom.REASONS`)
-and a one-line detail.
-
-A re-scan of a source that an earlier conversion already read (`previous=`, the manifest kept beside
-the store) re-reads only files that are new or whose size or modification time changed: a landing
-folder of 752k files re-scans in the time it takes to list it.
-
-The manifest keeps the raw (0010,0020) Patient ID in memory only (column `patient_id`), for the plan to
-turn into a pseudonymous key; `Manifest.write` never writes it.
+`scan(source, client)` lists the source tree (files are recognised by content, never by name), then
+reads the headers (`ichdata.dicom.read_header_layout`, which stops before the pixel data) on a Dask
+cluster, in batches of files per task. Every file gets one manifest row: a slice (its image id,
+study/series UID, position along the normal, …) or the reason it is set aside (`ichdata.reasons`).
+A re-scan against the previous manifest (`previous=`) re-reads only new or changed files. The raw
+(0010,0020) Patient ID stays in memory (column `patient_id`) for the plan to key; `Manifest.write`
+never writes it.
 """
 
 from __future__ import annotations
@@ -22,12 +15,17 @@ import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 
+from ichdata.atomic import atomic_path
 from ichdata.errors import UserError
+from ichdata.reasons import Reason
+
+if TYPE_CHECKING:
+    from distributed import Client
 
 #: Manifest columns as written to Parquet, in order. `reason` is "" for a usable slice.
 #: `row` (the store row, -1 for a set-aside file) and the label columns are filled by the plan.
@@ -50,8 +48,6 @@ COLUMNS: tuple[str, ...] = (
     "cols",
     "pixel_layout",
 )
-#: Reason of a file that raised something other than `SliceError` while its header was read.
-READ_ERROR = "read_error"
 
 
 @dataclass
@@ -80,10 +76,9 @@ class Manifest:
     def write(self, path: str | os.PathLike[str]) -> Path:
         """Write as Parquet (atomically: a temporary file renamed over `path`), without raw patient ids."""
         p = Path(path)
-        tmp = p.with_name(p.name + ".tmp")
         table = self.table.drop(columns=["patient_id"], errors="ignore")
-        table.to_parquet(tmp, index=False)
-        tmp.replace(p)
+        with atomic_path(p) as tmp:
+            table.to_parquet(tmp, index=False)
         return p
 
     @classmethod
@@ -110,10 +105,10 @@ def walk(source: str | os.PathLike[str], exclude: Iterable[str | os.PathLike[str
         raise UserError(f"SOURCE {root}: no such folder; expected a folder of DICOM files")
     skip = {os.path.realpath(p) for p in exclude}
     # Only an entry with the name of an excluded path, or a symbolic link, can resolve to one: the
-    # others skip `realpath` (a few system calls per file: 0.1 s of the driver's time per 4,000 files).
+    # others skip `realpath` (a few system calls per file, on the driver, for every file of the source).
     skip_names = {os.path.basename(p) for p in skip}
     out: list[str] = []
-    # Relative paths by slicing, not `Path.relative_to` (20 µs a file: 0.1 s of the driver per 4,000 files).
+    # Relative paths by slicing, not `Path.relative_to` (far slower per file, on the driver).
     # scandir yields `d + os.sep + name`, so every entry's path starts with the root's `str` and a separator.
     top = str(root)
     cut = len(top) + (0 if top.endswith(os.sep) else 1)
@@ -138,9 +133,10 @@ _RECORD = (*COLUMNS, "patient_id")
 
 
 def scan_files(root: str, paths: Sequence[str]) -> pd.DataFrame:
-    """Stat and read the header of each of `paths` (relative to `root`): the manifest rows of one batch,
-    as a table (`table_from_records`), built here on the worker: the driver only concatenates the
-    batches, instead of building the whole table while the workers wait for the plan.
+    """Stat and read the header of each of `paths` (relative to `root`).
+
+    The manifest rows of one batch, as a table (`table_from_records`), built here on the worker: the driver
+    only concatenates the batches, instead of building the whole table while the workers wait for the plan.
 
     This is the Dask task of the scan; it never raises for a bad file.
     """
@@ -157,7 +153,9 @@ def scan_files(root: str, paths: Sequence[str]) -> pd.DataFrame:
         except SliceError as exc:
             rows.append((rel, size, mtime, exc.reason, exc.detail, *([None] * 9), None))
         except Exception as exc:  # a file that breaks the reader must not stop 752k others
-            rows.append((rel, size, mtime, READ_ERROR, f"{type(exc).__name__}: {exc}", *([None] * 9), None))
+            rows.append(
+                (rel, size, mtime, Reason.READ_ERROR, f"{type(exc).__name__}: {exc}", *([None] * 9), None)
+            )
         else:
             rows.append(
                 (
@@ -182,8 +180,10 @@ def scan_files(root: str, paths: Sequence[str]) -> pd.DataFrame:
 
 
 def table_from_records(records: Sequence[dict[str, Any] | tuple[Any, ...]]) -> pd.DataFrame:
-    """A manifest table from dicts with (some of) `COLUMNS`, or from `scan_files` tuples; missing
-    values become null."""
+    """A manifest table from dicts with (some of) `COLUMNS`, or from `scan_files` tuples.
+
+    Missing values become null.
+    """
     df = pd.DataFrame.from_records(list(records), columns=list(_RECORD))
     for c in (
         "path",
@@ -206,18 +206,18 @@ def table_from_records(records: Sequence[dict[str, Any] | tuple[Any, ...]]) -> p
     return df
 
 
-#: Files per scan task at most (≈ 0.2 s of one worker).
+#: Files per scan task at most (a fraction of a second of one worker).
 MAX_BATCH = 2000
 
 
 def _batches(paths: Sequence[str], n_workers: int, batch_size: int | None) -> list[Sequence[str]]:
-    """`paths` in consecutive batches, one scan task each: `batch_size` files, or by default a number of
-    batches that is a multiple of `n_workers` (so that equally fast workers finish together), at least
-    2 per worker and at most `MAX_BATCH` files (never fewer than 64) each.
+    """`paths` in consecutive batches, one scan task each.
 
-    Two per worker: the cost per task (distributed's messaging in the driver, on a core the workers
-    need, and in the worker between two tasks) stays small. A multiple of the workers: 12,072 files in
-    7 batches of 2,000 left one of 2 workers a whole batch (≈ 0.2 s) behind the other.
+    `batch_size` files each, or by default a number of batches that is a multiple of `n_workers` (so
+    that equally fast workers finish together), at least 2 per worker and at most `MAX_BATCH` files
+    (never fewer than 64) each. Two per worker: the cost per task (distributed's messaging in the
+    driver, on a core the workers need, and in the worker between two tasks) stays small. A multiple
+    of the workers: otherwise one of them can end a whole batch behind the others.
     """
     n = len(paths)
     if batch_size is None:
@@ -230,7 +230,7 @@ def _batches(paths: Sequence[str], n_workers: int, batch_size: int | None) -> li
 
 def scan(
     source: str | os.PathLike[str],
-    client: Any = None,
+    client: Client | None = None,
     *,
     previous: Manifest | None = None,
     exclude: Iterable[str | os.PathLike[str]] = (),
@@ -313,4 +313,4 @@ def _stat(p: Path) -> tuple[int, int] | None:
     return st.st_size, st.st_mtime_ns
 
 
-__all__ = ["COLUMNS", "READ_ERROR", "Manifest", "scan", "scan_files", "table_from_records", "walk"]
+__all__ = ["COLUMNS", "Manifest", "scan", "scan_files", "table_from_records", "walk"]

@@ -1,57 +1,13 @@
 """The store: one Zarr v3 group that holds a converted head-CT archive, and its reader.
 
-Layout (format version 1; DESIGN.md "The store contract" fixes the first four names):
-
-| name | shape / dtype | meaning |
-| --- | --- | --- |
-| `images` | (N, 3, 256, 256) uint8 | brain / subdural / bone windows; rows grouped by series, each series contiguous and in slice order |
-| `labels` | (N, 6) uint8 | 0/1 per class of `attrs["classes"]`; 255 = no label for this image |
-| `image_id` | (N,) string | the RSNA image id (`ID_…`) or the SOPInstanceUID |
-| `study_offsets` | (S+1,) int64 | series s holds rows `[study_offsets[s], study_offsets[s+1])` |
-| `slice_position` | (N,) float64 | position along the slice normal, mm (DESIGN.md, "Slice order") |
-| `source_path` | (N,) string | the file the row was rendered from, relative to the source root (POSIX) |
-| `series/study_uid`, `series/series_uid` | (S,) string | (0020,000D) Study / (0020,000E) Series Instance UID |
-| `series/patient_key` | (S,) string | the RSNA `ID_…` patient id as is, otherwise a salted hash (never the raw id) |
-| `series/n_slices` | (S,) int64 | slices of the series (= `diff(study_offsets)`) |
-| `quarantine/path`, `quarantine/reason`, `quarantine/detail` | (Q,) string | every input file that is not a row of `images` |
-| `conversion/shard_done` | (n_shards,) string, one chunk per shard | `"<shard key>:<CRC-32 of the shard's pixels>"`, written by the task that wrote the shard |
-
-`images` has one slice per chunk and `shard_size` slices per shard (default 64: RSNA's 752k slices
-are 11,763 files of ~2.3 MB, a 35-slice study is one or two contiguous reads; 32 to 256 write and read
-a study equally fast, and 64 balances a small or incremental conversion across workers better than
-128, because a task owns whole shards; see bench/RESULTS.md), compressed with zstd level 1 (`ZSTD_LEVEL`: on CT windows it
-compresses as well as level 3, 5.6× on the synthetic archive, at 60 % of the CPU time). A reader wants
-contiguous ranges (`read_series`, `read_rows`), never fancy indexing (slow on sharded arrays in zarr
-3.1, zarr-python #3829). Shards are written whole by `write_images`, which on a local store encodes the
-shard file itself (byte for byte what zarr writes, at half the CPU time) and renames it into place.
-
-Group attributes: `format_version`, `classes`, `windows` (name, level, width), `image_size`,
-`state` (`"converting"` while the first conversion runs, `"finalizing"` while the small arrays are
-rewritten, `"complete"`), `n_slices`, `n_series`, `n_studies`, `shard_size`, `provenance` (source,
-software version, created/updated times, counts converted and quarantined by reason, label CSV) and
-`plan` (the settings the store is tied to, their hash and the plan hash, used to resume and to refuse
-a store from another plan). While a conversion that met undecodable files runs, `pixel_failures` lists
-them (so that a resumed run plans without them); `finalize` moves them to the quarantine.
-
-Beside the store (not inside it: zarr warns about non-Zarr files when a group's members are listed):
-`STORE.manifest.parquet` (one row per input file, see `ichdata.scan`), `STORE.quarantine.csv`
-(the quarantine arrays as CSV), `STORE.salt` (the random salt of the patient keys; kept out of the store
-so that sharing the store does not share the means to test a guessed patient id against its key).
-
-Strings are Zarr v3 `string` (vlen-utf8), which zarr-python reads; tensorstore 0.1 reads every numeric
-array of the store but not the string ones.
-
-A store that an append is currently growing stays readable: the committed arrays (everything but
-`images` and `conversion/`) only change in `finalize`, and `images` may hold rows beyond `n_slices`
-that belong to the conversion in progress; readers use `n_slices` / `study_offsets`, never
-`images.shape[0]`.
-
-Known limit: `finalize` replaces the small arrays one by one under the fixed names above, so while it
-runs (seconds, even for RSNA) the state is `"finalizing"` and `open_store` refuses the store. A run
-killed in that window leaves an appended-to store unreadable until the next run with the same
-arguments, which re-plans from `STORE.manifest.parquet` (written first, the commit record) and
-finalizes again; no DICOM is re-read. Keeping readers on the last committed arrays through that window
-would need versioned small arrays (new arrays, then one attribute naming them), a format change.
+The arrays, their shapes and meaning, the group attributes, the files beside the store
+(`STORE.manifest.parquet`, `STORE.quarantine.csv`, `STORE.salt`) and the conversion states are the
+README's store section (the first four arrays are fixed by DESIGN.md "The store contract"). This
+module creates the arrays (`create_images`, `create_shard_done`, `write_committed`), writes whole
+shards (`write_images`), and opens a store for reading (`open_store`). Readers want contiguous ranges
+(`Store.read_series`, `Store.read_rows`), never fancy indexing (slow on sharded arrays in zarr 3.1,
+zarr-python #3829), and use `n_slices` / `study_offsets`, never `images.shape[0]`: an append in
+progress may have grown `images` beyond the committed rows.
 """
 
 from __future__ import annotations
@@ -62,14 +18,19 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 
+from ichdata.atomic import atomic_path, write_bytes_atomic
 from ichdata.errors import UserError
 from ichdata.labels import CLASSES, UNLABELLED
 from ichdata.windows import WINDOWS
+
+if TYPE_CHECKING:
+    from zarr import Array, Group
+    from zarr.abc.codec import BytesBytesCodec
 
 FORMAT_VERSION = 1
 IMAGE_SIZE = 256
@@ -102,13 +63,13 @@ def _beside(store: str | os.PathLike[str], suffix: str) -> Path:
     return p.with_name(p.name.rstrip("/") + suffix)
 
 
-def _compressors() -> list[Any]:
+def _compressors() -> list[BytesBytesCodec]:
     from zarr.codecs import ZstdCodec
 
     return [ZstdCodec(level=ZSTD_LEVEL)]
 
 
-def create_images(group: Any, n_slices: int, shard_size: int, image_size: int = IMAGE_SIZE) -> Any:
+def create_images(group: Group, n_slices: int, shard_size: int, image_size: int = IMAGE_SIZE) -> Array:
     """Create (or replace) `images`: one slice per chunk, `shard_size` slices per shard, zstd."""
     shape = (n_slices, N_CHANNELS, image_size, image_size)
     return group.create_array(
@@ -125,55 +86,59 @@ def create_images(group: Any, n_slices: int, shard_size: int, image_size: int = 
 
 
 def shard_checksum(block: np.ndarray) -> str:
-    """CRC-32 of a shard's pixels (uint8, C order), as 8 hex digits: what the done-marker records and
-    `ich verify` checks. A checksum against accidents (a truncated or damaged shard file), not an
-    adversary; it costs 0.04 ms per slice against 0.18 ms for BLAKE2b."""
+    """CRC-32 of a shard's pixels (uint8, C order), as 8 hex digits.
+
+    What the done-marker records and `ich verify` checks. A checksum against accidents (a truncated or
+    damaged shard file), not an adversary: CRC-32 is far cheaper than a cryptographic hash.
+    """
     import zlib
 
     return f"{zlib.crc32(np.ascontiguousarray(block, dtype=np.uint8).data):08x}"
 
 
-def write_images(images: Any, start: int, block: np.ndarray) -> None:
-    """`images[start:start + len(block)] = block` for one whole shard (`start` on a shard boundary,
-    `block` the whole shard or the array's last rows).
+def write_images(images: Array, start: int, block: np.ndarray) -> None:
+    """`images[start:start + len(block)] = block` for one whole shard.
 
-    On a local store the shard file is encoded here and written atomically (a temporary file renamed
-    over it): byte for byte what zarr writes (tested), at half the CPU time, because zarr's pipeline
-    spends ~0.27 ms per inner chunk on bookkeeping on top of 0.28 ms of zstd. Anywhere else (an fsspec
-    store, another layout) zarr writes it, without its per-chunk test for all-zero chunks (a CT slice is
-    never all air; the test costs another 0.27 ms per slice).
+    `start` is on a shard boundary and `block` is the whole shard or the array's last rows. On a local
+    store the shard file is encoded here and written atomically (`ichdata.atomic`): byte for byte what
+    zarr writes (tested), at a fraction of the CPU time, because zarr's pipeline spends as long on
+    bookkeeping per inner chunk as on zstd. Anywhere else (an fsspec store, another layout) zarr writes
+    it, without its per-chunk test for all-zero chunks (a CT slice is never all air, and the test is
+    as costly as the bookkeeping).
     """
     import zarr
 
     path = _local_shard_path(images, start, len(block))
-    if path is not None and block.dtype == np.uint8:
+    if path is not None and images.shards is not None and block.dtype == np.uint8:
         data = _encode_shard(block, int(images.shards[0]))
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
+        write_bytes_atomic(path, data)
         return
     with zarr.config.set({"array.write_empty_chunks": True}):
         images[start : start + len(block)] = block
 
 
-def _local_shard_path(images: Any, start: int, n: int) -> Path | None:
-    """The file of the shard at row `start` when `images` has exactly the layout `create_images` makes
-    on a local store and `n` rows fill the shard; otherwise None (zarr writes it)."""
+def _local_shard_path(images: Array, start: int, n: int) -> Path | None:
+    """The file of the shard at row `start`, or None where zarr must write it.
+
+    A file only when `images` has exactly the layout `create_images` makes on a local store and `n`
+    rows fill the shard.
+    """
     from zarr.codecs import BytesCodec, Crc32cCodec, ShardingCodec, ZstdCodec
+    from zarr.core.metadata import ArrayV3Metadata
     from zarr.storage import LocalStore
 
     store = getattr(images, "store", None)
     meta = images.metadata
-    if not isinstance(store, LocalStore) or getattr(meta, "zarr_format", None) != 3:
+    shards = images.shards
+    if not isinstance(store, LocalStore) or not isinstance(meta, ArrayV3Metadata) or shards is None:
         return None
     codecs = meta.codecs
     if len(codecs) != 1 or not isinstance(codecs[0], ShardingCodec):
         return None
     sc = codecs[0]
     inner = sc.codecs
-    k = int(images.shards[0])
+    k = int(shards[0])
     expected_index = (
         len(sc.index_codecs) == 2
         and isinstance(sc.index_codecs[0], BytesCodec)
@@ -187,7 +152,7 @@ def _local_shard_path(images: Any, start: int, n: int) -> Path | None:
         and isinstance(inner[1], ZstdCodec)
         and not inner[1].checksum
         and tuple(sc.chunk_shape) == (1, *images.shape[1:])
-        and tuple(images.shards[1:]) == tuple(images.shape[1:])
+        and tuple(shards[1:]) == tuple(images.shape[1:])
     )
     separator = getattr(meta.chunk_key_encoding, "separator", None)
     fits = start % k == 0 and (n == k or start + n == images.shape[0]) and n > 0
@@ -200,9 +165,12 @@ def _local_shard_path(images: Any, start: int, n: int) -> Path | None:
 
 
 def _encode_shard(block: np.ndarray, shard_size: int, level: int = ZSTD_LEVEL) -> bytes:
-    """A zarr v3 `sharding_indexed` shard of one-slice inner chunks: zstd frames, then the index
-    ((offset, nbytes) little-endian uint64 per inner chunk; 2**64-1 for an all-zero chunk, which reads
-    back as the fill value, and for chunks past the array's end) and its CRC-32C."""
+    """A zarr v3 `sharding_indexed` shard of one-slice inner chunks.
+
+    Zstd frames, then the index ((offset, nbytes) little-endian uint64 per inner chunk; 2**64-1 for
+    an all-zero chunk, which reads back as the fill value, and for chunks past the array's end) and
+    its CRC-32C.
+    """
     import google_crc32c
     from numcodecs.zstd import Zstd
 
@@ -225,7 +193,7 @@ def _encode_shard(block: np.ndarray, shard_size: int, level: int = ZSTD_LEVEL) -
     )
 
 
-def create_shard_done(group: Any, n_shards: int) -> Any:
+def create_shard_done(group: Group, n_shards: int) -> Array:
     """Create (or replace) `conversion/shard_done`: one chunk per shard, so that tasks never share a file."""
     conv = group.require_group("conversion")
     return conv.create_array(
@@ -233,7 +201,7 @@ def create_shard_done(group: Any, n_shards: int) -> Any:
     )
 
 
-def write_array(group: Any, name: str, data: np.ndarray) -> None:
+def write_array(group: Group, name: str, data: np.ndarray) -> None:
     """Replace the small array `name` (path inside the group, e.g. `series/n_slices`) by `data`.
 
     Only the driver of a conversion calls this (tasks write whole shards of `images` and their own
@@ -283,7 +251,7 @@ def software_version() -> str:
 
 
 def write_committed(
-    group: Any,
+    group: Group,
     *,
     labels: np.ndarray,
     image_ids: np.ndarray,
@@ -324,9 +292,8 @@ def _check_shapes(n: int, labels: np.ndarray, study_offsets: np.ndarray, series:
 def write_quarantine_csv(store: str | os.PathLike[str], quarantine: pd.DataFrame) -> Path:
     """Export the quarantine table as `STORE.quarantine.csv` and return its path."""
     out = quarantine_csv_path(store)
-    tmp = out.with_name(out.name + ".tmp")
-    quarantine.loc[:, list(QUARANTINE_COLUMNS)].to_csv(tmp, index=False)
-    tmp.replace(out)
+    with atomic_path(out) as tmp:
+        quarantine.loc[:, list(QUARANTINE_COLUMNS)].to_csv(tmp, index=False)
     return out
 
 
@@ -365,7 +332,7 @@ def write_store_from_arrays(
         )
     if source_path is None:
         source_path = np.array([f"{i}.dcm" for i in image_ids], dtype=str)
-    group: Any = zarr.open_group(str(path), mode="w" if overwrite else "w-")
+    group = zarr.open_group(str(path), mode="w" if overwrite else "w-")
     group.attrs.update({**base_attrs(image_size), "state": "converting", "shard_size": shard_size})
     arr = create_images(group, n, shard_size, image_size)
     done = create_shard_done(group, -(-n // shard_size))
@@ -393,8 +360,8 @@ def write_store_from_arrays(
             "provenance": {
                 "source": None,
                 "software": software_version(),
-                "created": _now(),
-                "updated": _now(),
+                "created": now_utc(),
+                "updated": now_utc(),
                 "n_converted": n,
                 "n_quarantined": 0,
                 "quarantined_by_reason": {},
@@ -406,7 +373,8 @@ def write_store_from_arrays(
     return open_store(path)
 
 
-def _now() -> str:
+def now_utc() -> str:
+    """The current UTC time to the second, ISO 8601 (the provenance's `created` and `updated`)."""
     import datetime as dt
 
     return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
@@ -422,7 +390,7 @@ class Store:
     """
 
     path: Path
-    images: Any
+    images: Array
     labels: np.ndarray
     image_id: np.ndarray
     study_offsets: np.ndarray
@@ -488,12 +456,22 @@ class Store:
         )
 
 
-def _read_strings(group: Any, name: str) -> np.ndarray:
+def array(group: Group, name: str) -> Array:
+    """The array `name` (a path inside `group`); a `KeyError` when there is none."""
+    import zarr
+
+    member = group[name]
+    if not isinstance(member, zarr.Array):
+        raise KeyError(f"{name} is a group, not an array")
+    return member
+
+
+def _read_strings(group: Group, name: str) -> np.ndarray:
     try:
-        arr = group[name]
+        arr = array(group, name)
     except KeyError:
         return np.zeros(0, dtype=str)
-    data = arr[...]
+    data = np.asarray(arr[...])
     return np.asarray(data, dtype=object).astype(str) if len(data) else np.zeros(0, dtype=str)
 
 
@@ -509,8 +487,8 @@ def open_store(path: str | os.PathLike[str], *, allow_incomplete: bool = False) 
     p = Path(path)
     if not (p / "zarr.json").is_file():
         raise UserError(f"{p}: not an ich store (no zarr.json); expected the output of `ich convert`")
-    group: Any = zarr.open_group(str(p), mode="r")
-    attrs = dict(group.attrs)
+    group = zarr.open_group(str(p), mode="r")
+    attrs: dict[str, Any] = dict(group.attrs)
     version = attrs.get("format_version")
     if version is None or "images" not in group:
         raise UserError(f"{p}: a Zarr group but not an ich store (no format_version attribute or no images)")
@@ -523,10 +501,10 @@ def open_store(path: str | os.PathLike[str], *, allow_incomplete: bool = False) 
             "re-run `ich convert` with the same arguments to complete it"
         )
     if "labels" in group:
-        labels = np.asarray(group["labels"][...], dtype=np.uint8)
-        offsets = np.asarray(group["study_offsets"][...], dtype=np.int64)
-        positions = np.asarray(group["slice_position"][...], dtype=np.float64)
-        n_slices = np.asarray(group["series/n_slices"][...], dtype=np.int64)
+        labels = np.asarray(array(group, "labels")[...], dtype=np.uint8)
+        offsets = np.asarray(array(group, "study_offsets")[...], dtype=np.int64)
+        positions = np.asarray(array(group, "slice_position")[...], dtype=np.float64)
+        n_slices = np.asarray(array(group, "series/n_slices")[...], dtype=np.int64)
     else:
         labels = np.zeros((0, len(CLASSES)), dtype=np.uint8)
         offsets = np.zeros(1, dtype=np.int64)
@@ -543,7 +521,7 @@ def open_store(path: str | os.PathLike[str], *, allow_incomplete: bool = False) 
     quarantine = pd.DataFrame({c: _read_strings(group, f"quarantine/{c}") for c in QUARANTINE_COLUMNS})
     return Store(
         path=p,
-        images=group["images"],
+        images=array(group, "images"),
         labels=labels,
         image_id=_read_strings(group, "image_id"),
         study_offsets=offsets,
@@ -573,8 +551,10 @@ __all__ = [
     "UNLABELLED",
     "ZSTD_LEVEL",
     "Store",
+    "array",
     "create_images",
     "manifest_path",
+    "now_utc",
     "open_store",
     "quarantine_csv_path",
     "salt_path",

@@ -1,15 +1,10 @@
 """`ich verify`: re-read a whole store and check it against what the conversion recorded.
 
-Checks, each reported as one line naming the row, series, shard or file:
-
-- structure: the store is complete; `images`, `labels`, `image_id`, `slice_position`, `source_path`
-  have one row per slice and `study_offsets` rises from 0 to that count; `series/n_slices` matches the
-  offsets; the attributes name the classes and the counts;
-- content: image ids unique, labels 0/1/255, every series in ascending slice position;
-- pixels: every shard of `images` decodes and its CRC-32 equals the checksum its writer recorded in
-  `conversion/shard_done` (a corrupted or truncated shard file, or a shard rewritten by something else);
-- accounting: every row of the manifest beside the store is in `images` (same row, path and image id) or
-  in the quarantine, and inputs = slices + quarantined files.
+Each problem is one line naming the row, series, shard or file: structure (the store is complete,
+every array has one row per slice, `study_offsets` agrees with `series/n_slices`), content (unique
+image ids, labels 0/1/255, every series in ascending slice position), pixels (every shard decodes
+and its CRC-32 equals the one its writer recorded in `conversion/shard_done`) and accounting (every
+row of the manifest beside the store is in `images` or in the quarantine).
 """
 
 from __future__ import annotations
@@ -18,16 +13,31 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
-from ichdata.store import CLASSES, manifest_path, open_store
+from ichdata.cluster import scheduler_file_option, scheduler_option, workers_option
+from ichdata.options import option
+from ichdata.store import CLASSES, array, manifest_path, open_store
 
-__all__ = ["VerifyReport", "verify_store"]
+if TYPE_CHECKING:
+    from distributed import Client
+
+__all__ = ["VerifyConfig", "VerifyReport", "verify_store"]
 
 _MAX_LISTED = 20  # per check: enough to act on, not a wall of text for a badly broken store
+
+
+@dataclass(frozen=True)
+class VerifyConfig:
+    """What `ich verify` was asked to check, and on which cluster (none: in this process)."""
+
+    store: Path = option(help="the store to re-read (e.g. rsna.zarr)", metavar="STORE", positional=True)
+    workers: int | None = workers_option()
+    scheduler: str | None = scheduler_option()
+    scheduler_file: Path | None = scheduler_file_option()  # noqa: RUF009 (returns an option(); see ichdata.cluster)
 
 
 @dataclass
@@ -63,7 +73,7 @@ def _shard_checksums(store: str, ranges: list[tuple[int, int, int]]) -> list[tup
 
     from ichdata.store import shard_checksum
 
-    images: Any = zarr.open_array(os.path.join(store, "images"), mode="r")
+    images = zarr.open_array(os.path.join(store, "images"), mode="r")
     out = []
     for i, a, b in ranges:
         try:
@@ -79,11 +89,12 @@ def _limited(lines: list[str], what: str) -> list[str]:
     return [*lines[:_MAX_LISTED], f"… and {len(lines) - _MAX_LISTED} more {what}"]
 
 
-def verify_store(store: str | os.PathLike[str], client: Any = None) -> VerifyReport:
+def verify_store(store: str | os.PathLike[str], client: Client | None = None) -> VerifyReport:
     """Re-read everything in `store` and list what is wrong (see the module docstring).
 
     The pixel re-read runs on `client`'s Dask cluster when given, else in this process.
     """
+    # Long: the checks run in the order a reader meets them and share the store's arrays.
     import zarr
 
     t0 = time.perf_counter()
@@ -95,7 +106,7 @@ def verify_store(store: str | os.PathLike[str], client: Any = None) -> VerifyRep
         problems.append(f"state is {s.attrs.get('state')!r}, not 'complete': the conversion did not finish")
     n = s.n_slices
     rep.n_slices, rep.n_series, rep.n_quarantined = n, s.n_series, len(s.quarantine)
-    group: Any = zarr.open_group(str(path), mode="r")
+    group = zarr.open_group(str(path), mode="r")
 
     # Structure.
     n_images = int(s.images.shape[0])
@@ -149,7 +160,11 @@ def verify_store(store: str | os.PathLike[str], client: Any = None) -> VerifyRep
         )
 
     # Pixels.
-    markers = [str(m) for m in group["conversion/shard_done"][...]] if "conversion" in group else []
+    markers = (
+        [str(m) for m in np.asarray(array(group, "conversion/shard_done")[...])]
+        if "conversion" in group
+        else []
+    )
     shard = s.shard_size
     n_shards = -(-min(n, n_images) // shard)
     rep.n_shards = n_shards

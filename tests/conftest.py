@@ -1,5 +1,7 @@
-"""Suite-wide settings and fixtures: `gpu` tests skip cleanly on machines without CUDA (CI has none); one
-in-process Dask cluster for the tests that need a cluster but not worker processes."""
+"""Suite-wide settings and fixtures: `gpu` tests skip cleanly on machines without CUDA (CI has none).
+
+One in-process Dask cluster for the tests that need a cluster but not worker processes.
+"""
 
 from __future__ import annotations
 
@@ -27,10 +29,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 @pytest.fixture(scope="session")
 def dask_scheduler() -> Iterator[str]:
-    """The address of an in-process Dask cluster (tcp on 127.0.0.1, one worker of two threads), shared by
-    the session: passed to the flows as `scheduler=` (a LocalCluster of processes per flow run would cost
-    seconds each) and to `ichdata`'s tests that need tasks on a cluster; worker threads see the tests'
-    monkeypatches of `ichdata.convert`."""
+    """The address of an in-process Dask cluster (tcp on 127.0.0.1, one worker of two threads).
+
+    Shared by the session: passed to the flows as `scheduler=` (a LocalCluster of processes per flow
+    run would cost seconds each) and to `ichdata`'s tests that need tasks on a cluster; worker threads
+    see the tests' monkeypatches of `ichdata.shards`.
+    """
     from distributed import LocalCluster
 
     with LocalCluster(
@@ -45,3 +49,26 @@ def dask_scheduler() -> Iterator[str]:
         scheduler_kwargs={"dashboard": False, "dashboard_address": "127.0.0.1:0"},
     ) as cluster:
         yield cluster.scheduler_address
+
+
+@pytest.fixture(scope="session")
+def slurm() -> Iterator[object]:
+    """A single-node SLURM for the session (`tests/slurm.py`, loaded by path), or a skip saying why not.
+
+    `SLURM_CONF` points the client commands at it while the session runs.
+    """
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("ich_tests_slurm", Path(__file__).with_name("slurm.py"))
+    assert spec is not None
+    assert spec.loader is not None
+    helpers = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = helpers  # dataclasses look their module up there
+    spec.loader.exec_module(helpers)
+    reason = helpers.slurm_unavailable()
+    if reason is not None:
+        pytest.skip(reason)
+    with helpers.single_node_slurm() as running:
+        yield running

@@ -71,8 +71,10 @@ def _artifacts(flow_run_id: Any) -> dict[str, Any]:
 
 
 def _contents(store: Path) -> dict[str, Any]:
-    """What a store holds, independent of series order: per image id its pixels and labels; per series
-    its image ids in slice order."""
+    """What a store holds, independent of series order: per image id its pixels and labels.
+
+    Per series its image ids in slice order.
+    """
     from ichdata.store import open_store
 
     s = open_store(store)
@@ -161,9 +163,11 @@ def test_ingest_writes_the_store_and_reports_it(tmp_path: Path, dask_scheduler: 
 def test_incremental_ingest_equals_one_shot_and_survives_a_failed_run(
     tmp_path: Path, dask_scheduler: str, monkeypatch: pytest.MonkeyPatch, no_retry_delay: None
 ) -> None:
-    """Half the studies, then all (with a failed attempt in between) → the same store as one ingest of
-    all: same slices, pixels, labels and series; only the series order differs (order of arrival)."""
-    import ichdata.convert
+    """Half the studies, then all (with a failed attempt in between) → the same store as one ingest of all.
+
+    Same slices, pixels, labels and series; only the series order differs (order of arrival).
+    """
+    import ichdata.shards
     from ichdata.store import open_store
 
     folder, csv = _archive(tmp_path, studies=6, seed=12)
@@ -202,9 +206,9 @@ def test_incremental_ingest_equals_one_shot_and_survives_a_failed_run(
             shutil.copy2(f, landing / f.name)
 
     # The append fails part-way: a shard task hits an I/O error on every try (retried twice).
-    real = ichdata.convert._convert_shard
+    real = ichdata.shards.convert_shard
     attempts: list[int] = []
-    monkeypatch.setattr(ichdata.convert, "_convert_shard", _shard_failing_from(real, 1, attempts))
+    monkeypatch.setattr(ichdata.shards, "convert_shard", _shard_failing_from(real, 1, attempts))
     state = _run(**params)
     assert state.is_failed()
     assert "disk quota exceeded" in state.message
@@ -218,7 +222,7 @@ def test_incremental_ingest_equals_one_shot_and_survives_a_failed_run(
     assert list(during.image_id) == list(before.image_id)
     np.testing.assert_array_equal(np.asarray(during.images[: during.n_slices]), rows_before)
 
-    monkeypatch.setattr(ichdata.convert, "_convert_shard", real)
+    monkeypatch.setattr(ichdata.shards, "convert_shard", real)
     state = _run(**params)
     assert state.is_completed(), state.message
     summary = state.result()
@@ -236,9 +240,10 @@ _FAILING: dict[str, Any] = {}
 
 
 def _shard_failing_from(real: Any, first_bad: int, attempts: list[int]) -> Any:
-    """A stand-in for `ichdata.convert._convert_shard` whose shards from `first_bad` on raise OSError.
+    """A stand-in for `ichdata.shards.convert_shard` whose shards from `first_bad` on raise OSError.
 
-    It runs in the in-process cluster's worker threads; Dask ships it by reference (module attribute)."""
+    It runs in the in-process cluster's worker threads; Dask ships it by reference (module attribute).
+    """
     _FAILING.update(real=real, first_bad=first_bad, attempts=attempts)
     return _failing_shard
 
@@ -256,14 +261,14 @@ def _failing_shard(store: str, index: int, *args: Any) -> Any:
 def test_a_killed_first_ingest_resumes_and_skips_finished_shards(
     tmp_path: Path, dask_scheduler: str, monkeypatch: pytest.MonkeyPatch, no_retry_delay: None
 ) -> None:
-    import ichdata.convert
+    import ichdata.shards
     from ichdata.store import open_store
 
     folder, csv = _archive(tmp_path, studies=3, seed=13)
     store = tmp_path / "s.zarr"
     params = {"source": str(folder), "store": str(store), "labels": str(csv), "scheduler": dask_scheduler}
-    real = ichdata.convert._convert_shard
-    monkeypatch.setattr(ichdata.convert, "_convert_shard", _shard_failing_from(real, 2, []))
+    real = ichdata.shards.convert_shard
+    monkeypatch.setattr(ichdata.shards, "convert_shard", _shard_failing_from(real, 2, []))
     failed = _run(**params, shard_size=8)
     assert failed.is_failed()
     # The message names the shard, its rows and files, and the error (shards from 2 on fail; with two
@@ -276,7 +281,7 @@ def test_a_killed_first_ingest_resumes_and_skips_finished_shards(
     with pytest.raises(Exception, match="has not finished"):
         open_store(store)  # a first conversion that did not finish is not offered to readers
 
-    monkeypatch.setattr(ichdata.convert, "_convert_shard", real)
+    monkeypatch.setattr(ichdata.shards, "convert_shard", real)
     state = _run(**params)  # shard size: the store's (8)
     assert state.is_completed(), state.message
     summary = state.result()
@@ -311,10 +316,10 @@ def test_a_stalled_conversion_times_out_instead_of_hanging(
     tmp_path: Path, dask_scheduler: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import flows.ingest
-    import ichdata.convert
+    import ichdata.shards
 
     folder, _ = _archive(tmp_path, studies=1, seed=15)
-    monkeypatch.setattr(ichdata.convert, "_convert_shard", _stalled_shard)
+    monkeypatch.setattr(ichdata.shards, "convert_shard", _stalled_shard)
     monkeypatch.setattr(flows.ingest, "_MIN_TIMEOUT_S", 2.0)
     monkeypatch.setattr(flows.ingest, "_CONVERT_S_PER_SLICE", 0.0)
     _RELEASE.clear()

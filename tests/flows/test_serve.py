@@ -284,18 +284,18 @@ def test_prefect_yaml_deploys_to_a_process_work_pool(prefect_server: Session, tm
 _KILLED_RUN = """
 import os, signal, sys
 from distributed import LocalCluster
-import ichdata.convert
+import ichdata.shards
 from flows.ingest import ingest
 
 source, store, kill_at = sys.argv[1], sys.argv[2], int(sys.argv[3])
-real = ichdata.convert._convert_shard
+real = ichdata.shards.convert_shard
 
 def convert_shard_or_die(store, index, *args):
     if index == kill_at:  # SIGKILL this run's process group: the flow, its driver and its Dask workers
         os.killpg(0, signal.SIGKILL)
     return real(store, index, *args)
 
-ichdata.convert._convert_shard = convert_shard_or_die
+ichdata.shards.convert_shard = convert_shard_or_die
 with LocalCluster(
     n_workers=1, threads_per_worker=1, processes=False, protocol="tcp", host="127.0.0.1",
     dashboard_address=None, scheduler_kwargs={"dashboard": False, "dashboard_address": "127.0.0.1:0"},
@@ -305,8 +305,11 @@ with LocalCluster(
 
 
 def test_a_killed_run_leaves_a_resumable_store(prefect_server: Session, tmp_path: Path) -> None:
-    """SIGKILL a flow run mid-conversion (at its third shard): the next run skips the shards written
-    before the kill and ends with the same store as an uninterrupted run."""
+    """SIGKILL a flow run mid-conversion (at its third shard).
+
+    The next run skips the shards written before the kill and ends with the same store as an uninterrupted
+    run.
+    """
     import zarr
 
     from ichdata.errors import UserError

@@ -12,8 +12,10 @@ import pytest
 
 @pytest.fixture(scope="session")
 def convert_inputs() -> ModuleType:
-    """`convert_inputs.py` (DICOM inputs and a reference renderer for the conversion tests), loaded by path:
-    the suite runs with `--import-mode=importlib`, which puts no test folder on `sys.path`."""
+    """`convert_inputs.py` (DICOM inputs and a reference renderer for the conversion tests), loaded by path.
+
+    The suite runs with `--import-mode=importlib`, which puts no test folder on `sys.path`.
+    """
     path = Path(__file__).with_name("convert_inputs.py")
     spec = importlib.util.spec_from_file_location("ichdata_tests_convert_inputs", path)
     assert spec is not None

@@ -194,8 +194,11 @@ def write_broken(root: Path, rng: np.random.Generator, keep: Written) -> dict[st
 
 
 def write_dicomdir(folder: Path) -> str:
-    """A hospital-style export: a DICOMDIR and the extensionless files it indexes; returns the DICOMDIR's
-    path relative to the folder's parent. The two slices carry a PatientName (PHI that must not be stored)."""
+    """A hospital-style export: a DICOMDIR and the extensionless files it indexes.
+
+    Returns the DICOMDIR's path relative to the folder's parent. The two slices carry a PatientName (PHI that
+    must not be stored).
+    """
     from pydicom.fileset import FileSet
     from pydicom.uid import generate_uid
 

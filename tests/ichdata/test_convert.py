@@ -1,5 +1,8 @@
-"""The conversion end to end: pixels against the tests' own reference, order, labels, every file accounted
-for, incremental appends, pixel-time failures, and a real Dask cluster that loses a worker or its driver."""
+"""The conversion end to end.
+
+Pixels against the tests' own reference, order, labels, every file accounted for, incremental appends,
+pixel-time failures, and a real Dask cluster that loses a worker or its driver.
+"""
 
 from __future__ import annotations
 
@@ -18,9 +21,10 @@ import pytest
 import zarr
 
 from ichdata.cli import main
-from ichdata.convert import ConvertConfig, convert, convert_shards, finalize
-from ichdata.dicom import REASONS
+from ichdata.convert import ConvertConfig, convert, convert_shards
+from ichdata.finalize import finalize
 from ichdata.plan import plan
+from ichdata.reasons import READER_REASONS as REASONS
 from ichdata.scan import scan
 from ichdata.store import CLASSES, manifest_path, open_store, quarantine_csv_path, salt_path
 
@@ -219,8 +223,10 @@ def test_incremental_append_equals_one_shot(tmp_path, convert_inputs) -> None:
 
 @pytest.fixture(scope="module")
 def threads_client(dask_scheduler: str):
-    """A client of the suite's in-process cluster (one worker of two threads): tasks of several shards,
-    quickly."""
+    """A client of the suite's in-process cluster (one worker of two threads).
+
+    Tasks of several shards, quickly.
+    """
     from distributed import Client
 
     with Client(dask_scheduler) as client:
@@ -314,29 +320,32 @@ class _Killed(BaseException):
 def test_a_run_killed_during_finalize_is_finished_by_the_next_run(
     archive, converted, tmp_path, monkeypatch
 ) -> None:
-    """The documented limit of `finalize` (`ichdata.store`): killed while it rewrites the small arrays,
-    the store is refused until the next run, which finalizes it again without re-rendering a shard."""
-    import ichdata.convert
+    """The documented limit of `finalize` (`ichdata.store`).
+
+    Killed while it rewrites the small arrays, the store is refused until the next run, which finalizes it
+    again without re-rendering a shard.
+    """
+    import ichdata.finalize
     from ichdata.errors import UserError
 
     root, _, _ = archive
     clean, _, _ = converted
     csv = clean.parent / "labels.csv"
     store = tmp_path / "k.zarr"
-    real = ichdata.convert.write_committed
+    real = ichdata.finalize.write_committed
 
     def killed(group, **arrays):
         group.create_array("labels", shape=(1,), dtype="uint8", overwrite=True)  # half-way through
         raise _Killed
 
-    monkeypatch.setattr(ichdata.convert, "write_committed", killed)
+    monkeypatch.setattr(ichdata.finalize, "write_committed", killed)
     config = ConvertConfig(root, store, labels=csv, shard_size=4)
     with pytest.raises(_Killed):
         convert(config, progress=False, client=None)
     with pytest.raises(UserError, match=r"has not finished .*finalizing"):
         open_store(store)
 
-    monkeypatch.setattr(ichdata.convert, "write_committed", real)
+    monkeypatch.setattr(ichdata.finalize, "write_committed", real)
     again = convert(config, progress=False, client=None)
     assert (again.n_new, again.n_shards_written) == (0, 0)
     a, b = _snapshot(store), _snapshot(clean)
@@ -346,18 +355,18 @@ def test_a_run_killed_during_finalize_is_finished_by_the_next_run(
 
 
 def test_a_failing_shard_task_names_its_shard_rows_and_files(archive, tmp_path, monkeypatch) -> None:
-    import ichdata.convert
+    import ichdata.shards
 
     root, _, _ = archive
     p = plan(scan(root), tmp_path / "s.zarr", shard_size=4)
-    real = ichdata.convert._convert_shard
+    real = ichdata.shards.convert_shard
 
     def failing(store, index, *args):
         if index == 1:
             raise OSError(28, "No space left on device", store)
         return real(store, index, *args)
 
-    monkeypatch.setattr(ichdata.convert, "_convert_shard", failing)
+    monkeypatch.setattr(ichdata.shards, "convert_shard", failing)
     with pytest.raises(RuntimeError) as caught:
         convert_shards(p, None)
     first, last = p.rows["path"].iloc[4], p.rows["path"].iloc[7]
@@ -372,8 +381,10 @@ _REAL: dict[str, object] = {}
 
 
 def _shard_3_fails(store, index, *args):
-    """A stand-in for `ichdata.convert._convert_shard` (module level: Dask ships it by reference; it runs
-    in the in-process cluster's worker threads, which see `_REAL`)."""
+    """A stand-in for `ichdata.shards.convert_shard` (module level: Dask ships it by reference.
+
+    It runs in the in-process cluster's worker threads, which see `_REAL`).
+    """
     if index == 3:
         raise OSError(5, "Input/output error", store)
     return _REAL["convert_shard"](store, index, *args)
@@ -382,14 +393,17 @@ def _shard_3_fails(store, index, *args):
 def test_a_failing_shard_inside_a_task_of_several_is_named(
     many, tmp_path, threads_client, monkeypatch
 ) -> None:
-    """Tasks convert a few shards each (`_group_size`); the error names the shard that raised, not the
-    task's first, and the shards before it in the same task are written."""
-    import ichdata.convert
+    """Tasks convert a few shards each (`group_size`).
+
+    The error names the shard that raised, not the task's first, and the shards before it in the same task are
+    written.
+    """
+    import ichdata.shards
 
     p = plan(scan(many), tmp_path / "s.zarr", shard_size=2)
-    assert ichdata.convert._group_size(p.n_shards, 2) >= 4  # shard 3 shares shard 0's task
-    monkeypatch.setitem(_REAL, "convert_shard", ichdata.convert._convert_shard)
-    monkeypatch.setattr(ichdata.convert, "_convert_shard", _shard_3_fails)
+    assert ichdata.shards.group_size(p.n_shards, 2) >= 4  # shard 3 shares shard 0's task
+    monkeypatch.setitem(_REAL, "convert_shard", ichdata.shards.convert_shard)
+    monkeypatch.setattr(ichdata.shards, "convert_shard", _shard_3_fails)
     with pytest.raises(
         RuntimeError, match=r"shard 3 \(rows 6–7, 2 slices: .*\) failed: OSError: \[Errno 5\]"
     ) as caught:
@@ -401,8 +415,10 @@ def test_a_failing_shard_inside_a_task_of_several_is_named(
 
 
 def test_a_task_that_fails_as_a_whole_names_all_its_shards(many, tmp_path) -> None:
-    """A worker that dies (KilledWorker, after distributed's retries) fails the task, not one shard:
-    any of its shards may be the cause, so the message names them all."""
+    """A worker that dies (KilledWorker, after distributed's retries) fails the task, not one shard.
+
+    Any of its shards may be the cause, so the message names them all.
+    """
     from ichdata.convert import _shard_failed
 
     p = plan(scan(many), tmp_path / "s.zarr", shard_size=2)
@@ -416,27 +432,29 @@ def test_a_task_that_fails_as_a_whole_names_all_its_shards(many, tmp_path) -> No
 
 
 def test_tasks_shrink_to_single_shards_towards_the_end() -> None:
-    from ichdata.convert import MAX_SHARDS_PER_TASK, _group_size
+    from ichdata.shards import MAX_SHARDS_PER_TASK, group_size
 
     for n_shards, threads in ((1, 1), (7, 2), (64, 2), (190, 2), (11_763, 16), (5, 64)):
         sizes, left = [], n_shards
         while left:
-            sizes.append(min(left, _group_size(left, threads)))
+            sizes.append(min(left, group_size(left, threads)))
             left -= sizes[-1]
         assert sum(sizes) == n_shards
         assert max(sizes) <= MAX_SHARDS_PER_TASK
         assert sizes == sorted(sizes, reverse=True)  # large tasks first, …
         last = min(len(sizes), threads)
         assert sizes[-last:] == [1] * last  # … one shard each for the last tasks
-    assert _group_size(64, 2) > 1  # fewer tasks than shards where there are many
+    assert group_size(64, 2) > 1  # fewer tasks than shards where there are many
 
 
 def test_a_local_cluster_starts_when_port_8787_is_taken() -> None:
-    """The scheduler's HTTP endpoint defaults to 8787, which another cluster or a user's Jupyter may
-    hold; distributed then warns (an error under this suite's filterwarnings)."""
+    """The scheduler's HTTP endpoint defaults to 8787, which another cluster or a user's Jupyter may hold.
+
+    Distributed then warns (an error under this suite's filterwarnings).
+    """
     import socket
 
-    from ichdata.convert import dask_client
+    from ichdata.cluster import dask_client
 
     with socket.socket() as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

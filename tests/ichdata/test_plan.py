@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 
 from ichdata.errors import UserError
 from ichdata.order import slice_order
-from ichdata.plan import DUPLICATE, patient_key, plan
+from ichdata.plan import patient_key, plan
+from ichdata.reasons import Reason
 from ichdata.scan import Manifest, table_from_records
 from ichdata.store import CLASSES, manifest_path, salt_path
 
@@ -88,9 +89,9 @@ def test_duplicates_keep_the_first_file_and_name_it(tmp_path) -> None:
     recs = [*_records(), _slice("a/0-copy", "ID_a0", "1.a", 0.0), _slice("0-early", "ID_b1", "2.b", -1.0)]
     p = plan(_manifest(tmp_path, recs), tmp_path / "s.zarr")
     q = p.quarantine.set_index("path")
-    assert q.at["a/0-copy", "reason"] == DUPLICATE
+    assert q.at["a/0-copy", "reason"] == Reason.DUPLICATE
     assert q.at["a/0-copy", "detail"].endswith("stored from a/0")
-    assert q.at["b/1", "reason"] == DUPLICATE
+    assert q.at["b/1", "reason"] == Reason.DUPLICATE
     assert q.at["b/1", "detail"].endswith("stored from 0-early")
     assert p.n_slices == 9
     assert p.n_slices + len(p.quarantine) == len(recs)
@@ -123,7 +124,8 @@ def test_labels_join_by_image_id(tmp_path) -> None:
 
 
 def test_another_plans_store_is_refused(tmp_path) -> None:
-    from ichdata.convert import convert_shards, finalize
+    from ichdata.convert import convert_shards
+    from ichdata.finalize import finalize
 
     src = tmp_path / "src"
     src.mkdir()

@@ -1,0 +1,220 @@
+"""The Dask cluster a conversion runs on: a LocalCluster of this machine's cores, or an existing one.
+
+`dask_client` is the one way `ich convert`, `ich verify` and the Prefect `ingest` flow get a
+`distributed.Client`. `workers_option`, `scheduler_option` and `scheduler_file_option` declare its
+three command-line options once, for every config that has them (`ichdata.convert.ConvertConfig`,
+`ichdata.verify.VerifyConfig`). Nothing from distributed is imported until a cluster is asked for.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ichdata._kernels import warm_up  # Numba itself is imported on first use, not here
+from ichdata.errors import UserError
+from ichdata.options import option
+
+if TYPE_CHECKING:
+    from distributed import Client, LocalCluster
+
+#: The option group of the three ways to name a cluster: they exclude each other.
+CLUSTER_GROUP = "cluster"
+
+
+def workers_option() -> Any:
+    """The `workers` field: processes of a local Dask cluster."""
+    return option(
+        None,
+        help="processes of a local Dask cluster (default: one per core)",
+        metavar="N",
+        group=CLUSTER_GROUP,
+    )
+
+
+def scheduler_option() -> Any:
+    """The `scheduler` field: the address of a running Dask scheduler."""
+    return option(
+        None,
+        help="address of a running Dask scheduler (tcp://host:8786)",
+        metavar="ADDRESS",
+        group=CLUSTER_GROUP,
+    )
+
+
+def scheduler_file_option() -> Any:
+    """The `scheduler_file` field: the file a running Dask scheduler wrote."""
+    return option(
+        None,
+        help="the file `dask scheduler --scheduler-file` writes",
+        metavar="FILE",
+        group=CLUSTER_GROUP,
+    )
+
+
+def usable_cpus() -> int:
+    """Cores this process may run on (a batch job's allocation, not the whole node)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+@contextlib.contextmanager
+def dask_client(
+    workers: int | None = None,
+    scheduler: str | None = None,
+    scheduler_file: str | os.PathLike[str] | None = None,
+) -> Iterator[Client]:
+    """A distributed `Client` of an existing cluster or of a new local one.
+
+    An existing cluster is named by its `scheduler` address or its `scheduler_file`. Otherwise a
+    `LocalCluster` on 127.0.0.1 with `workers` processes (default: one per core) of one thread each,
+    without a dashboard (the scheduler's HTTP endpoint on a free loopback port, never 8787) and with
+    distributed's log messages silenced while it runs.
+    """
+    if scheduler and scheduler_file:
+        raise UserError("--scheduler and --scheduler-file: give one, not both")
+    if scheduler or scheduler_file:
+        with _existing_client(scheduler, scheduler_file) as client:
+            yield client
+        return
+    n = usable_cpus() if workers is None else workers
+    if n < 1:
+        raise UserError(f"--workers {workers}: expected at least 1")
+    from distributed import Client
+
+    with _quiet_distributed(), _local_cluster(n) as cluster, Client(cluster) as client:
+        yield client
+
+
+@contextlib.contextmanager
+def _existing_client(
+    scheduler: str | None, scheduler_file: str | os.PathLike[str] | None
+) -> Iterator[Client]:
+    from distributed import Client
+
+    if scheduler_file and not Path(scheduler_file).is_file():
+        raise UserError(
+            f"--scheduler-file {scheduler_file}: no such file; expected the file `dask scheduler` writes"
+        )
+    try:
+        client = Client(
+            scheduler,
+            scheduler_file=None if scheduler_file is None else str(scheduler_file),
+            timeout="30s",
+        )
+    except OSError as exc:
+        raise UserError(f"--scheduler {scheduler or scheduler_file}: cannot connect ({exc})") from exc
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+@contextlib.contextmanager
+def _quiet_distributed() -> Iterator[None]:
+    """Silence distributed's log messages while the block runs; their levels are restored after it.
+
+    INFO/WARNING chatter (and a heartbeat ERROR at shutdown) is noise for a user who asked for a
+    conversion.
+    """
+    names = (
+        "distributed",
+        "distributed.worker",
+        "distributed.scheduler",
+        "distributed.nanny",
+        "distributed.core",
+    )
+    loggers = [logging.getLogger(name) for name in names]
+    saved = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, saved, strict=True):
+            lg.setLevel(level)
+
+
+def _cluster_settings() -> dict[str, Any]:
+    """The dask settings of our LocalCluster.
+
+    Forked workers that inherit the warm render kernels, and none of the housekeeping that nobody reads on a
+    cluster without a dashboard.
+    """
+    import dask
+
+    settings: dict[str, Any] = {}
+    if sys.platform == "linux" and dask.config.get("distributed.worker.multiprocessing-method") == "spawn":
+        # Forked workers start far sooner than spawned ones (spawn re-imports distributed, pydicom and
+        # zarr in each worker): most of a small incremental ingest. zarr and logging reset their locks
+        # after a fork. A method the user configured is left alone.
+        settings["distributed.worker.multiprocessing-method"] = "fork"
+        # Import what the tasks use before forking, so that each worker inherits it instead of paying
+        # for the imports on its first task.
+        import numcodecs.zstd  # noqa: F401
+        import zarr  # noqa: F401
+
+        import ichdata.dicom  # noqa: F401
+
+        # Numba's first call in a process (import, typing context, the disk cache) is paid here once;
+        # the forked workers inherit the compiled render loop.
+        warm_up()
+    # Nobody looks at this cluster's diagnostics (it has no dashboard): no statistical profiler sampling
+    # every task's stack in each worker, and slower housekeeping ticks: on a small machine every per
+    # cent of a core the cluster spends on itself is taken from the conversion.
+    settings["distributed.worker.profile.enabled"] = False
+    settings["distributed.admin.tick.interval"] = "500ms"
+    settings["distributed.admin.system-monitor.interval"] = "2s"
+    settings["distributed.worker.memory.monitor-interval"] = "500ms"
+    # Nothing for work stealing or the active memory manager to do: the driver keeps at most two tasks
+    # per worker thread in flight, and no task's result stays on a worker. Off, they cost the scheduler
+    # no CPU on a core the workers need.
+    settings["distributed.scheduler.work-stealing"] = False
+    settings["distributed.scheduler.active-memory-manager.start"] = False
+    return settings
+
+
+@contextlib.contextmanager
+def _local_cluster(n: int) -> Iterator[LocalCluster]:
+    """A LocalCluster of `n` single-threaded worker processes on 127.0.0.1, without a dashboard."""
+    import dask
+    from distributed import LocalCluster
+
+    with dask.config.set(_cluster_settings()):
+        with warnings.catch_warnings():
+            # Python >= 3.12 warns about fork() in a process with threads (the cluster's event loop).
+            warnings.filterwarnings("ignore", category=DeprecationWarning, message=r".*fork\(\).*")
+            cluster = LocalCluster(
+                n_workers=n,
+                threads_per_worker=1,
+                processes=True,
+                host="127.0.0.1",
+                # No dashboard; the scheduler still serves plain HTTP (health, metrics), which by default
+                # listens on 8787 and, when that port is taken (another cluster, a user's Jupyter),
+                # moves elsewhere with a UserWarning. A free loopback port from the start says nothing.
+                dashboard_address=None,
+                scheduler_kwargs={"dashboard": False, "dashboard_address": "127.0.0.1:0"},
+                # CRITICAL: at shutdown a worker logs an ERROR for the heartbeat its closing scheduler
+                # no longer answers. Task failures reach the driver as exceptions, named by shard.
+                silence_logs=logging.CRITICAL,
+            )
+        with cluster:
+            yield cluster
+
+
+__all__ = [
+    "CLUSTER_GROUP",
+    "dask_client",
+    "scheduler_file_option",
+    "scheduler_option",
+    "usable_cpus",
+    "workers_option",
+]

@@ -1,0 +1,156 @@
+"""The commit of a conversion: the manifest beside the store, then every small array and the attributes.
+
+Only the driver calls `finalize`, once every shard holds its done-marker. The manifest is the commit
+record: a run killed after writing it re-plans to exactly this store. While the small arrays are
+rewritten the store's state is `finalizing` (readers refuse it); then it is `complete`. The state
+machine and the arrays are described in the README's store section.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ichdata.scan import Manifest
+from ichdata.store import manifest_path, now_utc, software_version, write_committed, write_quarantine_csv
+
+if TYPE_CHECKING:
+    from ichdata.convert import ConvertConfig, ConvertResult
+
+
+@dataclass
+class ConvertSummary:
+    """The one-line report of a conversion (`str()`), and its figures."""
+
+    store: Path
+    n_slices: int  # rows in the store
+    n_new: int  # rows this run added
+    n_series: int
+    n_studies: int
+    n_files: int  # input files accounted for (store rows + quarantine rows)
+    quarantined: dict[str, int]  # files set aside by this run, by reason
+    n_quarantined_total: int
+    n_shards_written: int
+    n_shards_skipped: int
+    elapsed_s: float = 0.0
+    store_bytes: int = 0
+    stages_s: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def slices_per_s(self) -> float:
+        """Slices this run added per second of its wall time."""
+        return self.n_new / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+    def __str__(self) -> str:
+        q = sum(self.quarantined.values())
+        why = ", ".join(f"{n} {r}" for r, n in sorted(self.quarantined.items()))
+        return (
+            f"{self.store}: wrote {self.n_new:,} slices ({self.n_slices:,} in store, {self.n_series:,} series, "
+            f"{self.n_studies:,} studies); set aside {q:,} files" + (f" ({why})" if q else "") + f"; "
+            f"{self.elapsed_s:.1f} s, {self.slices_per_s:,.0f} slices/s; store {self.store_bytes / 1e6:,.1f} MB"
+        )
+
+
+def finalize(
+    result: ConvertResult, *, config: ConvertConfig | None = None, started: float | None = None
+) -> ConvertSummary:
+    """Commit a conversion and return its summary.
+
+    Args:
+        result: what `ichdata.convert.convert_shards` returned (its plan and counts).
+        config: the run's config, kept (resolved) in the store's provenance.
+        started: `time.perf_counter()` at the start of the run, for the summary's wall time
+            (default: the shard stage's own time).
+    """
+    import zarr
+
+    p = result.plan
+    group = zarr.open_group(str(p.store), mode="r+")
+    # The manifest is the commit record: a run killed after this line re-plans to exactly this store.
+    Manifest(p.source, p.manifest_table()).write(manifest_path(p.store))
+    group.attrs["state"] = "finalizing"
+    quarantine = p.quarantine[["path", "reason", "detail"]]
+    write_committed(
+        group,
+        labels=p.labels,
+        image_ids=p.rows["image_id"].to_numpy(dtype=str),
+        study_offsets=p.study_offsets,
+        series=p.series,
+        slice_position=p.rows["slice_position"].to_numpy(dtype=np.float64),
+        source_path=p.rows["path"].to_numpy(dtype=str),
+        quarantine=quarantine,
+    )
+    write_quarantine_csv(p.store, quarantine)
+    n_studies = int(p.series["study_uid"].nunique())
+    attrs = dict(group.attrs)
+    attrs.pop("pixel_failures", None)
+    attrs.update(
+        {
+            "state": "complete",
+            "n_slices": p.n_slices,
+            "n_series": len(p.series),
+            "n_studies": n_studies,
+            "shard_size": p.shard_size,
+            "provenance": _provenance(result, config, dict(group.attrs.get("provenance") or {})),  # type: ignore[arg-type]
+            "plan": {"config": p.config, "config_hash": p.config_hash, "plan_hash": p.plan_hash},
+            "shard_checksums": "conversion/shard_done",
+        }
+    )
+    group.attrs.put(attrs)
+    elapsed = (time.perf_counter() - started) if started is not None else result.elapsed_s
+    return ConvertSummary(
+        store=p.store,
+        n_slices=p.n_slices,
+        n_new=p.n_new,
+        n_series=len(p.series),
+        n_studies=n_studies,
+        n_files=p.n_slices + len(p.quarantine),
+        quarantined=p.quarantined_by_reason(new_only=True),
+        n_quarantined_total=len(p.quarantine),
+        n_shards_written=result.n_written,
+        n_shards_skipped=result.n_skipped,
+        elapsed_s=elapsed,
+        store_bytes=_du(p.store),
+    )
+
+
+def _provenance(result: ConvertResult, config: ConvertConfig | None, prev: dict[str, Any]) -> dict[str, Any]:
+    """The store's `provenance` attribute after this run (`prev`: the one before it)."""
+    p = result.plan
+    now = now_utc()
+    return {
+        "source": str(p.source),
+        "software": software_version(),
+        "created": prev.get("created", now),
+        "updated": now,
+        "n_files": p.n_slices + len(p.quarantine),
+        "n_converted": p.n_slices,
+        "n_quarantined": len(p.quarantine),
+        "quarantined_by_reason": p.quarantined_by_reason(),
+        "labels": p.labels_source or prev.get("labels"),
+        "n_labelled": int((p.labels[:, -1] != 255).sum()),
+        "config": None
+        if config is None
+        else {
+            k: (None if v is None else str(v) if isinstance(v, Path) else v)
+            for k, v in config.__dict__.items()
+        },
+    }
+
+
+def _du(path: Path) -> int:
+    total = 0
+    for dirpath, _, files in os.walk(path):
+        for f in files:
+            with contextlib.suppress(OSError):
+                total += os.stat(os.path.join(dirpath, f)).st_size
+    return total
+
+
+__all__ = ["ConvertSummary", "finalize"]
