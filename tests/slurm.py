@@ -55,7 +55,7 @@ class Slurm:
     def logs(self) -> str:
         """The daemons' logs, for a failure message."""
         parts = []
-        for name in ("munged.log", "slurmctld.log", "slurmd.log"):
+        for name in ("munged.out", "slurmctld.log", "slurmd.log"):
             path = self.root / "log" / name
             text = path.read_text(errors="replace") if path.exists() else "(none)"
             parts.append(f"--- {name}\n{text[-4000:]}")
@@ -201,16 +201,17 @@ def _start_munged(root: Path) -> subprocess.Popen[bytes]:
         f"--seed-file={munge_dir / 'munged.seed'}",
         f"--log-file={munge_dir / 'munged.log'}",
     ]
-    proc = subprocess.Popen(
-        args, user=_MUNGE_USER, group=_MUNGE_USER, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-        start_new_session=True,
-    )  # fmt: skip
+    out_path = root / "log" / "munged.out"
+    with out_path.open("wb") as out:
+        proc = subprocess.Popen(
+            args, user=_MUNGE_USER, group=_MUNGE_USER, stdout=out, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # fmt: skip
     deadline = time.monotonic() + 10
     while not socket_path.exists():
         if proc.poll() is not None or time.monotonic() > deadline:
-            err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
             _stop(proc, 1)
-            raise RuntimeError(f"munged did not start: {err.strip()}")
+            raise RuntimeError(f"munged did not start: {out_path.read_text(errors='replace').strip()}")
         time.sleep(0.05)
     return proc
 

@@ -1,0 +1,261 @@
+"""The SLURM routes: `ichdata.slurm.slurm_cluster` and `examples/slurm/convert.sbatch`.
+
+The `slurm` tests run against a real single-node SLURM (the `slurm` fixture, `tests/slurm.py`); the
+others check what needs no scheduler.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import ssl
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import dask
+import dask_jobqueue  # noqa: F401  (its config defaults must exist before any dask.config.set)
+import numpy as np
+import pytest
+
+from ichdata.errors import UserError
+from ichdata.slurm import _lifetime_s, slurm_cluster
+
+REPO = Path(__file__).resolve().parents[2]
+SBATCH = REPO / "examples" / "slurm" / "convert.sbatch"
+BIN = Path(sys.executable).parent  # the venv's `python` and `ich`
+
+
+@pytest.fixture
+def site(slurm: object, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """The settings a site would put in `jobqueue.yaml`, for this one-node SLURM.
+
+    Loopback, the shared temp and log dirs under `tmp_path`; jobs are submitted from `tmp_path`.
+    """
+    monkeypatch.chdir(tmp_path)
+    settings = {
+        "jobqueue.slurm.interface": "lo",
+        "jobqueue.slurm.shared-temp-directory": str(tmp_path),
+        "jobqueue.slurm.log-directory": str(tmp_path / "logs"),
+        "jobqueue.slurm.death-timeout": 30,
+    }
+    with dask.config.set(settings):
+        yield tmp_path
+
+
+def _squeue(*args: str) -> list[str]:
+    """`squeue` lines as `jobid state`, for the given selection."""
+    out = subprocess.run(
+        ["squeue", "--noheader", "--format=%A %T", *args], capture_output=True, text=True, check=True
+    ).stdout
+    return out.splitlines()
+
+
+def _worker_processes(marker: str) -> list[int]:
+    """Live (not zombie) processes whose command line names `marker` (this run's credentials dir)."""
+    pids = []
+    for pid_dir in Path("/proc").iterdir():
+        if not pid_dir.name.isdigit():
+            continue
+        try:
+            cmdline = (pid_dir / "cmdline").read_bytes()
+            state = (pid_dir / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+        if marker.encode() in cmdline and state != "Z":
+            pids.append(int(pid_dir.name))
+    return pids
+
+
+def _wait(condition: object, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():  # type: ignore[operator]
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not within {timeout:.0f} s")
+        time.sleep(0.5)
+
+
+def _first_bytes(address: str, cert: Path | None = None, key: Path | None = None) -> bytes:
+    """What the scheduler sends a TLS peer presenting `cert` (or none) before the peer says anything.
+
+    The peer does not check the scheduler's certificate: only the scheduler's refusal is tested.
+    """
+    host, port = address.removeprefix("tls://").rsplit(":", 1)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    if cert is not None:
+        context.load_cert_chain(cert, key)
+    try:
+        with socket.create_connection((host, int(port)), timeout=10) as raw, context.wrap_socket(raw) as tls:
+            return tls.recv(16)
+    except (ssl.SSLError, ConnectionError):
+        return b""
+
+
+@pytest.mark.parametrize(
+    ("walltime", "lifetime"),
+    [
+        ("30", 1800 - 180),  # minutes; a tenth as margin
+        ("10:00", 600 - 60),  # MM:SS; the one-minute floor
+        ("00:10:00", 600 - 60),  # HH:MM:SS
+        ("1-00", 86400 - 8640),  # D-HH
+        ("2-01:00:00", 176400 - 17640),  # D-HH:MM:SS
+        ("01:00", 30),  # one minute: never less than half of it
+        (None, None),  # no limit
+        ("UNLIMITED", None),
+    ],
+)
+def test_worker_lifetime_leaves_a_margin_before_the_walltime(
+    walltime: str | None, lifetime: int | None
+) -> None:
+    assert _lifetime_s(walltime) == lifetime
+
+
+def test_walltime_not_in_slurm_form_is_a_user_error() -> None:
+    with pytest.raises(UserError, match=r"walltime '2h'"):
+        _lifetime_s("2h")
+
+
+@pytest.mark.parametrize("missing", ["cores", "memory"])
+def test_cores_and_memory_come_from_the_arguments_or_the_site(missing: str) -> None:
+    given = {"cores": 1, "memory": "1GB"}
+    del given[missing]
+    with (
+        dask.config.set({f"jobqueue.slurm.{missing}": None}),
+        pytest.raises(UserError, match=rf"--{missing} or set jobqueue.slurm.{missing}"),
+        slurm_cluster(1, **given),  # type: ignore[arg-type]
+    ):
+        pass
+
+
+def test_at_least_one_job() -> None:
+    with pytest.raises(UserError, match="--jobs 0"), slurm_cluster(0, cores=1, memory="1GB"):
+        pass
+
+
+@pytest.mark.parametrize("unset", ["SOURCE", "STORE", "LABELS"])
+def test_sbatch_script_names_what_is_missing(tmp_path: Path, unset: str) -> None:
+    env = {**os.environ, "SOURCE": "a", "STORE": "b", "LABELS": "c"}
+    del env[unset]
+    result = subprocess.run(["bash", str(SBATCH)], env=env, cwd=tmp_path, capture_output=True, text=True)
+    assert result.returncode == 2
+    assert f"convert.sbatch: {unset} not set" in result.stderr
+    assert "sbatch --export=ALL,SOURCE=" in result.stderr
+
+
+@pytest.mark.usefixtures("site")
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_two_jobs_run_tasks_behind_tls_and_leave_nothing(tmp_path: Path) -> None:
+    with slurm_cluster(2, cores=1, memory="1GB", walltime="00:10:00") as client:
+        client.wait_for_workers(2, timeout=120)
+        credentials = Path(str(client.security.tls_ca_file)).parent
+        assert credentials.parent == tmp_path
+        assert credentials.stat().st_mode & 0o777 == 0o700
+        jobs = _squeue()
+        assert len(jobs) == 2
+        assert all(line.endswith("RUNNING") for line in jobs)
+        workers = client.scheduler_info()["workers"]
+        assert all(address.startswith("tls://127.0.0.1:") for address in workers)
+        assert [w["nthreads"] for w in workers.values()] == [1, 1]
+        # Each worker runs in its own SLURM job, one of those squeue lists.
+        job_ids = client.run(lambda: os.environ["SLURM_JOB_ID"])
+        assert sorted(job_ids.values()) == sorted(line.split()[0] for line in jobs)
+        assert client.gather(client.map(lambda x: x * x, range(20))) == [x * x for x in range(20)]
+
+        # Strangers are refused during the handshake: without a certificate, and with a certificate
+        # of their own; the run's own certificate is served.
+        from distributed.security import Security
+
+        stranger = Security.temporary()
+        (tmp_path / "stranger.pem").write_text(str(stranger.tls_client_cert))
+        (tmp_path / "stranger.key").write_text(str(stranger.tls_client_key))
+        address = client.scheduler.address
+        assert _first_bytes(address) == b""
+        assert _first_bytes(address, tmp_path / "stranger.pem", tmp_path / "stranger.key") == b""
+        own = Path(str(client.security.tls_client_cert)), Path(str(client.security.tls_client_key))
+        assert _first_bytes(address, *own) != b""
+        from distributed import Client
+
+        with pytest.raises((OSError, TimeoutError)):
+            Client(address, security=stranger, timeout=5)
+    assert _squeue() == []
+    assert _worker_processes(str(credentials)) == []
+    assert not credentials.exists()
+
+
+@pytest.mark.usefixtures("site")
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_a_cancelled_job_is_replaced() -> None:
+    with slurm_cluster(2, cores=1, memory="1GB", walltime="00:10:00") as client:
+        client.wait_for_workers(2, timeout=120)
+        first = sorted(line.split()[0] for line in _squeue())
+        subprocess.run(["scancel", first[0]], check=True)
+        # A replacement is submitted once the scheduler gives the lost worker up.
+        _wait(lambda: len(client.scheduler_info()["workers"]) == 1, 60, "the cancelled job's worker gone")
+        _wait(lambda: len(client.scheduler_info()["workers"]) == 2, 120, "a replacement worker")
+        now = sorted(line.split()[0] for line in _squeue("--states=RUNNING"))
+        assert len(now) == 2
+        assert first[0] not in now
+        assert first[1] in now
+        assert client.gather(client.map(lambda x: x + 1, range(10))) == list(range(1, 11))
+    assert _squeue() == []
+
+
+@pytest.mark.usefixtures("site")
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_interrupt_cancels_the_jobs() -> None:
+    seen: list[Path] = []
+
+    def interrupted_run() -> None:
+        with slurm_cluster(2, cores=1, memory="1GB") as client:
+            client.wait_for_workers(2, timeout=120)
+            seen.append(Path(str(client.security.tls_ca_file)).parent)
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        interrupted_run()
+    [credentials] = seen
+    assert _squeue() == []
+    assert _worker_processes(str(credentials)) == []
+    assert not credentials.exists()
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_sbatch_script_gives_the_store_of_a_direct_conversion(slurm: object, tmp_path: Path) -> None:
+    import zarr
+
+    from ichdata.testing import write_archive
+
+    source = tmp_path / "archive"
+    write_archive(source, studies=2, seed=5, image_size=64)
+    labels = source / "stage_2_train.csv"
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    direct = tmp_path / "direct.zarr"
+    subprocess.run(
+        [str(BIN / "ich"), "convert", str(source), str(direct), "--labels", str(labels), "--workers", "2"],
+        env=env, check=True, capture_output=True, timeout=300,
+    )  # fmt: skip
+    batch = tmp_path / "batch.zarr"
+    submitted = subprocess.run(
+        [
+            "sbatch", "-W", "--cpus-per-task=2", "--mem=2G", f"--output={tmp_path / 'job.out'}",
+            f"--export=ALL,SOURCE={source},STORE={batch},LABELS={labels}", str(SBATCH),
+        ],
+        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    log = (tmp_path / "job.out").read_text() if (tmp_path / "job.out").exists() else ""
+    assert submitted.returncode == 0, f"{submitted.stderr}\n{log}"
+    want = dict(zarr.open_group(direct, mode="r").arrays())
+    got = dict(zarr.open_group(batch, mode="r").arrays())
+    assert sorted(got) == sorted(want)
+    assert {"images", "labels", "image_id", "study_offsets"} <= set(want)
+    for name, array in want.items():
+        np.testing.assert_array_equal(got[name][...], array[...], err_msg=name)
+    assert _squeue() == []
