@@ -1,21 +1,10 @@
 """`ich evaluate`: score trained runs on their held-out patients and write the report.
 
-For each run directory (the `--out` of `ich train`) the best checkpoint is loaded with
-`ichmodel.models.load_model`, the run's own split file tells which patients it never trained on,
-and every held-out study goes through the model whole, in slice order (`predict_study`, in the same
-windows of at most `max_len` slices as in training). Images without labels (255 in the store) are
-predicted but left out of the metrics and counted in the report.
-
-`REPORT_DIR` receives:
-
-- `report.md` — the runs side by side (the paper's Table I), per class (Table II), the F1-maximising
-  thresholds, and the pictures;
-- `metrics.json` — everything in the tables, per run (`null` where a metric is undefined, with the
-  reason in `notes`);
-- `roc.png` — ROC curves of every run overlaid, all labels pooled and per class (the paper's Fig. 5);
-- `false_negatives.png` — per run, the held-out hemorrhage slices with the lowest predicted p(any);
-- `predictions_<run>.csv` — image id, series, labels and probabilities of every held-out slice, so
-  that other metrics can be computed without running the model again.
+For each run directory (the `--out` of `ich train`) the best checkpoint goes through every held-out
+study whole, in slice order and in the training's windows; the run's own split file says which
+patients it never trained on. Images without labels (255 in the store) are predicted but left out of
+the metrics (`ichmodel.metrics`) and counted in the report (`ichmodel.report`). `write_report` lists
+the files it writes: report.md, metrics.json, roc.png, false_negatives.png, predictions_<run>.csv.
 """
 
 from __future__ import annotations
@@ -27,18 +16,23 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 
 from ichdata.errors import UserError
+from ichdata.store import UNLABELLED
 from ichmodel.metrics import summarize
 from ichmodel.report import MissedSlice, markdown_report, plot_false_negatives, plot_roc
 
+if TYPE_CHECKING:
+    from torch import nn
+
+    from ichdata.store import Store
+
 __all__ = ["RunEvaluation", "evaluate_run", "evaluate_runs", "predict_series", "write_report"]
 
-UNLABELLED = 255
 #: The split file `ich train` writes to its run directory.
 SPLIT_FILE = "split.json"
 #: How many missed hemorrhages per run the false-negative strip shows.
@@ -50,7 +44,8 @@ class RunEvaluation:
     """One run scored on its held-out patients.
 
     `rows` are store rows of the held-out slices (all of them, in series then slice order);
-    `probs` their predicted probabilities (N, C); `labelled` marks the rows the metrics use.
+    `probs` their predicted probabilities (N, C); `labelled` marks the rows the metrics use;
+    `info` is the checkpoint's metadata and `summary` what `ichmodel.metrics.summarize` returns.
     """
 
     name: str
@@ -68,10 +63,12 @@ class RunEvaluation:
 
     @property
     def y_true(self) -> np.ndarray:
+        """Labels of the scored (labelled) rows, (N, C)."""
         return self.labels[self.labelled]
 
     @property
     def y_prob(self) -> np.ndarray:
+        """Probabilities of the scored (labelled) rows, (N, C)."""
         return self.probs[self.labelled]
 
 
@@ -84,8 +81,8 @@ def _device(device: str | None) -> str:
 
 
 def predict_series(
-    model: Any,
-    store: Any,
+    model: nn.Module,
+    store: Store,
     series: Sequence[int] | np.ndarray,
     *,
     max_len: int | None,
@@ -93,7 +90,11 @@ def predict_series(
     progress: bool = True,
     desc: str = "predict",
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Run `model` over whole series of `store`; returns (store rows (N,), probabilities (N, C) float32)."""
+    """Run `model` over whole series of `store`, each in windows of at most `max_len` slices.
+
+    Returns:
+        The store rows (N,) and their probabilities (N, C) float32.
+    """
     from tqdm.auto import tqdm
 
     from ichmodel.models import predict_study
@@ -113,7 +114,7 @@ def predict_series(
     return np.concatenate(rows), np.concatenate(probs)
 
 
-def _held_out_series(run_dir: Path, store: Any) -> tuple[np.ndarray, int]:
+def _held_out_series(run_dir: Path, store: Store) -> tuple[np.ndarray, int]:
     """Store series indices of the run's held-out patients, and how many of them the store holds.
 
     The split file is the one `ich train` wrote; `read_split` re-applies it by patient, so series
@@ -144,7 +145,7 @@ def _checkpoint(run_dir: Path, checkpoint: str) -> Path:
 
 def evaluate_run(
     run_dir: str | os.PathLike[str],
-    store: Any,
+    store: Store,
     *,
     name: str | None = None,
     checkpoint: str = "best.pt",
@@ -152,7 +153,20 @@ def evaluate_run(
     device: str | None = None,
     progress: bool = True,
 ) -> RunEvaluation:
-    """Score one run on its held-out patients; `store` is an opened `ichdata.store.Store`."""
+    """Score one run on its held-out patients.
+
+    Args:
+        run_dir: the `--out` of `ich train`: its split file and checkpoints.
+        store: the opened store the run trained on (or a grown version of it).
+        name: the run's name in the report (the directory's name by default).
+        checkpoint: the checkpoint file within `run_dir`.
+        threshold: a label is predicted positive when its probability is at least this.
+        device: where the model runs (CUDA when available by default).
+        progress: show a progress bar on stderr.
+
+    Raises:
+        UserError: no such run or checkpoint, other classes than the store's, or nothing to score.
+    """
     from ichmodel.models import load_model
 
     run = Path(run_dir)
@@ -211,7 +225,7 @@ def _round(x: Any, digits: int = 4) -> Any:
     return round(float(x), digits) if isinstance(x, float | int) and not isinstance(x, bool) else x
 
 
-def _run_info(r: RunEvaluation, store: Any) -> dict[str, Any]:
+def _run_info(r: RunEvaluation, store: Store) -> dict[str, Any]:
     model = r.info.get("model", {})
     return {
         "model": model.get("name", "?"),
@@ -227,7 +241,9 @@ def _run_info(r: RunEvaluation, store: Any) -> dict[str, Any]:
     }
 
 
-def _missed(r: RunEvaluation, store: Any, threshold: float, k: int = N_FALSE_NEGATIVES) -> list[MissedSlice]:
+def _missed(
+    r: RunEvaluation, store: Store, threshold: float, k: int = N_FALSE_NEGATIVES
+) -> list[MissedSlice]:
     """The run's k held-out slices with a hemorrhage and the lowest p(any) below the threshold."""
     any_col = list(store.classes).index("any")
     y, p = r.labels[:, any_col], r.probs[:, any_col]
@@ -245,7 +261,7 @@ def _missed(r: RunEvaluation, store: Any, threshold: float, k: int = N_FALSE_NEG
     ]
 
 
-def _predictions_frame(r: RunEvaluation, store: Any) -> pd.DataFrame:
+def _predictions_frame(r: RunEvaluation, store: Store) -> pd.DataFrame:
     series_of_row = np.searchsorted(store.study_offsets, r.rows, side="right") - 1
     df = pd.DataFrame(
         {
@@ -262,25 +278,12 @@ def _predictions_frame(r: RunEvaluation, store: Any) -> pd.DataFrame:
     return df
 
 
-def write_report(
-    runs: Sequence[RunEvaluation],
-    store: Any,
-    out: str | os.PathLike[str],
-    *,
-    threshold: float = 0.5,
-    title: str = "Evaluation on held-out patients",
-    intro: Sequence[str] = (),
+def _write_pictures(
+    runs: Sequence[RunEvaluation], store: Store, out_dir: Path, threshold: float
 ) -> dict[str, Path]:
-    """Write report.md, metrics.json, roc.png, false_negatives.png and the per-run predictions to `out`."""
-    out_dir = Path(out)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    """roc.png, false_negatives.png and predictions_<run>.csv in `out_dir`, by key."""
     classes = tuple(store.classes)
-    paths = {
-        "report": out_dir / "report.md",
-        "metrics": out_dir / "metrics.json",
-        "roc": out_dir / "roc.png",
-        "false_negatives": out_dir / "false_negatives.png",
-    }
+    paths = {"roc": out_dir / "roc.png", "false_negatives": out_dir / "false_negatives.png"}
     plot_roc({r.name: (r.y_true, r.y_prob) for r in runs}, paths["roc"], classes)
     missed = [m for r in runs for m in _missed(r, store, threshold)]
     plot_false_negatives(missed, paths["false_negatives"], classes, models=[r.name for r in runs])
@@ -288,35 +291,71 @@ def write_report(
         p = out_dir / f"predictions_{r.name}.csv"
         _predictions_frame(r, store).to_csv(p, index=False)
         paths[f"predictions_{r.name}"] = p
+    return paths
 
-    same_split = len({tuple(r.series.tolist()) for r in runs}) == 1
+
+def _report_markdown(
+    runs: Sequence[RunEvaluation],
+    store: Store,
+    pictures: dict[str, Path],
+    *,
+    same_split: bool,
+    title: str,
+    intro: Sequence[str],
+) -> str:
     notes = list(intro)
     if not same_split:
         notes.append(
             "**The runs hold out different patients** (different split files), so their figures are "
             "not measured on the same images."
         )
-    text = markdown_report(
+    roc, missed = pictures["roc"].name, pictures["false_negatives"].name
+    return markdown_report(
         {r.name: r.summary for r in runs},
-        classes,
+        tuple(store.classes),
         title=title,
         intro=[
             *notes,
             f"Store: `{store.path}`. Every held-out study went through the model whole, in slice order.",
         ],
         figures={
-            "ROC curves, all labels pooled and per class (cf. the paper's Fig. 5)": paths["roc"].name,
-            "Worst false negatives: held-out hemorrhage slices with the lowest p(any)": paths[
-                "false_negatives"
-            ].name,
+            "ROC curves, all labels pooled and per class (cf. the paper's Fig. 5)": roc,
+            "Worst false negatives: held-out hemorrhage slices with the lowest p(any)": missed,
         },
         run_info={r.name: _run_info(r, store) for r in runs},
     )
+
+
+def write_report(
+    runs: Sequence[RunEvaluation],
+    store: Store,
+    out: str | os.PathLike[str],
+    *,
+    threshold: float = 0.5,
+    title: str = "Evaluation on held-out patients",
+    intro: Sequence[str] = (),
+) -> dict[str, Path]:
+    """Write the evaluation of `runs` to the folder `out`.
+
+    Returns:
+        The paths written, by key: `report` (report.md: the runs side by side, the paper's Tables I
+        and II, the F1-maximising thresholds, the pictures), `metrics` (metrics.json: everything in
+        the tables, `null` where undefined, with the reason in `notes`), `roc` (roc.png, the paper's
+        Fig. 5), `false_negatives` (false_negatives.png: per run, the held-out hemorrhage slices with
+        the lowest p(any)) and `predictions_<run>` (every held-out slice's labels and probabilities,
+        so other metrics need no second run of the model).
+    """
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"report": out_dir / "report.md", "metrics": out_dir / "metrics.json"}
+    paths.update(_write_pictures(runs, store, out_dir, threshold))
+    same_split = len({tuple(r.series.tolist()) for r in runs}) == 1
+    text = _report_markdown(runs, store, paths, same_split=same_split, title=title, intro=intro)
     paths["report"].write_text(text)
     metrics = {
         "store": str(store.path),
         "threshold": threshold,
-        "classes": list(classes),
+        "classes": list(store.classes),
         "same_held_out_patients": same_split,
         "runs": {
             r.name: {**_run_info(r, store), "run_dir": str(r.run_dir), "metrics": r.summary} for r in runs
@@ -351,7 +390,23 @@ def evaluate_runs(
     intro: Sequence[str] = (),
     log: Callable[[str], None] | None = print,
 ) -> tuple[list[RunEvaluation], dict[str, Path]]:
-    """What `ich evaluate` runs: score every run on its held-out patients and write the report."""
+    """What `ich evaluate` runs: score every run on its held-out patients and write the report.
+
+    Args:
+        run_dirs: the runs' `--out` folders; their names (made unique) name them in the report.
+        store: the store they trained on.
+        out: the report folder (see `write_report`).
+        threshold: a label is predicted positive when its probability is at least this.
+        checkpoint: the checkpoint file within each run directory.
+        device: where the models run (CUDA when available by default).
+        progress: show progress bars on stderr.
+        title: the report's title.
+        intro: paragraphs placed before the report's tables.
+        log: receives one summary line per run and the report's path (None: silent).
+
+    Returns:
+        The evaluated runs and the paths `write_report` wrote.
+    """
     from ichdata.store import open_store
 
     if not run_dirs:

@@ -1,10 +1,9 @@
-"""The evaluation report: ROC curves (the paper's Fig. 5), a strip of missed hemorrhages, and Markdown
-tables with several runs side by side (the paper's Tables I and II).
+"""The evaluation report: ROC curves (the paper's Fig. 5), missed hemorrhages, Tables I and II.
 
-Everything here takes plain arrays and the dicts of `ichmodel.metrics.summarize`, so the pictures
-and tables can be made from any predictions, not only from a checkpoint. matplotlib is switched to
-its file-only Agg backend inside each plotting function (never at import), so importing this module
-does not change the backend of a notebook that imports it.
+Everything here takes plain arrays and the dicts of `ichmodel.metrics.summarize`, so the pictures and
+tables can be made from any predictions, not only from a checkpoint. matplotlib is switched to its
+file-only Agg backend inside each plotting function (never at import), so importing this module does
+not change the backend of a notebook that imports it.
 """
 
 from __future__ import annotations
@@ -14,6 +13,7 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -52,7 +52,7 @@ def _table_order(classes: Sequence[str]) -> list[str]:
     return [c for c in classes if c == "any"] + [c for c in classes if c != "any"]
 
 
-def _agg() -> Any:
+def _agg() -> ModuleType:
     import matplotlib
 
     matplotlib.use("Agg", force=True)
@@ -240,53 +240,31 @@ def _metric_table(columns: Sequence[str], cells: Sequence[Mapping[str, Any]], bo
     return lines
 
 
-def markdown_report(
-    summaries: Mapping[str, Mapping[str, Any]],
-    classes: Sequence[str] | None = None,
-    *,
-    title: str = "Evaluation",
-    intro: Sequence[str] = (),
-    figures: Mapping[str, str] | None = None,
-    run_info: Mapping[str, Mapping[str, Any]] | None = None,
-) -> str:
-    """The report as Markdown: Table I (runs side by side), then Table II and the F1-optimal thresholds
-    per run, the notes on undefined values, and `figures` (caption → relative path) embedded.
+def _runs_section(names: Sequence[str], run_info: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    keys = list(dict.fromkeys(k for info in run_info.values() for k in info))
+    out = ["## Runs", "", _row(["", *names]), _row(["---", *["---"] * len(names)])]
+    for k in keys:
+        out.append(_row([k, *[str(run_info.get(n, {}).get(k, "")) for n in names]]))
+    return [*out, ""]
 
-    `summaries` maps a run's name to `ichmodel.metrics.summarize(...)`; `run_info` optionally maps it
-    to a few facts shown in a header table (model, backbone, epochs, held-out studies, …).
-    """
-    classes = _classes(classes)
-    names = list(summaries)
-    order = _table_order(classes)
-    out = [f"# {title}", ""]
-    out += [*intro, ""] if intro else []
-    first = next(iter(summaries.values()))
-    threshold = first["threshold"]
 
-    if run_info:
-        keys = list(dict.fromkeys(k for info in run_info.values() for k in info))
-        out += ["## Runs", "", _row(["", *names]), _row(["---", *["---"] * len(names)])]
-        for k in keys:
-            out.append(_row([k, *[str(run_info.get(n, {}).get(k, "")) for n in names]]))
-        out.append("")
-
-    out += [
+def _overall_section(summaries: Mapping[str, Mapping[str, Any]], n_classes: int) -> list[str]:
+    threshold = next(iter(summaries.values()))["threshold"]
+    out = [
         "## Overall (Table I)",
         "",
         f"Loss is the RSNA weighted log loss (weight 2 for `any`, 1 for each subtype; lower is better). "
-        f"The other metrics pool all {len(classes)} labels of every image (micro average); a label is "
+        f"The other metrics pool all {n_classes} labels of every image (micro average); a label is "
         f"predicted positive when its probability is ≥ {threshold:g}. Best of each row in bold.",
         "",
     ]
-    out += _metric_table(names, [s["overall"] for s in summaries.values()], bold=True)
+    out += _metric_table(list(summaries), [s["overall"] for s in summaries.values()], bold=True)
     out.append(_row(["Images", *[_fmt(int(s["n_images"])) for s in summaries.values()]]))
-    out.append("")
+    return [*out, ""]
 
-    if figures:
-        for caption, rel in figures.items():
-            out += [f"![{caption}]({rel})", "", f"*{caption}*", ""]
 
-    out += [
+def _per_class_section(summaries: Mapping[str, Mapping[str, Any]], order: Sequence[str]) -> list[str]:
+    out = [
         "## Per class (Table II)",
         "",
         "Sensitivity = TP / (TP + FN), specificity = TN / (TN + FP), by their textbook definitions "
@@ -299,8 +277,11 @@ def markdown_report(
         out += _metric_table(order, [pc[c] for c in order], bold=False)
         out.append(_row(["Positive images", *[_fmt(int(pc[c]["n_positive"])) for c in order]]))
         out.append("")
+    return out
 
-    out += [
+
+def _thresholds_section(summaries: Mapping[str, Mapping[str, Any]], order: Sequence[str]) -> list[str]:
+    out = [
         "## F1-maximising thresholds",
         "",
         "Each class's threshold chosen to maximise its F1 on these same held-out images, so optimistic: "
@@ -312,14 +293,8 @@ def markdown_report(
         pc = s["per_class"]
         out += [f"### {name}", "", _row(["", *order]), _row(["---", *["---:"] * len(order)])]
         for key in rows:
-            out.append(
-                _row(
-                    [
-                        key.capitalize() if key != "f1" else "F1",
-                        *[_fmt(pc[c]["best_f1"].get(key)) for c in order],
-                    ]
-                )
-            )
+            label = key.capitalize() if key != "f1" else "F1"
+            out.append(_row([label, *[_fmt(pc[c]["best_f1"].get(key)) for c in order]]))
         ob = s["overall_best_f1"]
         out += [
             "",
@@ -327,7 +302,42 @@ def markdown_report(
             f"sensitivity {_fmt(ob['sensitivity'])}, specificity {_fmt(ob['specificity'])}.",
             "",
         ]
+    return out
 
+
+def markdown_report(
+    summaries: Mapping[str, Mapping[str, Any]],
+    classes: Sequence[str] | None = None,
+    *,
+    title: str = "Evaluation",
+    intro: Sequence[str] = (),
+    figures: Mapping[str, str] | None = None,
+    run_info: Mapping[str, Mapping[str, Any]] | None = None,
+) -> str:
+    """The report as Markdown.
+
+    Table I (runs side by side), the figures, Table II and the F1-maximising thresholds per run,
+    then the notes on undefined values.
+
+    Args:
+        summaries: a run's name → `ichmodel.metrics.summarize(...)` of it.
+        classes: the label classes (`ichdata.labels.CLASSES` by default); tables put `any` first.
+        title: the level-1 heading.
+        intro: paragraphs before the tables.
+        figures: caption → path relative to the report, embedded after Table I.
+        run_info: a run's name → a few facts for a header table (model, backbone, epochs, …).
+    """
+    classes = _classes(classes)
+    order = _table_order(classes)
+    out = [f"# {title}", ""]
+    out += [*intro, ""] if intro else []
+    if run_info:
+        out += _runs_section(list(summaries), run_info)
+    out += _overall_section(summaries, len(classes))
+    for caption, rel in (figures or {}).items():
+        out += [f"![{caption}]({rel})", "", f"*{caption}*", ""]
+    out += _per_class_section(summaries, order)
+    out += _thresholds_section(summaries, order)
     notes = [(n, note) for n, s in summaries.items() for note in s.get("notes", [])]
     if notes:
         out += ["## Notes", "", *[f"- {n}: {note}" for n, note in notes], ""]

@@ -57,7 +57,7 @@ def _run_dir(path: Path, store: Path, model_name: str, seed: int = 0, max_len: i
     write_split(path / "split.json", split_by_patient(st.series, val_fraction=0.4, seed=seed), st.series)
     torch.manual_seed(seed)
     kwargs = {"name": model_name, "backbone": BACKBONE, "rnn_hidden": 16, "rnn_layers": 1}
-    model = create_model(model_name, **{k: v for k, v in kwargs.items() if k != "name"})
+    model = create_model(model_name, backbone=BACKBONE, rnn_hidden=16, rnn_layers=1)
     torch.save(
         {
             "format": "ich-checkpoint",
