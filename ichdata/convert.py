@@ -40,7 +40,7 @@ from ichdata.shards import (
     prepare_store,
     read_markers,
 )
-from ichdata.store import manifest_path, quarantine_csv_path, salt_path
+from ichdata.store import manifest_path, quarantine_csv_path, replaceable, salt_path
 
 if TYPE_CHECKING:
     import os
@@ -298,6 +298,11 @@ def check_inputs(config: ConvertConfig) -> None:
         raise UserError(f"SOURCE {source}: no such folder; expected a folder of DICOM files")
     if config.labels is not None and not Path(config.labels).is_file():
         raise UserError(f"--labels {config.labels}: no such file; expected an RSNA label CSV (ID,Label)")
+    if config.overwrite and not replaceable(store):
+        raise UserError(
+            f"STORE {store}: exists and is not an ich store; --overwrite replaces only a store "
+            "`ich convert` made"
+        )
     check_store(store, source, config.shard_size, config.overwrite)
 
 

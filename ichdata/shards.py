@@ -30,6 +30,7 @@ from ichdata.store import (
     create_shard_done,
     manifest_path,
     quarantine_csv_path,
+    replaceable,
     shard_checksum,
     write_images,
 )
@@ -181,17 +182,15 @@ def group_size(remaining: int, n_threads: int) -> int:
 
 
 def remove_store(store: Path) -> None:
-    """Delete what is at `store` and its side files, for `--overwrite`.
+    """Delete the ich store at `store` and its side files, for `--overwrite`.
 
-    A non-empty folder that is not a Zarr group is refused with a `UserError`.
+    Anything else there (a file, a folder that is neither empty nor an ich store) is refused with a
+    `UserError`: nothing is deleted that is not an ich store.
     """
-    if store.exists():
-        if store.is_dir() and not (store / "zarr.json").is_file() and any(store.iterdir()):
-            raise UserError(f"STORE {store}: exists and is not an ich store; refusing to overwrite it")
-        if store.is_dir():
-            shutil.rmtree(store)
-        else:
-            store.unlink()
+    if not replaceable(store):
+        raise UserError(f"STORE {store}: exists and is not an ich store; refusing to overwrite it")
+    if store.is_dir():
+        shutil.rmtree(store)
     for p in (manifest_path(store), quarantine_csv_path(store)):
         p.unlink(missing_ok=True)
 

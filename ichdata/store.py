@@ -533,6 +533,22 @@ def open_store(path: str | os.PathLike[str], *, allow_incomplete: bool = False) 
     )
 
 
+def is_ich_store(path: str | os.PathLike[str]) -> bool:
+    """Whether `path` is a store `ich convert` made (a Zarr group with a `format_version` attribute)."""
+    attrs = store_attrs(path) if Path(path).is_dir() else None
+    return attrs is not None and "format_version" in attrs
+
+
+def replaceable(path: str | os.PathLike[str]) -> bool:
+    """Whether `--overwrite` may delete what is at `path`: nothing, an empty folder, or an ich store."""
+    p = Path(path)
+    if not p.exists() and not p.is_symlink():
+        return True
+    if p.is_symlink() or not p.is_dir():
+        return False
+    return not any(p.iterdir()) or is_ich_store(p)
+
+
 def store_attrs(path: str | os.PathLike[str]) -> Mapping[str, Any] | None:
     """The group attributes of the store at `path`, or None when there is no Zarr group there."""
     import zarr
@@ -553,10 +569,12 @@ __all__ = [
     "Store",
     "array",
     "create_images",
+    "is_ich_store",
     "manifest_path",
     "now_utc",
     "open_store",
     "quarantine_csv_path",
+    "replaceable",
     "salt_path",
     "shard_checksum",
     "store_attrs",

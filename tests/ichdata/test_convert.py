@@ -630,3 +630,25 @@ def test_convert_runs_on_an_existing_cluster_by_address_or_scheduler_file(many, 
         )
         == 2
     )
+
+
+def test_overwrite_replaces_only_an_ich_store(archive, tmp_path) -> None:
+    """`--overwrite` never deletes a regular file, nor a Zarr group that is not an ich store."""
+    from ichdata.errors import UserError
+
+    root, _, _ = archive
+    somefile = tmp_path / "somefile"
+    somefile.write_text("precious")
+    with pytest.raises(UserError, match=r"somefile: exists and is not an ich store"):
+        convert(ConvertConfig(root, somefile, overwrite=True), progress=False, client=None)
+    assert somefile.read_text() == "precious"
+    other = tmp_path / "other.zarr"
+    zarr.open_group(str(other), mode="w").create_array("x", shape=(1,), dtype="uint8")
+    with pytest.raises(UserError, match=r"other\.zarr: exists and is not an ich store"):
+        convert(ConvertConfig(root, other, overwrite=True), progress=False, client=None)
+    assert (other / "x" / "zarr.json").is_file()
+    real = tmp_path / "real.zarr"
+    convert(ConvertConfig(root, real, shard_size=4), progress=False, client=None)
+    replaced = convert(ConvertConfig(root, real, shard_size=8, overwrite=True), progress=False, client=None)
+    assert replaced.n_new == replaced.n_slices
+    assert open_store(real).shard_size == 8
