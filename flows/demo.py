@@ -1,41 +1,11 @@
-"""`ich demo`: the whole system on a synthetic archive, in one command, on a laptop CPU.
+"""`ich demo`: the whole system on a synthetic archive, in one command, on a CPU.
 
-    synthetic archive (`ichdata.testing.write_archive`: DICOM + stage_2_train.csv)
-      -> the Prefect `ingest` flow (scan, plan, Dask conversion, verify, report) into a Zarr store
-      -> a short CPU training of a CNN-only model (`xception`) and a CNN-GRU (`xception_gru`), both on
-         the same small timm backbone and the same patient split
-      -> `ich evaluate` of both on the held-out patients
-      -> DIR/report.md (both models side by side, per class, ROC curves, missed slices)
-
-Nothing is downloaded and no server is needed. Prefect runs in its local *ephemeral* mode: the flow
-starts a temporary Prefect API for the duration of the run. The demo always uses its own Prefect home,
-`DIR/prefect` (database, logs, results), and ignores any configured `PREFECT_API_URL`, so it neither
-writes to `~/.prefect` nor posts runs to a server you use for real work. Open the run history
-afterwards with `PREFECT_HOME=DIR/prefect prefect server start`.
-
-DIR afterwards:
-
-| path | what |
-| --- | --- |
-| `archive/` | the synthetic DICOM archive and its label CSV |
-| `store.zarr` (+ `.manifest.parquet`, `.quarantine.csv`) | the converted store |
-| `runs/xception/`, `runs/xception_gru/` | the two training runs (`ich train --out`) |
-| `report.md`, `metrics.json`, `roc.png`, `false_negatives.png`, `predictions_*.csv` | the evaluation |
-| `prefect/` | the Prefect home of the ingest run |
-| `demo.json` | the demo's settings, stage times and the two weighted log losses |
-
-The phantom lesions span several adjacent slices with faint first and last slices, and single-slice
-mimics appear in negative slices, so the slice context a GRU sees should pay. It does when the two
-models are trained stage-wise, as the RSNA competition's winners did: the CNN-only model first, then
-the CNN-GRU starts from that run's best backbone and classifier, with the backbone frozen, and learns
-a small bidirectional GRU (1 × 64 units) that gates the per-slice features (the paper's architecture,
-`ichmodel.models.SequenceClassifier`; its gate starts open, so training starts from the CNN-only
-model's predictions). With the defaults (60 studies, 4 epochs, seed 0; 12 held-out patients, 537
-slices) the held-out weighted log loss is 0.294 for the CNN-only model and 0.224 for the CNN-GRU
-(ROC AUC 0.856 -> 0.923), in 378 s on 2 cores (the frozen-backbone GRU stage takes 85 s of it).
-Trained end to end from scratch with the paper's 2 × 512-unit GRU (6.6 M
-parameters over a 0.37 M-parameter backbone, a few dozen training studies) the CNN-GRU lost to the
-CNN-only model in every setting tried (0.320 vs 0.294 with these defaults).
+A synthetic archive (`ichdata.testing.write_archive`) goes through the Prefect `ingest` flow into a
+Zarr store; a CNN-only model (`xception`) and a CNN-GRU (`xception_gru`) train briefly on the same
+patient split, stage-wise (the CNN-GRU starts from the CNN's best backbone, frozen); both are
+evaluated on the held-out patients into DIR/report.md. Prefect runs in ephemeral mode with its home
+in DIR/prefect, so nothing reaches `~/.prefect` or a configured server. `DemoConfig` declares the
+command's options; the README says how to run it and what to expect.
 """
 
 from __future__ import annotations
@@ -49,31 +19,46 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from ichdata.errors import UserError
+from ichdata.options import option
 
-__all__ = ["DemoConfig", "DemoResult", "prefect_home", "run_demo"]
+if TYPE_CHECKING:
+    from ichdata.convert import ConvertSummary
+    from ichdata.testing import ArchiveSummary
+    from ichmodel.train import RunResult
+
+__all__ = ["DemoConfig", "DemoResult", "main_demo", "prefect_home", "run_demo"]
 
 #: Written into DIR so that a re-run may replace a previous demo's outputs (and nothing else).
 MARKER = ".ich-demo"
 MODELS: tuple[str, ...] = ("xception", "xception_gru")
+#: The default run, and the reduced one `--quick` asks for: (studies, epochs, image size).
+_FULL, _QUICK = (60, 4, 256), (8, 1, 128)
 
 
 @dataclass(frozen=True)
 class DemoConfig:
-    """Settings of `ich demo`; the defaults are the README's run (under 10 minutes on 2 cores)."""
+    """Settings of `ich demo`; the defaults are the README's run.
 
-    out: Path = Path("ich-demo")
-    studies: int = 60
-    epochs: int = 4
+    `studies`, `epochs` and `image_size` left at None take the default run's values, or the reduced
+    run's with `quick`; after construction they always hold a number.
+    """
+
+    out: Path = option(Path("ich-demo"), help="folder to write (ich-demo)", metavar="DIR")
+    studies: int = option(None, help="synthetic studies (default 60; --quick 8)")
+    epochs: int = option(None, help="training epochs per model (default 4; --quick 1)")
     #: rows/columns of the synthetic DICOM slices (the store is always 256×256)
-    image_size: int = 256
+    image_size: int = option(None, help="rows/columns of the synthetic DICOM slices (256; --quick 128)")
+    #: timm's smallest ResNet, random initialisation: nothing to download
+    backbone: str = option("test_resnet", help="timm backbone of both models (test_resnet)")
+    workers: int | None = option(None, help="Dask worker processes (default: one per core)")
+    seed: int = option(0, help="seed of the archive, the split and the training")
+    quick: bool = option(False, help="a reduced run (about a minute) to check that all works")
+    progress: bool = option(True, flag="--quiet", help="no progress bars")
     #: fraction of slices with a hemorrhage: above RSNA's 0.14 so a small archive has enough positives
     prevalence: float = 0.35
-    seed: int = 0
-    #: timm's smallest ResNet (0.4 M parameters), random initialisation: nothing to download
-    backbone: str = "test_resnet"
     #: slices per step of the CNN-only model
     batch_size_slices: int = 16
     #: study windows of at most `max_len` slices per step of the CNN-GRU (about as many slices per step)
@@ -89,14 +74,12 @@ class DemoConfig:
     freeze_backbone: bool = True
     lr: float = 1e-3
     val_fraction: float = 0.3
-    workers: int | None = None
-    progress: bool = True
 
-    @classmethod
-    def quick(cls, **kwargs: Any) -> DemoConfig:
-        """A reduced run for CI (about a minute): same pipeline, fewer and smaller studies, one epoch."""
-        base = {"studies": 8, "epochs": 1, "image_size": 128}
-        return cls(**{**base, **kwargs})
+    def __post_init__(self) -> None:
+        defaults = _QUICK if self.quick else _FULL
+        for name, value in zip(("studies", "epochs", "image_size"), defaults, strict=True):
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, value)
 
 
 @dataclass
@@ -145,28 +128,42 @@ def prefect_home(home: Path) -> Iterator[None]:
             temporary_settings,
         )
 
-        with temporary_settings(
-            updates={PREFECT_HOME: str(home), PREFECT_SERVER_DATABASE_CONNECTION_URL: db},
-            restore_defaults={PREFECT_API_URL},
+        with (
+            temporary_settings(
+                updates={
+                    PREFECT_HOME: str(home),
+                    PREFECT_SERVER_DATABASE_CONNECTION_URL: db,
+                },
+                restore_defaults={PREFECT_API_URL},
+            ),
+            _api_server() as api_url,
+            temporary_settings(updates={PREFECT_API_URL: api_url}),
         ):
-            # Prefect's ephemeral mode starts this same server by itself, but then stops it only at
-            # interpreter exit; started here, on a port of its own, it is stopped when the demo is done.
-            from prefect.server.api.server import SubprocessASGIServer
-
-            server = SubprocessASGIServer(port=_free_port())
-            server.start()
-            try:
-                with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
-                    yield
-                    _flush_prefect_logs()
-            finally:
-                server.stop()
+            yield
+            _flush_prefect_logs()
     finally:
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+@contextlib.contextmanager
+def _api_server() -> Iterator[str]:
+    """A Prefect API server on a free loopback port for the block; yields its API URL.
+
+    Prefect's ephemeral mode starts this same server by itself, but then stops it only at
+    interpreter exit; started here, on a port of its own, it is stopped when the demo is done.
+    """
+    from prefect.server.api.server import SubprocessASGIServer
+
+    server = SubprocessASGIServer(port=_free_port())
+    try:
+        server.start()
+        yield server.api_url
+    finally:
+        server.stop()
 
 
 def _free_port() -> int:
@@ -183,6 +180,16 @@ def _flush_prefect_logs() -> None:
 
     with contextlib.suppress(Exception):
         APILogHandler().flush()
+
+
+def _check(config: DemoConfig) -> None:
+    """Refuse settings too small for a demo to mean anything, before anything is written."""
+    if config.studies < 4:
+        raise UserError(f"--studies {config.studies}: need at least 4 (patients for training and held out)")
+    if config.epochs < 1:
+        raise UserError(f"--epochs {config.epochs}: must be at least 1")
+    if config.image_size < 64:
+        raise UserError(f"--image-size {config.image_size}: expected at least 64 pixels")
 
 
 def _prepare_out(out: Path) -> None:
@@ -205,7 +212,20 @@ def _prepare_out(out: Path) -> None:
     (out / MARKER).write_text("made by `ich demo`; a re-run replaces everything in this folder\n")
 
 
-def _ingest(config: DemoConfig, archive: Path, labels: Path, store: Path) -> Any:
+def _write_archive(config: DemoConfig, archive: Path) -> ArchiveSummary:
+    from ichdata.testing import write_archive
+
+    return write_archive(
+        archive,
+        studies=config.studies,
+        seed=config.seed,
+        any_prevalence=config.prevalence,
+        image_size=config.image_size,
+        workers=config.workers,
+    )
+
+
+def _ingest(config: DemoConfig, archive: Path, labels: Path, store: Path) -> ConvertSummary:
     """The Prefect `ingest` flow, in ephemeral mode with DIR/prefect as its home."""
     with prefect_home(config.out / "prefect"):
         from flows.ingest import ingest
@@ -215,7 +235,8 @@ def _ingest(config: DemoConfig, archive: Path, labels: Path, store: Path) -> Any
 
 def _train(
     config: DemoConfig, store: Path, model: str, out: Path, split: Path | None, init: Path | None = None
-) -> Any:
+) -> RunResult:
+    """Train one model on the CPU; `split` holds out the same patients, `init` starts from a checkpoint."""
     from ichmodel.train import TrainConfig, train
 
     tc = TrainConfig(
@@ -242,70 +263,9 @@ def _train(
     return train(tc)
 
 
-def run_demo(config: DemoConfig, log: Callable[[str], None] | None = None) -> DemoResult:
-    """Run the whole demo (see the module docstring); prints one line per stage through `log`."""
-    say = log or (lambda s: print(s, flush=True))
-    if config.studies < 4:
-        raise UserError(f"--studies {config.studies}: need at least 4 (patients for training and held out)")
-    if config.epochs < 1:
-        raise UserError(f"--epochs {config.epochs}: must be at least 1")
-    if config.image_size < 64:
-        raise UserError(f"--image-size {config.image_size}: expected at least 64 pixels")
-    out = config.out.absolute()
-    config = replace(config, out=out)
-    _prepare_out(out)
-    t0 = time.perf_counter()
-    stages: dict[str, float] = {}
-    n_steps = 5
-
-    def stage(k: int, text: str) -> float:
-        say(f"[{k}/{n_steps}] {text}")
-        return time.perf_counter()
-
-    # 1. synthetic archive
-    from ichdata.testing import write_archive
-
-    t = stage(1, f"writing a synthetic archive of {config.studies} studies ({config.image_size}² slices)")
-    archive = out / "archive"
-    summary = write_archive(
-        archive,
-        studies=config.studies,
-        seed=config.seed,
-        any_prevalence=config.prevalence,
-        image_size=config.image_size,
-    )
-    labels = Path(summary.labels_csv)
-    stages["synthetic archive"] = time.perf_counter() - t
-    say(f"      {summary}")
-
-    # 2. ingest
-    store = out / "store.zarr"
-    t = stage(
-        2, f"Prefect flow `ingest` (ephemeral, home {out / 'prefect'}): scan, plan, Dask conversion, verify"
-    )
-    ingest_result = _ingest(config, archive, labels, store)
-    stages["ingest (Prefect + Dask)"] = time.perf_counter() - t
-    say(f"      {ingest_result}")
-
-    # 3-4. train both models on the same split
-    runs: dict[str, Path] = {}
-    split: Path | None = None
-    for k, model in enumerate(MODELS, start=3):
-        t = stage(k, f"training {model} on {config.backbone}, {config.epochs} epochs on the CPU")
-        run_dir = out / "runs" / model
-        init = None if model == "xception" else runs["xception"] / "best.pt"
-        result = _train(config, store, model, run_dir, split, init)
-        split = run_dir / "split.json"  # the second model holds out the same patients
-        runs[model] = run_dir
-        stages[f"train {model}"] = time.perf_counter() - t
-        say(f"      best epoch {result.best_epoch}, validation weighted log loss {result.best_val_loss:.4f}")
-
-    # 5. evaluate
-    from ichmodel.evaluate import evaluate_runs
-
-    t = stage(5, "evaluating both models on the held-out patients")
-    stages_before = dict(stages)
-    intro = [
+def _report_intro(config: DemoConfig, stages: dict[str, float]) -> list[str]:
+    """The paragraphs that open DIR/report.md: what made it, with which settings, in how long."""
+    return [
         "Made by `ich demo`: a synthetic head-CT archive → the Prefect `ingest` flow (Dask conversion) → "
         f"a short CPU training of a CNN-only and a CNN-GRU model on the timm backbone `{config.backbone}` "
         "(random initialisation) → this evaluation on the patients neither model trained on.",
@@ -320,33 +280,87 @@ def run_demo(config: DemoConfig, log: Callable[[str], None] | None = None) -> De
         + (", with the backbone frozen," if config.freeze_backbone else ",")
         + " and learns the GRU that gates each slice's features with its neighbours' context.",
         "",
-        "Stage times: " + ", ".join(f"{k} {v:.0f} s" for k, v in stages_before.items()) + ".",
+        "Stage times: " + ", ".join(f"{k} {v:.0f} s" for k, v in stages.items()) + ".",
         "",
     ]
+
+
+def _write_demo_json(
+    path: Path, config: DemoConfig, stages: dict[str, float], wall: float, losses: dict[str, float]
+) -> None:
+    """DIR/demo.json: the settings, the stage times and the two weighted log losses."""
+    settings = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()}
+    summary = {
+        "config": settings,
+        "stages_s": {k: round(v, 1) for k, v in stages.items()},
+        "wall_s": round(wall, 1),
+        "weighted_log_loss": losses,
+    }
+    path.write_text(json.dumps(summary, indent=2) + "\n")
+
+
+def run_demo(config: DemoConfig, log: Callable[[str], None] | None = None) -> DemoResult:
+    """Run the whole demo into `config.out`, printing one line per stage through `log`.
+
+    DIR then holds `archive/` (the DICOM archive and its label CSV), `store.zarr` (with its manifest
+    and quarantine), `runs/xception/` and `runs/xception_gru/` (the two `ich train` runs), the
+    evaluation (`report.md`, `metrics.json`, `roc.png`, `false_negatives.png`, `predictions_*.csv`),
+    `prefect/` (the ingest run's Prefect home) and `demo.json`.
+    """
+    say = log or (lambda s: print(s, flush=True))
+    _check(config)
+    out = config.out.absolute()
+    config = replace(config, out=out)
+    _prepare_out(out)
+    t0 = time.perf_counter()
+    stages: dict[str, float] = {}
+    n_steps = 5
+
+    def stage(k: int, text: str) -> float:
+        say(f"[{k}/{n_steps}] {text}")
+        return time.perf_counter()
+
+    t = stage(1, f"writing a synthetic archive of {config.studies} studies ({config.image_size}² slices)")
+    summary = _write_archive(config, out / "archive")
+    stages["synthetic archive"] = time.perf_counter() - t
+    say(f"      {summary}")
+
+    store = out / "store.zarr"
+    t = stage(
+        2, f"Prefect flow `ingest` (ephemeral, home {out / 'prefect'}): scan, plan, Dask conversion, verify"
+    )
+    ingest_result = _ingest(config, summary.path, Path(summary.labels_csv), store)
+    stages["ingest (Prefect + Dask)"] = time.perf_counter() - t
+    say(f"      {ingest_result}")
+
+    runs: dict[str, Path] = {}
+    split: Path | None = None
+    for k, model in enumerate(MODELS, start=3):
+        t = stage(k, f"training {model} on {config.backbone}, {config.epochs} epochs on the CPU")
+        run_dir = out / "runs" / model
+        init = None if model == "xception" else runs["xception"] / "best.pt"
+        result = _train(config, store, model, run_dir, split, init)
+        split = run_dir / "split.json"  # the second model holds out the same patients
+        runs[model] = run_dir
+        stages[f"train {model}"] = time.perf_counter() - t
+        say(f"      best epoch {result.best_epoch}, validation weighted log loss {result.best_val_loss:.4f}")
+
+    from ichmodel.evaluate import evaluate_runs
+
+    t = stage(5, "evaluating both models on the held-out patients")
     evaluated, paths = evaluate_runs(
         list(runs.values()),
         store,
         out,
         progress=config.progress,
         title="ich demo: CNN-only vs CNN-GRU on synthetic head CT",
-        intro=intro,
+        intro=_report_intro(config, stages),
         log=say,
     )
     stages["evaluate"] = time.perf_counter() - t
     wall = time.perf_counter() - t0
     losses = {r.name: float(r.summary["weighted_log_loss"]) for r in evaluated}
-    (out / "demo.json").write_text(
-        json.dumps(
-            {
-                "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()},
-                "stages_s": {k: round(v, 1) for k, v in stages.items()},
-                "wall_s": round(wall, 1),
-                "weighted_log_loss": losses,
-            },
-            indent=2,
-        )
-        + "\n"
-    )
+    _write_demo_json(out / "demo.json", config, stages, wall, losses)
     return DemoResult(
         out=out,
         report=paths["report"],
@@ -358,17 +372,11 @@ def run_demo(config: DemoConfig, log: Callable[[str], None] | None = None) -> De
     )
 
 
-def main_demo(args: Any) -> int:
-    """Handler of `ich demo` (see `flows.cli`)."""
-    kwargs: dict[str, Any] = {"out": args.out, "seed": args.seed, "progress": not args.quiet}
-    for name in ("studies", "epochs", "image_size", "workers", "backbone"):
-        value = getattr(args, name)
-        if value is not None:
-            kwargs[name] = value
-    config = DemoConfig.quick(**kwargs) if args.quick else DemoConfig(**kwargs)
+def main_demo(config: DemoConfig) -> int:
+    """Handler of `ich demo`: run it, print the result, and say so if the CNN-GRU did not win."""
     result = run_demo(config)
     print(result)
-    if not args.quick:
+    if not config.quick:
         cnn, gru = (result.weighted_log_loss.get(m, float("nan")) for m in MODELS)
         if not gru < cnn:
             print(

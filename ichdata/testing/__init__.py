@@ -9,18 +9,18 @@
 
 from __future__ import annotations
 
-from ichdata.testing.archive import ArchiveSummary, SynthConfig, main_synth, write_archive
+from ichdata.testing.archive import ArchiveKwargs, ArchiveSummary, SynthConfig, write_archive
 from ichdata.testing.dicom_writer import add_reference_sequence, stored_from_hu, write_ct_slice
 from ichdata.testing.phantom import Phantom, phantom_series
 from ichdata.testing.study import SUBTYPES
 
 __all__ = [
     "SUBTYPES",
+    "ArchiveKwargs",
     "ArchiveSummary",
     "Phantom",
     "SynthConfig",
     "add_reference_sequence",
-    "main_synth",
     "phantom_series",
     "stored_from_hu",
     "write_archive",

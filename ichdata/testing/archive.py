@@ -15,6 +15,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypedDict
 
 import numpy as np
 
@@ -25,7 +26,7 @@ from ichdata.testing.dicom_writer import stored_from_hu, write_ct_slice
 from ichdata.testing.render import RandomFields, bank_size, render_study
 from ichdata.testing.study import Anatomy, Study, draw_anatomy, draw_study, study_labels, without_lesions
 
-__all__ = ["ArchiveSummary", "SynthConfig", "main_synth", "write_archive"]
+__all__ = ["ArchiveKwargs", "ArchiveSummary", "SynthConfig", "write_archive"]
 
 # Header styles seen in RSNA's archive, with the share of series that have each.
 _HEADER_STYLES: tuple[tuple[str, float], ...] = (
@@ -36,6 +37,17 @@ _HEADER_STYLES: tuple[tuple[str, float], ...] = (
 )
 _STUDIES_PER_PATIENT = ((1, 0.6), (2, 0.3), (3, 0.1))
 _RSNA_STUDY_POSITIVE_COVERAGE = 0.35  # mean fraction of slices with blood in a positive study
+
+
+class ArchiveKwargs(TypedDict):
+    """The arguments of `write_archive`, as `SynthConfig.archive_kwargs` gives them."""
+
+    out: Path
+    studies: int
+    seed: int
+    any_prevalence: float
+    image_size: int
+    workers: int | None
 
 
 @dataclass(frozen=True)
@@ -54,6 +66,17 @@ class SynthConfig:
         help="processes writing the studies (default: the usable cores); any number writes the same archive",
         metavar="N",
     )
+
+    def archive_kwargs(self) -> ArchiveKwargs:
+        """The arguments of `write_archive` for these settings."""
+        return ArchiveKwargs(
+            out=self.out,
+            studies=self.studies,
+            seed=self.seed,
+            any_prevalence=self.prevalence,
+            image_size=self.image_size,
+            workers=self.workers,
+        )
 
 
 @dataclass(frozen=True)
@@ -408,17 +431,3 @@ def write_archive(
         labels_csv=labels_csv,
         elapsed_s=time.perf_counter() - t_start,
     )
-
-
-def main_synth(config: SynthConfig) -> int:
-    """Handler of `ich synth`: write the archive and print its summary."""
-    summary = write_archive(
-        config.out,
-        studies=config.studies,
-        seed=config.seed,
-        any_prevalence=config.prevalence,
-        image_size=config.image_size,
-        workers=config.workers,
-    )
-    print(summary)
-    return 0

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from flows.demo import DemoConfig
 from ichdata.cli import main
 
 
@@ -68,3 +69,12 @@ def test_quick_demo_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert main(["demo", "--out", str(foreign), "--quick"]) == 2
     assert "was not made by `ich demo`" in capsys.readouterr().err
     assert (foreign / "thesis.tex").read_text() == "precious\n"
+
+
+def test_demo_config_takes_the_quick_sizes_only_where_none_was_given() -> None:
+    full, quick = DemoConfig(), DemoConfig(quick=True)
+    assert (full.studies, full.epochs, full.image_size) == (60, 4, 256)
+    assert (quick.studies, quick.epochs, quick.image_size) == (8, 1, 128)
+    assert DemoConfig(quick=True, studies=12).studies == 12
+    assert DemoConfig(epochs=2).epochs == 2
+

@@ -15,7 +15,7 @@ from ichdata.cli import main
 from ichdata.dicom import read_slice
 from ichdata.errors import UserError
 from ichdata.labels import CLASSES
-from ichdata.testing import SUBTYPES, write_archive
+from ichdata.testing import SUBTYPES, SynthConfig, write_archive
 
 
 def _labels_by_image(csv_path: Path) -> dict[str, list[tuple[str, int]]]:
@@ -171,3 +171,32 @@ def test_cli_synth(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["synth", str(out), "--studies", "1", "--seed", "4"]) == 2
     err = capsys.readouterr().err
     assert err == f"ich: error: {out} already exists and is not an empty folder; choose a new one\n"
+
+
+def test_archive_is_byte_identical_for_any_number_of_workers(tmp_path: Path) -> None:
+    one = write_archive(tmp_path / "one", studies=5, seed=8, image_size=32, workers=1)
+    two = write_archive(tmp_path / "two", studies=5, seed=8, image_size=32, workers=2)
+    names = sorted(p.name for p in (tmp_path / "one").iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "two").iterdir())
+    assert len(names) == one.n_slices + 1  # every slice and the label CSV
+    for name in names:
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes(), name
+    assert (one.n_slices, one.n_patients, one.prevalence) == (two.n_slices, two.n_patients, two.prevalence)
+
+
+def test_archive_refuses_fewer_than_one_worker(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="--workers must be at least 1, got 0"):
+        write_archive(tmp_path / "n", studies=1, seed=0, workers=0)
+    assert not (tmp_path / "n").exists()
+
+
+def test_synth_config_gives_write_archive_its_arguments(tmp_path: Path) -> None:
+    config = SynthConfig(out=tmp_path / "a", prevalence=0.2, workers=3)
+    assert config.archive_kwargs() == {
+        "out": tmp_path / "a",
+        "studies": 20,
+        "seed": 0,
+        "any_prevalence": 0.2,
+        "image_size": 512,
+        "workers": 3,
+    }
