@@ -495,16 +495,22 @@ def open_store(path: str | os.PathLike[str], *, allow_incomplete: bool = False) 
     if int(version) > FORMAT_VERSION:
         raise UserError(f"{p}: store format version {version}; this ich reads up to {FORMAT_VERSION}")
     state = attrs.get("state")
-    if state != "complete" and not allow_incomplete:
-        raise UserError(
-            f"{p}: the conversion that writes this store has not finished (state {state!r}); "
-            "re-run `ich convert` with the same arguments to complete it"
-        )
+    unfinished = (
+        f"{p}: the conversion that writes this store has not finished (state {state!r}); "
+        "re-run `ich convert` with the same arguments to complete it"
+    )
+    # While finalize rewrites the small arrays they disagree with each other: nothing to show, even
+    # to a reader that accepts an incomplete store.
+    if state != "complete" and (not allow_incomplete or state == "finalizing"):
+        raise UserError(unfinished)
     if "labels" in group:
-        labels = np.asarray(array(group, "labels")[...], dtype=np.uint8)
-        offsets = np.asarray(array(group, "study_offsets")[...], dtype=np.int64)
-        positions = np.asarray(array(group, "slice_position")[...], dtype=np.float64)
-        n_slices = np.asarray(array(group, "series/n_slices")[...], dtype=np.int64)
+        try:
+            labels = np.asarray(array(group, "labels")[...], dtype=np.uint8)
+            offsets = np.asarray(array(group, "study_offsets")[...], dtype=np.int64)
+            positions = np.asarray(array(group, "slice_position")[...], dtype=np.float64)
+            n_slices = np.asarray(array(group, "series/n_slices")[...], dtype=np.int64)
+        except KeyError as exc:  # a committed array is missing: a commit that never finished
+            raise UserError(f"{unfinished} ({exc.args[0]} is missing)") from None
     else:
         labels = np.zeros((0, len(CLASSES)), dtype=np.uint8)
         offsets = np.zeros(1, dtype=np.int64)

@@ -652,3 +652,29 @@ def test_overwrite_replaces_only_an_ich_store(archive, tmp_path) -> None:
     replaced = convert(ConvertConfig(root, real, shard_size=8, overwrite=True), progress=False, client=None)
     assert replaced.n_new == replaced.n_slices
     assert open_store(real).shard_size == 8
+
+
+def test_verify_and_quarantine_of_a_store_killed_in_finalize_say_it_is_unfinished(
+    archive, converted, tmp_path, monkeypatch
+) -> None:
+    """`ich verify` and `ich quarantine` (which read a store even while it is incomplete) say in one
+    line that the store is unfinished, instead of failing on a small array finalize had not rewritten."""
+    import ichdata.finalize
+    from ichdata.errors import UserError
+    from ichdata.verify import verify_store
+
+    root, _, _ = archive
+    clean, _, _ = converted
+    store = tmp_path / "k.zarr"
+
+    def killed(group, **arrays):
+        group.create_array("labels", shape=(1,), dtype="uint8", overwrite=True)  # half-way through
+        raise _Killed
+
+    monkeypatch.setattr(ichdata.finalize, "write_committed", killed)
+    with pytest.raises(_Killed):
+        convert(ConvertConfig(root, store, shard_size=4), progress=False, client=None)
+    for read in (verify_store, lambda s: open_store(s, allow_incomplete=True)):
+        with pytest.raises(UserError, match=r"has not finished.*re-run `ich convert`") as caught:
+            read(store)
+        assert "\n" not in str(caught.value)
