@@ -1,16 +1,13 @@
 """Compiled kernels (Numba) for the hot loop of the conversion: packed table lookup + k×k block sums.
 
 `ichdata.windows` renders a slice by looking up each stored value's three windowed levels, packed as
-fixed-point fields in one uint64, and summing k×k blocks (see its docstring). In NumPy that is one
-gather and several strided passes over multi-megabyte temporaries: `window_stored` took ≈ 0.5 ms for a
-512×512 slice, a third of the conversion's work per slice; fused in one compiled loop ≈ 0.1 ms
-(`bench/windows.py`, with and without `ICH_NO_JIT=1`). The kernels
-compute exactly what the NumPy path computes (same table, same integer sums, same rounding), so the
-store's pixels do not depend on which one ran; `tests/ichdata/test_windows.py` holds them equal.
-
-Numba compiles on first use and caches the machine code on disk (`cache=True`: next to this file, or
-in Numba's per-user cache directory where this one is read-only). `available()` is False where Numba
-cannot be imported or compiled, and `ichdata.windows` then uses NumPy; `ICH_NO_JIT=1` forces that.
+fixed-point fields in one uint64, and summing k×k blocks. In NumPy that is one gather and several
+strided passes over multi-megabyte temporaries; here it is one compiled loop (`bench/windows.py`
+measures both, the NumPy one with `ICH_NO_JIT=1`). The kernels compute exactly what the NumPy path
+computes (same table, same integer sums, same rounding), so the store's pixels do not depend on which
+one ran; `tests/ichdata/test_windows.py` holds them equal. Numba caches the machine code on disk
+where it can (else compiles in memory); `available()` is False where Numba cannot be imported or
+compiled, and `ichdata.windows` then uses NumPy; `ICH_NO_JIT=1` forces that.
 """
 
 from __future__ import annotations
@@ -56,8 +53,10 @@ def _compile(cache: bool = True) -> dict[str, Any]:
 
     @jit
     def blocks(codes, table, k, top, left, divisor, out):
-        """Any integer factor k, the image placed at (top, left) in an n×n square of air (0 in every
-        field), any divisor: out = (block sum of each field + divisor // 2) // divisor."""
+        """Any integer factor k, any divisor: out = (block sum of each field + divisor // 2) // divisor.
+
+        The image is placed at (top, left) in an n×n square of air (0 in every field).
+        """
         rows, cols = codes.shape
         size = out.shape[1]
         half = np.uint64(divisor // 2)
@@ -83,9 +82,11 @@ def _compile(cache: bool = True) -> dict[str, Any]:
 
     @jit
     def taps(codes, ftable, ridx, rw, cidx, cw, acc, out):
-        """A non-integer factor (a padded 638×490, say): float32 area taps, in exactly the order and
-        precision of `ichdata.windows._area_resize_padded` over `ftable[:, codes]`, then rint, clip and
-        uint8. `acc` is a float32 (3, size, cols) scratch array."""
+        """A non-integer factor (a padded 638×490, say): float32 area taps, then rint, clip and uint8.
+
+        In exactly the order and precision of `ichdata.windows._area_resize_padded` over
+        `ftable[:, codes]`. `acc` is a float32 (3, size, cols) scratch array.
+        """
         cols = codes.shape[1]
         size = out.shape[1]
         nr = ridx.shape[1]
@@ -151,15 +152,19 @@ def _disable() -> None:
 
 
 def available() -> bool:
+    """Whether the compiled kernels run here (compiling them on the first call)."""
     return kernels() is not None
 
 
 def packed_block_render(
     codes: np.ndarray, table: np.ndarray, k: int, top: int, left: int, divisor: int, out: np.ndarray
 ) -> bool:
-    """`out[c] = (k×k block sums of field c of table[codes], padded with air at (top, left)) + divisor
-    // 2) // divisor`; False (nothing written) when the kernels are unavailable or the inputs are not
-    what they are compiled for."""
+    """Render packed codes by k×k block sums; False (nothing written) where the kernels do not apply.
+
+    `out[c] = (k×k block sums of field c of table[codes], padded with air at (top, left)) + divisor
+    // 2) // divisor`. False when the kernels are unavailable or the inputs are not what they are
+    compiled for.
+    """
     ks = kernels()
     if ks is None:
         return False
@@ -197,9 +202,12 @@ def taps_render(
     acc: np.ndarray,
     out: np.ndarray,
 ) -> bool:
-    """`out` = rint(clip(the folded area taps `taps` = (row indices, row weights, column indices,
-    column weights) applied to `ftable[:, codes]`)) as uint8; False when the kernels are unavailable or
-    the inputs are not what they are compiled for."""
+    """Render codes through float area taps; False (nothing written) where the kernels do not apply.
+
+    `out` = rint(clip(the folded area taps `taps` = (row indices, row weights, column indices, column
+    weights) applied to `ftable[:, codes]`)) as uint8. False when the kernels are unavailable or the
+    inputs are not what they are compiled for.
+    """
     ks = kernels()
     if ks is None:
         return False
@@ -231,10 +239,11 @@ def taps_render(
 
 
 def warm_up() -> bool:
-    """Compile (or load from the disk cache) every kernel signature the conversion uses, e.g. in a
-    process about to fork its workers (≈ 0.6 s the first time in a process, ≈ 1.8 s when nothing is
-    cached yet; instant afterwards). Returns when the kernels are ready, also when another thread is
-    warming them up. True when the kernels are available."""
+    """Compile (or load from the disk cache) every kernel signature the conversion uses.
+
+    For a process about to fork its workers, so that each does not compile its own. Returns when the
+    kernels are ready, also when another thread is warming them up: True when they are available.
+    """
     global _WARM
     if _WARM:
         return True

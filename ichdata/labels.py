@@ -3,11 +3,10 @@
 RSNA's `stage_2_train.csv` has two columns, `ID,Label`, and six rows per image:
 `ID_<id>_epidural`, `_intraparenchymal`, `_intraventricular`, `_subarachnoid`, `_subdural`, `_any`.
 Copies saved with pandas often carry a leading unnamed index column; both read the same. Identical
-duplicate rows (stage 1 had 24) are dropped; anything else that would silently change a label — a
-duplicate with another value, an image with fewer than six rows, an unknown subtype, a label other
-than 0/1, a missing column — is a `LabelError` naming the row or image.
-
-Vectorised throughout (no Python loop per row): RSNA's 4.5 M rows read in a few seconds.
+duplicate rows (RSNA's stage 1 file has some) are dropped; anything else that would silently change a
+label — a duplicate with another value, an image with fewer than six rows, an unknown subtype, a
+label other than 0/1, a missing column — is a `LabelError` naming the row or image. Vectorised
+throughout (no Python loop per row), for RSNA's millions of rows.
 """
 
 from __future__ import annotations

@@ -23,8 +23,8 @@ def slice_position(image_position: Sequence[float], image_orientation: Sequence[
     cosines. The normal is `cross(row_cosines, col_cosines)`, scaled to unit length (headers round
     the cosines). Raises ValueError for the wrong number of values or parallel/zero cosines.
     """
-    # Plain floats, not NumPy: the scan calls this once per file, and NumPy's per-call overhead on
-    # 3-vectors (≈ 50 µs) was a fifth of a header's cost.
+    # Plain floats, not NumPy: the scan calls this once per file, and NumPy's per-call overhead
+    # dominates on 3-vectors.
     position = [float(v) for v in image_position]
     orientation = [float(v) for v in image_orientation]
     if len(position) != 3:
@@ -46,10 +46,10 @@ def slice_order(
     instance_numbers: Sequence[int | None],
     image_ids: Sequence[str],
 ) -> np.ndarray:
-    """Indices that put one series' slices in order: ascending `positions` (from `slice_position`);
-    equal positions by InstanceNumber (missing ones last), then by image id.
+    """Indices that put one series' slices in order.
 
-    The result depends only on the slices, never on the order they are given in.
+    Ascending `positions` (from `slice_position`); equal positions by InstanceNumber (missing ones
+    last), then by image id. The result depends only on the slices, never on the order they are given in.
     """
     pos = np.asarray(positions, dtype=np.float64)
     n = pos.shape[0]

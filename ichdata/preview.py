@@ -1,6 +1,7 @@
-"""One slice as the model sees it: the raw HU beside the brain, subdural and bone windows (the paper's
-Fig. 1), as a PNG. For checking what a DICOM file holds — and what the preprocessing makes of it —
-without a DICOM viewer.
+"""One slice as the model sees it: raw HU beside the brain, subdural and bone windows, as a PNG.
+
+The layout is the paper's Fig. 1. For checking what a DICOM file holds — and what the preprocessing
+makes of it — without a DICOM viewer.
 
 It reads through `ichdata.dicom.read_slice` and windows through `ichdata.windows.window_hu`: the
 same HU recovery (RSNA 12-bit correction included) and the same windows as conversion and
@@ -26,11 +27,14 @@ _RAW_RANGE = (-1000.0, 2000.0)  # the raw panel's grey scale: air to dense bone
 
 
 def write_preview(path: str | os.PathLike[str], out_png: str | os.PathLike[str]) -> Path:
-    """Write a PNG of one DICOM slice: raw HU (grey scale -1000..2000 HU with a colour bar) and the
-    three windows, each panel titled with its window's level and width. Returns the PNG's path.
+    """Write a PNG of one DICOM slice and return its path.
 
-    Raises `UserError` when `path` does not exist or is not a usable CT slice (the message names the
-    file and the reason), or when the PNG's folder does not exist.
+    The panels: raw HU (grey scale -1000..2000 HU with a colour bar) and the three windows, each
+    titled with its window's level and width.
+
+    Raises:
+        UserError: when `path` does not exist or is not a usable CT slice (the message names the file
+            and the reason), or when the PNG's folder does not exist.
     """
     path, out_png = Path(path), Path(out_png)
     if not path.is_file():

@@ -1,22 +1,13 @@
 """CT windows: HU → three 8-bit channels (brain, subdural, bone) at 256×256, the model's input.
 
-The reference (DESIGN.md "Preprocessing"): each window is `clip((hu - (level - width/2)) / width, 0, 1)
-* 255` at the native resolution; a non-square image is padded to a centred square of air (which
-renders 0 in all three windows); each channel is area-resized to `size`×`size` (the mean of each 2×2
-block for 512×512 input; exact overlap-weighted means for any other factor, like OpenCV's
-`INTER_AREA`) and rounded once to uint8.
-
-Two entry points compute it:
-
-- `window_hu(hu)` from HU (float) — used for arrays that are already HU;
-- `window_stored(stored, slope, intercept)` from the integer stored values — the fast path the
-  conversion and prediction use (through `ichdata.dicom.read_rendered`). Stored values take at most
-  65,536 distinct values, so each one's three windowed levels are computed once into a lookup table
-  of fixed-point numbers packed into one uint64 (21 bits per channel), one gather maps the whole
-  slice, and integer block sums average all three channels at once. The result stays within ±1 of
-  the float reference on every pixel (tested). Lookup and block sums run as one compiled loop
-  (`ichdata._kernels`, Numba; ≈ 5× faster than the NumPy passes, identical integers) where Numba is
-  available.
+The contract is DESIGN.md "Preprocessing" 2-3: each window is `clip((hu - (level - width/2)) / width,
+0, 1) * 255` at the native resolution, a non-square image padded to a centred square of air, each
+channel area-resized to `size`×`size` (OpenCV's `INTER_AREA` for any factor) and rounded once.
+`window_hu` computes it from HU; `window_stored` (and `ichdata.dicom.read_rendered`) from integer
+stored values, through a cached table of each value's three levels as fixed-point fields packed in
+one uint64, so one gather maps the slice and integer block sums average all three channels at once,
+within ±1 of the float reference (tested). Where Numba is available the lookup and block sums run as
+one compiled loop (`ichdata._kernels`) that computes the same integers.
 """
 
 from __future__ import annotations
@@ -125,8 +116,10 @@ def _area_resize(x: np.ndarray, size: int) -> np.ndarray:
 
 @functools.lru_cache(maxsize=64)
 def _folded_taps(n: int, size: int, offset: int, length: int) -> tuple[np.ndarray, np.ndarray]:
-    """`_area_taps(n, size)` for an axis of `length` samples placed at `offset` inside `n` (a centred
-    pad): taps on the padding (zeros, air) get weight 0, and indices point into the unpadded axis."""
+    """`_area_taps(n, size)` for an axis of `length` samples placed at `offset` inside `n` (a centred pad).
+
+    Taps on the padding (zeros, air) get weight 0, and indices point into the unpadded axis.
+    """
     idx, w = _area_taps(n, size)
     src = idx - offset
     inside = (src >= 0) & (src < length) & (w > 0)
@@ -134,9 +127,11 @@ def _folded_taps(n: int, size: int, offset: int, length: int) -> tuple[np.ndarra
 
 
 def _area_resize_padded(x: np.ndarray, n: int, top: int, left: int, size: int) -> np.ndarray:
-    """`_area_resize` of `x` (C, rows, cols) float32 zero-padded to (C, n, n) at (`top`, `left`),
-    without building the padded square: the pad's taps are dropped (they add 0). Returns a scratch
-    (C, size, size) float32 array of this thread."""
+    """`_area_resize` of `x` (C, rows, cols) float32 zero-padded to (C, n, n) at (`top`, `left`).
+
+    The padded square is never built: the pad's taps are dropped (they add 0). Returns a scratch
+    (C, size, size) float32 array of this thread.
+    """
     c, rows, cols = x.shape
     ridx, rw = _folded_taps(n, size, top, rows)
     cidx, cw = _folded_taps(n, size, left, cols)
@@ -251,12 +246,12 @@ def _render_codes(
     if jit and _kernels.packed_block_render(codes, table, k, top, left, divisor, out):
         return out
     # Every intermediate goes into this thread's scratch buffers: fresh multi-MB arrays cost more in
-    # page faults than the arithmetic (0.4 ms of 0.9 per 512×512 slice, measured), and np.take is
-    # given intp indices because it casts uint16 ones itself 6× slower than `copyto` does.
+    # page faults than the arithmetic, and np.take is given intp indices because it casts uint16 ones
+    # itself far more slowly than `copyto` does.
     summed = _scratch("summed", (size, size), np.uint64)
     if (rows, cols) == (n, n) and k > 1:
-        # A band of input rows at a time (64 for 512×512), so that indices, packed values and row sums
-        # stay in the CPU cache: 25 % faster than whole-image passes (0.44 against 0.58 ms, measured).
+        # A band of input rows at a time, so that indices, packed values and row sums stay in the CPU
+        # cache, which whole-image passes do not.
         band = k * max(1, _BAND_ROWS // k)
         for r0 in range(0, n, band):
             r1 = min(n, r0 + band)
@@ -362,20 +357,18 @@ def _hu_table(dtype: np.dtype, slope: float, intercept: float) -> np.ndarray:
 def _render_table_codes(
     codes: np.ndarray, hu_of_code: np.ndarray, key: object, size: int = 256, out: np.ndarray | None = None
 ) -> np.ndarray:
-    """Render `codes` (uint8/uint16 indices) through the HU table `hu_of_code`, cached under `key`
-    (into `out`, a uint8 (3, size, size) array, when given).
+    """Render `codes` (uint8/uint16 indices) through the HU table `hu_of_code`, cached under `key`.
 
-    The shared core of `window_stored` and `ichdata.dicom.read_rendered`.
+    Into `out`, a uint8 (3, size, size) array, when given. The shared core of `window_stored` and `ichdata.dicom.read_rendered`.
     """
     size = _check_size(size)
     return _render_codes(codes, hu_of_code, size, key, out)
 
 
 def window_stored(stored: np.ndarray, slope: float, intercept: float, size: int = 256) -> np.ndarray:
-    """Render integer stored values as uint8 (3, size, size), within ±1 of
-    `window_hu(stored * slope + intercept, size)`.
+    """Render integer stored values as uint8 (3, size, size).
 
-    `stored` holds the values after any header correction (`ichdata.dicom` applies the RSNA 12-bit
+    Within ±1 of `window_hu(stored * slope + intercept, size)`. `stored` holds the values after any header correction (`ichdata.dicom` applies the RSNA 12-bit
     one); `slope` and `intercept` are `(0028,1053) Rescale Slope` and `(0028,1052) Rescale Intercept`.
     1- and 2-byte integers go through a cached lookup table; wider integers whose range spans at most
     65,536 values through a table over that range; anything else through `window_hu`.

@@ -108,8 +108,11 @@ _unit = st.floats(-1, 1, allow_nan=False)
 def test_order_recovers_any_oriented_series_whatever_the_file_order(
     q: tuple, n: int, spacing: float, origin: tuple, in_plane: int, permutation_seed: int, with_numbers: bool
 ) -> None:
-    """Any orientation (axial, coronal, tilted, oblique): slices k·spacing along the normal, each shifted
-    arbitrarily in-plane (as a gantry tilt does), shuffled, with or without (misleading) InstanceNumber."""
+    """Any orientation (axial, coronal, tilted, oblique) recovers its order.
+
+    Slices k·spacing along the normal, each shifted arbitrarily in-plane (as a gantry tilt does),
+    shuffled, with or without (misleading) InstanceNumber.
+    """
     r = _rotation(q)
     row, col = r[:, 0], r[:, 1]
     orientation = (*row, *col)
