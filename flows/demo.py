@@ -36,6 +36,9 @@ MARKER = ".ich-demo"
 MODELS: tuple[str, ...] = ("xception", "xception_gru")
 #: The default run, and the reduced one `--quick` asks for: (studies, epochs, image size).
 _FULL, _QUICK = (60, 4, 256), (8, 1, 128)
+#: Seconds the demo waits for its Prefect API server to answer: Prefect's default is too short for
+#: a small machine that is busy with other work.
+SERVER_STARTUP_TIMEOUT_S = 120
 
 
 @dataclass(frozen=True)
@@ -107,6 +110,9 @@ def prefect_home(home: Path) -> Iterator[None]:
     `temporary_settings` covers one that has (tests, notebooks). A configured `PREFECT_API_URL` is
     never used: a temporary API server (Prefect's ephemeral one) runs on a free 127.0.0.1 port for
     the duration of the block, with its SQLite database in `home`.
+
+    Raises:
+        UserError: the server did not answer within `SERVER_STARTUP_TIMEOUT_S`.
     """
     home = home.absolute()
     home.mkdir(parents=True, exist_ok=True)
@@ -115,6 +121,7 @@ def prefect_home(home: Path) -> Iterator[None]:
         "PREFECT_HOME": str(home),
         "PREFECT_SERVER_DATABASE_CONNECTION_URL": db,
         "PREFECT_SERVER_ALLOW_EPHEMERAL_MODE": "true",
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": str(SERVER_STARTUP_TIMEOUT_S),
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",  # no telemetry from a demo (and often no network)
     }
     saved = {k: os.environ.get(k) for k in (*env, "PREFECT_API_URL")}
@@ -125,6 +132,7 @@ def prefect_home(home: Path) -> Iterator[None]:
             PREFECT_API_URL,
             PREFECT_HOME,
             PREFECT_SERVER_DATABASE_CONNECTION_URL,
+            PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS,
             temporary_settings,
         )
 
@@ -133,6 +141,7 @@ def prefect_home(home: Path) -> Iterator[None]:
                 updates={
                     PREFECT_HOME: str(home),
                     PREFECT_SERVER_DATABASE_CONNECTION_URL: db,
+                    PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS: SERVER_STARTUP_TIMEOUT_S,
                 },
                 restore_defaults={PREFECT_API_URL},
             ),
@@ -160,7 +169,15 @@ def _api_server() -> Iterator[str]:
 
     server = SubprocessASGIServer(port=_free_port())
     try:
-        server.start()
+        try:
+            server.start(timeout=SERVER_STARTUP_TIMEOUT_S)
+        except RuntimeError as e:
+            if "Timed out" not in str(e):
+                raise
+            raise UserError(
+                f"the demo's temporary Prefect server did not answer within {SERVER_STARTUP_TIMEOUT_S} s "
+                "(the machine is busy?); close other programs or try `ich demo` again"
+            ) from None
         yield server.api_url
     finally:
         server.stop()

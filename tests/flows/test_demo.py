@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +11,7 @@ import pytest
 
 from flows.demo import DemoConfig
 from ichdata.cli import main
+from ichdata.errors import UserError
 
 
 @pytest.mark.slow
@@ -78,3 +80,59 @@ def test_demo_config_takes_the_quick_sizes_only_where_none_was_given() -> None:
     assert DemoConfig(quick=True, studies=12).studies == 12
     assert DemoConfig(epochs=2).epochs == 2
 
+
+def test_demo_prefect_server_gets_the_start_up_time_a_busy_machine_needs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from prefect.server.api.server import SubprocessASGIServer
+    from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS
+
+    from flows.demo import prefect_home as demo_prefect_home
+
+    waited: list[float] = []
+
+    def start(self: SubprocessASGIServer, timeout: int | None = None) -> None:
+        # What Prefect's own start() would wait for, in this process and in the environment a
+        # subprocess (or Prefect's ephemeral mode started by a flow) sees.
+        waited.append(timeout or PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value())
+        waited.append(float(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "0")))
+        waited.append(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value())
+
+    monkeypatch.setattr(SubprocessASGIServer, "start", start)
+    with demo_prefect_home(tmp_path / "prefect"):
+        pass
+    assert len(waited) == 3
+    assert min(waited) >= 120
+
+
+def test_demo_prefect_server_that_never_answers_is_one_line_saying_what_to_do(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from prefect.server.api.server import SubprocessASGIServer
+
+    from flows.demo import prefect_home as demo_prefect_home
+
+    def start(self: SubprocessASGIServer, timeout: int | None = None) -> None:
+        raise RuntimeError(
+            "Timed out while attempting to connect to ephemeral Prefect API server. stdout: None stderr: None"
+        )
+
+    stopped: list[bool] = []
+    real_stop = SubprocessASGIServer.stop
+
+    def stop(self: SubprocessASGIServer) -> None:
+        stopped.append(True)
+        real_stop(self)
+
+    monkeypatch.setattr(SubprocessASGIServer, "start", start)
+    monkeypatch.setattr(SubprocessASGIServer, "stop", stop)
+    env_before = dict(os.environ)
+    block = demo_prefect_home(tmp_path / "prefect")
+    with pytest.raises(UserError) as info:
+        block.__enter__()
+    message = str(info.value)
+    assert "\n" not in message
+    assert "temporary Prefect server did not answer within 120 s" in message
+    assert "try `ich demo` again" in message
+    assert stopped == [True]  # no server process left behind
+    assert dict(os.environ) == env_before
