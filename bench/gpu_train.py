@@ -42,8 +42,8 @@ from ichmodel.augment import AugmentConfig
 from ichmodel.data import SliceDataset, StudyBatchSampler, StudyDataset, make_loader
 from ichmodel.losses import weighted_bce_sums
 from ichmodel.models import create_model
-from ichmodel.train import _prepare_images
-from ichmodel.train import _to_device as _to_device_only
+from ichmodel.loop import prepare_images as _prepare_images
+from ichmodel.loop import to_device as _to_device_only
 
 
 def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:

@@ -4,13 +4,8 @@ The loader ships the store's uint8 tensors as they are (4× less to copy than fl
 converts, and one `affine_grid` + `grid_sample` call per batch applies flips, small rotations,
 scales and shifts to every slice at once. The geometry is drawn once per study window and shared
 by all its slices, so a study stays a coherent volume for the sequence models. Areas shifted into
-view are filled with 0, which is air in all three windows.
-
-Window jitter (off by default) perturbs each window channel by a small random contrast and
-brightness change, `v' = clip(v * k + d, 0, 1)`. For a channel `v = clip((HU - lo) / width, 0, 1)`
-this is exactly a change of level and width, `width' = width / k`, `lo' = lo - d * width'`, for the
-pixels inside the stored window (values clipped at conversion stay clipped), so it imitates
-scanners and reconstruction kernels that shift the HU scale slightly.
+view are filled with 0, which is air in all three windows. Window jitter (off by default) is a
+small change of each window's level and width (see `augment`).
 """
 
 from __future__ import annotations
@@ -53,6 +48,12 @@ def augment(
     their transform), `n_groups` how many windows there are (pass it: computing it from `group`
     waits for the GPU); `generator` lives on the same device and carries the augmentation's random
     state (saved in checkpoints so that a resumed run draws the same transforms).
+
+    Window jitter perturbs each window channel by a small random contrast and brightness change,
+    `v' = clip(v * k + d, 0, 1)`. For a channel `v = clip((HU - lo) / width, 0, 1)` this is exactly a
+    change of level and width, `width' = width / k`, `lo' = lo - d * width'`, for the pixels inside
+    the stored window (values clipped at conversion stay clipped), so it imitates scanners and
+    reconstruction kernels that shift the HU scale slightly.
     """
     x = to_float(images) if images.dtype == torch.uint8 else images
     if n_groups is None:

@@ -1,33 +1,12 @@
 """The paper's three detectors: Xception, Xception-LSTM and Xception-GRU, on any timm backbone.
 
-All three look at every slice of a study with the same 2D CNN, a timm model created with
-`num_classes=0` so that it returns one pooled feature vector per slice (2048 wide for
-`legacy_xception`, the paper's 36-convolution, 14-module Xception whose middle flow repeats eight
-times). They differ in what happens next:
-
-- `SliceClassifier` (`xception`): features -> dropout 0.2 -> linear 6. Each slice on its own.
-- `SequenceClassifier` (`xception_lstm`, `xception_gru`): features of the slices of a study, in slice
-  order -> two stacked 512-unit LSTM or GRU layers -> the recurrent output is multiplied with the
-  CNN features -> dropout 0.2 -> linear 6, one prediction per slice.
-
-Our reading of the paper (section IV.B.2.c and its Fig. 3), which says only that "the output of these
-[RNN] layers is then multiplied with the output of the CNN network", then a 6-node sigmoid layer with
-dropout 0.2: the product is element-wise, per slice, between the slice's CNN feature vector `f_t` and
-the RNN's hidden state `h_t` at that slice, so the recurrent context gates the slice's own features
-(`z_t = f_t * W h_t + b`). The widths differ (2048 against 512), so a linear layer projects `h_t` up to
-the CNN's width; we project the RNN output rather than shrinking the CNN features so the classifier
-still sees the full per-slice representation. The RNN runs over the slices of one study in their
-store order (ascending position along the slice normal); `bidirectional=True` (the paper's stated
-future work) lets slices below a slice inform it too. Padding never reaches the RNN
-(`pack_padded_sequence`) nor the CNN (only the real slices of a padded batch go through it, which
-also keeps padding out of BatchNorm's batch statistics).
-
-Inputs are float images in [0, 1] shaped (B, T, 3, H, W) with a (B, T) bool mask whose True entries
-come first in each row (see `ichmodel.data.collate_studies`); the models normalise with the
-backbone's own mean/std. The mask may stay on the CPU while the images are on the GPU (what
-training does): then the forward pass never waits for the GPU. Outputs are logits (B, T, 6); `predict_study` turns a uint8 study into
-sigmoid probabilities. `load_model` rebuilds a trained model from a checkpoint written by
-`ichmodel.train` (the format is documented there).
+All three run every slice of a study through one 2D CNN, a timm model created with `num_classes=0`
+(pooled features per slice; `legacy_xception` is the paper's Xception). `SliceClassifier`
+(`xception`) classifies each slice on its own; `SequenceClassifier` (`xception_lstm`,
+`xception_gru`) gates each slice's features with an RNN over the study's slices. Inputs are float
+images in [0, 1] shaped (B, T, 3, H, W) with a (B, T) bool mask whose True entries come first in each
+row (`ichmodel.data.collate_studies`); outputs are logits (B, T, 6). `predict_study` turns a uint8
+study into probabilities; `load_model` rebuilds a model from a checkpoint (`ichmodel.checkpoint`).
 """
 
 from __future__ import annotations
@@ -137,7 +116,7 @@ class SliceClassifier(nn.Module):
         return self.fc(self.drop(features))
 
     def forward(self, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """images (B, T, 3, H, W) float, mask (B, T) bool -> logits (B, T, num_classes)."""
+        """Logits (B, T, num_classes) of images (B, T, 3, H, W) float and mask (B, T) bool."""
         return self.forward_head(self.forward_features(images, mask), mask)
 
 
@@ -146,6 +125,18 @@ class SequenceClassifier(nn.Module):
 
     `rnn` is an `nn.LSTM` or `nn.GRU` with `batch_first=True` whose input size is the encoder's
     feature width; `proj` maps its output (hidden size, doubled when bidirectional) to that width.
+
+    Our reading of the paper (section IV.B.2.c and its Fig. 3), which says only that "the output of
+    these [RNN] layers is then multiplied with the output of the CNN network", then a 6-node sigmoid
+    layer with dropout 0.2: the product is element-wise, per slice, between the slice's CNN features
+    `f_t` and the RNN's hidden state `h_t` at that slice, so the recurrent context gates the slice's
+    own features (`z_t = f_t * W h_t + b`). We project the RNN output up to the CNN's width rather
+    than shrinking the CNN features, so the classifier still sees the full per-slice representation.
+    The RNN runs over the slices in store order (ascending position along the slice normal);
+    `bidirectional=True` (the paper's future work) lets slices below a slice inform it too. Padding
+    never reaches the RNN (`pack_padded_sequence`) nor the CNN (only real slices go through it, which
+    keeps padding out of BatchNorm's statistics). The mask may stay on the CPU while the images are
+    on the GPU (what training does): then the forward pass never waits for the GPU.
     """
 
     def __init__(
@@ -177,7 +168,7 @@ class SequenceClassifier(nn.Module):
         return self.fc(self.drop(gated))
 
     def forward(self, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """images (B, T, 3, H, W) float, mask (B, T) bool (True first) -> logits (B, T, num_classes)."""
+        """Logits (B, T, num_classes) of images (B, T, 3, H, W) float and mask (B, T) bool (True first)."""
         return self.forward_head(self.forward_features(images, mask), mask)
 
 
@@ -260,26 +251,22 @@ def create_model(
 def load_model(
     checkpoint: str | Path, device: str | torch.device = "cpu"
 ) -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild a trained model from an `ichmodel.train` checkpoint (`best.pt` or `last.pt`).
+    """Rebuild a trained model from an `ich train` checkpoint (`best.pt` or `last.pt`).
 
     Returns `(model, info)`: the model in eval mode on `device`, and the checkpoint's description
     without tensors: `model` (the `create_model` keyword arguments incl. `name`), `classes`,
     `image_size`, `max_len`, `windows`, `config` (the resolved `TrainConfig` as a dict), `epoch`,
     `val_loss`.
     """
-    path = Path(checkpoint)
-    if not path.is_file():
-        raise UserError(f"checkpoint {path}: no such file")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    if not isinstance(ckpt, dict) or ckpt.get("format") != "ich-checkpoint":
-        raise UserError(f"checkpoint {path}: not an ich training checkpoint")
+    from ichmodel.checkpoint import checkpoint_info, read_checkpoint
+
+    ckpt = read_checkpoint(checkpoint)
     kwargs = dict(ckpt["model"])
     name = kwargs.pop("name")
     model = create_model(name, **kwargs)
     model.load_state_dict(ckpt["state_dict"])
     model.to(device).eval()
-    info = {k: v for k, v in ckpt.items() if k not in {"state_dict", "optimizer", "scheduler", "rng"}}
-    return model, info
+    return model, checkpoint_info(ckpt)
 
 
 def study_windows(n_slices: int, max_len: int | None) -> list[tuple[int, int]]:

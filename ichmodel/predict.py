@@ -1,23 +1,9 @@
 """`ich predict`: a trained model on a folder of new DICOM studies, in the Kaggle submission format.
 
-There is one preprocessing path: the folder is converted with `ichdata.convert.convert` — the same
-scan, set-aside rules, slice ordering (DESIGN.md "Slice order") and `ichdata.dicom.read_rendered`
-windowing as `ich convert` — into a temporary store (or one the user keeps with `--store`), and the
-model reads that store exactly as `ich evaluate` does: each study whole, in slice order.
-
-Outputs, for `--out predictions.csv`:
-
-- `predictions.csv` — Kaggle's `ID,Label` with the six rows `ID_<image id>_<class>` of every
-  converted image, classes in `CLASSES` order (`epidural` … `any`); every readable slice appears.
-- `predictions.studies.csv` — one row per study: the probability of each class for the study = the
-  maximum over its slices (a study has a hemorrhage when any of its slices has one, which is how a
-  radiologist reads it and how the RSNA labels were made per slice), the image id and slice index
-  of the slice that sets each maximum, how many slices reach the threshold for `any`, the first and
-  last of them (the extent of the finding along the series), and the three slices with the highest
-  p(any).
-- `predictions.set_aside.csv` — every input file that is not in the predictions (`path`, `reason`,
-  `detail`: not DICOM, truncated, localizer, duplicate, …); their count is printed, never dropped
-  silently.
+There is one preprocessing path: the folder is converted with `ichdata.convert.convert` (the same
+scan, set-aside rules, slice ordering and windowing as `ich convert`) into a temporary store, or one
+the user keeps with `--store`, and the model reads that store as `ich evaluate` does: each study
+whole, in slice order. What the three CSVs hold is `PredictResult`'s to say.
 """
 
 from __future__ import annotations
@@ -34,10 +20,13 @@ import numpy as np
 import pandas as pd
 
 from ichdata.errors import UserError
+from ichdata.options import option
 
 __all__ = [
+    "PredictConfig",
     "PredictResult",
     "predict_folder",
+    "predict_from_config",
     "predict_store",
     "study_summary",
     "submission_frame",
@@ -115,7 +104,19 @@ def _outputs(out: Path) -> tuple[Path, Path]:
 
 @dataclass(frozen=True)
 class PredictResult:
-    """What `ich predict` wrote and counted."""
+    """What `ich predict` wrote and counted; for `--out predictions.csv`.
+
+    - `predictions.csv`: Kaggle's `ID,Label` with the six rows `ID_<image id>_<class>` of every
+      converted image, classes in the store's order (`epidural` … `any`); every readable slice appears.
+    - `predictions.studies.csv`: one row per study: the probability of each class for the study is
+      the maximum over its slices (a study has a hemorrhage when any of its slices has one, which is
+      how a radiologist reads it and how the RSNA labels were made per slice), the image id and slice
+      index of the slice that sets each maximum, how many slices reach the threshold for `any`, the
+      first and last of them (the extent of the finding along the series), and the three slices with
+      the highest p(any).
+    - `predictions.set_aside.csv`: every input file that is not in the predictions (`path`, `reason`,
+      `detail`); their count is printed, never dropped silently.
+    """
 
     predictions: Path
     studies: Path
@@ -233,3 +234,33 @@ def predict_folder(
                 file=sys.stderr,
             )
     return result
+
+
+@dataclass(frozen=True)
+class PredictConfig:
+    """The options of `ich predict`."""
+
+    checkpoint: Path = option(positional=True, metavar="CHECKPOINT", help="best.pt of an `ich train` run")
+    source: Path = option(
+        positional=True, metavar="SOURCE", help="folder of DICOM files (searched recursively)"
+    )
+    out: Path = option(help="predictions CSV to write")
+    store: Path | None = option(None, help="keep the converted store here (default: a temporary one)")
+    threshold: float = option(0.5, help="p(any) at or above which a slice counts as flagged (0.5)")
+    device: str | None = option(None, help="cpu or cuda (default: cuda when available)")
+    workers: int | None = option(None, help="Dask worker processes for the conversion")
+    progress: bool = option(True, flag="--quiet", help="no progress bars")
+
+
+def predict_from_config(config: PredictConfig) -> PredictResult:
+    """What `ich predict` runs: `predict_folder` with the command line's options."""
+    return predict_folder(
+        config.checkpoint,
+        config.source,
+        config.out,
+        store=config.store,
+        threshold=config.threshold,
+        device=config.device,
+        workers=config.workers,
+        progress=config.progress,
+    )

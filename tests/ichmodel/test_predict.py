@@ -1,5 +1,8 @@
-"""`ich predict` on a folder of new studies with a few broken files: every good image predicted, the
-broken ones listed with their reason, the per-study summary taken over slices in slice order."""
+"""`ich predict` on a folder of new studies with a few broken files.
+
+Every good image predicted, the broken ones listed with their reason, the per-study summary taken
+over slices in slice order.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +15,7 @@ import pandas as pd
 import pytest
 import torch
 
-from ichdata.cli import main
+from flows.cli import main
 from ichdata.store import open_store
 from ichdata.testing import stored_from_hu, write_ct_slice
 from ichmodel.models import create_model, load_model, predict_study

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from ichdata.cli import main
+from flows.cli import main
 from ichdata.errors import UserError
 from ichdata.store import Store, open_store
 from ichmodel.data import StudyDataset, collate_studies, read_split
