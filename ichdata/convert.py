@@ -11,6 +11,7 @@ arguments. The store's contract is in the README's store section.
 from __future__ import annotations
 
 import contextlib
+import errno
 import threading
 import time
 import uuid
@@ -351,6 +352,31 @@ def convert(config: ConvertConfig, progress: bool = True, client: Client | None 
     first (a malformed CSV stops the run before any work, even before the cluster starts); progress
     bars (tqdm, on stderr) when `progress`.
     """
+    try:
+        return _convert(config, progress, client)
+    except Exception as exc:
+        full = _disk_full(exc)
+        if full is None:
+            raise
+        raise UserError(
+            f"{config.store}: no space left on device ({full.filename or full.strerror}); nothing written "
+            "is lost: free some space and re-run the same command to resume"
+        ) from exc
+
+
+def _disk_full(exc: BaseException) -> OSError | None:
+    """The ENOSPC or EDQUOT error in `exc`'s chain of causes, if any."""
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        if isinstance(cur, OSError) and cur.errno in (errno.ENOSPC, errno.EDQUOT):
+            return cur
+        seen.add(id(cur))
+        cur = cur.__cause__ or cur.__context__
+    return None
+
+
+def _convert(config: ConvertConfig, progress: bool, client: Client | None) -> ConvertSummary:
     started = time.perf_counter()
     if client is None and not (config.scheduler or config.scheduler_file):
         # The local cluster's workers fork from this process once the render kernels are warm

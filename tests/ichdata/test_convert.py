@@ -657,8 +657,11 @@ def test_overwrite_replaces_only_an_ich_store(archive, tmp_path) -> None:
 def test_verify_and_quarantine_of_a_store_killed_in_finalize_say_it_is_unfinished(
     archive, converted, tmp_path, monkeypatch
 ) -> None:
-    """`ich verify` and `ich quarantine` (which read a store even while it is incomplete) say in one
-    line that the store is unfinished, instead of failing on a small array finalize had not rewritten."""
+    """`ich verify` and `ich quarantine` say in one line that the store is unfinished.
+
+    They read a store even while it is incomplete, and used to fail on a small array that finalize
+    had not rewritten yet.
+    """
     import ichdata.finalize
     from ichdata.errors import UserError
     from ichdata.verify import verify_store
@@ -678,3 +681,39 @@ def test_verify_and_quarantine_of_a_store_killed_in_finalize_say_it_is_unfinishe
         with pytest.raises(UserError, match=r"has not finished.*re-run `ich convert`") as caught:
             read(store)
         assert "\n" not in str(caught.value)
+
+
+def test_a_full_disk_ends_the_run_in_one_line_and_leaves_no_temporary_files(
+    archive, tmp_path, monkeypatch
+) -> None:
+    """A write that fails with ENOSPC half-way through a shard: one line that says what to do, no
+    `.tmp` file left behind, and the next run (with space again) completes the store."""
+    import errno
+    import pathlib
+
+    from ichdata.errors import UserError
+
+    root, _, _ = archive
+    store = tmp_path / "full.zarr"
+    real = pathlib.Path.write_bytes
+    calls: list[int] = []
+
+    def disk_full_at_the_third_shard(self: Path, data) -> int:
+        calls.append(1)
+        if len(calls) == 3:
+            with self.open("wb") as f:
+                f.write(bytes(data)[:100])
+            raise OSError(errno.ENOSPC, "No space left on device", str(self))
+        return real(self, data)
+
+    monkeypatch.setattr(pathlib.Path, "write_bytes", disk_full_at_the_third_shard)
+    with pytest.raises(UserError, match=r"no space left on device") as caught:
+        convert(ConvertConfig(root, store, shard_size=4), progress=False, client=None)
+    assert "\n" not in str(caught.value)
+    assert "re-run" in str(caught.value)
+    assert not [p for p in tmp_path.rglob("*") if p.name.endswith(".tmp")]
+    monkeypatch.setattr(pathlib.Path, "write_bytes", real)
+    summary = convert(ConvertConfig(root, store, shard_size=4), progress=False, client=None)
+    assert summary.n_shards_skipped >= 1
+    assert summary.n_shards_skipped + summary.n_shards_written == -(-summary.n_slices // 4)
+    assert open_store(store).n_slices == summary.n_slices
