@@ -667,7 +667,6 @@ def test_verify_and_quarantine_of_a_store_killed_in_finalize_say_it_is_unfinishe
     from ichdata.verify import verify_store
 
     root, _, _ = archive
-    clean, _, _ = converted
     store = tmp_path / "k.zarr"
 
     def killed(group, **arrays):
@@ -686,8 +685,11 @@ def test_verify_and_quarantine_of_a_store_killed_in_finalize_say_it_is_unfinishe
 def test_a_full_disk_ends_the_run_in_one_line_and_leaves_no_temporary_files(
     archive, tmp_path, monkeypatch
 ) -> None:
-    """A write that fails with ENOSPC half-way through a shard: one line that says what to do, no
-    `.tmp` file left behind, and the next run (with space again) completes the store."""
+    """A write that fails with ENOSPC half-way through a shard.
+
+    One line that says what to do, no `.tmp` file left behind, and the next run (with space again)
+    completes the store.
+    """
     import errno
     import pathlib
 
