@@ -15,7 +15,9 @@ import numpy as np
 __all__ = ["slice_order", "slice_position"]
 
 
-def slice_position(image_position: Sequence[float], image_orientation: Sequence[float]) -> float:
+def slice_position(
+    image_position: Sequence[float] | np.ndarray, image_orientation: Sequence[float] | np.ndarray
+) -> float:
     """The slice's position (mm) along its normal: `dot(ImagePositionPatient, normal)`.
 
     `image_position` is `(0020,0032) Image Position (Patient)` (x, y, z of the first pixel);

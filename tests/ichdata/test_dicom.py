@@ -16,9 +16,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydicom import config as dicom_config
-from pydicom.data import get_testdata_file
+from pydicom.data import get_testdata_file as _get_testdata_file
 from pydicom.encaps import encapsulate
 from pydicom.uid import (
+    UID,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
@@ -43,6 +44,13 @@ from ichdata.dicom import (
 from ichdata.reasons import READER_REASONS
 from ichdata.testing import add_reference_sequence, stored_from_hu, write_ct_slice
 from ichdata.windows import window_hu
+
+
+def _testdata(name: str) -> str:
+    """The path of a file pydicom ships."""
+    path = _get_testdata_file(name)
+    assert isinstance(path, str), name
+    return path
 
 
 def _hu(shape: tuple[int, int] = (64, 80), seed: int = 0) -> np.ndarray:
@@ -118,7 +126,7 @@ def test_reads_hu_and_exactly_the_meta(tmp_path: Path) -> None:
 def test_hu_is_stored_times_slope_plus_intercept(
     tmp_path: Path, bits_stored: int, pixel_representation: int, slope: float, intercept: float
 ) -> None:
-    header = {
+    header: dict[str, Any] = {
         "bits_stored": bits_stored,
         "pixel_representation": pixel_representation,
         "slope": slope,
@@ -225,7 +233,7 @@ def test_transfer_syntaxes_decode_to_the_same_hu(tmp_path: Path, transfer_syntax
 
 
 def test_pydicom_ct_small(tmp_path: Path) -> None:
-    path = get_testdata_file("CT_small.dcm")
+    path = _testdata("CT_small.dcm")
     ds = pydicom.dcmread(path)
     values, meta = read_slice(path)
     expected = ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
@@ -249,7 +257,7 @@ def test_pydicom_ct_small(tmp_path: Path) -> None:
 @pytest.mark.parametrize("name", ["693_J2KI.dcm", "J2K_pixelrep_mismatch.dcm"])
 def test_pydicom_jpeg2000_ct(name: str) -> None:
     # Real head CT (CQ500) in lossy JPEG 2000, and a J2K stream whose signedness contradicts the header.
-    path = get_testdata_file(name)
+    path = _testdata(name)
     ds = pydicom.dcmread(path)
     values, meta = read_slice(path)
     expected = ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
@@ -331,7 +339,7 @@ def test_jpeg_lossless_sv1(tmp_path: Path) -> None:
 
 def _as_ct(source: str, out: Path) -> Path:
     """The MR_small variants pydicom ships, relabelled CT ((0008,0060) Modality 'MR' -> 'CT', same length)."""
-    data = Path(get_testdata_file(source)).read_bytes()
+    data = Path(_testdata(source)).read_bytes()
     for tag in (
         b"\x08\x00\x60\x00CS\x02\x00",
         b"\x08\x00\x60\x00\x02\x00\x00\x00",
@@ -396,7 +404,7 @@ def test_is_dicom_by_content_not_name(tmp_path: Path) -> None:
     assert not is_dicom(fake)
     assert not is_dicom(tmp_path)
     assert not is_dicom(tmp_path / "absent")
-    assert is_dicom(get_testdata_file("DICOMDIR"))  # DICOM, but not a slice
+    assert is_dicom(_testdata("DICOMDIR"))  # DICOM, but not a slice
 
 
 # --- set-aside reasons ---------------------------------------------------------------------------------
@@ -416,7 +424,7 @@ def _rewrite(path: Path, change: Callable[[pydicom.Dataset], None]) -> Path:
 
 
 def _mpeg2(ds: pydicom.Dataset) -> None:
-    ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.4.100"  # MPEG2 Main Profile: no decoder
+    ds.file_meta.TransferSyntaxUID = UID("1.2.840.10008.1.2.4.100")  # MPEG2 Main Profile: no decoder
     ds.PixelData = encapsulate([bytes(64)])
     ds["PixelData"].VR = "OB"
 
@@ -462,9 +470,7 @@ CASES: dict[str, list[tuple[Callable[[Path], Path], str]]] = {
             r"file is 3 bytes, shorter than the 132-byte DICOM preamble",
         ),
         (
-            lambda d: _text(
-                d / "no_meta.dcm", Path(get_testdata_file("ExplVR_LitEndNoMeta.dcm")).read_bytes()
-            ),
+            lambda d: _text(d / "no_meta.dcm", Path(_testdata("ExplVR_LitEndNoMeta.dcm")).read_bytes()),
             r"no DICOM preamble",
         ),
     ],
@@ -572,7 +578,7 @@ CASES: dict[str, list[tuple[Callable[[Path], Path], str]]] = {
     ],
     "not_image": [
         (
-            lambda d: _text(d / "DICOMDIR", Path(get_testdata_file("DICOMDIR")).read_bytes()),
+            lambda d: _text(d / "DICOMDIR", Path(_testdata("DICOMDIR")).read_bytes()),
             r"a DICOMDIR \(media directory\), not an image",
         )
     ],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +27,7 @@ def _rows(labels: dict[str, list[int]]) -> list[tuple[str, int]]:
     ]
 
 
-def _write(path: Path, rows: list[tuple[str, object]], header: str = "ID,Label") -> Path:
+def _write(path: Path, rows: Sequence[tuple[str, object]], header: str = "ID,Label") -> Path:
     path.write_text(header + "\n" + "".join(f"{i},{v}\n" for i, v in rows))
     return path
 

@@ -130,7 +130,7 @@ def test_window_stored_matches_window_hu_of_the_rescaled_values(
     lo, hi = max(info.min, -3000), min(info.max, 5000)
     if dtype is np.int64:
         lo, hi = -2_000_000, 5_000_000
-    stored = rng.integers(lo, hi, (96, 80), endpoint=True).astype(dtype)
+    stored: np.ndarray = rng.integers(lo, hi, (96, 80), endpoint=True).astype(dtype)
     ref = reference(stored.astype(np.float64) * slope + intercept, size=48)
     out = window_stored(stored, slope, intercept, size=48)
     assert np.abs(out.astype(int) - ref).max() <= 1
@@ -211,7 +211,7 @@ def _codes_and_table(rng: np.random.Generator, shape: tuple[int, int], dtype: ty
     # for 16-bit codes (stored = HU + 1024), HU 0..127 for 8-bit ones (stored = HU).
     table = hu_of_code(HuKey(bits, bits, True, 1.0, 0.0 if bits == 8 else -1024.0, False))[0]
     low, high = (0, 128) if bits == 8 else (1024 - 200, 1024 + 1500)
-    codes = rng.integers(low, high, shape).astype(dtype)
+    codes: np.ndarray = rng.integers(low, high, shape).astype(dtype)
     return codes, table
 
 
