@@ -24,6 +24,8 @@ from ichdata.options import option
 if TYPE_CHECKING:
     from distributed import Client, LocalCluster
 
+_log = logging.getLogger(__name__)
+
 #: The option group of the three ways to name a cluster: they exclude each other.
 CLUSTER_GROUP = "cluster"
 
@@ -58,6 +60,11 @@ def scheduler_file_option() -> Any:
     )
 
 
+def oversubscribe_option() -> Any:
+    """The `oversubscribe` field: start the workers asked for even beyond the usable cores."""
+    return option(False, help="start --workers N even where N exceeds the usable cores")
+
+
 def usable_cpus() -> int:
     """Cores this process may run on (a batch job's allocation, not the whole node)."""
     try:
@@ -66,16 +73,42 @@ def usable_cpus() -> int:
         return os.cpu_count() or 1
 
 
+def resolve_workers(workers: int | None, *, oversubscribe: bool = False) -> int:
+    """The local cluster's worker processes: `workers`, at most the usable cores unless `oversubscribe`.
+
+    More single-threaded workers than cores only add memory and start-up time; a capped request is
+    logged as one warning line.
+    """
+    cores = usable_cpus()
+    if workers is None:
+        return cores
+    if workers < 1:
+        raise UserError(f"--workers {workers}: expected at least 1")
+    if workers > cores and not oversubscribe:
+        _log.warning(
+            "--workers %d: this machine has %d usable cores; starting %d workers (--oversubscribe starts %d)",
+            workers,
+            cores,
+            cores,
+            workers,
+        )
+        return cores
+    return workers
+
+
 @contextlib.contextmanager
 def dask_client(
     workers: int | None = None,
     scheduler: str | None = None,
     scheduler_file: str | os.PathLike[str] | None = None,
+    *,
+    oversubscribe: bool = False,
 ) -> Iterator[Client]:
     """A distributed `Client` of an existing cluster or of a new local one.
 
     An existing cluster is named by its `scheduler` address or its `scheduler_file`. Otherwise a
-    `LocalCluster` on 127.0.0.1 with `workers` processes (default: one per core) of one thread each,
+    `LocalCluster` on 127.0.0.1 with `workers` processes (default and most, unless `oversubscribe`:
+    one per usable core, `resolve_workers`) of one thread each,
     without a dashboard (the scheduler's HTTP endpoint on a free loopback port, never 8787) and with
     distributed's log messages silenced while it runs.
     """
@@ -85,9 +118,7 @@ def dask_client(
         with _existing_client(scheduler, scheduler_file) as client:
             yield client
         return
-    n = usable_cpus() if workers is None else workers
-    if n < 1:
-        raise UserError(f"--workers {workers}: expected at least 1")
+    n = resolve_workers(workers, oversubscribe=oversubscribe)
     from distributed import Client
 
     with _quiet_distributed(), _local_cluster(n) as cluster, Client(cluster) as client:
@@ -213,6 +244,8 @@ def _local_cluster(n: int) -> Iterator[LocalCluster]:
 __all__ = [
     "CLUSTER_GROUP",
     "dask_client",
+    "oversubscribe_option",
+    "resolve_workers",
     "scheduler_file_option",
     "scheduler_option",
     "usable_cpus",

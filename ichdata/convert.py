@@ -25,7 +25,13 @@ from tqdm import tqdm
 
 from ichdata import shards
 from ichdata._kernels import warm_up  # Numba itself is imported on first use, not here
-from ichdata.cluster import dask_client, scheduler_file_option, scheduler_option, workers_option
+from ichdata.cluster import (
+    dask_client,
+    oversubscribe_option,
+    scheduler_file_option,
+    scheduler_option,
+    workers_option,
+)
 from ichdata.errors import UserError
 from ichdata.finalize import ConvertSummary, finalize
 from ichdata.options import option
@@ -79,6 +85,7 @@ class ConvertConfig:
         None, help="slices per shard file (default: the store's, else 64)", metavar="K"
     )
     overwrite: bool = option(False, help="replace a STORE made from a different plan")
+    oversubscribe: bool = oversubscribe_option()
 
 
 @dataclass
@@ -387,7 +394,14 @@ def _convert(config: ConvertConfig, progress: bool, client: Client | None) -> Co
     stages: dict[str, float] = {}
     with contextlib.ExitStack() as stack:
         if client is None:
-            client = stack.enter_context(dask_client(config.workers, config.scheduler, config.scheduler_file))
+            client = stack.enter_context(
+                dask_client(
+                    config.workers,
+                    config.scheduler,
+                    config.scheduler_file,
+                    oversubscribe=config.oversubscribe,
+                )
+            )
         t = time.perf_counter()
         with _bar(progress, "scan", "files") as bar:
             manifest = scan_source(config, client, on_progress=bar.update, on_total=_set_total(bar))

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
-from ichdata.cluster import scheduler_file_option, scheduler_option, workers_option
+from ichdata.cluster import oversubscribe_option, scheduler_file_option, scheduler_option, workers_option
 from ichdata.options import option
 from ichdata.store import CLASSES, array, manifest_path, open_store
 
@@ -38,6 +38,7 @@ class VerifyConfig:
     workers: int | None = workers_option()
     scheduler: str | None = scheduler_option()
     scheduler_file: Path | None = scheduler_file_option()  # noqa: RUF009 (returns an option(); see ichdata.cluster)
+    oversubscribe: bool = oversubscribe_option()
 
 
 @dataclass

@@ -719,3 +719,25 @@ def test_a_full_disk_ends_the_run_in_one_line_and_leaves_no_temporary_files(
     assert summary.n_shards_skipped >= 1
     assert summary.n_shards_skipped + summary.n_shards_written == -(-summary.n_slices // 4)
     assert open_store(store).n_slices == summary.n_slices
+
+
+def test_workers_are_capped_at_the_usable_cores_unless_the_user_insists(caplog) -> None:
+    """`--workers 1000` on a small machine used to start 1000 processes before any conversion."""
+    from ichdata.cluster import dask_client, resolve_workers, usable_cpus
+
+    cores = usable_cpus()
+    with caplog.at_level("WARNING", logger="ichdata.cluster"):
+        assert resolve_workers(1000) == cores
+    (record,) = caplog.records
+    assert record.getMessage() == (
+        f"--workers 1000: this machine has {cores} usable cores; starting {cores} workers "
+        "(--oversubscribe starts 1000)"
+    )
+    caplog.clear()
+    assert resolve_workers(1000, oversubscribe=True) == 1000
+    assert resolve_workers(None) == cores
+    assert resolve_workers(1) == 1
+    assert not caplog.records
+    with caplog.at_level("WARNING", logger="ichdata.cluster"), dask_client(workers=cores + 1) as client:
+        assert len(client.nthreads()) == cores
+    assert len(caplog.records) == 1
