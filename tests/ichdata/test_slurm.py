@@ -12,7 +12,7 @@ import ssl
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import dask
@@ -69,9 +69,9 @@ def _worker_processes(marker: str) -> list[int]:
     return pids
 
 
-def _wait(condition: object, timeout: float, what: str) -> None:
+def _wait(condition: Callable[[], bool], timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
-    while not condition():  # type: ignore[operator]
+    while not condition():
         if time.monotonic() > deadline:
             raise AssertionError(f"{what}: not within {timeout:.0f} s")
         time.sleep(0.5)
@@ -173,7 +173,7 @@ def test_two_jobs_run_tasks_behind_tls_and_leave_nothing(tmp_path: Path) -> None
         stranger = Security.temporary()
         (tmp_path / "stranger.pem").write_text(str(stranger.tls_client_cert))
         (tmp_path / "stranger.key").write_text(str(stranger.tls_client_key))
-        address = client.scheduler.address
+        address = str(client.scheduler_info()["address"])
         assert _first_bytes(address) == b""
         assert _first_bytes(address, tmp_path / "stranger.pem", tmp_path / "stranger.key") == b""
         own = Path(str(client.security.tls_client_cert)), Path(str(client.security.tls_client_key))
@@ -245,7 +245,7 @@ def test_sbatch_script_gives_the_store_of_a_direct_conversion(slurm: object, tmp
     batch = tmp_path / "batch.zarr"
     submitted = subprocess.run(
         [
-            "sbatch", "-W", "--cpus-per-task=2", "--mem=2G", f"--output={tmp_path / 'job.out'}",
+            "sbatch", "-W", "--cpus-per-task=2", "--mem-per-cpu=1G", f"--output={tmp_path / 'job.out'}",
             f"--export=ALL,SOURCE={source},STORE={batch},LABELS={labels}", str(SBATCH),
         ],
         env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300,
