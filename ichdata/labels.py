@@ -36,7 +36,21 @@ UNLABELLED = 255
 
 
 class LabelError(UserError):
-    """A label CSV that cannot be read without guessing: the message names the file and the row/image."""
+    """A label CSV that cannot be read without guessing: the message names the file and the row/image.
+
+    The message is printable: what the file holds (binary garbage, terminal escapes) is shown escaped,
+    as Python's `repr` escapes it, so printing the error never prints raw bytes.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(_printable(message))
+
+
+def _printable(text: str) -> str:
+    """`text` with each character that is not printable (a control, a lone surrogate) escaped."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def _more(n: int, noun: str) -> str:
@@ -60,9 +74,15 @@ def read_labels(path: str | os.PathLike[str]) -> pd.DataFrame:
         )
     except (pa.ArrowInvalid, UnicodeDecodeError) as e:
         raise LabelError(f"{name}: cannot be read as CSV ({e}); columns ID,Label expected") from None
-    missing = [c for c in ("ID", "Label") if c not in table.column_names]
+    try:
+        columns = table.column_names
+    except UnicodeDecodeError as e:
+        raise LabelError(
+            f"{name}: the column names are not UTF-8 text ({e}); columns ID,Label expected"
+        ) from None
+    missing = [c for c in ("ID", "Label") if c not in columns]
     if missing:
-        found = ", ".join(repr(c) for c in table.column_names) or "none"
+        found = ", ".join(repr(c) for c in columns) or "none"
         raise LabelError(
             f"{name}: no column {' or '.join(missing)} (columns: {found}); columns ID,Label expected"
         )

@@ -143,3 +143,35 @@ def test_many_images(tmp_path: Path) -> None:
     table = read_labels(path)
     assert list(table.index) == ids
     assert np.array_equal(table.to_numpy(), values)
+
+
+# One per way binary garbage reaches a message: through pyarrow's parse error, the column names, an
+# ID, a label and an image id, and bytes that are not UTF-8 in the header or the file name.
+_GARBAGE = {
+    "random.csv": bytes(np.random.default_rng(3).integers(0, 256, 3000, dtype=np.uint8)),
+    "header.csv": b"\x1b[31mID,Label\xff\n",  # not UTF-8 in the column names
+    "nul.csv": b"\x00\x01\x02\x1b[31mRED\x1b[0m\xff\xfe\n" * 5,
+    "id.csv": b"ID,Label\n\x1b[2J\x07ID_x_epidural,1\n",  # an image id with a terminal escape and a bell
+    "label.csv": b"ID,Label\nID_x_epidural,\x1b[31m1\n",
+    "subtype.csv": b"ID,Label\nID_x_\x9b2J,1\n",  # a C1 control (CSI)
+    "conflict.csv": b"ID,Label\nID_\x1b[31m_epidural,0\nID_\x1b[31m_epidural,1\n",
+    "name\x1b[31m.csv": b"ID,Label\n",
+}
+
+
+@pytest.mark.parametrize("name", sorted(_GARBAGE))
+def test_binary_garbage_gives_a_printable_one_line_error(tmp_path: Path, name: str) -> None:
+    path = tmp_path / name
+    path.write_bytes(_GARBAGE[name])
+    with pytest.raises(LabelError) as info:
+        read_labels(path)
+    message = str(info.value)
+    assert message.isprintable(), ascii(message)  # no control characters reach the terminal
+    assert message.startswith(name.replace("\x1b", "\\x1b") + ": "), message  # names the file
+
+
+def test_escaped_values_stay_recognisable(tmp_path: Path) -> None:
+    path = tmp_path / "l.csv"
+    path.write_bytes(b"ID,Label\nID_\x1b[31m_epidural,0\nID_\x1b[31m_epidural,1\n")
+    with pytest.raises(LabelError, match=r"^l\.csv: ID_\\x1b\[31m has conflicting epidural labels 0 and 1$"):
+        read_labels(path)
