@@ -11,7 +11,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
 import sys
+import threading
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -214,13 +216,31 @@ def _cluster_settings() -> dict[str, Any]:
 
 
 @contextlib.contextmanager
+def _workers_ignore_ctrl_c() -> Iterator[None]:
+    """Ignore SIGINT in this process while the block starts worker processes, which inherit that.
+
+    Ctrl-C reaches the terminal's whole process group: the driver answers it in one line and closes
+    the cluster; workers that also raised `KeyboardInterrupt` would each print a traceback. Only the
+    main thread can change a signal's handler: elsewhere (a Prefect task's thread) nothing changes.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+@contextlib.contextmanager
 def _local_cluster(n: int) -> Iterator[LocalCluster]:
     """A LocalCluster of `n` single-threaded worker processes on 127.0.0.1, without a dashboard."""
     import dask
     from distributed import LocalCluster
 
     with dask.config.set(_cluster_settings()):
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _workers_ignore_ctrl_c():
             # Python >= 3.12 warns about fork() in a process with threads (the cluster's event loop).
             warnings.filterwarnings("ignore", category=DeprecationWarning, message=r".*fork\(\).*")
             cluster = LocalCluster(

@@ -741,3 +741,43 @@ def test_workers_are_capped_at_the_usable_cores_unless_the_user_insists(caplog) 
     with caplog.at_level("WARNING", logger="ichdata.cluster"), dask_client(workers=cores + 1) as client:
         assert len(client.nthreads()) == cores
     assert len(caplog.records) == 1
+
+
+_INTERRUPTED = """
+import sys
+from ichdata.convert import ConvertConfig, convert
+
+try:
+    convert(ConvertConfig(sys.argv[1], sys.argv[2], workers=2, shard_size=2), progress=False)
+except KeyboardInterrupt:
+    print("interrupted", file=sys.stderr)
+    sys.exit(130)
+"""
+
+
+@pytest.mark.slow
+def test_ctrl_c_prints_no_worker_tracebacks(many, tmp_path) -> None:
+    """Only the driver answers Ctrl-C (with its one line); the local cluster's workers print nothing.
+
+    The terminal sends SIGINT to its whole foreground process group, the workers included.
+    """
+    store = tmp_path / "i.zarr"
+    markers = store / "conversion" / "shard_done" / "c"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _INTERRUPTED, str(many), str(store)],
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 120
+    while (
+        time.monotonic() < deadline
+        and proc.poll() is None
+        and not (markers.is_dir() and any(markers.iterdir()))
+    ):
+        time.sleep(0.005)
+    os.killpg(proc.pid, signal.SIGINT)  # what the terminal does on Ctrl-C
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert err.strip() == "interrupted"
