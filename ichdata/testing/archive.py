@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import multiprocessing
 import os
+import signal
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from typing import TypedDict
 
 import numpy as np
 
+from ichdata.cluster import usable_cpus
 from ichdata.errors import UserError
 from ichdata.labels import CLASSES
 from ichdata.options import option
@@ -329,6 +331,8 @@ _worker_fields: RandomFields | None = None
 
 def _start_worker(seed: np.random.SeedSequence, size: int, spacing: float) -> None:
     global _worker_fields
+    # Ctrl-C is the parent's to handle: a worker finishes its series instead of printing a traceback.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     _worker_fields = RandomFields(np.random.default_rng(seed), size, spacing)
 
 
@@ -358,16 +362,14 @@ def _write_all_series(
         initializer=_start_worker,
         initargs=(fields_seed, size, spacing),
     ) as pool:
-        chunk = max(1, min(16, len(series) // (4 * workers)))
-        for _ in pool.map(functools.partial(_write_series_in_worker, out), series, chunksize=chunk):
-            pass
-
-
-def _usable_cpus() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
+        chunk = max(1, min(4, len(series) // (4 * workers)))  # a few series: Ctrl-C waits for no more
+        try:
+            for _ in pool.map(functools.partial(_write_series_in_worker, out), series, chunksize=chunk):
+                pass
+        except BaseException:
+            # A failed series or Ctrl-C: drop the series not started rather than wait for all of them.
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
 
 
 def _write_labels_csv(path: Path, plan: _ArchivePlan) -> None:
@@ -416,7 +418,7 @@ def write_archive(
 
     plan_seq, fields_seq, study_seq = np.random.SeedSequence(seed).spawn(3)
     plan = _plan_archive(np.random.default_rng(plan_seq), study_seq, studies, any_prevalence, image_size)
-    n_workers = min(workers or _usable_cpus(), studies)
+    n_workers = min(workers or usable_cpus(), studies)
     _write_all_series(out, plan.series, fields_seq, image_size, n_workers)
     labels_csv = out / "stage_2_train.csv"
     _write_labels_csv(labels_csv, plan)
