@@ -1,10 +1,11 @@
 """The checkpoint format of `ich train` (`best.pt`, `last.pt`): written, read and checked here only.
 
-A checkpoint is a dict saved with `torch.save`. The tree:
+A checkpoint is a safetensors file: the tensors, plus JSON metadata holding the rest of the tree, so
+that loading one runs no code (no pickle). The tree:
 
 | key | content |
 | --- | --- |
-| `format`, `version` | `"ich-checkpoint"`, 1 |
+| `format`, `version` | `"ich-checkpoint"`, 2 |
 | `model`, `state_dict` | `create_model` keyword arguments (`name`, `backbone`, `bidirectional`, `num_classes`, `drop_rate`, `rnn_hidden`, `rnn_layers`); the plain module's weights |
 | `classes`, `image_size`, `windows`, `max_len` | label columns in output order; what inputs look like; the training window length |
 | `config`, `store` | the resolved `TrainConfig` as a dict; the training store's `path`, `n_slices`, `n_series` |
@@ -14,6 +15,7 @@ A checkpoint is a dict saved with `torch.save`. The tree:
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -21,25 +23,101 @@ from typing import Any
 
 import torch
 
-from ichdata.atomic import atomic_path
+from ichdata.atomic import write_bytes_atomic
 from ichdata.errors import UserError
 
 CHECKPOINT_FORMAT = "ich-checkpoint"
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2
 #: Keys only `last.pt` holds: the training state that `--resume` needs and inference does not.
 TRAINING_STATE = frozenset({"optimizer", "scheduler", "rng"})
+
+_TREE_KEY = "ich"  # safetensors metadata entry holding the JSON tree
+_TENSOR, _TUPLE, _ITEMS = "__tensor__", "__tuple__", "__items__"
+_ZIP_MAGIC = b"PK\x03\x04"  # what `torch.save` writes: a zip around a pickle
+
+
+def _encode(obj: object, name: str, tensors: dict[str, torch.Tensor]) -> object:
+    """`obj` as JSON-ready data, its tensors moved into `tensors` under path-like names."""
+    if isinstance(obj, torch.Tensor):
+        key = name if name not in tensors else f"{name}#{len(tensors)}"
+        tensors[key] = obj.detach().cpu().contiguous()
+        return {_TENSOR: key}
+    if isinstance(obj, Mapping):
+        if all(isinstance(k, str) and not k.startswith("__") for k in obj):
+            return {k: _encode(v, f"{name}/{k}", tensors) for k, v in obj.items()}
+        # int keys (an optimizer's per-parameter state) survive as pairs
+        return {_ITEMS: [[k, _encode(v, f"{name}/{k}", tensors)] for k, v in obj.items()]}
+    if isinstance(obj, tuple):
+        return {_TUPLE: [_encode(v, f"{name}/{i}", tensors) for i, v in enumerate(obj)]}
+    if isinstance(obj, list):
+        return [_encode(v, f"{name}/{i}", tensors) for i, v in enumerate(obj)]
+    if obj is None or isinstance(obj, str | int | float | bool):
+        return obj
+    raise TypeError(f"checkpoint entry {name}: cannot store a {type(obj).__name__}")
+
+
+def _decode(obj: object, tensors: Mapping[str, torch.Tensor]) -> Any:
+    """The inverse of `_encode`."""
+    if isinstance(obj, dict):
+        if _TENSOR in obj:
+            return tensors[obj[_TENSOR]]
+        if _TUPLE in obj:
+            return tuple(_decode(v, tensors) for v in obj[_TUPLE])
+        if _ITEMS in obj:
+            return {k: _decode(v, tensors) for k, v in obj[_ITEMS]}
+        return {k: _decode(v, tensors) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_decode(v, tensors) for v in obj]
+    return obj
 
 
 def save_checkpoint(checkpoint: Mapping[str, object], path: str | os.PathLike[str]) -> None:
     """Write `checkpoint` (the tree in the module docstring) to `path` atomically.
 
     Args:
-        checkpoint: the tree; `format` and `version` are filled in.
+        checkpoint: the tree; `format` and `version` are filled in. Values are tensors, str, int,
+            float, bool, None and dicts, lists and tuples of them.
         path: the file to write (replaced whole or not at all).
     """
-    tree = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, **checkpoint}
-    with atomic_path(path) as tmp:
-        torch.save(tree, tmp)
+    from safetensors.torch import save
+
+    tree = {**checkpoint, "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION}
+    tensors: dict[str, torch.Tensor] = {}
+    tree_json = json.dumps(_encode(tree, "", tensors))
+    seen: set[int] = set()
+    for name, t in tensors.items():  # safetensors refuses tensors that share memory
+        ptr = t.untyped_storage().data_ptr()
+        if ptr in seen and t.numel():
+            tensors[name] = t.clone()
+        seen.add(ptr)
+    data = save(tensors, metadata={_TREE_KEY: tree_json})
+    write_bytes_atomic(path, data)
+
+
+def _parse(data: bytes) -> dict[str, Any]:
+    """The tree of checkpoint bytes `data`; raises ValueError saying what is wrong with them."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    if data.startswith(_ZIP_MAGIC):
+        raise ValueError(
+            "a torch.save pickle, which ich does not load because loading a pickle can run code "
+            f"(ich writes format {CHECKPOINT_VERSION}: safetensors with JSON metadata)"
+        )
+    try:
+        tensors = load(data)
+        header_len = int.from_bytes(data[:8], "little")
+        meta = json.loads(data[8 : 8 + header_len]).get("__metadata__") or {}
+    except (SafetensorError, ValueError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ValueError(f"not a safetensors file, or a damaged one ({first})") from exc
+    tree_json = meta.get(_TREE_KEY)
+    if not isinstance(tree_json, str):
+        raise ValueError("a safetensors file without ich metadata")
+    tree = _decode(json.loads(tree_json), tensors)
+    if not isinstance(tree, dict) or tree.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError("not an ich training checkpoint")
+    return tree
 
 
 def read_checkpoint(path: str | os.PathLike[str], *, what: str = "checkpoint") -> dict[str, Any]:
@@ -47,18 +125,18 @@ def read_checkpoint(path: str | os.PathLike[str], *, what: str = "checkpoint") -
 
     Args:
         path: the checkpoint file.
-        what: how error messages name the file (`--init-backbone`, `checkpoint`, ...).
+        what: how error messages name the file (`--init-backbone`, `--resume: last.pt`, ...).
 
     Raises:
-        UserError: one line naming the file when it is missing or not an ich training checkpoint.
+        UserError: one line naming the file when it is missing or not a checkpoint of this format.
     """
     p = Path(path)
     if not p.is_file():
         raise UserError(f"{what} {p}: no such file")
-    tree = torch.load(p, map_location="cpu", weights_only=False)
-    if not isinstance(tree, dict) or tree.get("format") != CHECKPOINT_FORMAT:
-        raise UserError(f"{what} {p}: not an ich training checkpoint")
-    return tree
+    try:
+        return _parse(p.read_bytes())
+    except ValueError as exc:
+        raise UserError(f"{what} {p}: {exc}") from None
 
 
 def checkpoint_info(checkpoint: Mapping[str, Any]) -> dict[str, Any]:

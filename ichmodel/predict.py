@@ -14,10 +14,13 @@ import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
+
+if TYPE_CHECKING:
+    from torch import nn
 
 from ichdata.errors import UserError
 from ichdata.options import option
@@ -144,20 +147,21 @@ def predict_store(
     device: str | None = None,
     progress: bool = True,
     set_aside: pd.DataFrame | None = None,
+    loaded: tuple[nn.Module, dict[str, Any]] | None = None,
 ) -> PredictResult:
     """Predict every series of a converted store and write the three CSVs next to `out`.
 
-    `set_aside` defaults to the store's quarantine table.
+    `set_aside` defaults to the store's quarantine table; `loaded` is `load_model(checkpoint)` when
+    the caller has it already.
     """
     from ichdata.store import open_store
     from ichmodel.evaluate import _device, predict_series
     from ichmodel.models import load_model
 
-    if not 0.0 <= threshold <= 1.0:
-        raise UserError(f"--threshold {threshold}: expected a probability within [0, 1]")
+    _check_threshold(threshold)
     st = open_store(store)
     dev = _device(device)
-    model, info = load_model(Path(checkpoint), device=dev)
+    model, info = loaded if loaded is not None else load_model(Path(checkpoint), device=dev)
     classes = tuple(info.get("classes") or st.classes)
     if classes != tuple(st.classes):
         raise UserError(
@@ -191,6 +195,11 @@ def predict_store(
     )
 
 
+def _check_threshold(threshold: float) -> None:
+    if not 0.0 <= threshold <= 1.0:
+        raise UserError(f"--threshold {threshold}: expected a probability within [0, 1]")
+
+
 def _convert(source: Path, store: Path, workers: int | None, progress: bool) -> None:
     """Convert `source` into `store` with the conversion `ich convert` runs (no labels)."""
     from ichdata.convert import ConvertConfig, convert
@@ -217,14 +226,20 @@ def predict_folder(
     src = Path(source)
     if not src.is_dir():
         raise UserError(f"{src}: no such folder; expected a folder of DICOM files")
-    if not Path(checkpoint).is_file():
-        raise UserError(f"checkpoint {checkpoint}: no such file")
+    _check_threshold(threshold)
+    from ichmodel.evaluate import _device
+    from ichmodel.models import load_model
+
+    # the checkpoint is read and checked before any conversion work
+    loaded = load_model(Path(checkpoint), device=_device(device))
     with tempfile.TemporaryDirectory(prefix="ich-predict-") as tmp:
         st = Path(store) if store is not None else Path(tmp) / "store.zarr"
         if log is not None:
             log(f"converting {src} -> {st}")
         _convert(src, st, workers, progress)
-        result = predict_store(checkpoint, st, out, threshold=threshold, device=device, progress=progress)
+        result = predict_store(
+            checkpoint, st, out, threshold=threshold, device=device, progress=progress, loaded=loaded
+        )
     if log is not None:
         log(str(result))
         if result.n_set_aside:

@@ -13,6 +13,7 @@ import torch
 
 from ichdata.cli import main
 from ichdata.store import open_store, write_store_from_arrays
+from ichmodel.checkpoint import save_checkpoint
 from ichmodel.data import read_split, split_by_patient, write_split
 from ichmodel.evaluate import evaluate_runs
 from ichmodel.metrics import summarize, weighted_log_loss
@@ -58,7 +59,7 @@ def _run_dir(path: Path, store: Path, model_name: str, seed: int = 0, max_len: i
     torch.manual_seed(seed)
     kwargs = {"name": model_name, "backbone": BACKBONE, "rnn_hidden": 16, "rnn_layers": 1}
     model = create_model(model_name, backbone=BACKBONE, rnn_hidden=16, rnn_layers=1)
-    torch.save(
+    save_checkpoint(
         {
             "format": "ich-checkpoint",
             "model": kwargs,

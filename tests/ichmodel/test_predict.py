@@ -18,6 +18,7 @@ import torch
 from flows.cli import main
 from ichdata.store import open_store
 from ichdata.testing import stored_from_hu, write_ct_slice
+from ichmodel.checkpoint import save_checkpoint
 from ichmodel.models import create_model, load_model, predict_study
 from ichmodel.predict import study_summary, submission_frame
 
@@ -28,9 +29,8 @@ def _checkpoint(path: Path, model_name: str = "xception_gru", max_len: int | Non
     torch.manual_seed(0)
     kwargs = {"name": model_name, "backbone": "test_efficientnet", "rnn_hidden": 16, "rnn_layers": 1}
     model = create_model(model_name, **{k: v for k, v in kwargs.items() if k != "name"})
-    torch.save(
+    save_checkpoint(
         {
-            "format": "ich-checkpoint",
             "model": kwargs,
             "state_dict": model.state_dict(),
             "classes": list(CLASSES),

@@ -17,6 +17,7 @@ import torch
 from flows.cli import main
 from ichdata.errors import UserError
 from ichdata.store import Store, open_store
+from ichmodel.checkpoint import read_checkpoint
 from ichmodel.data import StudyDataset, collate_studies, read_split
 from ichmodel.losses import val_loss_sums, weighted_bce_sums
 from ichmodel.metrics import weighted_log_loss
@@ -89,7 +90,7 @@ def test_one_epoch_per_model_and_its_checkpoint(tmp_path: Path, tiny_store: Stor
 
 def test_stage_wise_gru_on_a_frozen_backbone(tmp_path: Path, tiny_store: Store) -> None:
     cnn = train(_config(tiny_store, tmp_path / "cnn", "xception", batch_size=8))
-    cnn_state = torch.load(cnn.best_checkpoint, map_location="cpu", weights_only=False)["state_dict"]
+    cnn_state = read_checkpoint(cnn.best_checkpoint)["state_dict"]
     gru_cfg = {"rnn_hidden": 8, "rnn_layers": 1, "init_backbone": str(cnn.best_checkpoint)}
     split = str(tmp_path / "cnn" / "split.json")
     frozen = train(_config(tiny_store, tmp_path / "gru", freeze_backbone=True, split=split, **gru_cfg))
@@ -182,8 +183,8 @@ def test_resume_equals_uninterrupted_training(tmp_path: Path, tiny_store: Store)
     resumed = train(_config(tiny_store, tmp_path / "part", resume=True, **kw))
     assert [r["epoch"] for r in resumed.history] == [1, 2, 3]
 
-    a = torch.load(tmp_path / "full" / "last.pt", weights_only=False)
-    b = torch.load(tmp_path / "part" / "last.pt", weights_only=False)
+    a = read_checkpoint(tmp_path / "full" / "last.pt")
+    b = read_checkpoint(tmp_path / "part" / "last.pt")
     assert (a["epoch"], a["step"]) == (b["epoch"], b["step"]) == (3, 3 * 3)
     for k, v in a["state_dict"].items():
         assert torch.equal(v, b["state_dict"][k]), k
