@@ -5,20 +5,19 @@ of `images`); `SliceDataset` one slice. `collate_studies` pads windows into a `S
 `StudyBatchSampler` orders windows per `(seed, epoch)` and splits them across DDP ranks without
 overlap; `make_loader` puts them together. `split_by_patient`, `write_split` and `read_split` make
 and reapply the validation split by `series.patient_key` (slices of one patient are near-duplicates).
-Reading backends and why `auto` uses tensorstore only inside DataLoader workers: `resolve_reader`.
+Images are read, and each shard checked against its recorded checksum, by `ichmodel.reader`.
 The store's layout is `ichdata.store`'s contract.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, TypedDict
+from typing import TypedDict
 
 import numpy as np
 import pandas as pd
@@ -29,12 +28,8 @@ from ichdata.atomic import write_text_atomic
 from ichdata.errors import UserError
 from ichdata.store import UNLABELLED, Store, open_store
 from ichmodel.models import study_windows
+from ichmodel.reader import ImageReader, resolve_reader
 
-if TYPE_CHECKING:
-    import tensorstore
-    import zarr
-
-READERS: tuple[str, ...] = ("auto", "tensorstore", "zarr")
 DEFAULT_MAX_LEN = 64
 
 
@@ -64,76 +59,6 @@ class StudyBatch(TypedDict):
     series: torch.Tensor  # int64 (B,)
     start: torch.Tensor  # int64 (B,)
     weight: torch.Tensor  # float32 (B,)
-
-
-def resolve_reader(reader: str) -> str:
-    """Check the reading backend of `images`: `"tensorstore"`, `"zarr"` or `"auto"`.
-
-    Both read the same bytes of the same shards; tensorstore decodes them faster (bench/loader.py)
-    because zarr-python spends more per chunk in its own machinery than zstd takes. But tensorstore
-    is not fork-safe: once its threads run in a process, a `fork` of that process aborts. So `"auto"`
-    uses tensorstore only inside DataLoader worker processes (leaves that never fork) and zarr in the
-    main process, which stays safe to fork. `"tensorstore"` forces it everywhere; `make_loader` then
-    starts its workers with `forkserver`.
-
-    Returns:
-        `reader`, except that `"auto"` becomes `"zarr"` when tensorstore is not installed.
-
-    Raises:
-        UserError: an unknown reader, or `"tensorstore"` without tensorstore installed.
-    """
-    if reader not in READERS:
-        raise UserError(f"reader {reader!r} is not one of {', '.join(READERS)}")
-    if reader != "zarr" and importlib.util.find_spec("tensorstore") is None:
-        if reader == "tensorstore":
-            raise UserError("reader 'tensorstore': tensorstore is not installed (pip install tensorstore)")
-        return "zarr"
-    return reader
-
-
-class _ImageReader:
-    """Contiguous reads of `STORE/images`, opened lazily in the process that reads.
-
-    Picklable: only the path and backend travel to DataLoader workers.
-    """
-
-    def __init__(self, store_path: Path, backend: str) -> None:
-        self.path = Path(store_path)
-        self.backend = backend
-        self._ts: tensorstore.TensorStore | None = None
-        self._zarr: zarr.Array | None = None
-        self._pid: int | None = None
-
-    def __getstate__(self) -> dict[str, object]:
-        return {"path": self.path, "backend": self.backend, "_ts": None, "_zarr": None, "_pid": None}
-
-    def _open(self) -> None:
-        pid = os.getpid()
-        kind = self.backend
-        if kind == "auto":
-            kind = "tensorstore" if get_worker_info() is not None else "zarr"
-        if self._pid is not None and self._pid != pid and self._ts is not None:
-            kind = "zarr"  # inherited through fork from a process that had tensorstore running
-        self._ts = self._zarr = None
-        if kind == "tensorstore":
-            import tensorstore as ts
-
-            spec = {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(self.path / "images")}}
-            self._ts = ts.open(spec, open=True, read=True).result()
-        else:
-            import zarr
-
-            self._zarr = zarr.open_array(str(self.path / "images"), mode="r")
-        self._pid = pid
-
-    def read(self, start: int, stop: int) -> np.ndarray:
-        """Rows [start, stop) of `images` as uint8 (T, 3, S, S), one contiguous read."""
-        if self._pid != os.getpid():
-            self._open()
-        if self._ts is not None:
-            return self._ts[start:stop].read().result()
-        assert self._zarr is not None
-        return np.asarray(self._zarr[start:stop])
 
 
 def _as_store(store: Store | str | os.PathLike[str]) -> Store:
@@ -184,7 +109,7 @@ class StudyDataset(Dataset[StudyItem]):
         self._offsets = offsets
         self._labels = st.labels
         self._image_id = st.image_id
-        self._reader = _ImageReader(self.store_path, resolve_reader(reader))
+        self._reader = ImageReader(self.store_path, resolve_reader(reader), st.n_slices)
 
     @property
     def reader(self) -> str:
@@ -335,6 +260,24 @@ class StudyBatchSampler(Sampler[list[tuple[int, float]]]):
             yield items[a : a + self.batch_size]
 
 
+class _StudyLoader(DataLoader[StudyItem]):
+    """A DataLoader whose workers' `UserError`s reach the caller as the one line they were raised with.
+
+    torch re-raises a worker's exception in the main process with the worker's whole traceback in
+    its message; a `UserError` (a damaged shard) must stay one line for the CLI.
+    """
+
+    def __iter__(self) -> Iterator[StudyBatch]:  # type: ignore[override]
+        try:
+            yield from super().__iter__()
+        except UserError as exc:
+            text = str(exc)
+            if "\nOriginal Traceback" not in text:
+                raise
+            # the worker's traceback ends with "<module>.<ExceptionClass>: <the original message>"
+            raise UserError(text.rstrip().rsplit("\n", 1)[-1].partition(": ")[2]) from exc
+
+
 def make_loader(
     dataset: StudyDataset,
     batch_sampler: StudyBatchSampler,
@@ -347,14 +290,14 @@ def make_loader(
 
     With `reader="auto"` the main process never runs tensorstore, so workers are forked (fast to
     start, no pickling of the label arrays); with `reader="tensorstore"` they start from a
-    `forkserver`.
+    `forkserver`. A damaged shard stops the iteration with a one-line `UserError`.
     """
     kwargs: dict[str, object] = {}
     if workers > 0:
         kwargs.update(persistent_workers=True, prefetch_factor=prefetch)
         if dataset.reader == "tensorstore":  # this process may run tensorstore: never fork it
             kwargs["multiprocessing_context"] = "forkserver"
-    return DataLoader(
+    return _StudyLoader(
         dataset,
         batch_sampler=batch_sampler,
         collate_fn=collate_studies,
@@ -457,7 +400,6 @@ def read_split(path: str | os.PathLike[str], series: pd.DataFrame) -> Split:
 
 __all__ = [
     "DEFAULT_MAX_LEN",
-    "READERS",
     "SliceDataset",
     "Split",
     "StudyBatch",
@@ -467,7 +409,6 @@ __all__ = [
     "collate_studies",
     "make_loader",
     "read_split",
-    "resolve_reader",
     "split_by_patient",
     "write_split",
 ]

@@ -224,3 +224,79 @@ def test_split_holds_out_about_the_fraction(store_factory: Callable[..., Store])
     assert len(split_by_patient(store.series, 0.0).val_series) == 0
     with pytest.raises(UserError, match=r"validation fraction 1\.0"):
         split_by_patient(store.series, 1.0)
+
+
+# --- damaged shards (issue 11, item 8) -----------------------------------------------------------
+
+
+def _damage(store: Store, shard: int, how: str) -> None:
+    """Delete shard `shard` of `images`, or flip one byte in its first zstd frame or in its index."""
+    path = Path(store.path) / "images" / "c" / str(shard) / "0" / "0" / "0"
+    if how == "deleted":
+        path.unlink()
+        return
+    data = bytearray(path.read_bytes())
+    at = 40 if how == "frame" else len(data) - 12  # the index (16 bytes per slice) then its CRC-32C
+    data[at] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize(("reader", "workers"), [("zarr", 0), ("auto", 2)])
+@pytest.mark.parametrize("how", ["deleted", "frame", "index"])
+def test_a_damaged_shard_stops_the_loader_with_one_line(
+    tiny_store: Store, how: str, reader: str, workers: int
+) -> None:
+    """A deleted shard must not read as black images, a flipped byte must not train silently."""
+    _damage(tiny_store, 1, how)
+    ds = StudyDataset(tiny_store, max_len=None, reader=reader)
+    loader = make_loader(ds, StudyBatchSampler(len(ds), 2, seed=0), workers=workers)
+    with pytest.raises(UserError, match=r"shard 1 \(rows 8–15\) is damaged: .*`ich verify ") as caught:
+        for _ in loader:
+            pass
+    message = str(caught.value)
+    assert "\n" not in message
+    assert str(tiny_store.path) in message
+    if how == "deleted":
+        assert "missing" in message
+
+
+def test_each_shard_is_verified_once_per_process(tiny_store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    from ichmodel import reader
+
+    calls: list[int] = []
+    real = reader.shard_checksum
+
+    def counting(block: np.ndarray) -> str:
+        calls.append(len(block))
+        return real(block)
+
+    monkeypatch.setattr(reader, "shard_checksum", counting)
+    ds = StudyDataset(tiny_store, max_len=4, reader="zarr")
+    sampler = StudyBatchSampler(len(ds), 3, seed=0)
+    loader = make_loader(ds, sampler, workers=0)
+    for epoch in range(2):
+        sampler.set_epoch(epoch)
+        for batch in loader:
+            for k, (s, a) in enumerate(zip(batch["series"].tolist(), batch["start"].tolist(), strict=True)):
+                n = int(batch["lengths"][k])
+                assert np.array_equal(batch["images"][k, :n].numpy(), tiny_store.read_series(s, a, a + n))
+    assert sorted(calls) == [6] + [8] * 6  # 54 rows in shards of 8: each of the 7 checked once
+
+
+def test_a_store_that_an_append_is_growing_stays_readable(tiny_store: Store) -> None:
+    """An append rewrites the last partial shard with new rows (and their checksum) before committing."""
+    import zarr
+
+    from ichdata.store import shard_checksum, write_images
+
+    group = zarr.open_group(str(tiny_store.path), mode="r+")
+    images = group["images"]
+    old = np.asarray(images[48:54])
+    images.resize((60, *images.shape[1:]))
+    group["conversion/shard_done"].resize((8,))
+    block = np.concatenate([old, np.full((2, *old.shape[1:]), 7, dtype=np.uint8)])
+    write_images(images, 48, block)
+    group["conversion/shard_done"][6] = f"append:{shard_checksum(block)}"
+    ds = StudyDataset(tiny_store, series=[7], max_len=None, reader="zarr")  # rows 46-53: shards 5 and 6
+    assert np.array_equal(ds[0]["images"].numpy(), np.asarray(images[46:54]))
+    assert np.array_equal(ds[0]["images"][2:].numpy(), old)
