@@ -1,7 +1,7 @@
 """The checkpoint format of `ich train` (`best.pt`, `last.pt`): written, read and checked here only.
 
-A checkpoint is a safetensors file: the tensors, plus JSON metadata holding the rest of the tree, so
-that loading one runs no code (no pickle). The tree:
+A checkpoint is a safetensors file: the tensors, plus JSON metadata holding the rest of the tree and
+a sha256 over both, so that loading one runs no code and a changed byte is refused. The tree:
 
 | key | content |
 | --- | --- |
@@ -15,6 +15,7 @@ that loading one runs no code (no pickle). The tree:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Mapping
@@ -32,6 +33,7 @@ CHECKPOINT_VERSION = 2
 TRAINING_STATE = frozenset({"optimizer", "scheduler", "rng"})
 
 _TREE_KEY = "ich"  # safetensors metadata entry holding the JSON tree
+_SUM_KEY = "sha256"  # ... and the one holding the checksum of tree and tensors
 _TENSOR, _TUPLE, _ITEMS = "__tensor__", "__tuple__", "__items__"
 _ZIP_MAGIC = b"PK\x03\x04"  # what `torch.save` writes: a zip around a pickle
 
@@ -71,6 +73,16 @@ def _decode(obj: object, tensors: Mapping[str, torch.Tensor]) -> Any:
     return obj
 
 
+def _digest(tree_json: str, tensors: Mapping[str, torch.Tensor]) -> str:
+    """sha256 of the JSON tree and of every tensor's name, dtype, shape and bytes."""
+    h = hashlib.sha256(tree_json.encode())
+    for name in sorted(tensors):
+        t = tensors[name]
+        h.update(f"\0{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
+        h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+    return h.hexdigest()
+
+
 def save_checkpoint(checkpoint: Mapping[str, object], path: str | os.PathLike[str]) -> None:
     """Write `checkpoint` (the tree in the module docstring) to `path` atomically.
 
@@ -90,7 +102,7 @@ def save_checkpoint(checkpoint: Mapping[str, object], path: str | os.PathLike[st
         if ptr in seen and t.numel():
             tensors[name] = t.clone()
         seen.add(ptr)
-    data = save(tensors, metadata={_TREE_KEY: tree_json})
+    data = save(tensors, metadata={_TREE_KEY: tree_json, _SUM_KEY: _digest(tree_json, tensors)})
     write_bytes_atomic(path, data)
 
 
@@ -99,6 +111,8 @@ def _parse(data: bytes) -> dict[str, Any]:
     from safetensors import SafetensorError
     from safetensors.torch import load
 
+    if not data:
+        raise ValueError("the file is empty")
     if data.startswith(_ZIP_MAGIC):
         raise ValueError(
             "a torch.save pickle, which ich does not load because loading a pickle can run code "
@@ -111,12 +125,21 @@ def _parse(data: bytes) -> dict[str, Any]:
     except (SafetensorError, ValueError) as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise ValueError(f"not a safetensors file, or a damaged one ({first})") from exc
-    tree_json = meta.get(_TREE_KEY)
-    if not isinstance(tree_json, str):
+    tree_json, digest = meta.get(_TREE_KEY), meta.get(_SUM_KEY)
+    if not isinstance(tree_json, str) or not isinstance(digest, str):
         raise ValueError("a safetensors file without ich metadata")
+    if _digest(tree_json, tensors) != digest:
+        raise ValueError("its contents do not match their checksum (the file is damaged or was changed)")
     tree = _decode(json.loads(tree_json), tensors)
     if not isinstance(tree, dict) or tree.get("format") != CHECKPOINT_FORMAT:
         raise ValueError("not an ich training checkpoint")
+    if tree.get("version") != CHECKPOINT_VERSION:
+        raise ValueError(f"format version {tree.get('version')!r}, this ich reads {CHECKPOINT_VERSION}")
+    model = tree.get("model")
+    if not isinstance(model, dict) or not all(isinstance(model.get(k), str) for k in ("name", "backbone")):
+        raise ValueError("its metadata names no model and backbone")
+    if not isinstance(tree.get("state_dict"), dict):
+        raise ValueError("it holds no model weights")
     return tree
 
 
@@ -128,7 +151,8 @@ def read_checkpoint(path: str | os.PathLike[str], *, what: str = "checkpoint") -
         what: how error messages name the file (`--init-backbone`, `--resume: last.pt`, ...).
 
     Raises:
-        UserError: one line naming the file when it is missing or not a checkpoint of this format.
+        UserError: one line naming the file when it is missing, empty, truncated, not a checkpoint of
+            this format, or its checksum does not match.
     """
     p = Path(path)
     if not p.is_file():

@@ -263,8 +263,17 @@ def load_model(
     ckpt = read_checkpoint(checkpoint)
     kwargs = dict(ckpt["model"])
     name = kwargs.pop("name")
-    model = create_model(name, **kwargs)
-    model.load_state_dict(ckpt["state_dict"])
+    try:
+        model = create_model(name, **kwargs)
+        model.load_state_dict(ckpt["state_dict"])
+    except UserError as exc:  # an unknown model or backbone name
+        raise UserError(f"checkpoint {checkpoint}: {exc}") from None
+    except (RuntimeError, TypeError) as exc:  # metadata and weights disagree (names or shapes)
+        first = str(exc).replace("\n\t", " ").splitlines()[0][:300]
+        raise UserError(
+            f"checkpoint {checkpoint}: its weights do not fit model {name} on backbone "
+            f"{kwargs.get('backbone')!r} ({first})"
+        ) from None
     model.to(device).eval()
     return model, checkpoint_info(ckpt)
 

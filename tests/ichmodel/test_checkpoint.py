@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import pickle
 from collections.abc import Callable
 from pathlib import Path
@@ -141,3 +142,81 @@ def test_a_checkpoint_round_trips_its_tree(tmp_path: Path) -> None:
     assert back["optimizer"]["param_groups"][0]["betas"] == (0.9, 0.999)
     assert back["rng"][0]["python"] == (3, (1, 2, 3), None)
     assert back["best_val_loss"] == float("inf")
+
+
+def _flip_weight_bytes(path: Path, tensor: str, n: int = 64) -> None:
+    """Flip `n` bytes inside the stored data of `tensor`, leaving the file's structure intact."""
+    data = bytearray(path.read_bytes())
+    header_len = int.from_bytes(data[:8], "little")
+    start, _ = json.loads(data[8 : 8 + header_len])[tensor]["data_offsets"]
+    base = 8 + header_len + start
+    for i in range(base, base + n):
+        data[i] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        pytest.param(lambda p: p.write_bytes(b""), "empty", id="empty"),
+        pytest.param(lambda p: p.write_bytes(p.read_bytes()[:-1000]), "damaged", id="truncated"),
+        pytest.param(lambda p: p.write_bytes(b"\0" * 64), "damaged", id="zeros"),
+        pytest.param(lambda p: _flip_weight_bytes(p, "/state_dict/fc.weight"), "checksum", id="flipped"),
+    ],
+)
+def test_a_damaged_checkpoint_is_one_line_naming_the_file(
+    tmp_path: Path, damage: Callable[[Path], object], message: str
+) -> None:
+    ckpt = _valid(tmp_path / "best.pt")
+    load_model(ckpt)  # intact: loads
+    damage(ckpt)
+    with pytest.raises(UserError, match=rf"checkpoint {ckpt}: .*{message}") as err:
+        load_model(ckpt)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("model", "message"),
+    [
+        pytest.param({"name": "xception_foo"}, "'xception_foo' is not one of", id="name"),
+        pytest.param({"backbone": "test_resnet"}, "do not fit", id="backbone"),
+        pytest.param({"rnn_hidden": 16}, "do not fit", id="shape"),
+    ],
+)
+def test_metadata_that_does_not_fit_the_weights_is_refused(
+    tmp_path: Path, model: dict[str, object], message: str
+) -> None:
+    ckpt = _valid(tmp_path / "best.pt", **model)
+    with pytest.raises(UserError, match=rf"checkpoint {ckpt}: .*{message}") as err:
+        load_model(ckpt)
+    assert "\n" not in str(err.value)
+
+
+def test_predict_and_resume_refuse_a_damaged_checkpoint_before_any_work(
+    tmp_path: Path, tiny_store: Store, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ckpt = _valid(tmp_path / "best.pt", backbone="test_resnet")
+    store = tmp_path / "kept.zarr"
+    src = _dicom_folder(tmp_path / "dicom")
+    args = [
+        "predict",
+        str(ckpt),
+        str(src),
+        "--out",
+        str(tmp_path / "p.csv"),
+        "--store",
+        str(store),
+        "--quiet",
+    ]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert f"checkpoint {ckpt}: " in err
+    assert len(err.strip().splitlines()) == 1
+    assert not store.exists()
+
+    run = tmp_path / "run"
+    train(_config(tiny_store, run, stop_after=1, epochs=2))
+    last = run / "last.pt"
+    last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
+    with pytest.raises(UserError, match=rf"--resume: {last}: .*damaged"):
+        train(_config(tiny_store, run, resume=True, epochs=2))
