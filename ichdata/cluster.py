@@ -1,9 +1,10 @@
-"""The Dask cluster a conversion runs on: a LocalCluster of this machine's cores, or an existing one.
+"""The Dask cluster a conversion runs on: this machine's cores, SLURM jobs, or an existing cluster.
 
 `dask_client` is the one way `ich convert`, `ich verify` and the Prefect `ingest` flow get a
-`distributed.Client`. `workers_option`, `scheduler_option` and `scheduler_file_option` declare its
-three command-line options once, for every config that has them (`ichdata.convert.ConvertConfig`,
-`ichdata.verify.VerifyConfig`). Nothing from distributed is imported until a cluster is asked for.
+`distributed.Client`; `cluster_client` picks the route (local, SLURM through `ichdata.slurm`, or an
+existing scheduler) from a config's cluster options after `check_cluster` has refused mistakes. The
+`*_option()` functions here and in `ichdata.slurm` declare those options once, for every config that
+has them. Nothing from distributed is imported until a cluster is asked for.
 """
 
 from __future__ import annotations
@@ -11,13 +12,14 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 import signal
 import sys
 import threading
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from ichdata._kernels import warm_up  # Numba itself is imported on first use, not here
 from ichdata.errors import UserError
@@ -26,10 +28,24 @@ from ichdata.options import option
 if TYPE_CHECKING:
     from distributed import Client, LocalCluster
 
+    from ichdata.convert import ConvertConfig
+
 _log = logging.getLogger(__name__)
 
 #: The option group of the three ways to name a cluster: they exclude each other.
 CLUSTER_GROUP = "cluster"
+#: Where the Dask workers run when no existing cluster is named.
+ClusterKind = Literal["local", "slurm"]
+#: The client commands the SLURM route runs (dask-jobqueue submits with sbatch; we watch and cancel).
+SLURM_COMMANDS = ("sbatch", "squeue", "scancel")
+
+
+def cluster_option() -> Any:
+    """The `cluster` field: where the Dask workers run (this machine, or SLURM jobs)."""
+    return option(
+        "local",
+        help="where the Dask workers run: processes on this machine (local) or SLURM jobs (slurm)",
+    )
 
 
 def workers_option() -> Any:
@@ -98,6 +114,69 @@ def resolve_workers(workers: int | None, *, oversubscribe: bool = False) -> int:
     return workers
 
 
+def check_cluster(config: ConvertConfig) -> None:
+    """Refuse a mix of cluster options that cannot mean anything, in one line, before any work.
+
+    SLURM's options only with `--cluster slurm`; `--cluster slurm` neither with an existing cluster
+    nor with `--workers` (a job runs one worker per core), and only where SLURM's commands are on PATH.
+    """
+    given = ("jobs", "queue", "cores", "memory", "walltime")
+    slurm_only = [name for name in given if getattr(config, name) is not None]
+    if config.cluster not in ("local", "slurm"):
+        raise UserError(f"--cluster {config.cluster}: expected local or slurm")
+    if config.cluster == "local":
+        if slurm_only:
+            raise UserError(f"--{slurm_only[0]}: only with --cluster slurm (Dask workers as SLURM jobs)")
+        return
+    existing = "--scheduler" if config.scheduler else "--scheduler-file" if config.scheduler_file else None
+    if existing:
+        raise UserError(f"--cluster slurm and {existing}: give one, not both")
+    if config.workers is not None:
+        raise UserError(
+            f"--workers {config.workers} and --cluster slurm: each SLURM job runs one worker per core; "
+            "use --jobs and --cores"
+        )
+    for name in ("jobs", "cores"):
+        value = getattr(config, name)
+        if value is not None and value < 1:
+            raise UserError(f"--{name} {value}: expected at least 1")
+    missing = [name for name in SLURM_COMMANDS if shutil.which(name) is None]
+    if missing:
+        raise UserError(
+            f"--cluster slurm: {', '.join(missing)} not found on PATH; run where SLURM's commands are "
+            "(a login node), or without --cluster slurm"
+        )
+
+
+@contextlib.contextmanager
+def cluster_client(config: ConvertConfig) -> Iterator[Client]:
+    """A client of the cluster `config` names: SLURM jobs, an existing scheduler, or a local cluster.
+
+    The options are checked first (`check_cluster`); a SLURM cluster keeps `config.jobs` jobs
+    (default 1) and is gone, its jobs cancelled, when the block ends.
+    """
+    check_cluster(config)
+    if config.cluster == "slurm":
+        from ichdata.slurm import slurm_cluster
+
+        with (
+            _quiet_distributed(),
+            slurm_cluster(
+                config.jobs if config.jobs is not None else 1,
+                queue=config.queue,
+                cores=config.cores,
+                memory=config.memory,
+                walltime=config.walltime,
+            ) as client,
+        ):
+            yield client
+        return
+    with dask_client(
+        config.workers, config.scheduler, config.scheduler_file, oversubscribe=config.oversubscribe
+    ) as client:
+        yield client
+
+
 @contextlib.contextmanager
 def dask_client(
     workers: int | None = None,
@@ -164,6 +243,7 @@ def _quiet_distributed() -> Iterator[None]:
         "distributed.scheduler",
         "distributed.nanny",
         "distributed.core",
+        "dask_jobqueue",
     )
     loggers = [logging.getLogger(name) for name in names]
     saved = [lg.level for lg in loggers]
@@ -263,6 +343,11 @@ def _local_cluster(n: int) -> Iterator[LocalCluster]:
 
 __all__ = [
     "CLUSTER_GROUP",
+    "SLURM_COMMANDS",
+    "ClusterKind",
+    "check_cluster",
+    "cluster_client",
+    "cluster_option",
     "dask_client",
     "oversubscribe_option",
     "resolve_workers",

@@ -18,7 +18,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import pandas as pd
 from tqdm import tqdm
@@ -26,7 +26,9 @@ from tqdm import tqdm
 from ichdata import shards
 from ichdata._kernels import warm_up  # Numba itself is imported on first use, not here
 from ichdata.cluster import (
-    dask_client,
+    check_cluster,
+    cluster_client,
+    cluster_option,
     oversubscribe_option,
     scheduler_file_option,
     scheduler_option,
@@ -47,6 +49,7 @@ from ichdata.shards import (
     prepare_store,
     read_markers,
 )
+from ichdata.slurm import cores_option, jobs_option, memory_option, queue_option, walltime_option
 from ichdata.store import manifest_path, quarantine_csv_path, replaceable, salt_path
 
 if TYPE_CHECKING:
@@ -79,13 +82,24 @@ class ConvertConfig:
     )
     workers: int | None = workers_option()
     scheduler: str | None = scheduler_option()
-    scheduler_file: Path | None = scheduler_file_option()  # noqa: RUF009 (returns an option(); see ichdata.cluster)
+    scheduler_file: Path | None = scheduler_file_option()
     # None: the existing store's, else store.DEFAULT_SHARD_SIZE
     shard_size: int | None = option(
         None, help="slices per shard file (default: the store's, else 64)", metavar="K"
     )
     overwrite: bool = option(False, help="replace a STORE made from a different plan")
     oversubscribe: bool = oversubscribe_option()
+    cluster: Literal["local", "slurm"] = cluster_option()
+    # SLURM's options, each None: the site's dask config (jobqueue.slurm) decides.
+    jobs: int | None = jobs_option()
+    queue: str | None = queue_option()
+    cores: int | None = cores_option()
+    memory: str | None = memory_option()
+    walltime: str | None = walltime_option()
+
+
+# How often the shard scheduler asks how many worker threads the cluster has now.
+_THREADS_EVERY_S = 5.0
 
 
 @dataclass
@@ -181,13 +195,27 @@ def _shard_args(p: Plan, i: int) -> tuple[Any, ...]:
     return (str(p.store), i, a, p.shard_key(i), sources, str(p.source), p.image_size, p.shard_layouts(i))
 
 
-def _shard_failed(p: Plan, shards: int | list[int], exc: BaseException) -> RuntimeError:
+def _shard_failed(p: Plan, shards: int | list[int], exc: BaseException) -> Exception:
     """The error that ends a conversion when a shard task raised (not a bad file: those are set aside).
 
     It names the shard, its rows and files, and the task's exception (kept as `__cause__`). `shards` is
     the shard that raised, or the shards of a task that failed as a whole (its worker died, say): all
-    are named, since any of them may be the cause.
+    are named, since any of them may be the cause. Workers that kept dying under the task (SLURM
+    cancelled or killed their jobs) are a `UserError`: the message says what happened and how to resume.
     """
+    from distributed import KilledWorker
+
+    if isinstance(exc, KilledWorker):
+        return UserError(
+            f"{p.store}: {_shards_named(p, shards)}: every worker that ran it died (SLURM jobs cancelled, "
+            "out of memory or past their time limit?); the shards written are kept: re-run the same "
+            "command to resume"
+        )
+    return RuntimeError(f"{p.store}: {_shards_named(p, shards)} failed: {type(exc).__name__}: {exc}")
+
+
+def _shards_named(p: Plan, shards: int | list[int]) -> str:
+    """A shard, or a task's shards, by rows and first and last file."""
     group = [shards] if isinstance(shards, int) else shards
     a, b = p.shard_rows(group[0])
     last_b = p.shard_rows(group[-1])[1]
@@ -202,7 +230,7 @@ def _shard_failed(p: Plan, shards: int | list[int], exc: BaseException) -> Runti
             f"a task of {len(group)} shards, {group[0]}–{group[-1]} (rows {a}–{last_b - 1}, {n} slices: "
             f"{files})"
         )
-    return RuntimeError(f"{p.store}: {what} failed: {type(exc).__name__}: {exc}")
+    return what
 
 
 def _run_shards(
@@ -238,6 +266,7 @@ def _run_shards(
     # the same shard key (its release is asynchronous), and would hand that error back instead of
     # running the shard again, which would make a Prefect retry of this stage a no-op.
     run = uuid.uuid4().hex[:8]
+    threads_checked = time.monotonic()
 
     def submit() -> None:
         group = [pending.pop() for _ in range(min(len(pending), group_size(len(pending), n_threads)))]
@@ -274,6 +303,14 @@ def _run_shards(
             yield done
         if pending and not stop:
             submit()
+            if max_in_flight is None and time.monotonic() - threads_checked >= _THREADS_EVERY_S:
+                # Workers join and leave while the tasks run (SLURM jobs start late or are replaced):
+                # keep two tasks in flight per thread there is now.
+                threads_checked = time.monotonic()
+                n_threads = sum(client.nthreads().values())
+                limit = max(2, 2 * n_threads)
+                while pending and ac.count() < limit:
+                    submit()
 
 
 def excluded_paths(store: str | os.PathLike[str], labels: str | os.PathLike[str] | None = None) -> list[Path]:
@@ -297,10 +334,12 @@ def previous_manifest(store: str | os.PathLike[str], source: str | os.PathLike[s
 def check_inputs(config: ConvertConfig) -> None:
     """The checks made before any work, each a one-line `UserError`.
 
-    SOURCE is a folder, the label CSV (if any) is a file, and STORE is absent or was made from this
-    plan (`ichdata.plan.check_store`). Cheap (a few `stat`s and the store's attributes): `scan_source`
+    The cluster options make sense together (`ichdata.cluster.check_cluster`), SOURCE is a folder, the
+    label CSV (if any) is a file, and STORE is absent or was made from this plan
+    (`ichdata.plan.check_store`). Cheap (a few `stat`s and the store's attributes): `scan_source`
     makes them again.
     """
+    check_cluster(config)
     source, store = Path(config.source), Path(config.store)
     if not source.is_dir():
         raise UserError(f"SOURCE {source}: no such folder; expected a folder of DICOM files")
@@ -385,7 +424,7 @@ def _disk_full(exc: BaseException) -> OSError | None:
 
 def _convert(config: ConvertConfig, progress: bool, client: Client | None) -> ConvertSummary:
     started = time.perf_counter()
-    if client is None and not (config.scheduler or config.scheduler_file):
+    if client is None and config.cluster == "local" and not (config.scheduler or config.scheduler_file):
         # The local cluster's workers fork from this process once the render kernels are warm
         # (`ichdata.cluster`): start on that now, beside the checks and the label CSV.
         threading.Thread(target=warm_up, name="ich-warm-kernels", daemon=True).start()
@@ -394,23 +433,16 @@ def _convert(config: ConvertConfig, progress: bool, client: Client | None) -> Co
     stages: dict[str, float] = {}
     with contextlib.ExitStack() as stack:
         if client is None:
-            client = stack.enter_context(
-                dask_client(
-                    config.workers,
-                    config.scheduler,
-                    config.scheduler_file,
-                    oversubscribe=config.oversubscribe,
-                )
-            )
+            client = stack.enter_context(cluster_client(config))
         t = time.perf_counter()
-        with _bar(progress, "scan", "files") as bar:
+        with _bar(progress, "scan", "file") as bar:
             manifest = scan_source(config, client, on_progress=bar.update, on_total=_set_total(bar))
         stages["scan"] = time.perf_counter() - t
         t = time.perf_counter()
         p = plan_conversion(config, manifest, labels)
         stages["plan"] = time.perf_counter() - t
         t = time.perf_counter()
-        with _bar(progress, "convert", "slices", total=p.n_new) as bar:
+        with _bar(progress, "convert", "slice", total=p.n_new) as bar:
             result = convert_shards(p, client, on_shard_done=lambda d: bar.update(d.n_rows))
         stages["convert"] = time.perf_counter() - t
     t = time.perf_counter()
@@ -421,7 +453,8 @@ def _convert(config: ConvertConfig, progress: bool, client: Client | None) -> Co
 
 
 def _bar(progress: bool, desc: str, unit: str, total: int | None = None) -> tqdm[Any]:
-    return tqdm(desc=desc, unit=f" {unit}", total=total, dynamic_ncols=True, leave=True, disable=not progress)
+    """A bar of `unit`s with their rate and, once `total` is known, the time left (tqdm's ETA)."""
+    return tqdm(desc=desc, unit=unit, total=total, dynamic_ncols=True, leave=True, disable=not progress)
 
 
 def _set_total(bar: tqdm[Any]) -> Callable[[int], None]:

@@ -4,7 +4,8 @@
 the site's settings from dask's `jobqueue.slurm` config (`~/.config/dask/jobqueue.yaml` or
 `DASK_JOBQUEUE__SLURM__*` variables), the keyword arguments overriding them. The scheduler speaks TLS
 with credentials made for the run (DESIGN.md, Trust), keeps `jobs` jobs alive and cancels them when
-the block ends, however it ends.
+the block ends, however it ends. The `*_option()` functions declare the route's command-line options
+once, for `ichdata.convert.ConvertConfig` and the `ingest` flow's parameters.
 """
 
 from __future__ import annotations
@@ -20,9 +21,10 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ichdata.errors import UserError
+from ichdata.options import option
 
 if TYPE_CHECKING:
     from dask_jobqueue import SLURMCluster
@@ -36,6 +38,49 @@ _LIFETIME_MARGIN_MIN_S = 60
 # How long the end of the block waits for SLURM to see the run's jobs gone (a job step gets SIGTERM,
 # then SIGKILL after the site's KillWait).
 _CANCEL_WAIT_S = 60
+# Once the first worker is up, how long to wait for the others before the work starts (their jobs
+# may still be queued; the work is spread again as they join).
+_GATHER_S = 30
+
+
+def jobs_option() -> Any:
+    """The `jobs` field: SLURM jobs to keep running."""
+    return option(
+        None, help="SLURM jobs to keep running, one Dask worker per core each (default: 1)", metavar="N"
+    )
+
+
+def queue_option() -> Any:
+    """The `queue` field: the partition of the worker jobs."""
+    return option(
+        None,
+        help="SLURM partition of the worker jobs (default: the site's jobqueue.slurm.queue)",
+        metavar="NAME",
+    )
+
+
+def cores_option() -> Any:
+    """The `cores` field: cores (and worker processes) per job."""
+    return option(None, help="cores per SLURM job (default: the site's jobqueue.slurm.cores)", metavar="N")
+
+
+def memory_option() -> Any:
+    """The `memory` field: memory per job."""
+    return option(
+        None,
+        help="memory per SLURM job, e.g. 16GB (default: the site's jobqueue.slurm.memory)",
+        metavar="SIZE",
+    )
+
+
+def walltime_option() -> Any:
+    """The `walltime` field: the time limit of each job; its workers retire before it and are replaced."""
+    return option(
+        None,
+        help="time limit per SLURM job, e.g. 04:00:00; a job is replaced before it ends "
+        "(default: the site's jobqueue.slurm.walltime)",
+        metavar="TIME",
+    )
 
 
 @contextmanager
@@ -107,13 +152,37 @@ def slurm_cluster(
             protocol="tls://",
             scheduler_options=scheduler_options,
         )
+        _test_submit(cluster.job_script())
         # Adaptive with a fixed size keeps `jobs` jobs: a job that ends is replaced.
         cluster.adapt(minimum_jobs=jobs, maximum_jobs=jobs)
         client = Client(cluster, security=security)
+        # The first worker may wait in the queue as long as the site decides; the others get a while
+        # longer, so that the work is not first cut for one job.
+        client.wait_for_workers(1)
+        with suppress(TimeoutError):
+            client.wait_for_workers(jobs * cores, timeout=_GATHER_S)
         yield client
     finally:
         _shutdown(client, cluster, job_name)
         shutil.rmtree(credentials, ignore_errors=True)
+
+
+def _test_submit(script: str) -> None:
+    """Refuse a worker job SLURM would refuse (no such partition, too much memory, too long), in one line.
+
+    `sbatch --test-only` checks the job against the site's limits without submitting it; a job that
+    can never start would otherwise leave the conversion waiting for workers for ever.
+    """
+    try:
+        result = subprocess.run(
+            ["sbatch", "--test-only"], input=script, capture_output=True, text=True, timeout=60, check=False
+        )
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise UserError(f"--cluster slurm: cannot run sbatch ({exc})") from exc
+    if result.returncode != 0:
+        lines = [line.strip() for line in result.stderr.splitlines() if line.strip()]
+        why = lines[-1] if lines else f"exit status {result.returncode}"
+        raise UserError(f"--cluster slurm: SLURM refuses the worker job: {why}")
 
 
 def _per_job(value: int | str | None, key: str) -> int | str:
@@ -226,4 +295,11 @@ def _user_name() -> str:
     return pwd.getpwuid(os.getuid()).pw_name
 
 
-__all__ = ["slurm_cluster"]
+__all__ = [
+    "cores_option",
+    "jobs_option",
+    "memory_option",
+    "queue_option",
+    "slurm_cluster",
+    "walltime_option",
+]

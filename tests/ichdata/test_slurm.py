@@ -1,7 +1,7 @@
-"""The SLURM routes: `ichdata.slurm.slurm_cluster` and `examples/slurm/convert.sbatch`.
+"""The SLURM routes: `ich convert --cluster slurm`, `ichdata.slurm.slurm_cluster`, `convert.sbatch`.
 
 The `slurm` tests run against a real single-node SLURM (the `slurm` fixture, `tests/slurm.py`); the
-others check what needs no scheduler.
+others check what needs no scheduler (the options' mistakes, the walltime margin).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import dask_jobqueue  # noqa: F401  (its config defaults must exist before any d
 import numpy as np
 import pytest
 
+from flows.cli import main
 from ichdata.errors import UserError
 from ichdata.slurm import _lifetime_s, slurm_cluster
 
@@ -129,6 +130,48 @@ def test_cores_and_memory_come_from_the_arguments_or_the_site(missing: str) -> N
         slurm_cluster(1, **given),  # type: ignore[arg-type]
     ):
         pass
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--jobs", "2"], "--jobs: only with --cluster slurm"),
+        (["--memory", "4GB"], "--memory: only with --cluster slurm"),
+        (
+            ["--cluster", "slurm", "--scheduler", "tcp://127.0.0.1:1"],
+            "--cluster slurm and --scheduler: give one",
+        ),
+        (
+            ["--cluster", "slurm", "--scheduler-file", "s.json"],
+            "--cluster slurm and --scheduler-file: give one",
+        ),
+        (["--cluster", "slurm", "--workers", "2"], "--workers 2 and --cluster slurm: each SLURM job runs"),
+        (["--cluster", "slurm", "--jobs", "0"], "--jobs 0: expected at least 1"),
+    ],
+)
+def test_cluster_option_mistakes_are_one_line_before_any_work(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str], message: str
+) -> None:
+    (tmp_path / "src").mkdir()
+    store = tmp_path / "out.zarr"
+    assert main(["convert", str(tmp_path / "src"), str(store), "--quiet", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"ich: error: {message}")
+    assert err.count("\n") == 1
+    assert not store.exists()
+
+
+def test_cluster_slurm_without_slurm_commands_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "src").mkdir()
+    monkeypatch.setenv("PATH", str(tmp_path))  # no sbatch, squeue or scancel there
+    assert main(["convert", str(tmp_path / "src"), str(tmp_path / "out.zarr"), "--cluster", "slurm"]) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        "ich: error: --cluster slurm: sbatch, squeue, scancel not found on PATH; run where SLURM's "
+        "commands are (a login node), or without --cluster slurm\n"
+    )
 
 
 def test_at_least_one_job() -> None:
