@@ -1,109 +1,296 @@
-"""Parsers and handlers of this stage's `ich` subcommands. Imports nothing heavy at module level.
+"""`ich`: the one command line of the three stages, generated from their config dataclasses.
 
-`ich serve` serves the Prefect `ingest` flow as the deployment `ingest/default` (see `flows.deploy`).
+It sits in the top layer and imports downward, lazily: `ich --help` builds no stage's parser, and a
+command imports only its own stage, so `ich convert` runs where only the core is installed (no torch,
+no prefect). Each command's options are the `option()` fields of its config dataclasses
+(`flows.cliparse`); `main(argv)` is the console script and what the tests call. What each command does
+is in the README.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import os
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from flows.cliparse import add_options, build_config
 from ichdata.errors import UserError
+from ichdata.options import option
+
+_HEAVY = {"torch", "timm", "torchvision", "prefect"}
 
 
-def _serve(a: argparse.Namespace) -> int:
-    from flows.deploy import serve
+# --- options of commands that have no stage config of their own ------------------------------------
 
-    # Paths are made absolute here: runs execute in subprocesses that need not share this directory.
-    defaults: dict[str, Any] = {
-        k: str(Path(v).expanduser().absolute())
-        for k, v in (("source", a.source), ("store", a.store), ("labels", a.labels))
-        if v is not None
-    }
-    if a.workers is not None:
-        defaults["workers"] = a.workers
-    if a.interval is not None:
-        if a.interval <= 0:
-            raise UserError(f"--interval is {a.interval}; expected a positive number of seconds")
-        if "source" not in defaults or "store" not in defaults:
-            raise UserError("--interval needs --source and --store: a scheduled run has no one to pass them")
-    if a.limit < 1:
-        raise UserError(f"--limit is {a.limit}; expected at least 1 concurrent run")
-    serve(a.name, parameters=defaults, interval_s=a.interval, limit=a.limit)
+
+@dataclass(frozen=True)
+class Display:
+    """How much a long command prints while it runs."""
+
+    progress: bool = option(False, help="progress bars even when stderr is not a terminal", group="display")
+    quiet: bool = option(False, help="no progress bars", group="display")
+
+    def bars(self) -> bool:
+        """Whether to draw progress bars: on a terminal unless `--quiet`, anywhere with `--progress`."""
+        return (not self.quiet and sys.stderr.isatty()) or self.progress
+
+
+@dataclass(frozen=True)
+class QuarantineOptions:
+    """`ich quarantine`: where to write the set-aside files' table."""
+
+    store: Path = option(help="the store written by `ich convert`", positional=True, metavar="STORE")
+    out: Path | None = option(None, help="file to write (default: standard output)", metavar="CSV")
+
+
+# --- handlers: each builds its stage's call from the parsed configs ---------------------------------
+
+
+def _synth(config: Any) -> int:
+    from ichdata.testing import write_archive
+
+    print(write_archive(**config.archive_kwargs()))
     return 0
 
 
-def _add_serve(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "serve",
-        help="serve the Prefect `ingest` flow as deployment ingest/default (needs PREFECT_API_URL)",
-        description=(
-            "Register the deployment `ingest/NAME` with the Prefect server at PREFECT_API_URL and run "
-            "what it is asked to, until Ctrl-C. Start a run from any shell with "
-            "`prefect deployment run 'ingest/default' -p source=DICOM_DIR -p store=STORE.zarr "
-            "[-p labels=CSV] [-p workers=N | -p scheduler=tcp://HOST:8786]`."
-        ),
-    )
-    p.add_argument("--name", default="default", help="deployment name (default: default → ingest/default)")
-    p.add_argument("--source", help="default `source` of runs: a DICOM folder or landing folder")
-    p.add_argument("--store", help="default `store` of runs: the Zarr store to create or append to")
-    p.add_argument("--labels", help="default `labels` of runs: the label CSV (stage_2_train.csv format)")
-    p.add_argument("--workers", type=int, help="default `workers` of runs: local Dask worker processes")
-    p.add_argument(
-        "--interval",
-        type=float,
-        metavar="SECONDS",
-        help="also ingest on this schedule (needs --source and --store): keeps a landing folder converted",
-    )
-    p.add_argument(
-        "--limit", type=int, default=1, help="runs executed at once (default 1: one writer per store)"
-    )
-    p.set_defaults(handler=_serve)
+def _preview(config: Any) -> int:
+    from ichdata.preview import write_preview
+
+    print(f"wrote {write_preview(config.file, config.out)}")
+    return 0
 
 
-def _demo(a: argparse.Namespace) -> int:
+def _convert(config: Any, display: Display) -> int:
+    from ichdata.convert import convert
+
+    print(convert(config, progress=display.bars()))
+    return 0
+
+
+def _verify(config: Any) -> int:
+    from ichdata.verify import verify_store
+
+    if config.workers or config.scheduler or config.scheduler_file:
+        from ichdata.cluster import dask_client
+
+        with dask_client(
+            config.workers, config.scheduler, config.scheduler_file, oversubscribe=config.oversubscribe
+        ) as client:
+            report = verify_store(config.store, client=client)
+    else:
+        report = verify_store(config.store)
+    print(report)
+    return 0 if report.ok else 1
+
+
+def _quarantine(options: QuarantineOptions) -> int:
+    from ichdata.store import open_store
+
+    q = open_store(options.store, allow_incomplete=True).quarantine
+    if options.out is None:
+        q.to_csv(sys.stdout, index=False)
+    else:
+        q.to_csv(options.out, index=False)
+        print(f"wrote {len(q):,} rows to {options.out}", file=sys.stderr)
+    return 0
+
+
+def _serve(config: Any) -> int:
+    from flows.deploy import serve_from_config
+
+    serve_from_config(config)
+    return 0
+
+
+def _demo(config: Any) -> int:
     from flows.demo import main_demo
 
-    return main_demo(a)
+    return main_demo(config)
 
 
-def _add_demo(sub: argparse._SubParsersAction) -> None:
-    from pathlib import Path
+def _train(config: Any) -> int:
+    from ichmodel.train import train
 
-    p = sub.add_parser(
+    result = train(config)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(
+            f"best epoch {result.best_epoch}: val loss {result.best_val_loss:.4f}; "
+            f"checkpoint {result.best_checkpoint}"
+        )
+    return 0
+
+
+def _evaluate(config: Any) -> int:
+    from ichmodel.evaluate import evaluate_from_config
+
+    evaluate_from_config(config)
+    return 0
+
+
+def _predict(config: Any) -> int:
+    from ichmodel.predict import predict_from_config
+
+    predict_from_config(config)
+    return 0
+
+
+# --- the command table ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Command:
+    """One `ich` subcommand: its help, its config dataclasses (by `module:Class`) and its handler."""
+
+    name: str
+    help: str
+    configs: tuple[str, ...]
+    handler: Callable[..., int]
+    description: str | None = None
+
+    def config_classes(self) -> list[type]:
+        """Import and return the config dataclasses (only when this command runs or shows its help)."""
+        classes = []
+        for ref in self.configs:
+            module, _, name = ref.partition(":")
+            classes.append(getattr(importlib.import_module(module), name))
+        return classes
+
+
+COMMANDS: tuple[Command, ...] = (
+    Command(
+        "synth",
+        "write a synthetic RSNA-format head-CT archive (DICOM + label CSV)",
+        ("ichdata.testing:SynthConfig",),
+        _synth,
+    ),
+    Command(
+        "preview",
+        "raw HU and the three windows of one DICOM slice, side by side, as PNG",
+        ("ichdata.preview:PreviewConfig",),
+        _preview,
+    ),
+    Command(
+        "convert",
+        "convert a DICOM folder into a sharded Zarr v3 store (resumable, incremental)",
+        ("ichdata.convert:ConvertConfig", "flows.cli:Display"),
+        _convert,
+        "Scan SOURCE (recursively, files recognised by content), order each series by slice position, "
+        "render brain/subdural/bone windows at 256×256 and write them to STORE, on a local Dask cluster "
+        "or an existing one. Files that are not usable slices are listed in the store's quarantine. "
+        "Re-running resumes a killed run and appends studies added to SOURCE since.",
+    ),
+    Command(
+        "verify",
+        "re-read a store: counts, order, shard checksums, every input file accounted for",
+        ("ichdata.verify:VerifyConfig",),
+        _verify,
+    ),
+    Command(
+        "quarantine",
+        "the files a conversion set aside, with reasons, as CSV",
+        ("flows.cli:QuarantineOptions",),
+        _quarantine,
+    ),
+    Command(
+        "serve",
+        "serve the Prefect `ingest` flow as deployment ingest/default (needs PREFECT_API_URL)",
+        ("flows.deploy:ServeConfig",),
+        _serve,
+        "Register the deployment `ingest/NAME` with the Prefect server at PREFECT_API_URL and run "
+        "what it is asked to, until Ctrl-C. Start a run from any shell with "
+        "`prefect deployment run 'ingest/default' -p source=DICOM_DIR -p store=STORE.zarr "
+        "[-p labels=CSV] [-p workers=N | -p scheduler=tcp://HOST:8786]`.",
+    ),
+    Command(
+        "train",
+        "train xception / xception_lstm / xception_gru on a store (CPU, GPU, or torchrun for DDP)",
+        ("ichmodel.config:TrainConfig",),
+        _train,
+        "Stream STORE's studies into a timm backbone (+ LSTM/GRU over the slices of each study), with the "
+        "RSNA weighted log loss, AdamW + warm-up + cosine, bf16 on GPU. Writes RUN_DIR/config.json, "
+        "split.json (patients held out), log.csv, last.pt (resumable) and best.pt (lowest validation loss). "
+        "Under `torchrun --no-python ich train` each process trains on its share of the studies (DDP).",
+    ),
+    Command(
+        "evaluate",
+        "score trained runs on their held-out patients: report.md, metrics.json, ROC and false negatives",
+        ("ichmodel.evaluate:EvaluateConfig",),
+        _evaluate,
+        "Run each run's best checkpoint over the held-out patients of its split (whole studies, in "
+        "slice order) and write REPORT_DIR/report.md (the runs side by side, per class), "
+        "metrics.json, roc.png, false_negatives.png and predictions_<run>.csv.",
+    ),
+    Command(
+        "predict",
+        "run a checkpoint on a folder of new DICOM studies: Kaggle submission CSV + per-study summary",
+        ("ichmodel.predict:PredictConfig",),
+        _predict,
+        "Convert SOURCE exactly as `ich convert` does (same reading, set-aside rules and slice order), "
+        "run the model over every study, and write OUT (Kaggle `ID,Label`, six rows per image), "
+        "OUT's stem + .studies.csv (per study: max probability per class and the slices behind it) "
+        "and + .set_aside.csv (files that could not be used, with the reason).",
+    ),
+    Command(
         "demo",
-        help="the whole system on a synthetic archive: ingest flow -> Dask conversion -> CNN and CNN-GRU -> report",
-        description=(
-            "Write a synthetic head-CT archive, ingest it with the Prefect `ingest` flow (ephemeral mode, "
-            "Prefect home DIR/prefect, no server), train a CNN-only and a CNN-GRU model briefly on the CPU, "
-            "evaluate both on the held-out patients and write DIR/report.md. Nothing is downloaded."
-        ),
-    )
-    p.add_argument(
-        "--out", type=Path, default=Path("ich-demo"), metavar="DIR", help="folder to write (ich-demo)"
-    )
-    p.add_argument("--studies", type=int, default=None, help="synthetic studies (default 60; --quick 8)")
-    p.add_argument(
-        "--epochs", type=int, default=None, help="training epochs per model (default 4; --quick 1)"
-    )
-    p.add_argument(
-        "--image-size",
-        type=int,
-        default=None,
-        help="rows/columns of the synthetic DICOM slices (256; --quick 128)",
-    )
-    p.add_argument("--backbone", default=None, help="timm backbone of both models (test_resnet)")
-    p.add_argument("--workers", type=int, default=None, help="Dask worker processes (default: one per core)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the archive, the split and the training")
-    p.add_argument(
-        "--quick", action="store_true", help="a reduced run (about a minute) to check that all works"
-    )
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.set_defaults(handler=_demo)
+        "the whole system on a synthetic archive: ingest flow -> Dask conversion -> CNN and CNN-GRU -> report",
+        ("flows.demo:DemoConfig",),
+        _demo,
+        "Write a synthetic head-CT archive, ingest it with the Prefect `ingest` flow (ephemeral mode, "
+        "Prefect home DIR/prefect, no server), train a CNN-only and a CNN-GRU model briefly on the CPU, "
+        "evaluate both on the held-out patients and write DIR/report.md. Nothing is downloaded.",
+    ),
+)
 
 
-def add_commands(sub: argparse._SubParsersAction) -> None:
-    """Register this stage's commands on the `ich` parser."""
-    _add_serve(sub)
-    _add_demo(sub)
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The `ich` parser; only `command`'s options are built (its config modules imported), if given."""
+    parser = argparse.ArgumentParser(
+        prog="ich",
+        description="Head-CT DICOM archives -> a sharded Zarr v3 store -> CNN-RNN hemorrhage detectors.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for cmd in COMMANDS:
+        p = sub.add_parser(cmd.name, help=cmd.help, description=cmd.description or cmd.help)
+        if cmd.name == command:
+            for cls in cmd.config_classes():
+                add_options(p, cls)
+    return parser
+
+
+def _run(argv: list[str]) -> int:
+    command = next((c for c in COMMANDS if argv and argv[0] == c.name), None)
+    args = build_parser(command.name if command else None).parse_args(argv)
+    assert command is not None  # argparse exits on a missing or unknown command
+    configs = [build_config(cls, args) for cls in command.config_classes()]
+    return int(command.handler(*configs) or 0)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `ich` console script; tests call it with an argv list."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        return _run(argv)
+    except UserError as exc:
+        print(f"ich: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("ich: interrupted", file=sys.stderr)
+        return 130
+    except ModuleNotFoundError as exc:
+        if exc.name and exc.name.split(".")[0] in _HEAVY:
+            name = argv[0] if argv else "ich"
+            print(
+                f"ich: error: `ich {name}` needs {exc.name}, which is not installed: pip install 'ich[all]'",
+                file=sys.stderr,
+            )
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

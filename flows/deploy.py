@@ -14,9 +14,12 @@ current directory, so runs work wherever `ich serve` was started as long as `ich
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from ichdata.errors import UserError
+from ichdata.options import option
 
 #: The deployment name `ich serve` uses unless told otherwise: runs are `prefect deployment run 'ingest/default'`.
 DEFAULT_DEPLOYMENT = "default"
@@ -80,3 +83,42 @@ def serve(
 
 
 __all__ = ["DEFAULT_DEPLOYMENT", "require_api_url", "serve"]
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """What `ich serve` was asked: the deployment's name, its runs' default parameters and schedule."""
+
+    name: str = option(DEFAULT_DEPLOYMENT, help="deployment name (default: default → ingest/default)")
+    source: str | None = option(None, help="default `source` of runs: a DICOM folder or landing folder")
+    store: str | None = option(None, help="default `store` of runs: the Zarr store to create or append to")
+    labels: str | None = option(
+        None, help="default `labels` of runs: the label CSV (stage_2_train.csv format)"
+    )
+    workers: int | None = option(None, help="default `workers` of runs: local Dask worker processes")
+    interval: float | None = option(
+        None,
+        metavar="SECONDS",
+        help="also ingest on this schedule (needs --source and --store): keeps a landing folder converted",
+    )
+    limit: int = option(1, help="runs executed at once (default 1: one writer per store)")
+
+
+def serve_from_config(config: ServeConfig) -> None:
+    """Check `config` and `serve` it; paths become absolute, since runs execute in subprocesses that
+    need not share this directory."""
+    defaults: dict[str, Any] = {
+        k: str(Path(v).expanduser().absolute())
+        for k, v in (("source", config.source), ("store", config.store), ("labels", config.labels))
+        if v is not None
+    }
+    if config.workers is not None:
+        defaults["workers"] = config.workers
+    if config.interval is not None:
+        if config.interval <= 0:
+            raise UserError(f"--interval is {config.interval}; expected a positive number of seconds")
+        if "source" not in defaults or "store" not in defaults:
+            raise UserError("--interval needs --source and --store: a scheduled run has no one to pass them")
+    if config.limit < 1:
+        raise UserError(f"--limit is {config.limit}; expected at least 1 concurrent run")
+    serve(config.name, parameters=defaults, interval_s=config.interval, limit=config.limit)

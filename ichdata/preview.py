@@ -11,16 +11,27 @@ prediction, at the slice's native resolution.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 from ichdata.dicom import SliceError, read_slice
 from ichdata.errors import UserError
+from ichdata.options import option
 from ichdata.windows import WINDOWS, window_hu
 
-__all__ = ["PREVIEW_SIZE_PX", "write_preview"]
+__all__ = ["PREVIEW_SIZE_PX", "PreviewConfig", "write_preview"]
 
 PREVIEW_SIZE_PX: tuple[int, int] = (1800, 540)
 """(width, height) of the PNG `write_preview` writes, in pixels."""
+
+
+@dataclass(frozen=True)
+class PreviewConfig:
+    """What `ich preview` shows: one DICOM file, written as one PNG."""
+
+    file: Path = option(help="DICOM file of one CT slice", positional=True, metavar="FILE")
+    out: Path = option(help="PNG to write")
+
 
 _DPI = 100
 _RAW_RANGE = (-1000.0, 2000.0)  # the raw panel's grey scale: air to dense bone

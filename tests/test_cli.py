@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from ichdata.cli import main
+from flows.cli import main
 
 # Runs Python with torch, torchvision, timm and prefect made unimportable, as on a conversion image
 # that installed `ich` without extras.
@@ -23,7 +23,7 @@ _LEAN = textwrap.dedent(
                 raise ModuleNotFoundError(f"No module named {name!r}", name=name)
             return None
     sys.meta_path.insert(0, _Block())
-    from ichdata.cli import main
+    from flows.cli import main
     try:
         code = main(sys.argv[1:])
     except SystemExit as exc:  # argparse's --help

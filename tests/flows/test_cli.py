@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from ichdata.cli import main
+from flows.cli import main
 
 
 @pytest.fixture
@@ -68,8 +68,8 @@ def test_serve_options_are_checked_before_serving(
 
 def test_the_parser_imports_no_prefect() -> None:
     code = (
-        "import sys; from ichdata.cli import build_parser; "
-        "p = build_parser(); p.parse_args(['serve', '--name', 'x']); "
+        "import sys; from flows.cli import build_parser; "
+        "p = build_parser('serve'); p.parse_args(['serve', '--name', 'x']); "
         "print(sorted(m for m in ('prefect', 'dask', 'distributed', 'zarr') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from flows.demo import DemoConfig
-from ichdata.cli import main
+from flows.cli import main
 from ichdata.errors import UserError
 
 

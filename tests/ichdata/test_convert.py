@@ -20,7 +20,7 @@ import pandas as pd
 import pytest
 import zarr
 
-from ichdata.cli import main
+from flows.cli import main
 from ichdata.convert import ConvertConfig, convert, convert_shards
 from ichdata.finalize import finalize
 from ichdata.plan import plan
@@ -529,7 +529,7 @@ def test_killing_the_driver_then_rerunning_skips_finished_shards(many, clean_run
     cmd = [
         sys.executable,
         "-m",
-        "ichdata.cli",
+        "flows.cli",
         "convert",
         str(many),
         str(store),

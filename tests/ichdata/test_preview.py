@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from matplotlib.image import imread
 
-from ichdata.cli import main
+from flows.cli import main
 from ichdata.errors import UserError
 from ichdata.preview import PREVIEW_SIZE_PX, write_preview
 from ichdata.testing import phantom_series, stored_from_hu, write_ct_slice

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import zarr
 
-from ichdata.cli import main
+from flows.cli import main
 from ichdata.convert import ConvertConfig, convert
 from ichdata.store import manifest_path, quarantine_csv_path, salt_path, write_array
 from ichdata.verify import verify_store

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import torch
 
-from ichdata.cli import main
+from flows.cli import main
 from ichdata.store import open_store, write_store_from_arrays
 from ichmodel.checkpoint import save_checkpoint
 from ichmodel.data import read_split, split_by_patient, write_split

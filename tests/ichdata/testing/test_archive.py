@@ -11,7 +11,7 @@ import numpy as np
 import pydicom
 import pytest
 
-from ichdata.cli import main
+from flows.cli import main
 from ichdata.dicom import read_slice
 from ichdata.errors import UserError
 from ichdata.labels import CLASSES

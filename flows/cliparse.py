@@ -1,0 +1,89 @@
+"""Command-line parsers generated from config dataclasses whose fields are declared with `option()`.
+
+A field's type gives the argparse type (`Path`, `int`, `float`, `str`, `X | None`, `list[X]`, `Literal`
+choices), a `bool` field a flag, a field without a default a required option; help, flag name, metavar,
+positional, nargs and mutually exclusive groups come from `ichdata.options.option`. Kept on argparse (no
+typer or cyclopts) so that `ich convert` needs nothing beyond the lean core and user mistakes keep
+argparse's one-line messages and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, Union
+
+_SCALARS: dict[str, type] = {"Path": Path, "int": int, "float": float, "str": str, "bool": bool}
+
+
+def _unwrap(annotation: Any) -> tuple[Any, bool]:
+    """The annotation without `| None`, and whether it was a list."""
+    origin = typing.get_origin(annotation)
+    if origin in (Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        annotation = args[0] if len(args) == 1 else str
+        origin = typing.get_origin(annotation)
+    if origin in (list, tuple):
+        return typing.get_args(annotation)[0], True
+    return annotation, False
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls, localns=dict(_SCALARS))
+
+
+def option_fields(cls: type) -> list[dataclasses.Field[Any]]:
+    """The fields of dataclass `cls` that are command-line options, in declaration order."""
+    return [f for f in dataclasses.fields(cls) if "help" in f.metadata]
+
+
+def add_options(parser: argparse.ArgumentParser, cls: type) -> None:
+    """Add one argument to `parser` per `option()` field of dataclass `cls` (`dest` = the field name)."""
+    hints = _field_types(cls)
+    groups: dict[str, argparse._MutuallyExclusiveGroup] = {}
+    for f in option_fields(cls):
+        meta = f.metadata
+        has_default = f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
+        default = f.default if f.default is not dataclasses.MISSING else None
+        kind, is_list = _unwrap(hints[f.name])
+        kwargs: dict[str, Any] = {"help": meta["help"]}
+        if kind is bool:
+            kwargs["action"] = "store_false" if default else "store_true"
+            if default and not meta["flag"]:
+                raise TypeError(f"{cls.__name__}.{f.name}: a bool option that defaults to True needs a flag")
+        else:
+            if typing.get_origin(kind) is Literal:
+                kwargs["choices"] = typing.get_args(kind)
+                kind = type(typing.get_args(kind)[0])
+            kwargs["type"] = kind
+            if meta["choices"]:
+                kwargs["choices"] = meta["choices"]
+            if meta["metavar"]:
+                kwargs["metavar"] = meta["metavar"]
+            if meta["nargs"] or is_list:
+                kwargs["nargs"] = meta["nargs"] or "+"
+        target: Any = parser
+        if meta["group"]:
+            target = groups.get(meta["group"]) or groups.setdefault(
+                meta["group"], parser.add_mutually_exclusive_group()
+            )
+        if meta["positional"]:
+            kwargs.pop("metavar", None)
+            target.add_argument(f.name, metavar=meta["metavar"] or f.name.upper(), **kwargs)
+            continue
+        flag = meta["flag"] or "--" + f.name.replace("_", "-")
+        if not has_default:
+            kwargs["required"] = True
+        target.add_argument(flag, dest=f.name, default=default, **kwargs)
+
+
+def build_config(cls: type, args: argparse.Namespace) -> Any:
+    """An instance of dataclass `cls` from the parsed `args` (fields that are no option keep their default)."""
+    values = {f.name: getattr(args, f.name) for f in option_fields(cls)}
+    return cls(**values)
+
+
+__all__ = ["add_options", "build_config", "option_fields"]
