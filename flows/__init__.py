@@ -1,16 +1,11 @@
-"""Prefect orchestration of `ichdata`: the `ingest` flow and its deployments.
+"""flows: the top layer, which drives the other two: the `ich` command line, the Prefect flows, the demo.
 
-- `flows.ingest`: the flow `ingest` (scan → plan → convert → verify → report, one task per stage).
-- `flows.deploy`: `serve()`, what `ich serve` runs (deployment `ingest/default`); `prefect.yaml` at the
-  repo root defines the same deployment for a process work pool.
-- `flows.demo`: `run_demo(DemoConfig(...))`, what `ich demo` runs (synthetic archive → ingest → two
-  short trainings → evaluation → report).
-- `flows.cli`: the `ich serve` and `ich demo` parsers.
-
-Importing this package imports no Prefect (the `ich` parser imports `flows.cli`): use the flow as
-`from flows.ingest import ingest`.
+`cli` (the `ich` command, built from the stages' config dataclasses by `cliparse`), `ingest` (the
+Prefect flow: scan -> plan -> convert -> verify -> report), `deploy` (`ich serve`: the deployment
+`ingest/default`; `prefect.yaml` defines the same for a work pool), `demo` (`ich demo`). Importing this
+package imports no Prefect: use the flow as `from flows.ingest import ingest`.
 """
 
 from __future__ import annotations
 
-__all__ = ["cli", "demo", "deploy", "ingest"]
+__all__ = ["cli", "cliparse", "demo", "deploy", "ingest"]
