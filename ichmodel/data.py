@@ -398,6 +398,50 @@ def read_split(path: str | os.PathLike[str], series: pd.DataFrame) -> Split:
     )
 
 
+def _rows(store: Store, series: np.ndarray) -> np.ndarray:
+    """Store rows of `series`, in order."""
+    offsets = store.study_offsets
+    parts = [np.arange(offsets[s], offsets[s + 1]) for s in series.tolist()]
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+
+def check_trainable(store: Store, split: Split) -> list[str]:
+    """Refuse a split that cannot train, before any work; name the classes training cannot learn.
+
+    A slice is labelled when any of its labels is not 255 (the loss counts those entries). An empty
+    validation split (no patient held out) is a choice and passes.
+
+    Returns:
+        Warning lines, one per problem that does not stop training: the classes without a positive
+        slice among the labelled training slices.
+
+    Raises:
+        UserError: the training split, or a non-empty validation split, has no labelled slice.
+    """
+    train = store.labels[_rows(store, split.train_series)]
+    train = train[(train != UNLABELLED).any(axis=1)]
+    hint = "convert it with a label CSV (`ich convert SOURCE STORE --labels CSV`)"
+    if not len(train):
+        raise UserError(
+            f"{store.path}: the training split has no labelled slice (every label is 255); {hint} to train"
+        )
+    if len(split.val_series):
+        val = store.labels[_rows(store, split.val_series)]
+        if not (val != UNLABELLED).any():
+            raise UserError(
+                f"{store.path}: the validation split has no labelled slice (every label of its "
+                f"{len(split.val_patients)} held-out patient(s) is 255), so the validation loss is "
+                f"undefined; hold out labelled patients or {hint}"
+            )
+    missing = [name for c, name in enumerate(store.classes) if not (train[:, c] == 1).any()]
+    if not missing:
+        return []
+    return [
+        f"warning: no positive slice of {', '.join(missing)} among the {len(train)} labelled training slices: "
+        "the model cannot learn to detect them"
+    ]
+
+
 __all__ = [
     "DEFAULT_MAX_LEN",
     "SliceDataset",
@@ -406,6 +450,7 @@ __all__ = [
     "StudyBatchSampler",
     "StudyDataset",
     "StudyItem",
+    "check_trainable",
     "collate_studies",
     "make_loader",
     "read_split",

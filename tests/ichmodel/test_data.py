@@ -300,3 +300,42 @@ def test_a_store_that_an_append_is_growing_stays_readable(tiny_store: Store) -> 
     ds = StudyDataset(tiny_store, series=[7], max_len=None, reader="zarr")  # rows 46-53: shards 5 and 6
     assert np.array_equal(ds[0]["images"].numpy(), np.asarray(images[46:54]))
     assert np.array_equal(ds[0]["images"][2:].numpy(), old)
+
+
+# --- a store that cannot train (issue 11, item 9) ------------------------------------------------
+
+
+def test_check_trainable_refuses_unlabelled_splits(store_factory: Callable[..., Store]) -> None:
+    from ichmodel.data import check_trainable
+
+    unlabelled = store_factory("unlabelled.zarr", unlabelled_series=range(len(LENGTHS)))
+    split = split_by_patient(unlabelled.series, 0.25, seed=3)
+    with pytest.raises(UserError, match=r"the training split has no labelled slice") as caught:
+        check_trainable(unlabelled, split)
+    assert "\n" not in str(caught.value)
+    assert "--labels" in str(caught.value)
+
+    # labels only on the training side: the validation loss would be undefined
+    store = store_factory("half.zarr")
+    split = split_by_patient(store.series, 0.25, seed=3)
+    val_only = store_factory("val_unlabelled.zarr", unlabelled_series=split.val_series.tolist())
+    with pytest.raises(UserError, match=r"the validation split has no labelled slice"):
+        check_trainable(val_only, split)
+    # no validation split at all (--val-fraction 0) is a choice, not an error
+    assert check_trainable(val_only, split_by_patient(val_only.series, 0.0)) == []
+    assert check_trainable(store, split) == []
+
+
+def test_check_trainable_names_classes_without_a_positive(store_factory: Callable[..., Store]) -> None:
+    from ichmodel.data import check_trainable
+
+    store = store_factory()
+    split = split_by_patient(store.series, 0.25, seed=3)
+    rows = np.concatenate([np.arange(*store.series_rows(int(s))) for s in split.train_series])
+    store.labels[rows, 0] = 0  # no epidural in training
+    store.labels[rows, 2] = 0  # nor intraventricular
+    warnings = check_trainable(store, split)
+    assert len(warnings) == 1
+    assert "\n" not in warnings[0]
+    assert "epidural, intraventricular" in warnings[0]
+    assert f"{len(rows)} labelled training slices" in warnings[0]
