@@ -302,3 +302,130 @@ def test_sbatch_script_gives_the_store_of_a_direct_conversion(slurm: object, tmp
     for name, array in want.items():
         np.testing.assert_array_equal(got[name][...], array[...], err_msg=name)
     assert _squeue() == []
+
+
+# ------------------------------------------------------------------ ich convert --cluster slurm
+
+
+def _archive(root: Path, studies: int, seed: int) -> tuple[Path, Path]:
+    """A small synthetic archive and its label CSV."""
+    from ichdata.testing import write_archive
+
+    summary = write_archive(root / "archive", studies=studies, seed=seed, image_size=64, workers=1)
+    return summary.path, summary.labels_csv
+
+
+def _assert_same_arrays(got: Path, want: Path) -> None:
+    """Every array of the two stores, read as plain zarr, holds the same values."""
+    import zarr
+
+    want_arrays = dict(zarr.open_group(want, mode="r").arrays())
+    got_arrays = dict(zarr.open_group(got, mode="r").arrays())
+    assert sorted(got_arrays) == sorted(want_arrays)
+    assert {"images", "labels", "image_id", "study_offsets"} <= set(want_arrays)
+    for name, array in want_arrays.items():
+        np.testing.assert_array_equal(got_arrays[name][...], array[...], err_msg=name)
+
+
+def _assert_nothing_left(site: Path) -> None:
+    """No job in squeue, no worker process of the run, no credentials left under the shared temp dir."""
+    assert _squeue() == []
+    assert _worker_processes(str(site / ".ich-dask-tls-")) == []
+    assert list(site.glob(".ich-dask-tls-*")) == []
+
+
+_SLURM_ARGS = [
+    "--cluster",
+    "slurm",
+    "--jobs",
+    "2",
+    "--cores",
+    "1",
+    "--memory",
+    "1GB",
+    "--walltime",
+    "00:10:00",
+]
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_convert_on_slurm_jobs_gives_the_store_of_a_local_cluster(site: Path) -> None:
+    source, labels = _archive(site, studies=4, seed=21)
+    local, slurm = site / "local.zarr", site / "slurm.zarr"
+    common = ["--labels", str(labels), "--shard-size", "4", "--quiet"]
+    assert main(["convert", str(source), str(local), "--workers", "2", *common]) == 0
+    assert main(["convert", str(source), str(slurm), *_SLURM_ARGS, *common]) == 0
+    _assert_same_arrays(slurm, local)
+    _assert_nothing_left(site)
+
+
+def _slow_shards(delay_s: float) -> Callable[..., object]:
+    """A stand-in for `ichdata.shards.convert_shard` that takes `delay_s` longer per shard.
+
+    A closure, so that Dask ships it to the SLURM workers by value (cloudpickle).
+    """
+    import ichdata.shards
+
+    real = ichdata.shards.convert_shard
+
+    def slow(*args: object) -> object:
+        import time as worker_time
+
+        worker_time.sleep(delay_s)
+        return real(*args)
+
+    return slow
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_a_worker_job_cancelled_mid_run_still_gives_the_identical_store(
+    site: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import threading
+
+    import ichdata.shards
+    from ichdata.convert import ConvertConfig, convert
+
+    source, labels = _archive(site, studies=3, seed=22)
+    local = site / "local.zarr"
+    assert (
+        main(["convert", str(source), str(local), "--labels", str(labels), "--shard-size", "4", "--quiet"])
+        == 0
+    )
+
+    store = site / "slurm.zarr"
+    config = ConvertConfig(
+        source=source, store=store, labels=labels, shard_size=4,
+        cluster="slurm", jobs=2, cores=1, memory="1GB", walltime="00:10:00",
+    )  # fmt: skip
+    monkeypatch.setattr(ichdata.shards, "convert_shard", _slow_shards(0.5))
+    outcome: list[BaseException | None] = []
+
+    def run() -> None:
+        try:
+            convert(config, progress=False)
+            outcome.append(None)
+        except BaseException as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    try:
+        # Once shards are landing, cancel one of the two worker jobs.
+        _wait(
+            lambda: sum(f.is_file() for f in (store / "images" / "c").rglob("*")) >= 4 or bool(outcome),
+            180,
+            "shards",
+        )
+        jobs = sorted(line.split()[0] for line in _squeue("--states=RUNNING"))
+        assert len(jobs) == 2, jobs
+        assert not outcome, f"the run ended before a job could be cancelled: {outcome}"
+        subprocess.run(["scancel", jobs[0]], check=True)
+    finally:
+        thread.join(300)
+    assert not thread.is_alive()
+    assert outcome == [None], outcome
+    _assert_same_arrays(store, local)
+    _assert_nothing_left(site)
