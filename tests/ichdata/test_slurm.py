@@ -14,6 +14,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import dask
 import dask_jobqueue  # noqa: F401  (its config defaults must exist before any dask.config.set)
@@ -369,7 +370,7 @@ def _slow_shards(delay_s: float) -> Callable[..., object]:
 
     real = ichdata.shards.convert_shard
 
-    def slow(*args: object) -> object:
+    def slow(*args: Any) -> object:
         import time as worker_time
 
         worker_time.sleep(delay_s)
