@@ -26,6 +26,7 @@ import numpy as np
 import pandas as pd
 
 from ichdata.errors import UserError
+from ichdata.paths import fs_path
 from ichdata.reasons import Reason
 from ichdata.resume import load_salt, plan_config, previous_run, resolve_shard_size
 from ichdata.scan import Manifest
@@ -130,7 +131,10 @@ class Plan:
         # One pass over the rows, not a pandas slice per shard: the driver submits thousands of shards.
         root = str(self.source)
         r = self.rows
-        return [None if e else os.path.join(root, p) for p, e in zip(r["path"], r["existing"], strict=True)]
+        return [
+            None if e else os.path.join(root, fs_path(p))
+            for p, e in zip(r["path"], r["existing"], strict=True)
+        ]
 
     def shard_sources(self, i: int) -> list[str | None]:
         """For each row of shard `i`: the absolute path to render, or None for a row already in the store."""

@@ -2,7 +2,8 @@
 
 A `StrEnum`, so a reason is its own string in every table and CSV we write (`Reason.EMPTY == "empty"`).
 The reader's reasons come first (`READER_REASONS`); the rest are decided by the scan, the plan or the
-conversion. What each means for a user is in the README's store section.
+conversion. The quarantine also reports a few files that stay in the store (`KEPT_REASONS`). What each
+means for a user is in the README's store section.
 """
 
 from __future__ import annotations
@@ -30,12 +31,29 @@ class Reason(StrEnum):
     MISSING_UID = "missing_uid"  # no SOP Instance, Study or Series UID: the slice cannot be placed
     # The scan's: reading the file failed in a way the reader does not classify.
     READ_ERROR = "read_error"
+    # The scan's, for entries of the source tree that cannot be read as a file.
+    UNREADABLE_PATH = (
+        "unreadable_path"  # permission denied (or another OS error) listing a folder or opening a file
+    )
+    SYMLINK_LOOP = "symlink_loop"  # a symbolic link that leads back to itself
+    PATH_TOO_LONG = "path_too_long"  # a path longer than the OS opens (PATH_MAX): a folder or file too deep
+    DANGLING_SYMLINK = "dangling_symlink"  # a symbolic link to nothing
+    NOT_A_FILE = "not_a_file"  # a FIFO, socket or device, or a symbolic link to a folder (not followed)
     # The plan's.
     DUPLICATE = "duplicate"  # an image id seen before (in the store or earlier in this run)
     SERIES_IN_STORE = "series_in_store"  # a new file of a series the store already holds
+    CONFLICTING_DUPLICATE = "conflicting_duplicate"  # an image id seen before, with other pixel data
+    # The plan's reports on files that stay rows of `images` (`KEPT_REASONS`).
+    DUPLICATE_POSITION = "duplicate_position"  # a second slice at the same position in its series
+    CHANGED_SINCE_CONVERSION = (
+        "changed_since_conversion"  # edited after it was stored; the store has the old one
+    )
 
 
 #: The reasons `ichdata.dicom` raises `SliceError` with, in the order the reader checks them.
 READER_REASONS: tuple[Reason, ...] = tuple(Reason)[: list(Reason).index(Reason.MISSING_UID) + 1]
 
-__all__ = ["READER_REASONS", "Reason"]
+#: The reasons of quarantine rows that report a file still stored (a row of `images`), not one set aside.
+KEPT_REASONS: frozenset[Reason] = frozenset({Reason.DUPLICATE_POSITION, Reason.CHANGED_SINCE_CONVERSION})
+
+__all__ = ["KEPT_REASONS", "READER_REASONS", "Reason"]

@@ -11,7 +11,9 @@ never writes it.
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +24,7 @@ import pandas as pd
 
 from ichdata.atomic import atomic_path
 from ichdata.errors import UserError
+from ichdata.paths import fs_path, path_text
 from ichdata.reasons import Reason
 
 if TYPE_CHECKING:
@@ -93,12 +96,67 @@ def empty_table() -> pd.DataFrame:
     return table_from_records([])
 
 
-def walk(source: str | os.PathLike[str], exclude: Iterable[str | os.PathLike[str]] = ()) -> list[str]:
-    """Every regular file under `source`, recursively, as sorted POSIX paths relative to it.
+@dataclass
+class SourceTree:
+    """What `walk` found under a source: the regular files, and the entries that cannot be read as one.
 
-    Symbolic links to files are followed; links to folders are not (no cycles). Paths in `exclude` (the
-    store, its side files, the label CSV when they live under the source) and everything below them are
-    skipped.
+    Paths are relative POSIX paths as text (`ichdata.paths.path_text`), sorted. Each odd entry is
+    (path, reason, detail): a folder that cannot be listed, a link that loops or leads nowhere, a FIFO.
+    """
+
+    files: list[str]
+    odd: list[tuple[str, Reason, str]]
+
+
+#: Why an OS error makes a path unusable, by errno (anything else: `Reason.UNREADABLE_PATH`).
+_ERRNO_REASONS = {
+    errno.ELOOP: Reason.SYMLINK_LOOP,
+    errno.ENAMETOOLONG: Reason.PATH_TOO_LONG,
+    errno.ENOENT: Reason.DANGLING_SYMLINK,
+}
+
+
+def path_reason(exc: OSError, path: str) -> tuple[Reason, str]:
+    """The set-aside reason and detail for an OS error met listing, statting or opening `path`."""
+    reason = _ERRNO_REASONS.get(exc.errno or 0, Reason.UNREADABLE_PATH)
+    what = exc.strerror or type(exc).__name__
+    if reason is Reason.DANGLING_SYMLINK and not os.path.islink(path):
+        return Reason.UNREADABLE_PATH, f"{what}: removed while the source was read"
+    if reason is Reason.PATH_TOO_LONG:
+        return reason, f"{what}: the path is longer than the OS opens; move the files up the tree"
+    return reason, what
+
+
+def _not_a_file(path: str) -> tuple[Reason, str]:
+    """The reason for an entry that is neither a folder nor (after following links) a regular file."""
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        return path_reason(exc, path)
+    if stat.S_ISDIR(st.st_mode):
+        return Reason.NOT_A_FILE, (
+            "a symbolic link to a folder; links to folders are not followed (they can make cycles): "
+            "convert the folder itself"
+        )
+    kind = (
+        "a FIFO (named pipe)"
+        if stat.S_ISFIFO(st.st_mode)
+        else "a socket"
+        if stat.S_ISSOCK(st.st_mode)
+        else "a device"
+        if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode)
+        else "not a regular file"
+    )
+    return Reason.NOT_A_FILE, f"{kind}; only regular files are read"
+
+
+def walk(source: str | os.PathLike[str], exclude: Iterable[str | os.PathLike[str]] = ()) -> SourceTree:
+    """Every entry under `source`, recursively: the regular files and the odd entries (`SourceTree`).
+
+    Symbolic links to files are followed; links to folders are not (no cycles) and are reported with
+    FIFOs, dangling links, link loops and folders that cannot be listed, so that every entry is
+    accounted for. Paths in `exclude` (the store, its side files, the label CSV when they live under
+    the source) and everything below them are skipped.
     """
     root = Path(source)
     if not root.is_dir():
@@ -107,26 +165,46 @@ def walk(source: str | os.PathLike[str], exclude: Iterable[str | os.PathLike[str
     # Only an entry with the name of an excluded path, or a symbolic link, can resolve to one: the
     # others skip `realpath` (a few system calls per file, on the driver, for every file of the source).
     skip_names = {os.path.basename(p) for p in skip}
-    out: list[str] = []
+    files: list[str] = []
+    odd: list[tuple[str, Reason, str]] = []
     # Relative paths by slicing, not `Path.relative_to` (far slower per file, on the driver).
     # scandir yields `d + os.sep + name`, so every entry's path starts with the root's `str` and a separator.
     top = str(root)
     cut = len(top) + (0 if top.endswith(os.sep) else 1)
     posix = os.sep == "/"
+
+    def rel(path: str) -> str:
+        r = path[cut:]
+        return path_text(r if posix else r.replace(os.sep, "/"))
+
     stack = [top]
     while stack:
         d = stack.pop()
-        with os.scandir(d) as it:
-            for e in it:
-                if skip and (e.name in skip_names or e.is_symlink()) and os.path.realpath(e.path) in skip:
-                    continue
-                if e.is_dir(follow_symlinks=False):
-                    stack.append(e.path)
-                elif e.is_file(follow_symlinks=True):
-                    rel = e.path[cut:]
-                    out.append(rel if posix else rel.replace(os.sep, "/"))
-    out.sort()
-    return out
+        try:
+            with os.scandir(d) as it:
+                for e in it:
+                    try:
+                        if (
+                            skip
+                            and (e.name in skip_names or e.is_symlink())
+                            and os.path.realpath(e.path) in skip
+                        ):
+                            continue
+                        if e.is_dir(follow_symlinks=False):
+                            stack.append(e.path)
+                        elif e.is_file(follow_symlinks=True):
+                            files.append(rel(e.path))
+                        else:
+                            odd.append((rel(e.path), *_not_a_file(e.path)))
+                    except OSError as exc:  # a link that loops, or into a folder we cannot read
+                        odd.append((rel(e.path), *path_reason(exc, e.path)))
+        except OSError as exc:
+            if d == top:
+                raise UserError(f"SOURCE {root}: cannot be listed ({exc.strerror})") from None
+            odd.append((rel(d), *path_reason(exc, d)))
+    files.sort()
+    odd.sort()
+    return SourceTree(files, odd)
 
 
 _RECORD = (*COLUMNS, "patient_id")
@@ -144,7 +222,7 @@ def scan_files(root: str, paths: Sequence[str]) -> pd.DataFrame:
 
     rows: list[tuple[Any, ...]] = []
     for rel in paths:
-        full = os.path.join(root, rel)
+        full = os.path.join(root, fs_path(rel))
         size = mtime = None
         try:
             st = os.stat(full)
@@ -152,6 +230,8 @@ def scan_files(root: str, paths: Sequence[str]) -> pd.DataFrame:
             m, layout = read_header_layout(full)
         except SliceError as exc:
             rows.append((rel, size, mtime, exc.reason, exc.detail, *([None] * 9), None))
+        except OSError as exc:  # listed, but it cannot be statted or opened (permissions, too long)
+            rows.append((rel, size, mtime, *path_reason(exc, full), *([None] * 9), None))
         except Exception as exc:  # a file that breaks the reader must not stop 752k others
             rows.append(
                 (rel, size, mtime, Reason.READ_ERROR, f"{type(exc).__name__}: {exc}", *([None] * 9), None)
@@ -246,12 +326,16 @@ def scan(
     of `n` files finish (for a progress bar or a log line), `on_total(n)` once the tree is listed.
     """
     root = Path(source)
-    paths = walk(root, exclude)
+    tree = walk(root, exclude)
+    paths = tree.files
     if on_total is not None:
-        on_total(len(paths))
+        on_total(len(paths) + len(tree.odd))
+    odd = _odd_rows(str(root), tree.odd)
+    if on_progress is not None and len(odd):
+        on_progress(len(odd))
     reused = pd.DataFrame()
     if previous is not None and len(previous.table):
-        stats = [_stat(root / p) for p in paths]
+        stats = [_stat(root / fs_path(p)) for p in paths]
         now = pd.DataFrame(
             {
                 "path": paths,
@@ -296,13 +380,32 @@ def scan(
             parts = [t for t in done if t is not None]
     # In batch order the scanned rows are already sorted by path (`walk` sorts); the sort below only
     # has work to do where rows of the previous manifest were reused.
-    tables = [t for t in (reused, *parts) if len(t)]
+    tables = [t for t in (reused, *parts, odd) if len(t)]
     table = pd.concat(tables, ignore_index=True) if tables else empty_table()
     if "patient_id" not in table.columns:
         table["patient_id"] = None
     if not table["path"].is_monotonic_increasing:
         table = table.sort_values("path", kind="stable").reset_index(drop=True)
     return Manifest(root, table)
+
+
+def _odd_rows(root: str, odd: list[tuple[str, Reason, str]]) -> pd.DataFrame:
+    """The manifest rows of the entries `walk` could not list as regular files.
+
+    Size and modification time are the entry's own (`lstat`), where it has any: a re-scan then finds
+    it unchanged and does not report it again.
+    """
+    rows = []
+    for rel, reason, detail in odd:
+        size: int | None
+        mtime: int | None
+        try:
+            st = os.lstat(os.path.join(root, fs_path(rel)))
+            size, mtime = st.st_size, st.st_mtime_ns
+        except OSError:
+            size = mtime = None
+        rows.append((rel, size, mtime, str(reason), detail, *([None] * 9), None))
+    return table_from_records(rows)
 
 
 def _stat(p: Path) -> tuple[int, int] | None:
@@ -313,4 +416,13 @@ def _stat(p: Path) -> tuple[int, int] | None:
     return st.st_size, st.st_mtime_ns
 
 
-__all__ = ["COLUMNS", "Manifest", "scan", "scan_files", "table_from_records", "walk"]
+__all__ = [
+    "COLUMNS",
+    "Manifest",
+    "SourceTree",
+    "path_reason",
+    "scan",
+    "scan_files",
+    "table_from_records",
+    "walk",
+]
