@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, Literal, cast
 from uuid import UUID
 
 from prefect import flow, get_run_logger, task
@@ -26,7 +27,7 @@ from prefect.artifacts import (
 )
 from prefect.cache_policies import NO_CACHE
 
-from ichdata.cluster import dask_client
+from ichdata.cluster import cluster_client
 from ichdata.convert import ConvertConfig, ConvertResult
 from ichdata.errors import UserError
 from ichdata.finalize import ConvertSummary
@@ -50,8 +51,10 @@ _CONVERT_S_PER_SLICE = 2.0  # per worker thread: ~100× what reading and renderi
 _VERIFY_S_PER_SLICE = 0.5  # per worker thread: re-reading a stored slice is far cheaper still
 #: Rows of the quarantine table artifact; the full list is `ich quarantine STORE` / STORE.quarantine.csv.
 QUARANTINE_ROWS_SHOWN = 1000
-_PROGRESS_EVERY_S = 1.0  # at most one progress-artifact update a second (an API call each)
-_SCAN_LOG_EVERY_S = 5.0
+# The progress artifact is an API call per update; the run's log is read by people, so a summary
+# line now and then, never one per shard or per file.
+_PROGRESS_EVERY_S = 3.0
+_LOG_EVERY_S = 30.0
 
 
 class StoreInvalid(RuntimeError):
@@ -63,8 +66,11 @@ class StoreInvalid(RuntimeError):
 
 
 def _is_transient(task: Task[Any, Any], task_run: TaskRun, state: State[Any]) -> bool:
-    """Retry only what a second try can fix: an I/O error (file system, network, a lost Dask worker
-    connection) anywhere in the exception's chain, but not a task timeout."""
+    """Retry only what a second try can fix.
+
+    An I/O error (file system, network, a lost Dask worker connection) anywhere in the exception's
+    chain, but not a task timeout.
+    """
     from prefect.task_engine import TaskRunTimeoutError
 
     exc: BaseException | None = state.data if isinstance(state.data, BaseException) else None
@@ -96,8 +102,10 @@ def _slug(text: str) -> str:
 
 
 def _path(name: str, value: str, expected: str) -> Path:
-    """A path parameter; an empty one (an unset `{{ $VAR }}` in prefect.yaml) would mean the current
-    directory, so it is refused."""
+    """A path parameter; an empty one is refused.
+
+    An unset `{{ $VAR }}` in prefect.yaml gives an empty value, which would mean the current directory.
+    """
     if not value.strip():
         raise UserError(f"parameter {name} is empty; expected {expected}")
     return Path(value).expanduser()
@@ -113,9 +121,12 @@ def _scaled_timeout(n_slices: int, s_per_slice: float, client: Any) -> float:
 
 @task(name="scan", timeout_seconds=_SCAN_TIMEOUT_S, **_IO_RETRIES)
 def scan_task(config: ConvertConfig, client: Any) -> Manifest:
-    """`ichdata.convert.scan_source`: check the inputs (a store made from another plan fails here, before
-    any file is read), then scan `config.source`, incrementally against the manifest kept beside the store.
-    Logs the progress every few seconds and a summary at the end."""
+    """`ichdata.convert.scan_source`: check the inputs, then scan `config.source`.
+
+    A store made from another plan fails here, before any file is read; the scan is incremental
+    against the manifest kept beside the store. Logs the progress every `_LOG_EVERY_S` at most and a
+    summary at the end.
+    """
     from ichdata.convert import scan_source
 
     logger = get_run_logger()
@@ -128,7 +139,7 @@ def scan_task(config: ConvertConfig, client: Any) -> Manifest:
     def on_progress(n: int) -> None:
         counted["files"] += n
         now = time.monotonic()
-        if now - counted["logged"] >= _SCAN_LOG_EVERY_S:
+        if now - counted["logged"] >= _LOG_EVERY_S:
             counted["logged"] = now
             logger.info("scanned %s of %s files", f"{counted['files']:,}", f"{counted['total']:,}")
 
@@ -146,8 +157,10 @@ def scan_task(config: ConvertConfig, client: Any) -> Manifest:
 
 @task(name="plan", timeout_seconds=_PLAN_TIMEOUT_S, **_IO_RETRIES)
 def plan_task(config: ConvertConfig, manifest: Manifest) -> Plan:
-    """`ichdata.convert.plan_conversion`: the labels, the store order and the shards; appends to an
-    existing store."""
+    """`ichdata.convert.plan_conversion`: the labels, the store order and the shards.
+
+    Appends to an existing store.
+    """
     from ichdata.convert import plan_conversion
 
     p = plan_conversion(config, manifest)
@@ -165,16 +178,22 @@ def plan_task(config: ConvertConfig, manifest: Manifest) -> Plan:
 
 
 class _ShardProgress:
-    """`on_shard_done` of the convert task: one log line per shard and a throttled progress artifact."""
+    """`on_shard_done` of the convert task: a throttled progress artifact and a summary line now and then.
 
-    def __init__(self, p: Plan, logger: Any) -> None:
+    The artifact advances at most every `_PROGRESS_EVERY_S`, the log gets a line at most every
+    `_LOG_EVERY_S`; `clock` is `time.monotonic` but for tests.
+    """
+
+    def __init__(self, p: Plan, logger: Any, clock: Callable[[], float] = time.monotonic) -> None:
         self.logger = logger
+        self.clock = clock
         self.total = max(1, p.n_new)
         self.n_shards = p.n_shards
         self.rows = 0
         self.shards = 0
-        self.t0 = time.perf_counter()
-        self.last_update = 0.0
+        self.t0 = clock()
+        self.last_update = self.t0
+        self.last_log = self.t0
         # `create_progress_artifact` is sync here (async only when called from a coroutine).
         self.artifact_id = cast(
             UUID,
@@ -188,20 +207,22 @@ class _ShardProgress:
     def __call__(self, done: ShardDone) -> None:
         self.shards += 1
         self.rows += done.n_rows
-        rate = self.rows / max(1e-9, time.perf_counter() - self.t0)
-        self.logger.info(
-            "shard %d done: %d slices in %.1f s (%d shards this run, %s slices, %.0f slices/s)",
-            done.index,
-            done.n_rows,
-            done.elapsed_s,
-            self.shards,
-            f"{self.rows:,}",
-            rate,
-        )
-        now = time.monotonic()
+        now = self.clock()
         if now - self.last_update >= _PROGRESS_EVERY_S:
             self.last_update = now
             update_progress_artifact(self.artifact_id, min(99.0, 100.0 * self.rows / self.total))
+        if now - self.last_log >= _LOG_EVERY_S:
+            self.last_log = now
+            rate = self.rows / max(1e-9, now - self.t0)
+            left = (self.total - self.rows) / rate if rate > 0 else float("nan")
+            self.logger.info(
+                "converted %s of %s slices (%d shards this run), %.0f slices/s, about %.0f s left",
+                f"{self.rows:,}",
+                f"{self.total:,}",
+                self.shards,
+                rate,
+                left,
+            )
 
     def finish(self) -> None:
         update_progress_artifact(self.artifact_id, 100.0)
@@ -244,8 +265,10 @@ def finalize_task(result: ConvertResult, config: ConvertConfig, started: float) 
 
 @task(name="verify", **_IO_RETRIES)
 def verify_task(store: str, client: Any) -> VerifyReport:
-    """`ichdata.verify.verify_store`: re-read every shard against its checksum and account for every
-    input file; raises `StoreInvalid` (with the report) when anything is wrong."""
+    """`ichdata.verify.verify_store`: re-read every shard and account for every input file.
+
+    Raises `StoreInvalid` (with the report) when anything is wrong.
+    """
     from ichdata.verify import verify_store
 
     report = verify_store(store, client=client)
@@ -310,8 +333,10 @@ def report_task(
     verified: VerifyReport | None,
     verify_error: str | None = None,
 ) -> str:
-    """Prefect artifacts of the run: the Markdown summary and the table of files set aside by this run
-    (the first `QUARANTINE_ROWS_SHOWN`; the store keeps them all). Returns the Markdown."""
+    """Prefect artifacts of the run: the Markdown summary and the table of files set aside by this run.
+
+    The table shows the first `QUARANTINE_ROWS_SHOWN` (the store keeps them all). Returns the Markdown.
+    """
     slug = _slug(str(summary.store))
     markdown = summary_markdown(summary, config, verified, verify_error)
     create_markdown_artifact(markdown, key=f"ingest-summary-{slug}", description=str(summary))
@@ -348,6 +373,12 @@ def ingest(
     shard_size: int | None = None,
     overwrite: bool = False,
     verify: bool = True,
+    cluster: Literal["local", "slurm"] = "local",
+    jobs: int | None = None,
+    queue: str | None = None,
+    cores: int | None = None,
+    memory: str | None = None,
+    walltime: str | None = None,
 ) -> ConvertSummary:
     """Convert (or append) the DICOM folder `source` into the Zarr store `store`.
 
@@ -364,6 +395,12 @@ def ingest(
         shard_size: Slices per shard file (default: the store's, else `ichdata.store.DEFAULT_SHARD_SIZE`).
         overwrite: Replace a store made from another plan (another source or shard size).
         verify: Re-read the whole store after the run (turn off for frequent runs on a large store).
+        cluster: Where the Dask workers run: `local` (this machine) or `slurm` (SLURM jobs).
+        jobs: SLURM jobs to keep running, one worker per core each (default 1; `cluster="slurm"`).
+        queue: SLURM partition of the worker jobs (default: the site's `jobqueue.slurm.queue`).
+        cores: Cores per SLURM job (default: the site's `jobqueue.slurm.cores`).
+        memory: Memory per SLURM job, e.g. `16GB` (default: the site's `jobqueue.slurm.memory`).
+        walltime: Time limit per SLURM job, e.g. `04:00:00`; a job is replaced before it ends.
     """
     started = time.perf_counter()
     config = ConvertConfig(
@@ -375,11 +412,17 @@ def ingest(
         scheduler_file=Path(scheduler_file) if scheduler_file else None,
         shard_size=shard_size,
         overwrite=overwrite,
+        cluster=cluster,
+        jobs=jobs,
+        queue=queue,
+        cores=cores,
+        memory=memory,
+        walltime=walltime,
     )
     stages: dict[str, float] = {}
     verified: VerifyReport | None = None
     verify_error: str | None = None
-    with dask_client(workers, scheduler, scheduler_file) as client:
+    with cluster_client(config) as client:
         t = time.perf_counter()
         manifest = scan_task(config, client)
         stages["scan"] = time.perf_counter() - t

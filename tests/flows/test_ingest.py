@@ -6,6 +6,7 @@ stores are checked against the slices rendered straight from the DICOM files and
 
 from __future__ import annotations
 
+import itertools
 import re
 import shutil
 import threading
@@ -355,3 +356,78 @@ def test_a_store_that_fails_verification_fails_the_run_with_its_report(
     assert "| verify | **FAILED**, see below |" in md
     assert "## Verification problems" in md
     assert "shard 0 (rows 0–7): checksum" in md
+
+
+# ------------------------------------------------------------------------------ progress and logs
+
+
+class _Recorder:
+    """A run logger that keeps the messages it is given (and passes them on to the real one)."""
+
+    def __init__(self, real: Any) -> None:
+        self.real = real
+        self.messages: list[str] = []
+
+    def info(self, msg: str, *args: Any) -> None:
+        self.messages.append(msg % args)
+        self.real.info(msg, *args)
+
+
+def test_the_progress_artifact_and_the_log_are_throttled(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A thousand shards over 100 s: the artifact advances every few seconds, the log every 30 s at most."""
+    from types import SimpleNamespace
+
+    import flows.ingest
+    from ichdata.shards import ShardDone
+
+    updates: list[tuple[float, float]] = []
+    now = [0.0]
+    monkeypatch.setattr(flows.ingest, "create_progress_artifact", lambda *a, **k: "artifact-id")
+    monkeypatch.setattr(flows.ingest, "update_progress_artifact", lambda _id, v: updates.append((now[0], v)))
+    lines: list[str] = []
+    logger = SimpleNamespace(info=lambda msg, *args: lines.append(msg % args))
+    plan = SimpleNamespace(n_new=10_000, n_shards=1000, store=Path("big.zarr"))
+    progress = flows.ingest._ShardProgress(plan, logger, clock=lambda: now[0])  # type: ignore[arg-type]
+    for i in range(1000):
+        now[0] += 0.1
+        progress(ShardDone(index=i, key="k", n_rows=10, elapsed_s=0.1))
+    progress.finish()
+
+    times = [t for t, _ in updates[:-1]]
+    values = [v for _, v in updates]
+    assert 20 <= len(times) <= 100 / flows.ingest._PROGRESS_EVERY_S + 1
+    assert all(b - a >= flows.ingest._PROGRESS_EVERY_S - 1e-9 for a, b in itertools.pairwise(times))
+    assert values == sorted(values)
+    assert values[-1] == 100.0
+    assert 0 < values[len(values) // 2] < 100.0  # it advances during the conversion
+    assert 1 <= len(lines) <= 100 / flows.ingest._LOG_EVERY_S
+    assert all(line.startswith("converted ") and " slices/s" in line for line in lines)
+
+
+def test_a_run_of_many_shards_logs_no_line_per_shard(
+    tmp_path: Path, dask_scheduler: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import flows.ingest
+
+    folder, csv = _archive(tmp_path, studies=2, seed=17)
+    recorders: list[_Recorder] = []
+    real = flows.ingest.get_run_logger
+
+    def recording_logger() -> Any:
+        recorders.append(_Recorder(real()))
+        return recorders[-1]
+
+    monkeypatch.setattr(flows.ingest, "get_run_logger", recording_logger)
+    state = _run(
+        source=str(folder),
+        store=str(tmp_path / "s.zarr"),
+        labels=str(csv),
+        scheduler=dask_scheduler,
+        shard_size=1,
+    )
+    assert state.is_completed(), state.message
+    n_shards = state.result().n_shards_written
+    assert n_shards >= 40
+    messages = [m for r in recorders for m in r.messages]
+    assert not [m for m in messages if m.startswith("shard ")]
+    assert len(messages) <= 10, messages

@@ -231,9 +231,9 @@ def test_serve_and_deployment_run(prefect_server: Session, tmp_path: Path) -> No
     _check_store(store, csv, n_slices)
     artifacts = session.post("/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [runs[0]["id"]]}}})
     assert {a["key"] for a in artifacts} >= {"ingest-summary-rsna-zarr", "ingest-quarantine-rsna-zarr"}
-    # The shard progress is in the run's logs.
+    # The conversion's summary is in the run's logs (no line per shard: `flows.ingest._ShardProgress`).
     logs = session.post("/logs/filter", {"logs": {"flow_run_id": {"any_": [runs[0]["id"]]}}, "limit": 200})
-    assert any(log["message"].startswith("shard 0 done:") for log in logs)
+    assert any(log["message"].startswith("convert: ") for log in logs)
 
     assert _listening_addresses(session.procs) <= {"127.0.0.1"}
     _stop(serve)
