@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 
 from ichdata.atomic import atomic_path, write_bytes_atomic
+from ichdata.csvsafe import safe_table
 from ichdata.errors import UserError
 from ichdata.labels import CLASSES, UNLABELLED
 from ichdata.windows import WINDOWS
@@ -293,7 +294,7 @@ def write_quarantine_csv(store: str | os.PathLike[str], quarantine: pd.DataFrame
     """Export the quarantine table as `STORE.quarantine.csv` and return its path."""
     out = quarantine_csv_path(store)
     with atomic_path(out) as tmp:
-        quarantine.loc[:, list(QUARANTINE_COLUMNS)].to_csv(tmp, index=False)
+        safe_table(quarantine.loc[:, list(QUARANTINE_COLUMNS)]).to_csv(tmp, index=False)
     return out
 
 
