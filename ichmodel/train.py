@@ -124,11 +124,18 @@ def _loaders(config: TrainConfig, store: Store, split: Split, d: Dist, device: t
     val_sampler = StudyBatchSampler(len(val_ds), val_batch, shuffle=False, rank=d.rank, world_size=d.world)
     pin = device.type == "cuda"
     loader = make_loader(train_ds, sampler, workers=config.workers, pin_memory=pin)
+    # A DataLoader draws its workers' base seed when an iterator starts: once per invocation with
+    # persistent workers, so a resumed run would draw from the training RNG where an uninterrupted
+    # one does not. The loaders' own generators keep the training RNG out of it (the workers draw
+    # no random numbers: order and windows come from the sampler).
+    loader.generator = torch.Generator().manual_seed(config.seed * 1000 + d.rank)
     val = (
         make_loader(val_ds, val_sampler, workers=min(config.workers, 2), pin_memory=pin)
         if len(val_ds)
         else None
     )
+    if val is not None:
+        val.generator = torch.Generator().manual_seed(config.seed * 1000 + d.rank)
     return _Loaders(loader, sampler, val)
 
 

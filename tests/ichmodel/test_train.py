@@ -299,3 +299,19 @@ def test_cli_train_and_its_errors(
     b = json.loads((tmp_path / "again" / "split.json").read_text())
     assert a["val_patients"] == b["val_patients"]
     assert open_store(tiny_store.path).n_series == len(a["train_series"]) + len(a["val_series"])
+
+
+def test_resume_with_dataloader_workers_equals_uninterrupted_training(
+    tmp_path: Path, tiny_store: Store
+) -> None:
+    """Persistent workers start once per invocation; a resumed run must not draw differently for it."""
+    kw = {"epochs": 2, "workers": 2, "warmup": 0.3}
+    train(_config(tiny_store, tmp_path / "full", **kw))
+    train(_config(tiny_store, tmp_path / "part", stop_after=1, **kw))
+    train(_config(tiny_store, tmp_path / "part", resume=True, **kw))
+    a = read_checkpoint(tmp_path / "full" / "last.pt")
+    b = read_checkpoint(tmp_path / "part" / "last.pt")
+    assert (a["epoch"], a["step"]) == (b["epoch"], b["step"]) == (2, 2 * 3)
+    for k, v in a["state_dict"].items():
+        assert torch.equal(v, b["state_dict"][k]), k
+    assert a["val_loss"] == b["val_loss"]
