@@ -431,3 +431,39 @@ def test_a_run_of_many_shards_logs_no_line_per_shard(
     messages = [m for r in recorders for m in r.messages]
     assert not [m for m in messages if m.startswith("shard ")]
     assert len(messages) <= 10, messages
+
+
+# --------------------------------------------------------------------------------------------- SLURM
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_ingest_on_slurm_jobs(slurm: object, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`cluster="slurm"`: the flow's workers are SLURM jobs (site settings as in `test_slurm.py`'s `site`).
+
+    The store holds every slice and passes the flow's verification; no job is left afterwards.
+    """
+    import subprocess
+
+    import dask
+
+    folder, csv = _archive(tmp_path, studies=2, seed=18)
+    monkeypatch.chdir(tmp_path)
+    settings = {
+        "jobqueue.slurm.interface": "lo",
+        "jobqueue.slurm.shared-temp-directory": str(tmp_path),
+        "jobqueue.slurm.log-directory": str(tmp_path / "logs"),
+        "jobqueue.slurm.death-timeout": 30,
+    }
+    store = tmp_path / "slurm.zarr"
+    with dask.config.set(settings):
+        state = _run(
+            source=str(folder), store=str(store), labels=str(csv), shard_size=8,
+            cluster="slurm", jobs=2, cores=1, memory="1GB", walltime="00:10:00",
+        )  # fmt: skip
+    assert state.is_completed(), state.message
+    assert state.result().n_slices == len(list(folder.glob("*.dcm")))
+    assert "| verify | OK:" in _artifacts(state.state_details.flow_run_id)["ingest-summary-slurm-zarr"].data
+    squeue = subprocess.run(["squeue", "--noheader"], capture_output=True, text=True, check=True).stdout
+    assert squeue.strip() == ""
+    assert list(tmp_path.glob(".ich-dask-tls-*")) == []
