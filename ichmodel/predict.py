@@ -200,6 +200,32 @@ def _check_threshold(threshold: float) -> None:
         raise UserError(f"--threshold {threshold}: expected a probability within [0, 1]")
 
 
+def _check_store_target(store: Path, source: Path) -> None:
+    """Refuse a `--store` path holding anything but a store predict converted from `source`.
+
+    Predict's conversion replaces what is at `store`; that may only be its own earlier result for
+    the same input: a finished store without labels whose provenance names `source`.
+    """
+    from ichdata.store import open_store
+
+    if not store.exists() and not store.is_symlink():
+        return
+    refuse = f"ich predict --store {store}: {{}}; predict replaces only a store it converted from {source}"
+    if not store.is_dir():
+        raise UserError(refuse.format("a file is there"))
+    if not any(store.iterdir()):
+        return  # an empty folder: nothing to lose
+    try:
+        prov = dict(open_store(store).attrs.get("provenance") or {})
+    except UserError:
+        raise UserError(refuse.format("holds something that is not a finished ich store")) from None
+    made_from = prov.get("source")
+    if made_from is None or Path(made_from).resolve() != source.resolve() or prov.get("labels") is not None:
+        labelled = "a labelled store" if prov.get("labels") is not None else "a store"
+        origin = f"converted from {made_from}" if made_from else "not converted from a DICOM folder"
+        raise UserError(refuse.format(f"holds {labelled} {origin}"))
+
+
 def _convert(source: Path, store: Path, workers: int | None, progress: bool) -> None:
     """Convert `source` into `store` with the conversion `ich convert` runs (no labels)."""
     from ichdata.convert import ConvertConfig, convert
@@ -230,6 +256,8 @@ def predict_folder(
     from ichmodel.evaluate import _device
     from ichmodel.models import load_model
 
+    if store is not None:
+        _check_store_target(Path(store), src)
     # the checkpoint is read and checked before any conversion work
     loaded = load_model(Path(checkpoint), device=_device(device))
     with tempfile.TemporaryDirectory(prefix="ich-predict-") as tmp:

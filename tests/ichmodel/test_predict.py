@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from flows.cli import main
-from ichdata.store import open_store
+from ichdata.store import Store, open_store
 from ichdata.testing import stored_from_hu, write_ct_slice
 from ichmodel.checkpoint import save_checkpoint
 from ichmodel.models import create_model, load_model, predict_study
@@ -209,3 +209,35 @@ def test_submission_and_summary_from_arrays() -> None:
     assert s["last_slice_any"].iloc[0] == 2
     assert pd.isna(s["first_slice_any"].iloc[1])
     assert s["top_slices"].iloc[0] == "ID_1:0.700;ID_2:0.600;ID_0:0.100"
+
+
+def test_store_option_never_replaces_what_predict_did_not_make(
+    predicted: tuple[Path, Path, Path, dict[str, list[str]]],
+    tmp_path: Path,
+    tiny_store: Store,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    ckpt, out, store, _ = predicted
+    src = store.parent / "new"
+    base = ["predict", str(ckpt), str(src), "--out", str(tmp_path / "p.csv"), "--workers", "1", "--quiet"]
+
+    # a labelled training store is refused and left as it was
+    labels = tiny_store.labels[:].copy()
+    assert main([*base, "--store", str(tiny_store.path)]) == 2
+    err = capsys.readouterr().err
+    assert str(tiny_store.path) in err
+    assert len(err.strip().splitlines()) == 1
+    kept = open_store(tiny_store.path)
+    assert kept.n_slices == tiny_store.n_slices
+    np.testing.assert_array_equal(kept.labels[:], labels)
+
+    # a plain file too
+    notes = tmp_path / "notes.txt"
+    notes.write_text("keep me\n")
+    assert main([*base, "--store", str(notes)]) == 2
+    assert str(notes) in capsys.readouterr().err
+    assert notes.read_text() == "keep me\n"
+
+    # a store predict converted from this same folder is replaced
+    assert main([*base, "--store", str(store)]) == 0
+    assert open_store(store).n_slices == 9
