@@ -217,7 +217,7 @@ def test_store_option_never_replaces_what_predict_did_not_make(
     tiny_store: Store,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    ckpt, out, store, _ = predicted
+    ckpt, _, store, _ = predicted
     src = store.parent / "new"
     base = ["predict", str(ckpt), str(src), "--out", str(tmp_path / "p.csv"), "--workers", "1", "--quiet"]
 
