@@ -3,8 +3,8 @@
 `plan(manifest, store, labels=...)` turns a scan into a `Plan`: the store order (series contiguous and
 in slice order, `ichdata.order.slice_order`), the shards and their keys (a hash of the plan settings
 and of each row's path, size, modification time and image id: a shard's done-marker), the set-aside
-files with their `ichdata.reasons.Reason`, the labels (255 where the CSV has no row) and each series'
-pseudonymous patient key. On a store an earlier run of the same plan made (`ichdata.resume`), the
+files and the reports on stored files with their `ichdata.reasons.Reason` (`ichdata.setaside`), the
+labels (255 where the CSV has no row) and each series' pseudonymous patient key. On a store an earlier run of the same plan made (`ichdata.resume`), the
 plan starts from the manifest kept beside it: committed rows stay where they are, new series are
 appended, and files set aside before are not reported again. The README's store section says what
 users see of it.
@@ -27,9 +27,17 @@ import pandas as pd
 
 from ichdata.errors import UserError
 from ichdata.paths import fs_path
-from ichdata.reasons import Reason
+from ichdata.reasons import KEPT_REASONS, Reason
 from ichdata.resume import load_salt, plan_config, previous_run, resolve_shard_size
 from ichdata.scan import Manifest
+from ichdata.setaside import (
+    changed_since_conversion,
+    duplicate_positions,
+    duplicates,
+    header_and_pixel_failures,
+    late_slices,
+    set_aside,
+)
 from ichdata.store import CLASSES, IMAGE_SIZE, QUARANTINE_COLUMNS, UNLABELLED, manifest_path
 
 _RSNA_PATIENT = re.compile(r"^ID_[0-9a-fA-F]+$")
@@ -43,8 +51,9 @@ class Plan:
 
     `rows` has one row per store row in store order (columns path, size, mtime_ns, image_id,
     slice_position, existing); `series` one row per series (study_uid, series_uid, patient_key,
-    n_slices); `quarantine` every set-aside file (path, reason, detail, size, mtime_ns, new), `new`
-    marking those set aside by this run. `n_existing` rows are already committed in the store.
+    n_slices); `quarantine` every set-aside file and every report on a stored file
+    (`ichdata.reasons.KEPT_REASONS`) (path, reason, detail, size, mtime_ns, new), `new` marking those
+    this run added. `n_existing` rows are already committed in the store.
     `manifest` is the scan the plan came from (with the carried-over rows of the previous manifest).
     """
 
@@ -162,6 +171,11 @@ class Plan:
         a, b = self.shard_rows(i)
         return self._layouts[a:b]
 
+    @property
+    def n_set_aside(self) -> int:
+        """Files in the quarantine that are not rows of `images` (the rest are reports: `KEPT_REASONS`)."""
+        return int((~self.quarantine["reason"].isin(KEPT_REASONS)).sum())
+
     def new_quarantine(self) -> pd.DataFrame:
         """Files set aside by this run (not those an earlier run reported)."""
         return self.quarantine.loc[self.quarantine["new"]].reset_index(drop=True)
@@ -199,10 +213,21 @@ class Plan:
                 "new": True,
             }
         )
-        quarantine = _sorted_quarantine(pd.concat([self.quarantine, added], ignore_index=True))
+        rows = self.rows.loc[keep].reset_index(drop=True)
+        # Reports on stored files: none for a dropped file, and the same-position ones found again.
+        q = self.quarantine
+        q = q.loc[
+            ~(
+                q["reason"].isin(KEPT_REASONS)
+                & (q["path"].isin(drop) | (q["reason"] == Reason.DUPLICATE_POSITION))
+            )
+        ]
+        flags = duplicate_positions(rows, series)
+        parts = [q, added, *([pd.DataFrame(flags, columns=_QUARANTINE)] if flags else [])]
+        quarantine = _sorted_quarantine(pd.concat(parts, ignore_index=True))
         return replace(
             self,
-            rows=self.rows.loc[keep].reset_index(drop=True),
+            rows=rows,
             series=series,
             labels=self.labels[keep],
             quarantine=quarantine,
@@ -230,6 +255,7 @@ class Plan:
         pkey[pos] = self.series["patient_key"].to_numpy(dtype=object)[series_of_row]
         reason = t["reason"].to_numpy(dtype=object).copy()
         detail = t["detail"].to_numpy(dtype=object).copy()
+        reason[pos] = detail[pos] = ""  # a stored file's reason is a report of this run's, if any
         qpos = where.get_indexer(self.quarantine["path"])
         ok = qpos >= 0
         reason[qpos[ok]] = self.quarantine["reason"].to_numpy(dtype=object)[ok]
@@ -284,6 +310,7 @@ def plan(
     shard_size = resolve_shard_size(store, shard_size, overwrite)
     config = plan_config(manifest.source, shard_size, image_size)
     attrs, prev = previous_run(store, config, overwrite)
+    scanned = manifest.table
     manifest, in_store, old_q, fresh = _carry_over(manifest, prev)
     n_existing = len(in_store)
     if n_existing and not np.array_equal(in_store["row"].to_numpy(dtype=np.int64), np.arange(n_existing)):
@@ -294,12 +321,15 @@ def plan(
         store,
         must_exist=n_existing > 0 and any(not _RSNA_PATIENT.match(str(k)) for k in in_store["patient_key"]),
     )
-    q_rows, cand = _header_and_pixel_failures(fresh, (attrs or {}).get("pixel_failures", []))
-    for reason, find in ((Reason.DUPLICATE, _duplicates), (Reason.SERIES_IN_STORE, _late_slices)):
-        detail = find(cand, in_store)
-        q_rows += _set_aside(cand, detail, reason)
-        cand = cand.loc[detail.isna().to_numpy()]
+    q_rows, cand = header_and_pixel_failures(fresh, (attrs or {}).get("pixel_failures", []))
+    detail, reason = duplicates(cand, in_store, str(manifest.source))
+    q_rows += set_aside(cand, detail, reason)
+    cand = cand.loc[detail.isna().to_numpy()]
+    detail = late_slices(cand, in_store)
+    q_rows += set_aside(cand, detail, pd.Series(Reason.SERIES_IN_STORE, index=cand.index))
+    cand = cand.loc[detail.isna().to_numpy()]
     rows, series = _store_order(in_store, cand, salt)
+    q_rows += changed_since_conversion(in_store, scanned) + duplicate_positions(rows, series)
     frames = [old_q.assign(new=False)[_QUARANTINE]] if len(old_q) else []
     if q_rows:
         frames.append(pd.DataFrame(q_rows, columns=_QUARANTINE))
@@ -347,91 +377,6 @@ def _carry_over(
     )
     merged = Manifest(manifest.source, pd.concat([carried, fresh], ignore_index=True).sort_values("path"))
     return merged, in_store, old_q, fresh
-
-
-def _quarantine_row(path: str, reason: str, detail: str, size: Any, mtime_ns: Any) -> dict[str, Any]:
-    return {"path": path, "reason": reason, "detail": detail, "size": size, "mtime_ns": mtime_ns, "new": True}
-
-
-def _header_and_pixel_failures(
-    fresh: pd.DataFrame, pixel_failures: list[dict[str, Any]]
-) -> tuple[list[dict[str, Any]], pd.DataFrame]:
-    """The files set aside at header time, and those an unfinished run found undecodable.
-
-    Returns their quarantine rows and the remaining candidate slices, sorted by path. A file that
-    failed at pixel time is set aside again only while its size and modification time are unchanged.
-    """
-    bad = fresh.loc[fresh["reason"] != ""]
-    q_rows = [
-        _quarantine_row(p, r, d, s, m)
-        for p, r, d, s, m in zip(
-            bad["path"], bad["reason"], bad["detail"], bad["size"], bad["mtime_ns"], strict=True
-        )
-    ]
-    cand = fresh.loc[fresh["reason"] == ""]
-    failed = {f["path"]: f for f in pixel_failures}
-    if failed:
-        hit = cand.apply(
-            lambda r: (
-                r["path"] in failed
-                and failed[r["path"]]["size"] == r["size"]
-                and failed[r["path"]]["mtime_ns"] == r["mtime_ns"]
-            ),
-            axis=1,
-        ).astype(bool)
-        for p, s, m in zip(
-            cand.loc[hit, "path"], cand.loc[hit, "size"], cand.loc[hit, "mtime_ns"], strict=True
-        ):
-            q_rows.append(_quarantine_row(p, failed[p]["reason"], failed[p]["detail"], s, m))
-        cand = cand.loc[~hit]
-    return q_rows, cand.sort_values("path", kind="stable")
-
-
-def _duplicates(cand: pd.DataFrame, in_store: pd.DataFrame) -> pd.Series:
-    """For each candidate.
-
-    The detail of its `duplicate` reason (an image id already in the store, or seen earlier by path in this
-    scan), else null.
-    """
-    kept = pd.concat(
-        [in_store[["image_id", "path"]], cand[["image_id", "path"]].drop_duplicates("image_id")]
-    ).drop_duplicates("image_id")
-    kept_path = pd.Series(kept["path"].to_numpy(), index=kept["image_id"].to_numpy())
-    is_dup = (
-        cand["image_id"].isin(in_store["image_id"]) | cand["image_id"].duplicated(keep="first")
-    ).to_numpy()
-    detail = pd.Series([None] * len(cand), index=cand.index, dtype=object)
-    for k, iid in zip(np.flatnonzero(is_dup), cand["image_id"].to_numpy()[is_dup], strict=True):
-        detail.iloc[k] = f"image id {iid} is already stored from {kept_path[iid]}"
-    return detail
-
-
-def _late_slices(cand: pd.DataFrame, in_store: pd.DataFrame) -> pd.Series:
-    """For each candidate.
-
-    The detail of its `series_in_store` reason (a new file of a series the store already holds: series stay
-    contiguous, so it is reported, not spliced in), else null.
-    """
-    detail = pd.Series([None] * len(cand), index=cand.index, dtype=object)
-    stored_series = set(zip(in_store["study_uid"], in_store["series_uid"], strict=True))
-    if not stored_series:
-        return detail
-    for k, (study, suid) in enumerate(zip(cand["study_uid"], cand["series_uid"], strict=True)):
-        if (study, suid) in stored_series:
-            detail.iloc[k] = (
-                f"series {suid} is already in the store; pass --overwrite to re-convert it with this slice"
-            )
-    return detail
-
-
-def _set_aside(cand: pd.DataFrame, detail: pd.Series, reason: Reason) -> list[dict[str, Any]]:
-    """The quarantine rows, with `reason`, of the candidates whose `detail` is not null."""
-    hit = detail.notna().to_numpy()
-    sub = cand.loc[hit]
-    return [
-        _quarantine_row(p, reason, d, s, m)
-        for p, d, s, m in zip(sub["path"], detail[hit], sub["size"], sub["mtime_ns"], strict=True)
-    ]
 
 
 def _store_order(

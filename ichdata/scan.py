@@ -25,7 +25,7 @@ import pandas as pd
 from ichdata.atomic import atomic_path
 from ichdata.errors import UserError
 from ichdata.paths import fs_path, path_text
-from ichdata.reasons import Reason
+from ichdata.reasons import KEPT_REASONS, Reason
 
 if TYPE_CHECKING:
     from distributed import Client
@@ -68,13 +68,15 @@ class Manifest:
 
     @property
     def n_slices(self) -> int:
-        """Files whose header makes them a usable slice."""
-        return int((self.table["reason"] == "").sum())
+        """Files whose header makes them a usable slice (a stored file with a report is one)."""
+        r = self.table["reason"]
+        return int(((r == "") | r.isin(KEPT_REASONS)).sum())
 
     def reasons(self) -> dict[str, int]:
         """Set-aside files by reason (header-time reasons only)."""
         r = self.table["reason"]
-        return {str(k): int(v) for k, v in r[r != ""].value_counts().sort_index().items()}
+        r = r[(r != "") & ~r.isin(KEPT_REASONS)]
+        return {str(k): int(v) for k, v in r.value_counts().sort_index().items()}
 
     def write(self, path: str | os.PathLike[str]) -> Path:
         """Write as Parquet (atomically: a temporary file renamed over `path`), without raw patient ids."""

@@ -20,6 +20,7 @@ import pandas as pd
 
 from ichdata.cluster import oversubscribe_option, scheduler_file_option, scheduler_option, workers_option
 from ichdata.options import option
+from ichdata.reasons import KEPT_REASONS
 from ichdata.store import CLASSES, array, manifest_path, open_store
 
 if TYPE_CHECKING:
@@ -223,9 +224,10 @@ def verify_store(store: str | os.PathLike[str], client: Client | None = None) ->
         acc.extend(f"{p}: in the manifest but neither in images nor in the quarantine" for p in lost)
         unlisted = set(s.source_path) - set(stored["path"])
         acc.extend(f"{p}: in images but not in the manifest" for p in sorted(unlisted))
-        if len(m) != n + len(s.quarantine):
+        set_aside = int((~s.quarantine["reason"].isin(KEPT_REASONS)).sum())  # the rest report stored files
+        if len(m) != n + set_aside:
             acc.append(
-                f"the manifest lists {len(m):,} input files; store + quarantine hold {n + len(s.quarantine):,}"
+                f"the manifest lists {len(m):,} input files; store + quarantine hold {n + set_aside:,}"
             )
         problems.extend(_limited(acc, "files"))
     rep.elapsed_s = time.perf_counter() - t0
