@@ -89,9 +89,10 @@ def _verify(config: Any) -> int:
 
 
 def _quarantine(options: QuarantineOptions) -> int:
+    from ichdata.csvsafe import safe_table
     from ichdata.store import open_store
 
-    q = open_store(options.store, allow_incomplete=True).quarantine
+    q = safe_table(open_store(options.store, allow_incomplete=True).quarantine)
     if options.out is None:
         q.to_csv(sys.stdout, index=False)
     else:
