@@ -28,7 +28,7 @@ CLASSES = ("epidural", "intraparenchymal", "intraventricular", "subarachnoid", "
 def _checkpoint(path: Path, model_name: str = "xception_gru", max_len: int | None = 3) -> Path:
     torch.manual_seed(0)
     kwargs = {"name": model_name, "backbone": "test_efficientnet", "rnn_hidden": 16, "rnn_layers": 1}
-    model = create_model(model_name, **{k: v for k, v in kwargs.items() if k != "name"})
+    model = create_model(model_name, backbone="test_efficientnet", rnn_hidden=16, rnn_layers=1)
     save_checkpoint(
         {
             "model": kwargs,

@@ -9,6 +9,7 @@ import sys
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -21,14 +22,14 @@ from ichmodel.checkpoint import read_checkpoint
 from ichmodel.data import StudyDataset, collate_studies, read_split
 from ichmodel.losses import val_loss_sums, weighted_bce_sums
 from ichmodel.metrics import weighted_log_loss
-from ichmodel.models import load_model, predict_study
+from ichmodel.models import SequenceClassifier, load_model, predict_study
 from ichmodel.train import LOG_COLUMNS, TrainConfig, train
 
 BACKBONE = "test_efficientnet"
 
 
-def _config(store: Store, out: Path, model: str = "xception_gru", **kw: object) -> TrainConfig:
-    base: dict[str, object] = {
+def _config(store: Store, out: Path, model: str = "xception_gru", **kw: Any) -> TrainConfig:
+    base: dict[str, Any] = {
         "backbone": BACKBONE,
         "epochs": 1,
         "batch_size": 2,
@@ -39,7 +40,7 @@ def _config(store: Store, out: Path, model: str = "xception_gru", **kw: object) 
         "device": "cpu",
     }
     base.update(kw)
-    return TrainConfig(store=str(store.path), out=str(out), model=model, **base)  # type: ignore[arg-type]
+    return TrainConfig(store=str(store.path), out=str(out), model=model, **base)
 
 
 @pytest.mark.parametrize("model", ["xception", "xception_lstm", "xception_gru"])
@@ -91,10 +92,11 @@ def test_one_epoch_per_model_and_its_checkpoint(tmp_path: Path, tiny_store: Stor
 def test_stage_wise_gru_on_a_frozen_backbone(tmp_path: Path, tiny_store: Store) -> None:
     cnn = train(_config(tiny_store, tmp_path / "cnn", "xception", batch_size=8))
     cnn_state = read_checkpoint(cnn.best_checkpoint)["state_dict"]
-    gru_cfg = {"rnn_hidden": 8, "rnn_layers": 1, "init_backbone": str(cnn.best_checkpoint)}
+    gru_cfg: dict[str, Any] = {"rnn_hidden": 8, "rnn_layers": 1, "init_backbone": str(cnn.best_checkpoint)}
     split = str(tmp_path / "cnn" / "split.json")
     frozen = train(_config(tiny_store, tmp_path / "gru", freeze_backbone=True, split=split, **gru_cfg))
     net, info = load_model(frozen.best_checkpoint)
+    assert isinstance(net, SequenceClassifier)
     assert (info["model"]["rnn_hidden"], info["model"]["rnn_layers"]) == (8, 1)
     assert (net.rnn.hidden_size, net.rnn.num_layers) == (8, 1)
     # the backbone is the CNN run's, weights and batch-norm statistics alike, after a training epoch
@@ -127,6 +129,7 @@ def test_masked_padding_does_not_leak_into_the_loss(tiny_store: Store) -> None:
     logits = torch.randn(2, 12, 6, generator=g, requires_grad=True)
     total, weight = weighted_bce_sums(logits, batch["labels"], batch["mask"], batch["weight"])
     total.backward()
+    assert logits.grad is not None
     grad = logits.grad.clone()
     assert (grad[0, 3:] == 0).all()  # no gradient reaches padding
     assert weight.item() == (3 + 12) * 7  # 5 subtypes × 1 + any × 2 per slice
@@ -141,6 +144,7 @@ def test_masked_padding_does_not_leak_into_the_loss(tiny_store: Store) -> None:
     total2.backward()
     assert total2.item() == pytest.approx(total.item())
     assert weight2.item() == weight.item()
+    assert garbage.grad is not None
     torch.testing.assert_close(garbage.grad[:, :12][batch["mask"]], grad[batch["mask"]])
 
     # the batch loss is the weighted mean over the real slices of both studies, study by study
@@ -171,7 +175,7 @@ def test_masked_padding_does_not_leak_into_the_loss(tiny_store: Store) -> None:
 
 
 def test_resume_equals_uninterrupted_training(tmp_path: Path, tiny_store: Store) -> None:
-    kw = {"epochs": 3, "window_jitter": True, "warmup": 0.3}
+    kw: dict[str, Any] = {"epochs": 3, "window_jitter": True, "warmup": 0.3}
     full = train(_config(tiny_store, tmp_path / "full", **kw))
     part = train(_config(tiny_store, tmp_path / "part", stop_after=1, **kw))
     assert len(part.history) == 1
@@ -269,6 +273,7 @@ def test_cli_train_and_its_errors(
         3,
     )
     net, _ = load_model(out / "best.pt")
+    assert isinstance(net, SequenceClassifier)
     assert net.rnn.bidirectional
     assert (net.rnn.hidden_size, net.rnn.num_layers) == (16, 2)
     assert main([*args, "--model", "xception_lstm"]) == 2
@@ -305,7 +310,7 @@ def test_resume_with_dataloader_workers_equals_uninterrupted_training(
     tmp_path: Path, tiny_store: Store
 ) -> None:
     """Persistent workers start once per invocation; a resumed run must not draw differently for it."""
-    kw = {"epochs": 2, "workers": 2, "warmup": 0.3}
+    kw: dict[str, Any] = {"epochs": 2, "workers": 2, "warmup": 0.3}
     train(_config(tiny_store, tmp_path / "full", **kw))
     train(_config(tiny_store, tmp_path / "part", stop_after=1, **kw))
     train(_config(tiny_store, tmp_path / "part", resume=True, **kw))
