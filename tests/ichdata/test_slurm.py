@@ -430,3 +430,33 @@ def test_a_worker_job_cancelled_mid_run_still_gives_the_identical_store(
     assert outcome == [None], outcome
     _assert_same_arrays(store, local)
     _assert_nothing_left(site)
+
+
+def test_shards_whose_workers_all_died_are_one_line_saying_how_to_resume(tmp_path: Path) -> None:
+    from distributed import KilledWorker
+
+    from ichdata.convert import _shard_failed
+    from ichdata.plan import plan
+    from ichdata.scan import scan
+
+    source, _ = _archive(tmp_path, studies=1, seed=23)
+    p = plan(scan(source), tmp_path / "s.zarr", shard_size=4)
+    error = _shard_failed(p, [0, 1], KilledWorker("ich-shard-0", "tls://127.0.0.1:1", 3))
+    assert isinstance(error, UserError)
+    message = str(error)
+    assert "\n" not in message
+    assert message.startswith(f"{tmp_path / 's.zarr'}: a task of 2 shards, 0–1 (rows 0–7, 8 slices: ID_")
+    assert "every worker that ran it died" in message
+    assert message.endswith("re-run the same command to resume")
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_a_worker_job_slurm_refuses_is_one_line_before_any_work(site: Path) -> None:
+    refused = r"^--cluster slurm: SLURM refuses the worker job: .*[Pp]artition"
+    with (
+        pytest.raises(UserError, match=refused),
+        slurm_cluster(1, queue="no-such-partition", cores=1, memory="1GB"),
+    ):
+        pass
+    _assert_nothing_left(site)
