@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +28,14 @@ from ichdata.store import open_store
 from ichmodel.augment import AugmentConfig
 from ichmodel.checkpoint import read_checkpoint, save_checkpoint
 from ichmodel.config import TrainConfig
-from ichmodel.data import SliceDataset, Split, StudyBatchSampler, StudyDataset, make_loader
+from ichmodel.data import (
+    SliceDataset,
+    Split,
+    StudyBatchSampler,
+    StudyDataset,
+    check_trainable,
+    make_loader,
+)
 from ichmodel.loop import EpochStats, Training, Window, train_epoch, validate
 from ichmodel.models import SequenceClassifier, SliceClassifier, create_model
 from ichmodel.rundir import (
@@ -271,6 +279,9 @@ def _train(config: TrainConfig, device: torch.device, d: Dist, t_start: float) -
 
     store = open_store(config.store)
     split = resolve_split(config, store, run, d.main)
+    for warning in check_trainable(store, split):
+        if d.main:
+            print(f"ich train: {warning}", file=sys.stderr)
     if d.main:
         write_config(run, config, d.world, str(device))
     loaders = _loaders(config, store, split, d, device)

@@ -320,3 +320,32 @@ def test_resume_with_dataloader_workers_equals_uninterrupted_training(
     for k, v in a["state_dict"].items():
         assert torch.equal(v, b["state_dict"][k]), k
     assert a["val_loss"] == b["val_loss"]
+
+
+def test_train_refuses_a_store_without_labels_before_any_epoch(
+    tmp_path: Path, store_factory: Callable[..., Store], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Issue 11 item 9: an unlabelled store used to train a full epoch to loss 0.0 / inf and exit 0."""
+    unlabelled = store_factory("unlabelled.zarr", unlabelled_series=range(8))
+    out = tmp_path / "run"
+    argv = ["train", str(unlabelled.path), "--out", str(out), "--backbone", BACKBONE, "--epochs", "1"]
+    assert main([*argv, "--device", "cpu", "--workers", "0", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("ich: error: ")
+    assert "the training split has no labelled slice" in err
+    assert len(err.strip().splitlines()) == 1
+    assert not (out / "best.pt").exists()
+    assert not (out / "last.pt").exists()
+
+
+def test_train_names_the_classes_it_cannot_learn(
+    tmp_path: Path, store_factory: Callable[..., Store], capsys: pytest.CaptureFixture[str]
+) -> None:
+    store = store_factory("no_epidural.zarr")
+    store.labels[:, 0] = 0  # written below: no epidural positive anywhere
+    import zarr
+
+    zarr.open_array(store.path / "labels", mode="r+")[:] = store.labels
+    train(_config(open_store(store.path), tmp_path / "run", "xception", batch_size=8, max_len=4))
+    err = capsys.readouterr().err
+    assert "warning: no positive slice of epidural among the" in err
