@@ -194,6 +194,59 @@ def _encode_shard(block: np.ndarray, shard_size: int, level: int = ZSTD_LEVEL) -
     )
 
 
+def read_shard(images: Array, start: int, stop: int) -> np.ndarray:
+    """Rows `[start, stop)` of `images`, all in the shard that begins at row `start`.
+
+    On a local store with the layout `create_images` makes, decoded straight from the shard file (the
+    inverse of `_encode_shard`: the index's CRC-32C checked, an absent inner chunk or file read as the
+    fill value, as zarr reads them); anywhere else through zarr. Same values as `images[start:stop]`
+    at a fraction of the CPU time (zarr's per-inner-chunk bookkeeping), and a damaged shard raises.
+    """
+    k = int(images.shards[0]) if images.shards is not None else 0
+    if k == 0 or start % k or not 0 <= start <= stop <= min(start + k, images.shape[0]):
+        return np.asarray(images[start:stop])
+    path = _local_shard_path(images, start, min(k, int(images.shape[0]) - start))
+    if path is None or images.dtype != np.uint8 or images.fill_value != 0:
+        return np.asarray(images[start:stop])
+    return _decode_shard(path, stop - start, k, tuple(int(d) for d in images.shape[1:]))
+
+
+def _decode_shard(path: Path, n: int, shard_size: int, chunk_shape: tuple[int, ...]) -> np.ndarray:
+    """The first `n` inner chunks of the shard file at `path` (see `read_shard`)."""
+    import google_crc32c
+    from numcodecs.zstd import Zstd
+
+    out = np.zeros((n, *chunk_shape), dtype=np.uint8)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:  # zarr reads a shard that was never written as the fill value
+        return out
+    index_len = 16 * shard_size + 4
+    if len(data) < index_len:
+        raise ValueError(f"{path}: {len(data):,} bytes, shorter than its own index ({index_len:,})")
+    body = memoryview(data)[: len(data) - index_len]
+    index_bytes = data[len(data) - index_len : -4]
+    if google_crc32c.value(index_bytes) != int.from_bytes(data[-4:], "little"):
+        raise ValueError(f"{path}: the CRC-32C of the shard index does not match")
+    index = np.frombuffer(index_bytes, dtype="<u8").reshape(shard_size, 2)
+    empty = np.iinfo(np.uint64).max
+    zstd = Zstd()
+    size = out[0].nbytes if n else 0
+    for j in range(n):
+        offset, nbytes = int(index[j, 0]), int(index[j, 1])
+        if offset == empty and nbytes == empty:
+            continue
+        if offset + nbytes > len(body):
+            raise ValueError(
+                f"{path}: inner chunk {j} lies past the end of the data ({offset + nbytes:,} bytes)"
+            )
+        chunk = zstd.decode(body[offset : offset + nbytes])
+        if len(chunk) != size:
+            raise ValueError(f"{path}: inner chunk {j} decodes to {len(chunk):,} bytes, {size:,} expected")
+        out[j] = np.frombuffer(chunk, dtype=np.uint8).reshape(chunk_shape)
+    return out
+
+
 def create_shard_done(group: Group, n_shards: int) -> Array:
     """Create (or replace) `conversion/shard_done`: one chunk per shard, so that tasks never share a file."""
     conv = group.require_group("conversion")
@@ -581,6 +634,7 @@ __all__ = [
     "now_utc",
     "open_store",
     "quarantine_csv_path",
+    "read_shard",
     "replaceable",
     "salt_path",
     "shard_checksum",

@@ -9,8 +9,10 @@ row of the manifest beside the store is in `images` or in the quarantine).
 
 from __future__ import annotations
 
+import functools
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -18,10 +20,16 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
-from ichdata.cluster import oversubscribe_option, scheduler_file_option, scheduler_option, workers_option
+from ichdata.cluster import (
+    oversubscribe_option,
+    scheduler_file_option,
+    scheduler_option,
+    usable_cpus,
+    workers_option,
+)
 from ichdata.options import option
 from ichdata.reasons import KEPT_REASONS
-from ichdata.store import CLASSES, array, manifest_path, open_store
+from ichdata.store import CLASSES, array, manifest_path, open_store, read_shard, shard_checksum
 
 if TYPE_CHECKING:
     from distributed import Client
@@ -38,7 +46,7 @@ class VerifyConfig:
     store: Path = option(help="the store to re-read (e.g. rsna.zarr)", metavar="STORE", positional=True)
     workers: int | None = workers_option()
     scheduler: str | None = scheduler_option()
-    scheduler_file: Path | None = scheduler_file_option()  # noqa: RUF009 (returns an option(); see ichdata.cluster)
+    scheduler_file: Path | None = scheduler_file_option()
     oversubscribe: bool = oversubscribe_option()
 
 
@@ -73,16 +81,33 @@ def _shard_checksums(store: str, ranges: list[tuple[int, int, int]]) -> list[tup
     """Re-read shards (index, start, stop) and return their checksums ("error: …" when unreadable)."""
     import zarr
 
-    from ichdata.store import shard_checksum
-
     images = zarr.open_array(os.path.join(store, "images"), mode="r")
     out = []
     for i, a, b in ranges:
         try:
-            out.append((i, shard_checksum(np.asarray(images[a:b]))))
+            out.append((i, shard_checksum(read_shard(images, a, b))))
         except Exception as exc:
             out.append((i, f"error: {type(exc).__name__}: {exc}"))
     return out
+
+
+def _all_checksums(
+    store: str, ranges: list[tuple[int, int, int]], client: Client | None
+) -> list[tuple[int, str]]:
+    """`_shard_checksums` of every range: on `client`'s cluster, else on a thread per usable core.
+
+    Threads are enough in one process: reading, zstd and CRC-32 release the GIL.
+    """
+    n_parts = 8 * (len(client.nthreads()) if client is not None else usable_cpus())
+    per = max(1, -(-len(ranges) // n_parts))
+    parts = [ranges[k : k + per] for k in range(0, len(ranges), per)]
+    if client is not None:
+        futs = client.map(_shard_checksums, [store] * len(parts), parts)
+        return [x for part in client.gather(futs) for x in part]
+    if len(parts) <= 1:
+        return _shard_checksums(store, ranges)
+    with ThreadPoolExecutor(max_workers=usable_cpus(), thread_name_prefix="ich-verify") as pool:
+        return [x for part in pool.map(functools.partial(_shard_checksums, store), parts) for x in part]
 
 
 def _limited(lines: list[str], what: str) -> list[str]:
@@ -171,16 +196,7 @@ def verify_store(store: str | os.PathLike[str], client: Client | None = None) ->
     n_shards = -(-min(n, n_images) // shard)
     rep.n_shards = n_shards
     ranges = [(i, i * shard, min((i + 1) * shard, n, n_images)) for i in range(n_shards)]
-    if client is None:
-        sums = _shard_checksums(str(path), ranges)
-    else:
-        per = max(1, len(ranges) // (8 * max(1, len(client.nthreads()))))
-        futs = client.map(
-            _shard_checksums,
-            [str(path)] * -(-len(ranges) // per),
-            [ranges[k : k + per] for k in range(0, len(ranges), per)],
-        )
-        sums = [x for part in client.gather(futs) for x in part]
+    sums = _all_checksums(str(path), ranges, client)
     pix: list[str] = []
     for i, got in sums:
         want = markers[i].split(":", 1)[1] if i < len(markers) and ":" in markers[i] else None

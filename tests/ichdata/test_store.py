@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ichdata.errors import UserError
-from ichdata.store import CLASSES, FORMAT_VERSION, open_store, write_store_from_arrays
+from ichdata.store import CLASSES, FORMAT_VERSION, open_store, read_shard, write_store_from_arrays
 
 
 def _series(n: int) -> pd.DataFrame:
@@ -148,3 +148,58 @@ def test_shards_written_by_hand_are_byte_identical_to_zarrs(tmp_path) -> None:
     write_images(mine, 4, block[:2])
     assert np.array_equal(mine[4:6], block[:2])
     assert np.array_equal(mine[6:8], block[6:8])
+
+
+@settings(max_examples=10, deadline=None)
+@given(n=st.integers(1, 20), shard_size=st.integers(1, 7), seed=st.integers(0, 2**16))
+def test_read_shard_reads_what_zarr_reads(tmp_path_factory, n, shard_size, seed) -> None:
+    """Every shard, whole or the last partial one, and any leading part of it, read from its file."""
+    path = tmp_path_factory.mktemp("s") / "s.zarr"
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 256, (n, 3, 16, 16), dtype=np.uint8)
+    images[rng.random(n) < 0.2] = 0  # an all-zero slice is an absent inner chunk
+    s = write_store_from_arrays(
+        path,
+        images,
+        np.zeros((n, 6), np.uint8),
+        [f"i{k}" for k in range(n)],
+        [0, n],
+        _series(1),
+        shard_size=shard_size,
+    )
+    for a in range(0, n, shard_size):
+        b = min(a + shard_size, n)
+        for stop in (a, a + 1, b):
+            got = read_shard(s.images, a, min(stop, b))
+            np.testing.assert_array_equal(got, np.asarray(s.images[a : min(stop, b)]))
+
+
+def test_read_shard_on_damaged_files(tmp_path) -> None:
+    """A missing file reads as zarr reads it (the fill value); a damaged index or frame raises."""
+    images = np.random.default_rng(0).integers(1, 256, (6, 3, 16, 16), dtype=np.uint8)
+    s = write_store_from_arrays(
+        tmp_path / "s.zarr",
+        images,
+        np.zeros((6, 6), np.uint8),
+        list("abcdef"),
+        [0, 6],
+        _series(1),
+        shard_size=3,
+    )
+    shard = tmp_path / "s.zarr" / "images" / "c" / "1" / "0" / "0" / "0"
+    good = shard.read_bytes()
+    shard.unlink()
+    np.testing.assert_array_equal(read_shard(s.images, 3, 6), np.asarray(s.images[3:6]))
+    assert not read_shard(s.images, 3, 6).any()
+    damaged_index = bytearray(good)
+    damaged_index[-10] ^= 0xFF
+    shard.write_bytes(bytes(damaged_index))
+    with pytest.raises(ValueError, match="CRC-32C of the shard index"):
+        read_shard(s.images, 3, 6)
+    damaged_frame = bytearray(good)
+    damaged_frame[8:40] = bytes(32)
+    shard.write_bytes(bytes(damaged_frame))
+    with pytest.raises(Exception):  # noqa: B017, PT011 (zstd's own error type and words)
+        read_shard(s.images, 3, 6)
+    with pytest.raises(Exception):  # noqa: B017, PT011 (zarr's own error type and words)
+        np.asarray(s.images[3:6])

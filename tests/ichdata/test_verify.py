@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import shutil
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -93,3 +95,24 @@ def test_a_store_written_from_arrays_verifies(tmp_path) -> None:
         tmp_path / "a.zarr", images, np.zeros((5, 6), np.uint8), list("abcde"), [0, 5], series, shard_size=2
     )
     assert verify_store(tmp_path / "a.zarr").ok
+
+
+def test_verify_without_a_cluster_reads_shards_on_every_core(good, monkeypatch) -> None:
+    """`ich verify` without --workers re-reads the shards on a thread per usable core, not on one."""
+    import ichdata.verify
+
+    threads: set[str] = set()
+    read = ichdata.verify._shard_checksums
+
+    def spy(store: str, ranges: list[tuple[int, int, int]]) -> list[tuple[int, str]]:
+        threads.add(threading.current_thread().name)
+        time.sleep(0.05)  # long enough that one thread cannot take every part
+        return read(store, ranges)
+
+    monkeypatch.setattr(ichdata.verify, "usable_cpus", lambda: 2)
+    monkeypatch.setattr(ichdata.verify, "_shard_checksums", spy)
+    rep = verify_store(good)
+    assert rep.ok, rep.problems
+    assert rep.n_shards == 5
+    assert len(threads) == 2
+    assert threading.main_thread().name not in threads
