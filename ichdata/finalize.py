@@ -21,6 +21,8 @@ from ichdata.scan import Manifest
 from ichdata.store import manifest_path, now_utc, software_version, write_committed, write_quarantine_csv
 
 if TYPE_CHECKING:
+    from zarr import Group
+
     from ichdata.convert import ConvertConfig, ConvertResult
 
 
@@ -72,6 +74,8 @@ def finalize(
 
     p = result.plan
     group = zarr.open_group(str(p.store), mode="r+")
+    if _already_committed(result, group):
+        return _summary(result, started, n_studies=int(group.attrs.get("n_studies", 0)))  # type: ignore[arg-type]
     # The manifest is the commit record: a run killed after this line re-plans to exactly this store.
     Manifest(p.source, p.manifest_table()).write(manifest_path(p.store))
     group.attrs["state"] = "finalizing"
@@ -103,6 +107,11 @@ def finalize(
         }
     )
     group.attrs.put(attrs)
+    return _summary(result, started, n_studies=n_studies)
+
+
+def _summary(result: ConvertResult, started: float | None, *, n_studies: int) -> ConvertSummary:
+    p = result.plan
     elapsed = (time.perf_counter() - started) if started is not None else result.elapsed_s
     return ConvertSummary(
         store=p.store,
@@ -110,14 +119,45 @@ def finalize(
         n_new=p.n_new,
         n_series=len(p.series),
         n_studies=n_studies,
-        n_files=p.n_slices + p.n_set_aside,
+        n_files=p.n_slices + len(p.quarantine),
         quarantined=p.quarantined_by_reason(new_only=True),
-        n_quarantined_total=p.n_set_aside,
+        n_quarantined_total=len(p.quarantine),
         n_shards_written=result.n_written,
         n_shards_skipped=result.n_skipped,
         elapsed_s=elapsed,
         store_bytes=_du(p.store),
     )
+
+
+def _already_committed(result: ConvertResult, group: Group) -> bool:
+    """Whether the store already holds exactly this plan, committed: a re-run that found nothing new.
+
+    Then there is nothing to write (the daily ingest of an unchanged landing folder): the same rows,
+    series, labels and shard keys (the plan hash), nothing set aside by this run, the same label CSV,
+    and `images` no longer than the committed rows.
+    """
+    p = result.plan
+    attrs = group.attrs
+    prov: dict[str, Any] = dict(attrs.get("provenance") or {})  # type: ignore[arg-type]
+    plan_attr: dict[str, Any] = dict(attrs.get("plan") or {})  # type: ignore[arg-type]
+    if (
+        p.overwrite
+        or p.n_new
+        or result.n_written
+        or len(result.pixel_failures)
+        or attrs.get("state") != "complete"
+        or "pixel_failures" in attrs
+        or bool(p.quarantine["new"].any())
+        or prov.get("n_quarantined") != len(p.quarantine)
+        or (p.labels_source is not None and prov.get("labels") != p.labels_source)
+        or not manifest_path(p.store).is_file()
+    ):
+        return False
+    images = group.get("images")
+    if images is None or getattr(images, "shape", (None,))[0] != p.n_slices:
+        return False
+    # Last: the plan hash reads every shard key.
+    return bool(plan_attr.get("plan_hash") == p.plan_hash)
 
 
 def _provenance(result: ConvertResult, config: ConvertConfig | None, prev: dict[str, Any]) -> dict[str, Any]:
