@@ -254,7 +254,8 @@ def _train(
     config: DemoConfig, store: Path, model: str, out: Path, split: Path | None, init: Path | None = None
 ) -> RunResult:
     """Train one model on the CPU; `split` holds out the same patients, `init` starts from a checkpoint."""
-    from ichmodel.train import TrainConfig, train
+    from ichmodel.config import TrainConfig
+    from ichmodel.train import train
 
     tc = TrainConfig(
         store=str(store),

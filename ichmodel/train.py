@@ -39,7 +39,6 @@ from ichmodel.data import (
 from ichmodel.loop import EpochStats, Training, Window, train_epoch, validate
 from ichmodel.models import SequenceClassifier, SliceClassifier, create_model
 from ichmodel.rundir import (
-    LOG_COLUMNS,
     RunDir,
     append_log,
     check_fresh,
@@ -411,4 +410,4 @@ def _progress(config: TrainConfig, d: Dist, total: int, epoch: int) -> tqdm[Any]
     )
 
 
-__all__ = ["LOG_COLUMNS", "RunResult", "TrainConfig", "train"]
+__all__ = ["RunResult", "train"]

@@ -19,11 +19,13 @@ from flows.cli import main
 from ichdata.errors import UserError
 from ichdata.store import Store, open_store
 from ichmodel.checkpoint import read_checkpoint
+from ichmodel.config import TrainConfig
 from ichmodel.data import StudyDataset, collate_studies, read_split
 from ichmodel.losses import val_loss_sums, weighted_bce_sums
 from ichmodel.metrics import weighted_log_loss
 from ichmodel.models import SequenceClassifier, load_model, predict_study
-from ichmodel.train import LOG_COLUMNS, TrainConfig, train
+from ichmodel.rundir import LOG_COLUMNS
+from ichmodel.train import train
 
 BACKBONE = "test_efficientnet"
 
@@ -204,7 +206,8 @@ def test_resume_equals_uninterrupted_training(tmp_path: Path, tiny_store: Store)
 
 
 _DDP_SCRIPT = """
-import json, os, sys
+from ichmodel.config import TrainConfig
+from ichmodel.train import train
 from ichmodel.train import TrainConfig, train
 
 config = TrainConfig(**json.loads(sys.argv[1]))
