@@ -441,7 +441,8 @@ def test_shards_whose_workers_all_died_are_one_line_saying_how_to_resume(tmp_pat
 
     source, _ = _archive(tmp_path, studies=1, seed=23)
     p = plan(scan(source), tmp_path / "s.zarr", shard_size=4)
-    error = _shard_failed(p, [0, 1], KilledWorker("ich-shard-0", "tls://127.0.0.1:1", 3)  # type: ignore[arg-type])
+    killed = KilledWorker("ich-shard-0", "tls://127.0.0.1:1", 3)  # type: ignore[arg-type]
+    error = _shard_failed(p, [0, 1], killed)
     assert isinstance(error, UserError)
     message = str(error)
     assert "\n" not in message
