@@ -181,8 +181,8 @@ COMMANDS: tuple[Command, ...] = (
         ("ichdata.convert:ConvertConfig", "flows.cli:Display"),
         _convert,
         "Scan SOURCE (recursively, files recognised by content), order each series by slice position, "
-        "render brain/subdural/bone windows at 256×256 and write them to STORE, on a local Dask cluster "
-        "or an existing one. Files that are not usable slices are listed in the store's quarantine. "
+        "render brain/subdural/bone windows at 256×256 and write them to STORE, on a local Dask cluster, "
+        "an existing one, or as SLURM jobs (--cluster slurm). Files that are not usable slices are listed in the store's quarantine. "
         "Re-running resumes a killed run and appends studies added to SOURCE since.",
     ),
     Command(
