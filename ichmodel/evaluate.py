@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 
 from ichdata.errors import UserError
+from ichdata.options import option
 from ichdata.store import UNLABELLED
 from ichmodel.metrics import summarize
 from ichmodel.report import MissedSlice, markdown_report, plot_false_negatives, plot_roc
@@ -31,7 +32,15 @@ if TYPE_CHECKING:
 
     from ichdata.store import Store
 
-__all__ = ["RunEvaluation", "evaluate_run", "evaluate_runs", "predict_series", "write_report"]
+__all__ = [
+    "EvaluateConfig",
+    "RunEvaluation",
+    "evaluate_from_config",
+    "evaluate_run",
+    "evaluate_runs",
+    "predict_series",
+    "write_report",
+]
 
 #: The split file `ich train` writes to its run directory.
 SPLIT_FILE = "split.json"
@@ -431,3 +440,31 @@ def evaluate_runs(
             )
         log(f"wrote {paths['report']}")
     return runs, paths
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """The options of `ich evaluate`."""
+
+    run_dirs: list[Path] = option(
+        positional=True, nargs="+", metavar="RUN_DIR", help="the --out of `ich train`"
+    )
+    store: Path = option(help="the store the runs were trained on")
+    out: Path = option(metavar="REPORT_DIR", help="folder to write (created)")
+    threshold: float = option(0.5, help="probability at or above which a label counts as positive (0.5)")
+    checkpoint: str = option("best.pt", help="checkpoint file name inside each RUN_DIR (best.pt)")
+    device: str | None = option(None, help="cpu or cuda (default: cuda when available)")
+    progress: bool = option(True, flag="--quiet", help="no progress bars")
+
+
+def evaluate_from_config(config: EvaluateConfig) -> tuple[list[RunEvaluation], dict[str, Path]]:
+    """What `ich evaluate` runs: `evaluate_runs` with the command line's options."""
+    return evaluate_runs(
+        config.run_dirs,
+        config.store,
+        config.out,
+        threshold=config.threshold,
+        checkpoint=config.checkpoint,
+        device=config.device,
+        progress=config.progress,
+    )
