@@ -57,6 +57,8 @@ class PngSlices(Dataset):
 
     def __getitem__(self, i: int) -> torch.Tensor:
         img = cv2.imread(self.files[i], cv2.IMREAD_COLOR)
+        if img is None:
+            raise OSError(f"{self.files[i]}: cv2 cannot read it")
         return torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1)))
 
 
@@ -176,8 +178,8 @@ def main(argv: list[str] | None = None) -> int:
         "store-zarr": "store, whole studies, zarr-python",
         "slices": "store, single slices (CNN-only), tensorstore",
     }
-    for k in variants:
-        print(f"| {labels[k]} | {med[k]:.0f} | {med[k] / med['png']:.2f}× |")
+    for name in variants:
+        print(f"| {labels[name]} | {med[name]:.0f} | {med[name] / med['png']:.2f}× |")
     print(f"store/png per round: {', '.join(f'{x:.2f}×' for x in ratios)}")
     # Last: it runs tensorstore in this process, after which nothing here may fork a worker.
     check_cost(store, studies)
