@@ -50,8 +50,10 @@ def hu_of(ds, dtype: str = "float32") -> np.ndarray:
 
 
 def render(hu: np.ndarray, size: int = 256) -> np.ndarray:
-    """uint8 (size, size, 3): windows in float (hu's dtype) at native size, padded square with air,
-    area resize."""
+    """The baseline's rendering of `hu` as uint8 (size, size, 3).
+
+    Windows in float (hu's dtype) at native size, padded square with air, area resize.
+    """
     import cv2
 
     rows, cols = hu.shape
@@ -92,8 +94,9 @@ def convert_one(args: tuple[str, str, str]) -> int:
 def convert_folder(
     source: str | os.PathLike[str], out_dir: str | os.PathLike[str], workers: int = 2, dtype: str = "float32"
 ) -> dict:
-    """Convert every `*.dcm` under `source` to PNGs in `out_dir` with a pool of `workers` processes,
-    computing HU and windows in `dtype` ("float64": the typical script; "float32": the tuned one).
+    """Convert every `*.dcm` under `source` to PNGs in `out_dir` with a pool of `workers` processes.
+
+    HU and windows are computed in `dtype` ("float64": the typical script; "float32": the tuned one).
 
     Returns {"n": slices written, "failed": n, "seconds": wall time incl. listing, "bytes": PNG bytes}.
     """

@@ -18,7 +18,7 @@ from ichdata.windows import window_hu
 
 
 def phantom_slices(n: int, size: int = 256, seed: int = 0) -> np.ndarray:
-    """n distinct uint8 (3, size, size) slices of a head-like phantom."""
+    """`n` distinct uint8 (3, size, size) slices of a head-like phantom."""
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[-1 : 1 : size * 1j, -1 : 1 : size * 1j]
     out = np.empty((n, 3, size, size), np.uint8)

@@ -120,7 +120,7 @@ def _best(runs: list[dict]) -> dict:
 
 
 def _per_slice(files: list[Path], n: int) -> dict[str, float]:
-    """ms per slice of each step, in this process (one core)."""
+    """Milliseconds per slice of each step, in this process (one core)."""
     import cv2
     import pydicom
 
@@ -196,8 +196,11 @@ def _per_slice(files: list[Path], n: int) -> dict[str, float]:
 def _shard_sizes(
     block: np.ndarray, sizes: tuple[int, ...] = (32, 64, 128, 256)
 ) -> dict[int, dict[str, float]]:
-    """Per shard size: write ms/slice, read ms/slice of a 35-slice study (one contiguous read, cold
-    array handle), files per 752,803 slices and MB per shard file."""
+    """Per shard size: write and read costs, file counts and shard file sizes.
+
+    Write ms/slice, read ms/slice of a 35-slice study (one contiguous read, cold array handle), files
+    per 752,803 slices and MB per shard file.
+    """
     import zarr
 
     from ichdata.store import create_images, write_images

@@ -40,10 +40,10 @@ from _synthetic import synthetic_store
 
 from ichmodel.augment import AugmentConfig
 from ichmodel.data import SliceDataset, StudyBatchSampler, StudyDataset, make_loader
-from ichmodel.losses import weighted_bce_sums
-from ichmodel.models import create_model
 from ichmodel.loop import prepare_images as _prepare_images
 from ichmodel.loop import to_device as _to_device_only
+from ichmodel.losses import weighted_bce_sums
+from ichmodel.models import create_model
 
 
 def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:

@@ -105,8 +105,10 @@ class ServeConfig:
 
 
 def serve_from_config(config: ServeConfig) -> None:
-    """Check `config` and `serve` it; paths become absolute, since runs execute in subprocesses that
-    need not share this directory."""
+    """Check `config` and `serve` it.
+
+    Paths become absolute, since runs execute in subprocesses that need not share this directory.
+    """
     defaults: dict[str, Any] = {
         k: str(Path(v).expanduser().absolute())
         for k, v in (("source", config.source), ("store", config.store), ("labels", config.labels))

@@ -15,9 +15,11 @@ from pathlib import Path
 
 @contextmanager
 def atomic_path(path: str | os.PathLike[str], *, mode: int | None = None) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; on success chmod it to `mode` (if given) and rename it over
-    `path`. The temporary name is hidden and unique per process and thread, so concurrent writers of
-    the same target never share one."""
+    """Yield a temporary path beside `path`, renamed over `path` (after a chmod to `mode`) on success.
+
+    The temporary name is hidden and unique per process and thread, so concurrent writers of the same
+    target never share one.
+    """
     target = Path(path)
     tmp = target.with_name(f".{target.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     try:

@@ -74,24 +74,29 @@ class Plan:
 
     @property
     def n_slices(self) -> int:
+        """Rows of `images` in the planned store."""
         return len(self.rows)
 
     @property
     def n_new(self) -> int:
+        """Rows this run adds (not already in the store)."""
         return len(self.rows) - self.n_existing
 
     @property
     def n_shards(self) -> int:
+        """Shards of `images` in the planned store (the last may be partial)."""
         return -(-self.n_slices // self.shard_size)
 
     @cached_property
     def study_offsets(self) -> np.ndarray:
+        """The store's `study_offsets`: series s holds rows `[study_offsets[s], study_offsets[s+1])`."""
         return np.concatenate([[0], np.cumsum(self.series["n_slices"].to_numpy(dtype=np.int64))]).astype(
             np.int64
         )
 
     @cached_property
     def config_hash(self) -> str:
+        """A digest of the plan settings, the part of every shard key shared by all shards."""
         return _digest(json.dumps(self.config, sort_keys=True))
 
     def shard_rows(self, i: int) -> tuple[int, int]:
@@ -181,14 +186,15 @@ class Plan:
         return self.quarantine.loc[self.quarantine["new"]].reset_index(drop=True)
 
     def quarantined_by_reason(self, *, new_only: bool = False) -> dict[str, int]:
+        """Quarantined files per reason, sorted by reason (this run's only when `new_only`)."""
         q = self.new_quarantine() if new_only else self.quarantine
         return {str(k): int(v) for k, v in q["reason"].value_counts().sort_index().items()}
 
     def without(self, failures: pd.DataFrame) -> Plan:
-        """This plan with the rows of `failures` (path, reason, detail.
+        """This plan with the rows of `failures` moved to the quarantine.
 
-        Files that failed at pixel time) moved to the quarantine: later rows move up, so shards from the first
-        affected one change keys.
+        `failures` (path, reason, detail) are files that failed at pixel time: later rows move up, so
+        shards from the first affected one change keys.
         """
         if not len(failures):
             return self

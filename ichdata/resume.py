@@ -106,6 +106,11 @@ def resolve_shard_size(store: str | os.PathLike[str], shard_size: int | None, ov
 
 
 def load_salt(store: Path, *, must_exist: bool) -> bytes:
+    """The salt of the store's patient keys, read from beside `store`, or made and saved for a new store.
+
+    Raises:
+        UserError: the salt file is missing and `must_exist` (the store has keyed series already).
+    """
     p = salt_path(store)
     if p.is_file():
         return bytes.fromhex(p.read_text().strip())

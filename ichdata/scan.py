@@ -88,6 +88,7 @@ class Manifest:
 
     @classmethod
     def read(cls, path: str | os.PathLike[str], source: str | os.PathLike[str]) -> Manifest:
+        """A manifest written by `write`, of the archive at `source` (raw patient ids are not kept)."""
         table = pd.read_parquet(path)
         table["patient_id"] = None
         return cls(Path(source), table)

@@ -21,7 +21,11 @@ from ichdata.paths import fs_path
 from ichdata.reasons import Reason
 
 
-def quarantine_row(path: str, reason: str, detail: str, size: Any, mtime_ns: Any) -> dict[str, Any]:
+def quarantine_row(path: str, reason: str, detail: str, size: object, mtime_ns: object) -> dict[str, Any]:
+    """A new quarantine table row: the file, why it was set aside, and its size and mtime when read.
+
+    `size` and `mtime_ns` are the scan's cells as they are (a NumPy integer, or missing).
+    """
     return {"path": path, "reason": reason, "detail": detail, "size": size, "mtime_ns": mtime_ns, "new": True}
 
 

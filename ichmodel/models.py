@@ -110,9 +110,11 @@ class SliceClassifier(nn.Module):
         self.fc = nn.Linear(encoder.num_features, num_classes)
 
     def forward_features(self, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Per-slice CNN features (B, T, F) of images (B, T, 3, H, W), zeros at padding."""
         return _masked_features(self.encoder, images, mask)
 
     def forward_head(self, features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Logits (B, T, num_classes) of per-slice features (B, T, F); `mask` is unused here."""
         return self.fc(self.drop(features))
 
     def forward(self, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -154,9 +156,11 @@ class SequenceClassifier(nn.Module):
         self.fc = nn.Linear(encoder.num_features, num_classes)
 
     def forward_features(self, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Per-slice CNN features (B, T, F) of images (B, T, 3, H, W), zeros at padding."""
         return _masked_features(self.encoder, images, mask)
 
     def forward_head(self, features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Logits (B, T, num_classes) of per-slice features (B, T, F) gated by the RNN over real slices."""
         lengths = mask.sum(1).cpu()
         # The RNN runs in float32 even under bf16 autocast: it is a small part of the cost, and
         # cuDNN's reduced-precision RNN paths differ between versions.

@@ -1,6 +1,6 @@
-"""Fixtures of the Prefect tests: a private PREFECT_HOME and one test API server (the in-process Dask
-cluster, `dask_scheduler`, is the suite's: `tests/conftest.py`).
+"""Fixtures of the Prefect tests: a private PREFECT_HOME and one test API server.
 
+The in-process Dask cluster, `dask_scheduler`, is the suite's: `tests/conftest.py`.
 Nothing here writes to ~/.prefect: PREFECT_HOME points into pytest's temporary folder for this process
 and for every subprocess the tests start, and Prefect's anonymous telemetry is off (these machines have
 no network; the server would log a failure to send it). Test modules import prefect and `flows.ingest`
@@ -41,8 +41,10 @@ def prefect_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 
 @pytest.fixture(scope="session")
 def prefect_api(prefect_home: Path) -> Iterator[None]:
-    """Prefect's test harness: a temporary API server with its own SQLite database, for the session
-    (starting it takes ~7 s here, so it is shared)."""
+    """Prefect's test harness: a temporary API server with its own SQLite database, for the session.
+
+    Starting it takes seconds, so it is shared.
+    """
     from prefect.testing.utilities import prefect_test_harness
 
     with prefect_test_harness(server_startup_timeout=120):

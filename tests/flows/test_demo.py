@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from flows.demo import DemoConfig
 from flows.cli import main
+from flows.demo import DemoConfig
 from ichdata.errors import UserError
 
 
