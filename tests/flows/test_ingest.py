@@ -13,6 +13,7 @@ import threading
 import time
 from pathlib import Path
 from typing import Any
+from uuid import UUID
 
 import numpy as np
 import pytest
@@ -60,10 +61,11 @@ def _run(**params: Any) -> Any:
     return ingest(**params, return_state=True)
 
 
-def _artifacts(flow_run_id: Any) -> dict[str, Any]:
+def _artifacts(flow_run_id: UUID | None) -> dict[str | None, Any]:
     from prefect import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
+    assert flow_run_id is not None
     with get_client(sync_client=True) as client:
         found = client.read_artifacts(
             artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
@@ -149,8 +151,8 @@ def test_ingest_writes_the_store_and_reports_it(tmp_path: Path, dask_scheduler: 
     assert "| not_dicom | 1 |" in md
     assert "| truncated | 1 |" in md
     assert "| verify | OK:" in md
-    for row in ("| elapsed |", "| throughput |", "| store size |"):
-        assert row in md
+    for heading in ("| elapsed |", "| throughput |", "| store size |"):
+        assert heading in md
     table = arts["ingest-quarantine-rsna-zarr"].data
     assert "copy_in_progress.dcm" in table
     assert "truncated" in table

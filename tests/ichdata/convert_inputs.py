@@ -12,6 +12,7 @@ import shutil
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -125,10 +126,10 @@ def write_case(
     return out
 
 
-def _good(root: Path, rel: str, iid: str, rng: np.random.Generator, **kw) -> None:
+def _good(root: Path, rel: str, iid: str, rng: np.random.Generator, **kw: Any) -> None:
     (root / rel).parent.mkdir(parents=True, exist_ok=True)
     stored = stored_from_hu(_phantom(rng, 64, 64))
-    args = dict(
+    args: dict[str, Any] = dict(
         image_id=iid,
         study_uid="1.2.826.0.9",
         series_uid="1.2.826.0.9.1",
@@ -152,7 +153,7 @@ def write_broken(root: Path, rng: np.random.Generator, keep: Written) -> dict[st
     data = (d / "truncated").read_bytes()
     (d / "truncated").write_bytes(data[: len(data) - 3000])
     paths["truncated"] = "broken/truncated"
-    cases = {
+    cases: dict[str, dict[str, Any]] = {
         "no_pixel_data": {"extra": {"PixelData": None}},
         "size_mismatch": {"extra": {"Rows": 96}},
         "not_ct": {"modality": "MR"},

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -43,7 +44,8 @@ def archive(tmp_path_factory: pytest.TempPathFactory, convert_inputs) -> tuple[P
 
 def _labels_csv(path: Path, image_ids: list[str]) -> dict[str, np.ndarray]:
     """An RSNA label CSV for `image_ids` (deterministic labels); returns the expected rows."""
-    rows, expected = [], {}
+    rows: list[tuple[str, int]] = []
+    expected: dict[str, np.ndarray] = {}
     for iid in image_ids:
         bits = np.array([(zlib.crc32(f"{iid}{c}".encode()) >> 3) & 1 for c in CLASSES[:-1]], dtype=np.uint8)
         lab = np.append(bits, np.uint8(bits.any()))
@@ -377,13 +379,14 @@ def test_a_failing_shard_task_names_its_shard_rows_and_files(archive, tmp_path, 
     assert isinstance(caught.value.__cause__, OSError)
 
 
-_REAL: dict[str, object] = {}
+_REAL: dict[str, Callable[..., object]] = {}
 
 
 def _shard_3_fails(store, index, *args):
-    """A stand-in for `ichdata.shards.convert_shard` (module level: Dask ships it by reference.
+    """A stand-in for `ichdata.shards.convert_shard` that fails on shard 3.
 
-    It runs in the in-process cluster's worker threads, which see `_REAL`).
+    Module level: Dask ships it by reference, and it runs in the in-process cluster's worker threads,
+    which see `_REAL`.
     """
     if index == 3:
         raise OSError(5, "Input/output error", store)
@@ -409,7 +412,7 @@ def test_a_failing_shard_inside_a_task_of_several_is_named(
     ) as caught:
         convert_shards(p, threads_client)
     assert isinstance(caught.value.__cause__, OSError)
-    markers = zarr.open_array(str(p.store / "conversion" / "shard_done"), mode="r")[:4]
+    markers = np.asarray(zarr.open_array(str(p.store / "conversion" / "shard_done"), mode="r")[:4])
     assert [m.split(":")[0] for m in markers[:3]] == [p.shard_key(i) for i in range(3)]
     assert markers[3] == ""
 
@@ -508,7 +511,7 @@ def test_killing_a_worker_mid_run_still_gives_the_clean_store(many, clean_run, t
         Client(cluster) as client,
     ):
         pids = list(client.run(os.getpid).values())
-        killed = []
+        killed: list[int] = []
 
         def kill_one(done) -> None:
             if not killed:

@@ -51,6 +51,7 @@ def test_output_shapes_and_structure(name: str, bidirectional: bool, cls: type) 
 
 def test_legacy_xception_is_the_default_backbone() -> None:
     model = create_model("xception_gru")
+    assert isinstance(model, SequenceClassifier)
     assert type(model.encoder.backbone).__name__ == "Xception"
     assert model.encoder.num_features == 2048
     assert model.rnn.input_size == 2048
