@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from ichdata.csvsafe import safe_table
 from ichdata.errors import UserError
 from ichdata.options import option
 from ichdata.store import UNLABELLED
@@ -298,7 +299,7 @@ def _write_pictures(
     plot_false_negatives(missed, paths["false_negatives"], classes, models=[r.name for r in runs])
     for r in runs:
         p = out_dir / f"predictions_{r.name}.csv"
-        _predictions_frame(r, store).to_csv(p, index=False)
+        safe_table(_predictions_frame(r, store)).to_csv(p, index=False)
         paths[f"predictions_{r.name}"] = p
     return paths
 

@@ -22,6 +22,7 @@ import pandas as pd
 if TYPE_CHECKING:
     from torch import nn
 
+from ichdata.csvsafe import safe_table
 from ichdata.errors import UserError
 from ichdata.options import option
 
@@ -179,11 +180,13 @@ def predict_store(
     out_path = Path(out)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     studies_path, aside_path = _outputs(out_path)
-    submission_frame(st.image_id[rows], probs, classes).to_csv(out_path, index=False, float_format="%.6g")
+    safe_table(submission_frame(st.image_id[rows], probs, classes)).to_csv(
+        out_path, index=False, float_format="%.6g"
+    )
     summary = study_summary(st, rows, probs, threshold)
-    summary.to_csv(studies_path, index=False, float_format="%.6g")
+    safe_table(summary).to_csv(studies_path, index=False, float_format="%.6g")
     aside = (st.quarantine if set_aside is None else set_aside).loc[:, ["path", "reason", "detail"]]
-    aside.to_csv(aside_path, index=False)
+    safe_table(aside).to_csv(aside_path, index=False)
     return PredictResult(
         predictions=out_path,
         studies=studies_path,

@@ -241,3 +241,28 @@ def test_store_option_never_replaces_what_predict_did_not_make(
     # a store predict converted from this same folder is replaced
     assert main([*base, "--store", str(store)]) == 0
     assert open_store(store).n_slices == 9
+
+
+def test_csv_cells_from_the_input_never_run_as_spreadsheet_formulas(tmp_path: Path) -> None:
+    """Issue 11 item 16: ids and UIDs come from the input files; a formula in one stays text."""
+    from ichdata.store import write_store_from_arrays
+    from ichmodel.predict import predict_store
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (4, 3, 64, 64), dtype=np.uint8)
+    labels = np.full((4, 6), 255, dtype=np.uint8)
+    ids = ['=HYPERLINK("http://x","y")', "ID_b", "+1", "ID_d"]
+    series = pd.DataFrame(
+        {"study_uid": ["@SUM(A1)", "2.2"], "series_uid": ["1.1", "2.2.1"], "patient_key": ["p", "q"]}
+    )
+    store = write_store_from_arrays(
+        tmp_path / "s.zarr", images, labels, ids, np.array([0, 2, 4], dtype=np.int64), series, shard_size=4
+    )
+    out = tmp_path / "pred.csv"
+    predict_store(_checkpoint(tmp_path / "m.pt"), store.path, out, device="cpu", progress=False)
+    for path in tmp_path.glob("pred*.csv"):
+        for row in pd.read_csv(path, dtype=str, keep_default_na=False).itertuples(index=False):
+            for cell in row:
+                assert not str(cell).startswith(("=", "+", "@")), (path.name, cell)
+    ids_written = pd.read_csv(out, dtype=str)["ID"].tolist()
+    assert ids_written[0] == """'=HYPERLINK("http://x","y")_epidural"""
