@@ -57,14 +57,8 @@ def _more(n: int, noun: str) -> str:
     return f" (and {n:,} more {noun})" if n > 0 else ""
 
 
-def read_labels(path: str | os.PathLike[str]) -> pd.DataFrame:
-    """Read an RSNA label CSV into a table indexed by `image_id`, columns `CLASSES`, dtype uint8.
-
-    Rows are images in the order of their first appearance in the file. Raises `LabelError` for a
-    missing file or column, an ID without a known subtype suffix, a label other than 0 or 1,
-    conflicting duplicates, or an image with fewer than six label rows.
-    """
-    name = os.path.basename(os.fspath(path))
+def _read_table(path: str | os.PathLike[str], name: str) -> pa.Table:
+    """The CSV at `path` (called `name` in errors) as text columns `ID` and `Label`, at least one row."""
     if not os.path.isfile(path):
         raise LabelError(f"label file {os.fspath(path)} does not exist or is not a file")
     try:
@@ -88,7 +82,18 @@ def read_labels(path: str | os.PathLike[str]) -> pd.DataFrame:
         )
     if table.num_rows == 0:
         raise LabelError(f"{name}: no label rows")
+    return table
 
+
+def read_labels(path: str | os.PathLike[str]) -> pd.DataFrame:
+    """Read an RSNA label CSV into a table indexed by `image_id`, columns `CLASSES`, dtype uint8.
+
+    Rows are images in the order of their first appearance in the file. Raises `LabelError` for a
+    missing file or column, an ID without a known subtype suffix, a label other than 0 or 1,
+    conflicting duplicates, or an image with fewer than six label rows.
+    """
+    name = os.path.basename(os.fspath(path))
+    table = _read_table(path, name)
     row_id = pc.utf8_trim_whitespace(table["ID"].combine_chunks())
     label_text = table["Label"].combine_chunks()
     # `<image id>_<subtype>`: the image id may itself contain underscores (`ID_…`), the subtype not.
