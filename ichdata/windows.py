@@ -210,32 +210,7 @@ def _render_codes(
     rows, cols = codes.shape
     n, top, left = _pad_amounts(rows, cols)
     if n % size or n // size > np.sqrt(_MAX_PACKED_BLOCK):
-        # A non-integer factor (a padded 638×490, or upscaling): float taps from float tables.
-        if n % size and jit:
-            if out is None:
-                out = np.empty((len(WINDOWS), size, size), dtype=np.uint8)
-            taps = (*_folded_taps(n, size, top, rows), *_folded_taps(n, size, left, cols))
-            acc = _scratch("taps_acc", (len(WINDOWS), size, cols), np.float32)
-            if _kernels.taps_render(codes, _float_table(hu_of_code, table_key), taps, acc, out):
-                return out
-        idx = _scratch("idx", (rows, cols), np.intp)
-        np.copyto(idx, codes, casting="unsafe")
-        windowed = _scratch("windowed", (len(WINDOWS), rows, cols), np.float32)
-        np.take(_float_table(hu_of_code, table_key), idx, axis=1, out=windowed, mode="clip")
-        if n % size == 0:  # a block mean (a factor too large for the packed sums): pad, then mean
-            if (rows, cols) != (n, n):
-                padded = np.zeros((len(WINDOWS), n, n), dtype=np.float32)
-                padded[:, top : top + rows, left : left + cols] = windowed
-                windowed = padded
-            resized = _area_resize(windowed, size)
-        else:
-            resized = _area_resize_padded(windowed, n, top, left, size)
-        if out is None:
-            out = np.empty((len(WINDOWS), size, size), dtype=np.uint8)
-        np.rint(resized, out=resized)
-        np.clip(resized, 0, 255, out=resized)
-        np.copyto(out, resized, casting="unsafe")
-        return out
+        return _render_codes_float(codes, hu_of_code, size, table_key, out, jit)
 
     k = n // size
     scale = _packed_scale(k)
@@ -281,6 +256,47 @@ def _render_codes(
         for c in range(len(WINDOWS)):
             field = (summed >> np.uint64(c * _FIELD_BITS)) & _FIELD_MASK
             out[c] = (field + np.uint64(divisor // 2)) // np.uint64(divisor)
+    return out
+
+
+def _render_codes_float(
+    codes: np.ndarray,
+    hu_of_code: np.ndarray,
+    size: int,
+    table_key: object,
+    out: np.ndarray | None,
+    jit: bool,
+) -> np.ndarray:
+    """`_render_codes` for a non-integer factor (a padded 638×490, or upscaling) or a very large one.
+
+    Float taps from float tables; a factor too large for the packed sums is a float block mean.
+    """
+    rows, cols = codes.shape
+    n, top, left = _pad_amounts(rows, cols)
+    if n % size and jit:
+        if out is None:
+            out = np.empty((len(WINDOWS), size, size), dtype=np.uint8)
+        taps = (*_folded_taps(n, size, top, rows), *_folded_taps(n, size, left, cols))
+        acc = _scratch("taps_acc", (len(WINDOWS), size, cols), np.float32)
+        if _kernels.taps_render(codes, _float_table(hu_of_code, table_key), taps, acc, out):
+            return out
+    idx = _scratch("idx", (rows, cols), np.intp)
+    np.copyto(idx, codes, casting="unsafe")
+    windowed = _scratch("windowed", (len(WINDOWS), rows, cols), np.float32)
+    np.take(_float_table(hu_of_code, table_key), idx, axis=1, out=windowed, mode="clip")
+    if n % size == 0:  # a block mean (a factor too large for the packed sums): pad, then mean
+        if (rows, cols) != (n, n):
+            padded = np.zeros((len(WINDOWS), n, n), dtype=np.float32)
+            padded[:, top : top + rows, left : left + cols] = windowed
+            windowed = padded
+        resized = _area_resize(windowed, size)
+    else:
+        resized = _area_resize_padded(windowed, n, top, left, size)
+    if out is None:
+        out = np.empty((len(WINDOWS), size, size), dtype=np.uint8)
+    np.rint(resized, out=resized)
+    np.clip(resized, 0, 255, out=resized)
+    np.copyto(out, resized, casting="unsafe")
     return out
 
 
