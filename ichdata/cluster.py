@@ -27,6 +27,7 @@ from ichdata.options import option
 
 if TYPE_CHECKING:
     from distributed import Client, LocalCluster
+    from distributed.security import Security
 
     from ichdata.convert import ConvertConfig
 
@@ -189,9 +190,9 @@ def dask_client(
 
     An existing cluster is named by its `scheduler` address or its `scheduler_file`. Otherwise a
     `LocalCluster` on 127.0.0.1 with `workers` processes (default and most, unless `oversubscribe`:
-    one per usable core, `resolve_workers`) of one thread each,
-    without a dashboard (the scheduler's HTTP endpoint on a free loopback port, never 8787) and with
-    distributed's log messages silenced while it runs.
+    one per usable core, `resolve_workers`) of one thread each, speaking TLS with credentials made
+    for the run (`run_security`), without a dashboard (the scheduler's HTTP endpoint on a free
+    loopback port, never 8787) and with distributed's log messages silenced while it runs.
     """
     if scheduler and scheduler_file:
         raise UserError("--scheduler and --scheduler-file: give one, not both")
@@ -313,9 +314,35 @@ def _workers_ignore_ctrl_c() -> Iterator[None]:
         signal.signal(signal.SIGINT, previous)
 
 
+def run_security() -> Security:
+    """TLS credentials made for one run: its scheduler, workers and client accept only each other.
+
+    One self-signed certificate, held in memory, is both the authority and every role's certificate
+    (DESIGN.md, Trust); a peer that does not present it is refused during the handshake.
+    """
+    from distributed.security import Security
+
+    return Security.temporary()
+
+
+def scheduler_http_options() -> dict[str, object]:
+    """Scheduler options of our clusters: no dashboard, and its plain HTTP endpoint on a free loopback port.
+
+    Without a dashboard the scheduler still serves HTTP (health, metrics), by default on port 8787 of
+    every interface and, when that port is taken (another cluster, a user's Jupyter), elsewhere with
+    a UserWarning. A free loopback port from the start says nothing and is reachable from this machine
+    only.
+    """
+    return {"dashboard": False, "dashboard_address": "127.0.0.1:0"}
+
+
 @contextlib.contextmanager
 def _local_cluster(n: int) -> Iterator[LocalCluster]:
-    """A LocalCluster of `n` single-threaded worker processes on 127.0.0.1, without a dashboard."""
+    """A LocalCluster of `n` single-threaded worker processes on 127.0.0.1 behind TLS, without a dashboard.
+
+    Its scheduler, workers and nannies speak TLS with this run's credentials (`run_security`), so no
+    other process on the machine can connect to them and run code as the user.
+    """
     import dask
     from distributed import LocalCluster
 
@@ -328,11 +355,12 @@ def _local_cluster(n: int) -> Iterator[LocalCluster]:
                 threads_per_worker=1,
                 processes=True,
                 host="127.0.0.1",
-                # No dashboard; the scheduler still serves plain HTTP (health, metrics), which by default
-                # listens on 8787 and, when that port is taken (another cluster, a user's Jupyter),
-                # moves elsewhere with a UserWarning. A free loopback port from the start says nothing.
+                # Any process on this machine can reach loopback: only peers holding this run's
+                # credentials (held in memory, handed to the workers as they start) get past the TLS handshake.
+                security=run_security(),
+                protocol="tls://",
                 dashboard_address=None,
-                scheduler_kwargs={"dashboard": False, "dashboard_address": "127.0.0.1:0"},
+                scheduler_kwargs=scheduler_http_options(),
                 # CRITICAL: at shutdown a worker logs an ERROR for the heartbeat its closing scheduler
                 # no longer answers. Task failures reach the driver as exceptions, named by shard.
                 silence_logs=logging.CRITICAL,
@@ -351,7 +379,9 @@ __all__ = [
     "dask_client",
     "oversubscribe_option",
     "resolve_workers",
+    "run_security",
     "scheduler_file_option",
+    "scheduler_http_options",
     "scheduler_option",
     "usable_cpus",
     "workers_option",

@@ -23,6 +23,7 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ichdata.cluster import run_security, scheduler_http_options
 from ichdata.errors import UserError
 from ichdata.options import option
 
@@ -127,11 +128,9 @@ def slurm_cluster(
     if lifetime is not None:
         stagger = max(1, lifetime // 20)
         worker_args += ["--lifetime", f"{lifetime - stagger}s", "--lifetime-stagger", f"{stagger}s"]
+    # A site's scheduler-options still win over ours (no dashboard, HTTP on loopback).
     scheduler_options = {
-        # No dashboard: it would be plain HTTP on every interface; the scheduler's own HTTP endpoint
-        # stays on loopback. A site's scheduler-options still win.
-        "dashboard": False,
-        "dashboard_address": "127.0.0.1:0",
+        **scheduler_http_options(),
         **(dask.config.get("jobqueue.slurm.scheduler-options") or {}),
     }
     job_name = f"ich-{uuid.uuid4().hex[:12]}"
@@ -233,14 +232,14 @@ def _slurm_command(args: list[str]) -> str:
 def _run_credentials(directory: Path) -> Security:
     """TLS credentials made for this run, as files in `directory` (0700) that the workers' jobs read.
 
-    One self-signed certificate serves the scheduler, the workers and the client; a peer without it
-    is refused during the TLS handshake.
+    The credentials are `ichdata.cluster.run_security`'s, the local route's; the workers' jobs read
+    them from files where the local cluster hands them over in memory.
     """
     from distributed.security import Security
 
-    made = Security.temporary()
+    made = run_security().get_tls_config_for_role("worker")
     paths = {}
-    for name, pem in (("ca", made.tls_ca_file), ("cert", made.tls_worker_cert), ("key", made.tls_worker_key)):
+    for name, pem in (("ca", made["ca_file"]), ("cert", made["cert"]), ("key", made["key"])):
         path = directory / f"{name}.pem"
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as file:

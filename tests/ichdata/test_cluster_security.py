@@ -1,0 +1,173 @@
+"""Our local Dask clusters refuse strangers: issue 11 item 2, DESIGN.md's Trust.
+
+During a real `ich convert` on a local cluster, another process on the machine, without this run's
+credentials, can neither connect to the scheduler, a worker or a nanny nor submit a task; everything
+the cluster listens on is loopback, and the store is the one the tests' own cluster makes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import psutil
+import pytest
+import zarr
+
+import ichdata.convert
+from flows.cli import main
+
+if TYPE_CHECKING:
+    from distributed import Client
+    from distributed.security import Security
+
+
+def _archive(root: Path) -> tuple[Path, Path]:
+    """A small synthetic archive (a few studies of 64 × 64 slices) and its label CSV."""
+    from ichdata.testing import write_archive
+
+    summary = write_archive(root / "archive", studies=3, seed=31, image_size=64, workers=1)
+    return summary.path, summary.labels_csv
+
+
+def _identity(address: str, security: Security) -> dict[str, Any] | None:
+    """The reply of the Dask server at `address` to `identity`, asked with `security`; None when refused."""
+    from distributed.comm import connect
+
+    async def ask() -> dict[str, Any]:
+        comm = await connect(address, timeout=5, **security.get_connection_args("client"))
+        try:
+            await comm.write({"op": "identity", "reply": True})
+            return dict(await asyncio.wait_for(comm.read(), 5))
+        finally:
+            comm.abort()
+
+    try:
+        return asyncio.run(ask())
+    # ssl.SSLError and distributed's CommClosedError are OSErrors; a RuntimeError is distributed
+    # declining to offer TLS credentials to a plain tcp address.
+    except (OSError, TimeoutError, RuntimeError):
+        return None
+
+
+def _runs_code(address: str, security: Security | None) -> bool:
+    """Whether a client presenting `security` gets a task of its own run by the scheduler at `address`."""
+    from distributed import Client
+
+    try:
+        with Client(address, security=security, timeout=5, set_as_default=False) as outsider:
+            return bool(outsider.submit(os.getpid, pure=False).result(timeout=10) > 0)
+    except (OSError, TimeoutError, RuntimeError):  # refused, as `_identity` says
+        return False
+
+
+def _strangers(run: Security) -> dict[str, Security | None]:
+    """Peers without this run's credentials, by what they present.
+
+    The run's certificate is no secret (the scheduler shows it to every peer in the handshake): a
+    stranger that trusts it but presents its own key proves that the refusal is the cluster's, not a
+    client's distrust of the cluster.
+    """
+    from distributed.security import Security
+
+    own = Security.temporary()
+    return {
+        "plain tcp": None,
+        "its own temporary credentials": own,
+        "its own key, trusting the run's certificate": Security(
+            require_encryption=True,
+            tls_ca_file=run.get_tls_config_for_role("client")["ca_file"],
+            tls_client_cert=own.tls_client_cert,
+            tls_client_key=own.tls_client_key,
+        ),
+    }
+
+
+def _listening(pid: int) -> set[str]:
+    """The IP addresses that process `pid` and its children listen on (TCP)."""
+    root = psutil.Process(pid)
+    hosts = set()
+    for process in [root, *root.children(recursive=True)]:
+        for conn in process.net_connections(kind="inet"):
+            if conn.status == psutil.CONN_LISTEN:
+                hosts.add(conn.laddr.ip)
+    return hosts
+
+
+def _assert_same_arrays(got: Path, want: Path) -> None:
+    """Every array of the two stores, read as plain zarr, holds the same values."""
+    want_arrays = dict(zarr.open_group(want, mode="r").arrays())
+    got_arrays = dict(zarr.open_group(got, mode="r").arrays())
+    assert sorted(got_arrays) == sorted(want_arrays)
+    for name, array in want_arrays.items():
+        np.testing.assert_array_equal(got_arrays[name][...], array[...], err_msg=name)
+
+
+def test_a_local_conversion_refuses_strangers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, dask_scheduler: str
+) -> None:
+    source, labels = _archive(tmp_path)
+    common = ["--labels", str(labels), "--shard-size", "8", "--quiet"]
+    reference = tmp_path / "reference.zarr"
+    assert main(["convert", str(source), str(reference), "--scheduler", dask_scheduler, *common]) == 0
+
+    seen: dict[str, Any] = {}
+    real = ichdata.convert.convert_shards
+
+    def probed(plan: Any, client: Client | None, on_shard_done: Callable[..., None] | None = None) -> Any:
+        """`convert_shards`, probing the cluster from outside once its first shard is done."""
+        assert client is not None
+
+        def on_done(done: Any) -> None:
+            if not seen:
+                seen.update(_probe(client))
+            if on_shard_done is not None:
+                on_shard_done(done)
+
+        return real(plan, client, on_shard_done=on_done)
+
+    monkeypatch.setattr(ichdata.convert, "convert_shards", probed)
+    store = tmp_path / "local.zarr"
+    assert main(["convert", str(source), str(store), "--workers", "2", *common]) == 0
+    assert seen, "the probe ran during the conversion"
+
+    # No stranger is let in anywhere, and no task of a stranger's runs …
+    assert seen["strangers"] == {}, seen["strangers"]
+    # … while the run's own credentials are let in everywhere (the probe can tell).
+    assert all(reply is not None for reply in seen["own"].values()), seen["own"]
+    info = seen["info"]
+    workers = info["workers"]
+    assert len(workers) == 2
+    addresses = [info["address"], *workers, *(w["nanny"] for w in workers.values())]
+    assert all(a.startswith("tls://127.0.0.1:") for a in addresses), addresses
+    assert seen["listening"] == {"127.0.0.1"}
+    _assert_same_arrays(store, reference)
+
+
+def _probe(client: Client) -> dict[str, Any]:
+    """What an outsider meets at every address of `client`'s cluster, and where the cluster listens."""
+    from distributed.security import Security
+
+    info = client.scheduler_info()
+    workers = info["workers"]
+    addresses = [info["address"], *workers, *(w["nanny"] for w in workers.values())]
+    run = client.security
+    let_in = {}
+    for who, security in _strangers(run).items():
+        # Plain tcp is spoken to the same host and port: what a peer without TLS would try.
+        at = (lambda a: a.replace("tls://", "tcp://")) if security is None else (lambda a: a)
+        for address in addresses:
+            if _identity(at(address), security or Security()) is not None:
+                let_in[f"{who} at {at(address)}"] = "identity answered"
+        if _runs_code(at(info["address"]), security):
+            let_in[f"{who} at the scheduler"] = "its task ran"
+    return {
+        "info": info,
+        "own": {address: _identity(address, run) for address in addresses},
+        "strangers": let_in,
+        "listening": _listening(os.getpid()),
+    }
