@@ -25,7 +25,8 @@ from ichdata.errors import UserError
 from ichdata.labels import CLASSES
 from ichdata.options import option
 from ichdata.testing.dicom_writer import stored_from_hu, write_ct_slice
-from ichdata.testing.render import RandomFields, bank_size, render_study
+from ichdata.testing.grid import RandomFields
+from ichdata.testing.render import bank_size, render_study
 from ichdata.testing.study import Anatomy, Study, draw_anatomy, draw_study, study_labels, without_lesions
 
 __all__ = ["ArchiveKwargs", "ArchiveSummary", "SynthConfig", "write_archive"]

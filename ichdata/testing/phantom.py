@@ -12,7 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ichdata.testing.render import RandomFields, bank_size, render_study
+from ichdata.testing.grid import RandomFields
+from ichdata.testing.render import bank_size, render_study
 from ichdata.testing.study import SUBTYPES, draw_anatomy, draw_study, study_labels
 
 __all__ = ["Phantom", "phantom_series"]

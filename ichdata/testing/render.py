@@ -3,8 +3,9 @@
 Coordinates: the head frame (u, v) in mm, u left to right, v anterior (-) to posterior (+), which is
 the image's row direction, so the occiput (where blood layers in a supine patient) is at the bottom.
 `rho0` is a pixel's normalised elliptic radius, so every layer (scalp, skull tables, CSF, cortex,
-white matter) is one lookup in a per-slice radial profile; the smaller structures (ventricles,
-cisterns, lesions) are drawn in their bounding boxes. What is drawn comes from `study.py`.
+white matter) is one lookup in a per-slice radial profile (`ichdata.testing.grid`); the smaller
+structures (ventricles, cisterns, lesions) are drawn in their bounding boxes. What is drawn comes
+from `study.py`.
 """
 
 from __future__ import annotations
@@ -13,17 +14,12 @@ from collections.abc import Iterator
 
 import numpy as np
 
+from ichdata.testing.grid import RADIAL_BINS, RHO0_MAX, Box, Grid, Parts, RandomFields, soft
 from ichdata.testing.study import SUBTYPES, Anatomy, Lesion, Study, head_scale
 
-__all__ = ["RandomFields", "bank_size", "render_study"]
-
-_Box = tuple[slice, slice]
-_Parts = list[tuple[_Box, np.ndarray]]
+__all__ = ["bank_size", "render_study"]
 
 _AIR, _CSF, _GREY, _WHITE, _FAT = -1000.0, 7.0, 38.0, 29.0, -90.0
-_K = 4096  # radial lookup-table bins
-_RHO0_MAX = 1.3  # normalised radius covered by the table; beyond it, air
-_SULCAL_WAVELENGTH_MM = 15.0
 
 
 def _run_profile(lesion: Lesion, k: int) -> tuple[float, float]:
@@ -37,93 +33,6 @@ def _run_profile(lesion: Lesion, k: int) -> tuple[float, float]:
     alpha = lesion.alpha_end[0] if e == 0 else lesion.alpha_end[1] if e == 1 else 1.0
     size = 0.45 + 0.55 * float(np.sin(np.pi * (k - lesion.first + 0.5) / n))
     return alpha, size
-
-
-class RandomFields:
-    """Per-archive random fields, cut at per-study and per-slice offsets.
-
-    Band-passed fields whose zero crossings are the sulci, and spatially correlated CT noise.
-    Computing them once keeps each slice to a few array operations.
-    """
-
-    def __init__(self, rng: np.random.Generator, size: int, spacing: float) -> None:
-        self.size = size
-        f = np.fft.fftfreq(size, d=spacing)
-        fr = np.hypot(f[:, None], f[None, :])
-        f0 = min(1.0 / _SULCAL_WAVELENGTH_MM, 0.2 / spacing)
-        white = rng.standard_normal((2, size, size), dtype=np.float32)
-        z = np.fft.ifft2(np.fft.fft2(white[0] + 1j * white[1]) * np.exp(-(((fr - f0) / (0.4 * f0)) ** 2)))
-        z /= np.sqrt(np.mean(np.abs(z) ** 2) / 2)
-        self.sulci = np.stack([z.real, z.imag]).astype(np.float32)
-        # The sulcal field's mean change per pixel: the soft edge of a sulcus is one pixel wide, and
-        # a sulcus `h` mm wide each side of the zero crossing is where |field| < h * (change per mm).
-        per_px = float(np.mean(np.abs(np.diff(self.sulci[0], axis=1)))) * 1.3
-        self.sulcal_gain = 1.0 / per_px
-        self.sulcal_per_mm = per_px / spacing
-        # CT noise: correlated over ~0.7 mm (a soft reconstruction kernel), unit standard deviation.
-        white_noise = rng.standard_normal((size, size), dtype=np.float32)
-        n = np.fft.ifft2(np.fft.fft2(white_noise) * np.exp(-((fr * 0.7) ** 2))).real
-        self.noise = (n / n.std()).astype(np.float32)
-
-
-class _Grid:
-    """Per-study coordinate arrays.
-
-    The head frame of every pixel, its elliptic radius and angle, and the radial lookup index.
-    """
-
-    def __init__(self, st: Study, banks: RandomFields) -> None:
-        an = st.anatomy
-        x = (np.arange(st.cols, dtype=np.float32) - (st.cols - 1) / 2) * st.spacing - st.cx
-        y = (np.arange(st.rows, dtype=np.float32) - (st.rows - 1) / 2) * st.spacing - st.cy
-        c, s = np.float32(np.cos(st.yaw)), np.float32(np.sin(st.yaw))
-        self.u = c * x[None, :] + s * y[:, None]
-        self.v = -s * x[None, :] + c * y[:, None]
-        self.theta = np.arctan2(self.v / an.b, self.u / an.a).astype(np.float32)
-        self.rho0 = (np.hypot(self.u / an.a, self.v / an.b) * an.outline(self.theta)).astype(np.float32)
-        self.idx = np.minimum((self.rho0 * np.float32(_K / _RHO0_MAX)).astype(np.int32), _K - 1)
-        oy, ox = st.field_offset
-        self.f1 = banks.sulci[0, oy : oy + st.rows, ox : ox + st.cols]
-        self.f2 = banks.sulci[1, oy : oy + st.rows, ox : ox + st.cols]
-        self.sulcal_gain = np.float32(banks.sulcal_gain)
-        self.sulcal_per_mm = banks.sulcal_per_mm
-        self.st = st
-        self.pix = st.spacing
-
-    def box(self, us: np.ndarray, vs: np.ndarray, margin_mm: float = 2.0) -> _Box | None:
-        """The pixel bounding box of head-frame points (plus a margin), or None if off the image."""
-        st = self.st
-        c, s = np.cos(st.yaw), np.sin(st.yaw)
-        x = st.cx + c * us - s * vs
-        y = st.cy + s * us + c * vs
-        j = x / st.spacing + (st.cols - 1) / 2
-        i = y / st.spacing + (st.rows - 1) / 2
-        m = margin_mm / st.spacing + 1
-        i0, i1 = int(max(np.floor(i.min() - m), 0)), int(min(np.ceil(i.max() + m) + 1, st.rows))
-        j0, j1 = int(max(np.floor(j.min() - m), 0)), int(min(np.ceil(j.max() + m) + 1, st.cols))
-        if i0 >= i1 or j0 >= j1:
-            return None
-        return slice(i0, i1), slice(j0, j1)
-
-    def ellipse_box(self, uc: float, vc: float, ra: float, rb: float, margin_mm: float = 2.0) -> _Box | None:
-        """The pixel bounding box of an axis-aligned ellipse in the head frame."""
-        us = np.array([uc - ra, uc + ra, uc - ra, uc + ra])
-        vs = np.array([vc - rb, vc - rb, vc + rb, vc + rb])
-        return self.box(us, vs, margin_mm)
-
-    def arc_box(self, theta0: float, half: float, rho_outer: float, rho_inner: float) -> _Box | None:
-        """Bounding box of the band between two elliptic radii over an angular range."""
-        an = self.st.anatomy
-        th = np.linspace(theta0 - half, theta0 + half, 13)
-        rr = np.concatenate([np.full(13, rho_outer), np.full(13, max(rho_inner, 0.0))])
-        th2 = np.concatenate([th, th])
-        scale = rr / an.outline(th2)
-        return self.box(scale * an.a * np.cos(th2), scale * an.b * np.sin(th2))
-
-
-def _soft(signed_distance_px: np.ndarray) -> np.ndarray:
-    """Partial-volume fraction of a pixel whose centre lies `signed_distance_px` inside an edge."""
-    return np.clip(signed_distance_px + 0.5, 0.0, 1.0)
 
 
 def _depths(an: Anatomy, t: float, s: float) -> dict[str, float]:
@@ -145,7 +54,7 @@ def _radial_tables(st: Study, k: int) -> tuple[np.ndarray, np.ndarray, dict[str,
     s = head_scale(t)
     d = _depths(an, t, s)
     r0 = an.r0
-    rho = (np.arange(_K, dtype=np.float64) + 0.5) * (_RHO0_MAX / _K)
+    rho = (np.arange(RADIAL_BINS, dtype=np.float64) + 0.5) * (RHO0_MAX / RADIAL_BINS)
     depth = (s - rho) * r0
     skull = d["inner"] - d["outer"]
     table = min(1.8, skull / 3)
@@ -164,39 +73,39 @@ def _radial_tables(st: Study, k: int) -> tuple[np.ndarray, np.ndarray, dict[str,
     values = [_AIR, 45.0, _FAT, 35.0, 1450.0 * an.bone, 780.0 * an.bone, 1450.0 * an.bone, _CSF, _GREY, white]
     prof = np.asarray(values, dtype=np.float64)[np.searchsorted(edges, depth, side="right")]
     # Partial volume: average the profile over one pixel (a box of the pixel's width in bins).
-    w = max(1, round(st.spacing / (_RHO0_MAX * r0 / _K)))
+    w = max(1, round(st.spacing / (RHO0_MAX * r0 / RADIAL_BINS)))
     if w > 1:
         c = np.concatenate([[0.0], np.cumsum(prof)])
-        lo = np.clip(np.arange(_K) - w // 2, 0, _K)
-        hi = np.clip(lo + w, 0, _K)
+        lo = np.clip(np.arange(RADIAL_BINS) - w // 2, 0, RADIAL_BINS)
+        hi = np.clip(lo + w, 0, RADIAL_BINS)
         prof = (c[hi] - c[lo]) / (hi - lo)
     # Sulci: open at the brain surface, tapering to nothing 12 mm deep.
     band = np.clip(1.0 - (depth - d["inner"]) / 12.0, 0.0, 1.0) * (depth > d["inner"])
     return prof.astype(np.float32), band.astype(np.float32), d, s
 
 
-def _brain_fraction(g: _Grid, box: _Box, s: float, d: dict[str, float]) -> np.ndarray:
+def _brain_fraction(g: Grid, box: Box, s: float, d: dict[str, float]) -> np.ndarray:
     """Fraction of each pixel in the box that lies inside the inner skull table."""
     depth_px = ((s - g.rho0[box]) * g.st.anatomy.r0 - d["inner"]) / g.pix
-    return _soft(depth_px)
+    return soft(depth_px)
 
 
 def _ellipse_fraction(
-    g: _Grid, box, uc: float, vc: float, ra: float, rb: float, bend: float = 0.0
+    g: Grid, box: Box, uc: float, vc: float, ra: float, rb: float, bend: float = 0.0
 ) -> np.ndarray:
     """Partial-volume fraction of an ellipse (optionally bent: its centre line u = uc + bend·(v-vc)²)."""
     du = g.u[box] - uc - bend * (g.v[box] - vc) ** 2
     dv = g.v[box] - vc
     q = np.sqrt((du / ra) ** 2 + (dv / rb) ** 2)
-    return _soft((1.0 - q) * min(ra, rb) / g.pix)
+    return soft((1.0 - q) * min(ra, rb) / g.pix)
 
 
-def _blend(hu: np.ndarray, box: _Box, frac: np.ndarray, value: float | np.ndarray) -> None:
+def _blend(hu: np.ndarray, box: Box, frac: np.ndarray, value: float | np.ndarray) -> None:
     view = hu[box]
     view += frac * (value - view)
 
 
-def _ventricle_parts(g: _Grid, t: float) -> _Parts:
+def _ventricle_parts(g: Grid, t: float) -> Parts:
     """The lateral (two), third and fourth ventricles on a slice: (box, fraction) pairs."""
     an = g.st.anatomy
     parts = []
@@ -221,7 +130,7 @@ def _ventricle_parts(g: _Grid, t: float) -> _Parts:
     return parts
 
 
-def _cistern_parts(g: _Grid, t: float) -> _Parts:
+def _cistern_parts(g: Grid, t: float) -> Parts:
     """Basal cisterns (a ring around the midbrain) and the Sylvian fissures.
 
     Basal subarachnoid blood collects there.
@@ -234,7 +143,7 @@ def _cistern_parts(g: _Grid, t: float) -> _Parts:
             r = np.hypot(du, dv)
             phi = np.arctan2(dv, du)
             outer = 13.5 + 2.0 * np.cos(5 * phi)
-            parts.append((box, _soft((r - 10.0) / g.pix) * _soft((outer - r) / g.pix)))
+            parts.append((box, soft((r - 10.0) / g.pix) * soft((outer - r) / g.pix)))
     if 0.22 < t < 0.42:
         for sign in (-1.0, 1.0):
             u0, v0, u1, v1 = sign * 14.0, -6.0, sign * 52.0, -16.0
@@ -246,12 +155,12 @@ def _cistern_parts(g: _Grid, t: float) -> _Parts:
             length = np.hypot(lu, lv)
             along = (du * lu + dv * lv) / length
             across = np.abs(du * lv - dv * lu) / length
-            frac = _soft((1.3 - across) / g.pix) * _soft(along / g.pix) * _soft((length - along) / g.pix)
+            frac = soft((1.3 - across) / g.pix) * soft(along / g.pix) * soft((length - along) / g.pix)
             parts.append((box, frac))
     return parts
 
 
-def _sulcal_fraction(g: _Grid, box: _Box, band: np.ndarray, phase: float, half_width_mm: float) -> np.ndarray:
+def _sulcal_fraction(g: Grid, box: Box, band: np.ndarray, phase: float, half_width_mm: float) -> np.ndarray:
     """Where the slice's sulcal field crosses zero, within the band.
 
     The sulci (or, wider, the blood-filled sulci of subarachnoid hemorrhage), `half_width_mm` each
@@ -269,7 +178,7 @@ def _sulcal_fraction(g: _Grid, box: _Box, band: np.ndarray, phase: float, half_w
     return np.clip(out, 0.0, 1.0, out=out)
 
 
-def _draw_brain(g: _Grid, hu: np.ndarray, t: float, s: float, d: dict[str, float]) -> None:
+def _draw_brain(g: Grid, hu: np.ndarray, t: float, s: float, d: dict[str, float]) -> None:
     """Deep grey nuclei, the interhemispheric fissure and falx, the ventricles and the cisterns."""
     an = g.st.anatomy
     if 0.28 < t < 0.46:
@@ -286,16 +195,16 @@ def _draw_brain(g: _Grid, hu: np.ndarray, t: float, s: float, d: dict[str, float
             keep = _brain_fraction(g, box, s, d)
             if t < 0.65:
                 vb = g.v[box]
-                keep = keep * _soft((np.maximum(-25.0 - vb, vb - 35.0)) / g.pix)
-            _blend(hu, box, keep * _soft((1.4 - au) / g.pix), _CSF)
-            _blend(hu, box, keep * min(1.0, 0.7 / g.pix) * _soft((0.35 - au) / g.pix), 75.0)
+                keep = keep * soft((np.maximum(-25.0 - vb, vb - 35.0)) / g.pix)
+            _blend(hu, box, keep * soft((1.4 - au) / g.pix), _CSF)
+            _blend(hu, box, keep * min(1.0, 0.7 / g.pix) * soft((0.35 - au) / g.pix), 75.0)
     for box, frac in _ventricle_parts(g, t):
         _blend(hu, box, frac, 5.0)
     for box, frac in _cistern_parts(g, t):
         _blend(hu, box, frac, _CSF)
 
 
-def _draw_skull_base(g: _Grid, hu: np.ndarray, t: float, s: float) -> None:
+def _draw_skull_base(g: Grid, hu: np.ndarray, t: float, s: float) -> None:
     """Petrous ridges and the sphenoid sinus at the skull base; the frontal sinus higher up."""
     an = g.st.anatomy
     if t < 0.2:
@@ -309,7 +218,7 @@ def _draw_skull_base(g: _Grid, hu: np.ndarray, t: float, s: float) -> None:
                 length = np.hypot(lu, lv)
                 along = (du * lu + dv * lv) / length
                 across = np.abs(du * lv - dv * lu) / length
-                frac = _soft((w - across) / g.pix) * _soft(along / g.pix) * _soft((length - along) / g.pix)
+                frac = soft((w - across) / g.pix) * soft(along / g.pix) * soft((length - along) / g.pix)
                 _blend(hu, box, frac, 1250.0 * an.bone)
     if t < 0.14:
         box = g.ellipse_box(0.0, -32.0, 14.0, 11.0)
@@ -323,7 +232,7 @@ def _draw_skull_base(g: _Grid, hu: np.ndarray, t: float, s: float) -> None:
             _blend(hu, box, _ellipse_fraction(g, box, 0.0, vc, 13.0, 2.5), _AIR)
 
 
-def _draw_calcifications(g: _Grid, hu: np.ndarray, t: float) -> None:
+def _draw_calcifications(g: Grid, hu: np.ndarray, t: float) -> None:
     """Choroid plexus in the atria and the pineal gland: bright, but not blood."""
     an = g.st.anatomy
     if an.choroid_calcified and 0.42 < t < 0.56:
@@ -338,7 +247,7 @@ def _draw_calcifications(g: _Grid, hu: np.ndarray, t: float) -> None:
             _blend(hu, box, _ellipse_fraction(g, box, 0.0, 17.0, 2.0, 2.0), 160.0)
 
 
-def _draw_mimic(g: _Grid, hu: np.ndarray, k: int, s: float, d: dict[str, float]) -> None:
+def _draw_mimic(g: Grid, hu: np.ndarray, k: int, s: float, d: dict[str, float]) -> None:
     """Slice k's faint hyperdensity, if it has one (beam hardening, a vessel, partial volume).
 
     It mimics the faint ends of a lesion run, which only the neighbouring slices tell apart.
@@ -353,7 +262,7 @@ def _draw_mimic(g: _Grid, hu: np.ndarray, k: int, s: float, d: dict[str, float])
 
 
 def _draw_lesions(
-    g: _Grid,
+    g: Grid,
     hu: np.ndarray,
     k: int,
     s: float,
@@ -385,7 +294,7 @@ def _draw_lesions(
 
 
 def _render_slice(
-    g: _Grid, k: int, noise: np.ndarray, with_masks: bool
+    g: Grid, k: int, noise: np.ndarray, with_masks: bool
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """HU of slice k, its lesion pixel counts and, if asked, its blood fractions.
 
@@ -410,7 +319,7 @@ def _render_slice(
     return hu, counts, masks
 
 
-def _pad_to(frac: np.ndarray, box: _Box, big: _Box) -> np.ndarray:
+def _pad_to(frac: np.ndarray, box: Box, big: Box) -> np.ndarray:
     """`frac` (defined on `box`) placed into the enclosing box `big`, zeros elsewhere."""
     out = np.zeros((big[0].stop - big[0].start, big[1].stop - big[1].start), dtype=frac.dtype)
     i0, j0 = box[0].start - big[0].start, box[1].start - big[1].start
@@ -423,7 +332,7 @@ def _wrap(a: np.ndarray) -> np.ndarray:
 
 
 def _lesion_parts(
-    g: _Grid,
+    g: Grid,
     lesion: Lesion,
     k: int,
     size: float,
@@ -432,7 +341,7 @@ def _lesion_parts(
     band: np.ndarray,
     phase: float,
     grow_mm: float = 0.0,
-) -> _Parts:
+) -> Parts:
     """The blood fraction of one lesion on slice k, as (box, fraction) pairs."""
     an = g.st.anatomy
     p = lesion.p
@@ -452,7 +361,7 @@ def _lesion_parts(
         else:  # crescent: long, of nearly even thickness, tapering at its ends
             prof = np.clip(1.0 - np.abs(x) ** 3, 0.0, 1.0)
         below = (rho_in - g.rho0[box]) * r0  # mm below the inner table
-        frac = _soft((thick * prof - below) / g.pix) * _soft(below / g.pix) * (prof > 0)
+        frac = soft((thick * prof - below) / g.pix) * soft(below / g.pix) * (prof > 0)
         return [(box, frac)]
     if lesion.subtype == "subarachnoid":
         parts = []
@@ -479,7 +388,7 @@ def _lesion_parts(
         r = np.hypot(du, dv)
         phi = np.arctan2(dv, du)
         edge = radius * (1.0 + 0.18 * np.cos(2 * phi + p["p2"]) + 0.08 * np.cos(3 * phi + p["p3"]))
-        frac = _soft((edge - r) / g.pix) * _brain_fraction(g, box, s, d)
+        frac = soft((edge - r) / g.pix) * _brain_fraction(g, box, s, d)
         return [(box, frac)]
     if lesion.subtype == "intraventricular":
         parts = []
@@ -493,7 +402,7 @@ def _lesion_parts(
             if vb.size == 0:
                 continue
             level = vb.max() - p["fill"] * (0.4 + 0.6 * size) * (vb.max() - vb.min())
-            parts.append((box, vfrac * _soft((v - level) / g.pix)))
+            parts.append((box, vfrac * soft((v - level) / g.pix)))
         return parts
     raise ValueError(f"unknown subtype {lesion.subtype!r}")
 
@@ -507,7 +416,7 @@ def render_study(
     st: Study, banks: RandomFields, with_masks: bool = False
 ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray | None]]:
     """Yield (hu, lesion pixel counts, masks) slice by slice (cache-friendly, bounded memory)."""
-    g = _Grid(st, banks)
+    g = Grid(st, banks)
     for k in range(st.n_slices):
         oy, ox, sign = (int(x) for x in st.noise_offsets[k])
         noise = banks.noise[oy : oy + st.rows, ox : ox + st.cols]
