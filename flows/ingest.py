@@ -402,6 +402,8 @@ def ingest(
         memory: Memory per SLURM job, e.g. `16GB` (default: the site's `jobqueue.slurm.memory`).
         walltime: Time limit per SLURM job, e.g. `04:00:00`; a job is replaced before it ends.
     """
+    # Long: a flow's parameters are its deployment's form, so each option is its own documented
+    # argument; the stages themselves are the five task calls below.
     started = time.perf_counter()
     config = ConvertConfig(
         source=_path("source", source, "a folder of DICOM files"),

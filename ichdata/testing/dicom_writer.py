@@ -182,6 +182,7 @@ def write_ct_slice(
     Tests use it to write broken files on purpose, e.g. `{"ImagePositionPatient": None}`,
     `{"Rows": 600}` (pixel data size mismatch), `{"SamplesPerPixel": 3}`, `{"NumberOfFrames": 2}`.
     """
+    # Long: a keyword argument per element and one `_put` each, so a test reads which tags it sets.
     ts = UID(transfer_syntax)
     arr = _checked_pixels(stored, bits_stored, pixel_representation, ts)
     rows, cols = arr.shape
