@@ -1,12 +1,8 @@
 """Deploying the `ingest` flow: `ich serve` serves it as the deployment `ingest/default`.
 
 `flow.serve` registers the deployment with the Prefect API named by `PREFECT_API_URL` and then polls
-it for runs, executing each in a subprocess of this process, so that
-
-    prefect deployment run 'ingest/default' -p source=/data/dicom -p store=/data/rsna.zarr
-
-from any shell that reaches the same API starts an ingest. The same deployment for a process work pool
-(`prefect deploy --all` + `prefect worker start --pool ich-process`) is `prefect.yaml` at the repo root.
+it for runs, executing each in a subprocess of this process; `prefect.yaml` at the repo root is the
+same deployment for a process work pool. The README's ingest section shows how runs are started.
 
 The deployment's entrypoint is the module path `flows.ingest.ingest`, not a file path relative to the
 current directory, so runs work wherever `ich serve` was started as long as `ich` is installed.

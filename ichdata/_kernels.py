@@ -26,6 +26,7 @@ _WARM = False
 
 
 def _compile(cache: bool = True) -> dict[str, Any]:
+    # Long: three short kernels defined inside, so that Numba is imported only when they are compiled.
     from numba import njit
 
     jit = njit(cache=cache, nogil=True, boundscheck=False)

@@ -1,16 +1,8 @@
 """The checkpoint format of `ich train` (`best.pt`, `last.pt`): written, read and checked here only.
 
 A checkpoint is a safetensors file: the tensors, plus JSON metadata holding the rest of the tree and
-a sha256 over both, so that loading one runs no code and a changed byte is refused. The tree:
-
-| key | content |
-| --- | --- |
-| `format`, `version` | `"ich-checkpoint"`, 2 |
-| `model`, `state_dict` | `create_model` keyword arguments (`name`, `backbone`, `bidirectional`, `num_classes`, `drop_rate`, `rnn_hidden`, `rnn_layers`); the plain module's weights |
-| `classes`, `image_size`, `windows`, `max_len` | label columns in output order; what inputs look like; the training window length |
-| `config`, `store` | the resolved `TrainConfig` as a dict; the training store's `path`, `n_slices`, `n_series` |
-| `epoch`, `step`, `val_loss`, `best_val_loss`, `best_epoch` | epochs and optimizer steps done; validation losses |
-| `optimizer`, `scheduler`, `rng` | `last.pt` only (`TRAINING_STATE`): what `--resume` restores, RNG states of every rank |
+a sha256 over both, so that loading one runs no code and a changed byte is refused. The tree's keys
+are listed in `save_checkpoint`.
 """
 
 from __future__ import annotations
@@ -84,7 +76,16 @@ def _digest(tree_json: str, tensors: Mapping[str, torch.Tensor]) -> str:
 
 
 def save_checkpoint(checkpoint: Mapping[str, object], path: str | os.PathLike[str]) -> None:
-    """Write `checkpoint` (the tree in the module docstring) to `path` atomically.
+    """Write `checkpoint` (the tree below) to `path` atomically.
+
+    | key | content |
+    | --- | --- |
+    | `format`, `version` | `"ich-checkpoint"`, 2 |
+    | `model`, `state_dict` | `create_model` keyword arguments (`name`, `backbone`, `bidirectional`, `num_classes`, `drop_rate`, `rnn_hidden`, `rnn_layers`); the plain module's weights |
+    | `classes`, `image_size`, `windows`, `max_len` | label columns in output order; what inputs look like; the training window length |
+    | `config`, `store` | the resolved `TrainConfig` as a dict; the training store's `path`, `n_slices`, `n_series` |
+    | `epoch`, `step`, `val_loss`, `best_val_loss`, `best_epoch` | epochs and optimizer steps done; validation losses |
+    | `optimizer`, `scheduler`, `rng` | `last.pt` only (`TRAINING_STATE`): what `--resume` restores, RNG states of every rank |
 
     Args:
         checkpoint: the tree; `format` and `version` are filled in. Values are tensors, str, int,

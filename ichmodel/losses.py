@@ -5,11 +5,9 @@ are masked out of numerator and denominator alike: padding slices (`mask` False)
 slices (label 255) and filler windows (`weight` 0, see `ichmodel.data.StudyBatchSampler`). Both
 functions return sums rather than means so that callers can normalise over a whole accumulation
 group, or reduce over DDP ranks, before dividing: the mean over all counted entries is then exactly
-the loss of one big batch.
-
-With every slice labelled, `val_loss_sums` divided out equals `ichmodel.metrics.weighted_log_loss`
-on the same probabilities (same clipping to [1e-7, 1 - 1e-7]); the training loss works on logits
-(`binary_cross_entropy_with_logits`, numerically stable, unclipped).
+the loss of one big batch. With every slice labelled, `val_loss_sums` divided out equals
+`ichmodel.metrics.weighted_log_loss` on the same probabilities (same clipping to [1e-7, 1 - 1e-7]);
+the training loss works on logits (`binary_cross_entropy_with_logits`, numerically stable, unclipped).
 """
 
 from __future__ import annotations

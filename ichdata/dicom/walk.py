@@ -7,9 +7,8 @@ Implicit or Explicit VR Little Endian datasets, compressed ones included; elemen
 up to the Pixel Data tag) and keeps only the elements the header checks look at, as the same raw
 elements pydicom would hand them. Whatever it is not sure about (an undefined-length sequence, an
 unknown VR, an element that runs past the end of the file, a file meta group whose length disagrees
-with its elements, big-endian or deflated data) it leaves to pydicom by returning None, so the results
-and every `SliceError` are pydicom's by construction (`tests/ichdata/test_dicom.py` holds the two
-paths equal on every reason, pydicom's own test files and fuzzed files).
+with its elements, big-endian or deflated data) it leaves to pydicom by returning None, so results
+and `SliceError`s are pydicom's by construction (`tests/ichdata/test_dicom.py` holds the paths equal).
 """
 
 from __future__ import annotations
