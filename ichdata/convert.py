@@ -152,7 +152,7 @@ def convert_shards(
     store = str(p.store)
     failures_all: list[tuple[str, str, str]] = []
     n_written = 0
-    # A store made just now has no markers to read (reading them is ≈ 0.2 ms a shard).
+    # A store made just now has no markers: skip a read per shard.
     done_keys = [""] * p.n_shards if fresh else read_markers(group)
     n_skipped = sum(1 for i in range(p.n_shards) if marker_key(done_keys, i) == p.shard_key(i))
     while True:

@@ -58,7 +58,7 @@ class _Encoder(nn.Module):
         self.checkpoint_chunk = 32
         self.channels_last = False  # set with `model.to(memory_format=torch.channels_last)` on GPU
         #: Round the number of slices per CNN call up to a multiple of this (None: 32 on CUDA, 1 on CPU).
-        #: cuDNN builds an execution plan for every new input shape (seconds for Xception's ~75
+        #: cuDNN builds an execution plan for every new input shape (costly for Xception's many
         #: convolutions, forward and backward); study batches hold a different number of slices each
         #: time, so without rounding nearly every step pays that again. The extra rows repeat real
         #: slices of the batch (never padding) and their outputs are dropped.

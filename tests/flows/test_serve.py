@@ -2,7 +2,7 @@
 
 Then the same deployment from `prefect.yaml` through a process work pool. Every process a test starts
 gets its own process group and is stopped at the end (SIGTERM, then SIGKILL after a grace period: a
-Prefect worker or runner may take ~8 s to act on SIGTERM). Nothing listens beyond 127.0.0.1, and
+Prefect worker or runner may take seconds to act on SIGTERM). Nothing listens beyond 127.0.0.1, and
 PREFECT_HOME is a temporary folder.
 """
 

@@ -11,7 +11,7 @@ from ichdata.errors import UserError
 from ichmodel.augment import AugmentConfig, augment, to_float
 from ichmodel.models import SequenceClassifier, SliceClassifier, create_model, predict_study, study_windows
 
-BACKBONE = "test_efficientnet"  # ~0.1 M parameters: one CPU step in milliseconds
+BACKBONE = "test_efficientnet"  # timm's tiny test model: a CPU step is cheap
 
 
 def _batch(lengths: list[int], size: int = 64, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
