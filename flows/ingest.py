@@ -34,6 +34,9 @@ from ichdata.finalize import ConvertSummary
 from ichdata.shards import ShardDone
 
 if TYPE_CHECKING:
+    import logging
+
+    from distributed import Client
     from prefect.client.schemas.objects import TaskRun
     from prefect.states import State
     from prefect.tasks import Task
@@ -47,7 +50,7 @@ _SCAN_TIMEOUT_S = 6 * 3600.0  # header-only: RSNA's 752k files take minutes, not
 _PLAN_TIMEOUT_S = 3600.0
 _FINALIZE_TIMEOUT_S = 3600.0
 _MIN_TIMEOUT_S = 900.0  # floor of the scaled timeouts (cluster start-up, a slow first shard)
-_CONVERT_S_PER_SLICE = 2.0  # per worker thread: ~100× what reading and rendering a slice takes
+_CONVERT_S_PER_SLICE = 2.0  # per worker thread: far more than reading and rendering a slice takes
 _VERIFY_S_PER_SLICE = 0.5  # per worker thread: re-reading a stored slice is far cheaper still
 #: Rows of the quarantine table artifact; the full list is `ich quarantine STORE` / STORE.quarantine.csv.
 QUARANTINE_ROWS_SHOWN = 1000
@@ -111,7 +114,7 @@ def _path(name: str, value: str, expected: str) -> Path:
     return Path(value).expanduser()
 
 
-def _scaled_timeout(n_slices: int, s_per_slice: float, client: Any) -> float:
+def _scaled_timeout(n_slices: int, s_per_slice: float, client: Client | None) -> float:
     threads = sum(client.nthreads().values()) if client is not None else 1
     return max(_MIN_TIMEOUT_S, n_slices * s_per_slice / max(1, threads))
 
@@ -120,7 +123,7 @@ def _scaled_timeout(n_slices: int, s_per_slice: float, client: Any) -> float:
 
 
 @task(name="scan", timeout_seconds=_SCAN_TIMEOUT_S, **_IO_RETRIES)
-def scan_task(config: ConvertConfig, client: Any) -> Manifest:
+def scan_task(config: ConvertConfig, client: Client | None) -> Manifest:
     """`ichdata.convert.scan_source`: check the inputs, then scan `config.source`.
 
     A store made from another plan fails here, before any file is read; the scan is incremental
@@ -184,7 +187,12 @@ class _ShardProgress:
     `_LOG_EVERY_S`; `clock` is `time.monotonic` but for tests.
     """
 
-    def __init__(self, p: Plan, logger: Any, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        p: Plan,
+        logger: logging.Logger | logging.LoggerAdapter[logging.Logger],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.logger = logger
         self.clock = clock
         self.total = max(1, p.n_new)
@@ -229,7 +237,7 @@ class _ShardProgress:
 
 
 @task(name="convert", **_IO_RETRIES)
-def convert_task(p: Plan, client: Any) -> ConvertResult:
+def convert_task(p: Plan, client: Client | None) -> ConvertResult:
     """`ichdata.convert.convert_shards`: render and write every shard not done yet, on the Dask cluster.
 
     A file that fails at pixel time is set aside and the run carries on; a shard task that raises
@@ -264,7 +272,7 @@ def finalize_task(result: ConvertResult, config: ConvertConfig, started: float) 
 
 
 @task(name="verify", **_IO_RETRIES)
-def verify_task(store: str, client: Any) -> VerifyReport:
+def verify_task(store: str, client: Client | None) -> VerifyReport:
     """`ichdata.verify.verify_store`: re-read every shard and account for every input file.
 
     Raises `StoreInvalid` (with the report) when anything is wrong.

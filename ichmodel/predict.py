@@ -22,6 +22,8 @@ import pandas as pd
 if TYPE_CHECKING:
     from torch import nn
 
+    from ichdata.store import Store
+
 from ichdata.csvsafe import safe_table
 from ichdata.errors import UserError
 from ichdata.options import option
@@ -54,7 +56,7 @@ def submission_frame(image_ids: Sequence[str], probs: np.ndarray, classes: Seque
 
 
 def study_summary(
-    store: Any, rows: np.ndarray, probs: np.ndarray, threshold: float = 0.5, top: int = 3
+    store: Store, rows: np.ndarray, probs: np.ndarray, threshold: float = 0.5, top: int = 3
 ) -> pd.DataFrame:
     """One row per study from slice probabilities (see the module docstring for the columns).
 

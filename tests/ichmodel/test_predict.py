@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import io
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import pandas as pd
@@ -202,7 +203,7 @@ def test_submission_and_summary_from_arrays() -> None:
 
     probs = np.zeros((5, 6))
     probs[:, 5] = [0.1, 0.7, 0.6, 0.2, 0.3]
-    s = study_summary(_Store(), np.arange(5), probs, threshold=0.5)
+    s = study_summary(cast(Store, _Store()), np.arange(5), probs, threshold=0.5)
     assert s["p_any"].tolist() == [0.7, 0.3]
     assert s["n_slices_any"].tolist() == [2, 0]
     assert s["first_slice_any"].iloc[0] == 1
