@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from ichdata.atomic import atomic_path
 from ichdata.errors import UserError
@@ -338,25 +340,10 @@ def scan(
         on_progress(len(odd))
     reused = pd.DataFrame()
     if previous is not None and len(previous.table):
-        stats = [_stat(root / fs_path(p)) for p in paths]
-        now = pd.DataFrame(
-            {
-                "path": paths,
-                "size": [None if s is None else s[0] for s in stats],
-                "mtime_ns": [None if s is None else s[1] for s in stats],
-            }
-        ).astype({"size": "Int64", "mtime_ns": "Int64"})
-        prev = previous.table.drop_duplicates("path", keep="last")
-        same = now.merge(
-            prev[["path", "size", "mtime_ns"]].astype({"size": "Int64", "mtime_ns": "Int64"}),
-            on=["path", "size", "mtime_ns"],
-        )
-        keep = same["path"].tolist()
-        reused = prev.loc[prev["path"].isin(keep)].reset_index(drop=True)
-        keep_set = set(keep)
-        paths = [p for p in paths if p not in keep_set]
-        if on_progress is not None and keep:
-            on_progress(len(keep))
+        reused, unchanged = _unchanged(str(root), paths, previous.table)
+        paths = [p for p, u in zip(paths, unchanged, strict=True) if not u]
+        if on_progress is not None and len(reused):
+            on_progress(len(reused))
     parts: list[pd.DataFrame] = []
     if paths:
         n_workers = len(client.nthreads()) if client is not None else 1
@@ -411,18 +398,53 @@ def _odd_rows(root: str, odd: list[tuple[str, Reason, str]]) -> pd.DataFrame:
     return table_from_records(rows)
 
 
-def _stat(p: Path) -> tuple[int, int] | None:
-    try:
-        st = p.stat()
-    except OSError:
-        return None
-    return st.st_size, st.st_mtime_ns
+def _unchanged(root: str, paths: list[str], previous: pd.DataFrame) -> tuple[pd.DataFrame, np.ndarray]:
+    """The rows of `previous` whose file is unchanged, and for each of `paths` whether it is one of them.
+
+    Unchanged: listed again, with the same size and modification time (both missing counts as the same).
+    The rows keep the previous manifest's order.
+    """
+    size = np.full(len(paths), -1, dtype=np.int64)
+    mtime = np.zeros(len(paths), dtype=np.int64)
+    # `os.stat` on joined strings: a `Path` per file costs more than the system call on the driver.
+    for k, p in enumerate(paths):
+        try:
+            st = os.stat(os.path.join(root, fs_path(p)))
+        except OSError:
+            continue
+        size[k], mtime[k] = st.st_size, st.st_mtime_ns
+    now = pd.DataFrame({"path": paths, "size": size, "mtime_ns": mtime}).astype(
+        {"size": "Int64", "mtime_ns": "Int64"}
+    )
+    now.loc[size < 0, ["size", "mtime_ns"]] = pd.NA
+    prev = previous.drop_duplicates("path", keep="last")
+    same = now.merge(
+        prev[["path", "size", "mtime_ns"]].astype({"size": "Int64", "mtime_ns": "Int64"}),
+        on=["path", "size", "mtime_ns"],
+    )
+    return prev.loc[is_in(prev["path"], same["path"])].reset_index(drop=True), is_in(paths, same["path"])
+
+
+def is_in(values: pd.Series | Sequence[str], among: pd.Series | Sequence[str]) -> np.ndarray:
+    """For each of the strings `values`, whether `among` holds it (a missing value matches a missing one).
+
+    Hashed by Arrow: pandas' `isin` on Arrow-backed strings (what a Parquet manifest reads as) builds a
+    Python object per value looked up.
+    """
+    v, a = (_arrow_strings(x) for x in (values, among))
+    return pc.is_in(v, value_set=a).fill_null(False).to_numpy(zero_copy_only=False)
+
+
+def _arrow_strings(x: pd.Series | Sequence[str]) -> pa.Array:
+    arr = pa.array(x, type=pa.large_string(), from_pandas=True)
+    return arr.combine_chunks() if isinstance(arr, pa.ChunkedArray) else arr
 
 
 __all__ = [
     "COLUMNS",
     "Manifest",
     "SourceTree",
+    "is_in",
     "path_reason",
     "scan",
     "scan_files",
