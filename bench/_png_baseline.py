@@ -5,13 +5,10 @@ NumPy float, OpenCV area resize to 256×256, `cv2.imwrite` of a 3-channel PNG; a
 ordering, no record of what failed (a failing file is skipped and counted). `bench/convert.py`
 measures `ich convert` against it; `bench/loader.py` can read its output back (`read_png`).
 
-Two variants (`dtype`), both measured by `bench/convert.py`:
-
-- `"float64"` — the typical script: `ds.pixel_array * slope + intercept` (what pydicom's
-  `apply_modality_lut` computes too) is float64, and NumPy keeps float64 through the windows and the
-  resize. This is what the RSNA write-ups' scripts do.
-- `"float32"` — the same steps with the stored values cast to float32 first: a tuned script, ≈ 2×
-  faster per slice, the harder baseline to beat.
+Two variants (`dtype`): `"float64"`, the typical script (`ds.pixel_array * slope + intercept`, as
+pydicom's `apply_modality_lut`, is float64 and NumPy keeps it through the windows and the resize);
+`"float32"`, the same steps with the stored values cast to float32 first: a tuned script, the harder
+baseline to beat (their figures: bench/RESULTS.md).
 """
 
 from __future__ import annotations

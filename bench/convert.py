@@ -1,23 +1,13 @@
 """Benchmark: `ich convert` against the per-file PNG baseline, on one synthetic RSNA-like archive.
 
-    .venv/bin/python bench/convert.py                  # 12,000+ slices, 2 workers (figures in RESULTS.md)
+    .venv/bin/python bench/convert.py                  # the default archive, 2 workers (RESULTS.md)
     .venv/bin/python bench/convert.py --slices 4000    # the issue's smallest archive
-    .venv/bin/python bench/convert.py --slices 600     # a quick look while developing
 
-The default archive is 12,000 slices: every run of `ich convert` pays ≈ 0.3 s that does not depend on
-its size (the local cluster's start and stop, the plan, the commit), a tenth of a 2-worker run on 4,000
-slices and 5 % on 12,000 (RSNA's archive is 752,803). `--slices 4000` measures the issue's minimum.
-
-In one run, on the same archive (page cache warmed for all), alternating rounds:
-1. the PNG baseline (`bench/_png_baseline.py`) with a process pool of `--workers`, in its two variants:
-   the typical script (float64 HU and windows: `pixel_array * slope + intercept`) and the tuned one
-   (float32, the harder baseline);
-2. `ich convert` (`ichdata.convert.convert`, what the CLI runs) on a fresh LocalCluster of `--workers`
-   processes and of 1 process — end to end: cluster start, scan, plan, conversion, finalize;
-3. the cost of each step per slice in one process (header + layout, render, compress + write,
-   checksum) and the baseline's (read, HU + windows + resize in float64 and float32, PNG write): where
-   the time goes, and the floor.
-
+In one run, on the same archive (page cache warmed), alternating rounds: the PNG baseline
+(`bench/_png_baseline.py`, both variants) with a pool of `--workers`; `ich convert` end to end on a
+fresh LocalCluster of `--workers` processes and of 1; and the cost per slice of each step in one
+process, ours and the baseline's. The default archive is large enough that a run's fixed cost
+(cluster start and stop, plan, commit) does not dominate; bench/RESULTS.md has the figures and why.
 Prints the table and writes `bench/_work/convert.json`.
 """
 
@@ -233,6 +223,7 @@ def _shard_sizes(
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Long: the options, the alternating rounds and the printed table, in the order the run goes.
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--slices", type=int, default=12000, help="at least this many slices (default 12000)")
     ap.add_argument("--workers", type=int, default=2)

@@ -1,21 +1,14 @@
 """Where a conversion's wall time goes with 1 and with 2 workers: stages, the driver's CPU, the workers'.
 
-    .venv/bin/python bench/convert_timeline.py                    # 4,000+ slices, 1 and 2 workers, 3 rounds
+    .venv/bin/python bench/convert_timeline.py                    # 1 and 2 workers, 3 rounds
     .venv/bin/python bench/convert_timeline.py --slices 300       # the fixed cost of a run
 
-Runs the stages `ich convert` chains (`ichdata.convert`: `dask_client`, `scan_source`, `plan_conversion`,
-`convert_shards`, `finalize`) on a fresh local cluster per run, alternating the worker counts, and prints
-for each run:
-- the wall time of each stage (cluster start and stop included) and this process's CPU during it (the
-  driver: scheduler, client, plan, finalize; all its threads);
-- from distributed's task stream: per worker, its tasks, their busy time, and the time it sat idle
-  between its first and last task; the gap between the last scan task and the first shard task (the
-  serial middle: plan, store creation, submission); how far apart the workers finished;
-- the worker processes' user and system CPU (`getrusage` of this process's finished children).
-
-The archive is `bench/convert.py`'s (same seed, kept in `bench/_work`), its files read once first so
-that the page cache is warm. The first run in the process pays one-off imports and Numba's start; it
-is run untimed.
+Runs the stages `ich convert` chains on a fresh local cluster per run, alternating the worker counts,
+and prints per run: each stage's wall time and the driver's CPU during it; from distributed's task
+stream, per worker its tasks, busy and idle time, the serial gap between scan and shard tasks and how
+far apart the workers finished; the workers' user and system CPU. The archive is `bench/convert.py`'s
+(same seed, in `bench/_work`), read once first to warm the page cache; a first, untimed run pays the
+one-off imports and Numba's start.
 """
 
 from __future__ import annotations

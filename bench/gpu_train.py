@@ -1,24 +1,14 @@
 """Training throughput on one GPU: the three models at bf16, eager and compiled, and loader/GPU balance.
 
-    python bench/gpu_train.py [--out DIR] [--workers 12]     # one H100/H200, ~4-6 minutes
-    python bench/gpu_train.py --smoke                        # CPU, tiny backbone, ~1 minute
+    python bench/gpu_train.py [--out DIR] [--workers 12]     # one H100/H200
+    python bench/gpu_train.py --smoke                        # CPU, tiny backbone
 
-Builds a synthetic store (bench/_synthetic.py, written with `write_store_from_arrays`), then for
-each model (xception on single slices, xception_lstm / xception_gru on study windows) and each of
-eager / `torch.compile` (the backbone, as `ich train --compile` does) measures:
-
-- compute: optimizer steps on one batch already on the GPU (the GPU's ceiling), slices/s;
-- train: the same steps fed by the real loader (`StudyDataset` -> `make_loader`, tensorstore
-  in the workers, pinned memory), slices/s — what `ich train` gets;
-- loader wait: fraction of the train wall time the host spent blocked in `next(loader)`;
-- GPU busy: train / compute slices/s, the fraction of the GPU's ceiling the loader lets it reach
-  (with the loader's variable batch shapes; the first run showed how cuDNN's per-shape plans
-  can make that tiny, see `_Encoder.slice_bucket` in ichmodel/models.py);
-- loader alone: slices/s the loader delivers with no GPU work (its own ceiling).
-
-Every step is what `ichmodel.train` does: uint8 batch to the device, GPU augmentation, bf16
-autocast, channels_last, weighted BCE, fused AdamW. A compact table is printed last and the
-numbers go to OUT/gpu_train.json.
+On a synthetic store (bench/_synthetic.py), for each model and each of eager / `torch.compile`:
+compute (steps on one batch already on the GPU: its ceiling), train (the same steps fed by the real
+loader: what `ich train` gets), loader wait (share of train time blocked in `next(loader)`), GPU busy
+(train / compute, with the loader's variable batch shapes: see `_Encoder.slice_bucket`) and the
+loader alone, each step as `ichmodel.train` does it (uint8 batch to the device, GPU augmentation,
+bf16 autocast, channels_last, weighted BCE, fused AdamW). Prints a table; numbers to OUT/gpu_train.json.
 """
 
 from __future__ import annotations
@@ -81,6 +71,7 @@ def measure(
     args: argparse.Namespace,
     device: torch.device,
 ) -> dict[str, Any]:
+    # Long: compute, train and loader-wait share one model and optimizer, measured back to back.
     torch.manual_seed(0)
     torch.backends.cudnn.benchmark = name == "xception"
     model = create_model(name, backbone=args.backbone).to(device)
@@ -160,6 +151,7 @@ def measure(
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Long: the options, the store, the plan of runs and the table, in the order the run goes.
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
         "--smoke", action="store_true", help="CPU, tiny backbone and images: checks the script runs"

@@ -3,16 +3,12 @@
     python bench/windows.py [--slices 32] [--repeat 5]
 
 Both compute DESIGN.md's reference (three windows at native size, 2×2 area mean, round once) from
-int16 stored values of CT-like slices:
-
-- plain float: HU = stored × slope + intercept in float64, `clip((hu - lo) / width, 0, 1) * 255` per
-  window, the mean of each 2×2 block, `rint` — what one writes without thinking about speed;
-- fast: `ichdata.windows.window_stored` (a cached table of packed fixed-point windows, one gather,
-  integer block sums).
-
-It checks that the two agree within ±1 on every pixel, then prints the median time per slice of each
-and their ratio, measured in the same run. With `--files` it also times whole files: `read_rendered`
-against `pydicom.dcmread` + `pixel_array` + the plain float windows.
+int16 stored values of CT-like slices: plain float (HU in float64, `clip((hu - lo) / width, 0, 1) *
+255` per window, 2×2 means, `rint`: what one writes without thinking about speed) and fast
+(`ichdata.windows.window_stored`: packed fixed-point tables, one gather, integer block sums). It
+checks that the two agree within ±1 on every pixel, then prints the median time per slice of each and
+their ratio, in the same run. With `--files` it also times whole files: `read_rendered` against
+`pydicom.dcmread` + `pixel_array` + the plain float windows.
 """
 
 from __future__ import annotations
