@@ -2,7 +2,7 @@
 
 - `dicom_writer`: `write_ct_slice` (the project's one DICOM writer), `stored_from_hu`,
   `add_reference_sequence`.
-- `study` and `render`: a phantom study drawn in millimetres, then rendered into HU.
+- `study`, `grid` and `render`: a phantom study drawn in millimetres, then rendered into HU.
 - `phantom`: `phantom_series`, one series as NumPy arrays with per-slice labels.
 - `archive`: `write_archive` (`ich synth`, configured by `SynthConfig`), an RSNA-format archive.
 """
