@@ -13,7 +13,6 @@ users see of it.
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
 import os
 import re
@@ -29,7 +28,7 @@ from ichdata.errors import UserError
 from ichdata.paths import fs_path
 from ichdata.reasons import KEPT_REASONS, Reason
 from ichdata.resume import load_salt, plan_config, previous_run, resolve_shard_size
-from ichdata.scan import Manifest
+from ichdata.scan import Manifest, is_in
 from ichdata.setaside import (
     changed_since_conversion,
     duplicate_positions,
@@ -325,7 +324,8 @@ def plan(
         )
     salt = load_salt(
         store,
-        must_exist=n_existing > 0 and any(not _RSNA_PATIENT.match(str(k)) for k in in_store["patient_key"]),
+        must_exist=n_existing > 0
+        and any(not _RSNA_PATIENT.match(str(k)) for k in in_store["patient_key"].unique()),
     )
     q_rows, cand = header_and_pixel_failures(fresh, (attrs or {}).get("pixel_failures", []))
     detail, reason = duplicates(cand, in_store, str(manifest.source))
@@ -374,10 +374,10 @@ def _carry_over(
     in_store = prev_t.loc[prev_t["row"] >= 0].sort_values("row")
     prev_q = prev_t.loc[prev_t["row"] < 0]
     prev_q_unchanged = prev_q.merge(scanned[["path", "size", "mtime_ns"]], on=["path", "size", "mtime_ns"])
-    prev_q_gone = prev_q.loc[~prev_q["path"].isin(scanned["path"])]
+    prev_q_gone = prev_q.loc[~is_in(prev_q["path"], scanned["path"])]
     old_q = pd.concat([prev_q_unchanged, prev_q_gone], ignore_index=True)
-    known = set(in_store["path"]) | set(old_q["path"])
-    fresh = scanned.loc[~scanned["path"].isin(known)]
+    known = pd.concat([in_store["path"], old_q["path"]], ignore_index=True)
+    fresh = scanned.loc[~is_in(scanned["path"], known)]
     carried = pd.concat([t for t in (in_store, old_q) if len(t)] or [in_store], ignore_index=True).drop(
         columns=["patient_id"], errors="ignore"
     )
@@ -426,24 +426,21 @@ def _store_order(
 
 
 def _stored_series(in_store: pd.DataFrame) -> list[dict[str, Any]]:
-    """The series of the rows already in the store, in store order."""
+    """The series of the rows already in the store, in store order.
+
+    A series is a run of rows with one (study, series) UID; each takes its first row's patient key.
+    """
     n_existing = len(in_store)
     if not n_existing:
         return []
     study, suid = in_store["study_uid"].to_numpy(), in_store["series_uid"].to_numpy()
     run_start = np.flatnonzero(np.r_[True, (suid[1:] != suid[:-1]) | (study[1:] != study[:-1])])
-    out = []
-    for a, b in itertools.pairwise(np.r_[run_start, n_existing]):
-        r0 = in_store.iloc[a]
-        out.append(
-            {
-                "study_uid": r0["study_uid"],
-                "series_uid": r0["series_uid"],
-                "patient_key": r0["patient_key"],
-                "n_slices": int(b - a),
-            }
-        )
-    return out
+    n_slices = np.diff(np.r_[run_start, n_existing])
+    pkey = in_store["patient_key"].to_numpy()[run_start]
+    return [
+        {"study_uid": st, "series_uid": se, "patient_key": pk, "n_slices": int(n)}
+        for st, se, pk, n in zip(study[run_start], suid[run_start], pkey, n_slices, strict=True)
+    ]
 
 
 def _slice_order(cand: pd.DataFrame) -> np.ndarray:

@@ -19,6 +19,7 @@ import pandas as pd
 
 from ichdata.paths import fs_path
 from ichdata.reasons import Reason
+from ichdata.scan import is_in
 
 
 def quarantine_row(path: str, reason: str, detail: str, size: object, mtime_ns: object) -> dict[str, Any]:
@@ -75,8 +76,8 @@ def duplicates(cand: pd.DataFrame, in_store: pd.DataFrame, root: str) -> tuple[p
     ).drop_duplicates("image_id")
     kept_path = pd.Series(kept["path"].to_numpy(), index=kept["image_id"].to_numpy())
     is_dup = (
-        cand["image_id"].isin(in_store["image_id"]) | cand["image_id"].duplicated(keep="first")
-    ).to_numpy()
+        is_in(cand["image_id"], in_store["image_id"]) | cand["image_id"].duplicated(keep="first").to_numpy()
+    )
     detail = pd.Series([None] * len(cand), index=cand.index, dtype=object)
     reason = pd.Series(Reason.DUPLICATE, index=cand.index, dtype=object)
     dup_paths = cand["path"].to_numpy()[is_dup]
@@ -102,6 +103,8 @@ def _pixel_digests(root: str, paths: set[str]) -> dict[str, str | None]:
     Decoded, not the raw bytes: the same image in two transfer syntaxes is the same image. Only the
     files that share an image id get here; they are read in threads (the reads wait on the disk).
     """
+    if not paths:
+        return {}
     from ichdata.dicom import read_slice
 
     def digest(path: str) -> str | None:
@@ -113,8 +116,6 @@ def _pixel_digests(root: str, paths: set[str]) -> dict[str, str | None]:
         h.update(np.ascontiguousarray(hu).tobytes())
         return h.hexdigest()
 
-    if not paths:
-        return {}
     ordered = sorted(paths)
     with ThreadPoolExecutor(max_workers=min(8, len(ordered))) as pool:
         return dict(zip(ordered, pool.map(digest, ordered), strict=True))
@@ -127,9 +128,10 @@ def late_slices(cand: pd.DataFrame, in_store: pd.DataFrame) -> pd.Series:
     contiguous, so it is reported, not spliced in), else null.
     """
     detail = pd.Series([None] * len(cand), index=cand.index, dtype=object)
-    stored_series = set(zip(in_store["study_uid"], in_store["series_uid"], strict=True))
-    if not stored_series:
+    if not len(cand) or not len(in_store):
         return detail
+    uids = in_store[["study_uid", "series_uid"]].drop_duplicates()
+    stored_series = set(zip(uids["study_uid"], uids["series_uid"], strict=True))
     for k, (study, suid) in enumerate(zip(cand["study_uid"], cand["series_uid"], strict=True)):
         if (study, suid) in stored_series:
             detail.iloc[k] = (
