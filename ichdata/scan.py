@@ -12,6 +12,7 @@ never writes it.
 from __future__ import annotations
 
 import errno
+import itertools
 import os
 import stat
 from collections.abc import Callable, Iterable, Sequence
@@ -354,20 +355,7 @@ def scan(
                 if on_progress is not None:
                     on_progress(len(b))
         else:
-            from distributed import as_completed
-
-            futures = client.map(scan_files, [str(root)] * len(batches), batches, pure=False)
-            batch_of = {f.key: i for i, f in enumerate(futures)}
-            done: list[pd.DataFrame | None] = [None] * len(batches)
-            # with_results: each batch's rows are fetched on the client's event loop as it finishes,
-            # not by one blocking round trip per batch from this thread.
-            for fut, part in as_completed(futures, with_results=True):
-                i = batch_of[fut.key]
-                done[i] = part
-                if on_progress is not None:
-                    on_progress(len(batches[i]))
-                fut.release()
-            parts = [t for t in done if t is not None]
+            parts = _scan_on(client, str(root), batches, on_progress)
     # In batch order the scanned rows are already sorted by path (`walk` sorts); the sort below only
     # has work to do where rows of the previous manifest were reused.
     tables = [t for t in (reused, *parts, odd) if len(t)]
@@ -377,6 +365,44 @@ def scan(
     if not table["path"].is_monotonic_increasing:
         table = table.sort_values("path", kind="stable").reset_index(drop=True)
     return Manifest(root, table)
+
+
+def _scan_on(
+    client: Client, root: str, batches: list[Sequence[str]], on_progress: Callable[[int], None] | None
+) -> list[pd.DataFrame]:
+    """The `scan_files` tables of `batches`, in batch order, run on `client` a few tasks at a time.
+
+    The paths travel inside the tasks: submitted all at once they are one graph of megabytes at RSNA's
+    size, which distributed warns about on the user's terminal. Two tasks in flight per worker thread
+    keep every worker busy, as the shard tasks do.
+    """
+    from distributed import as_completed
+
+    limit = max(2, 2 * sum(client.nthreads().values()))
+    done: list[pd.DataFrame | None] = [None] * len(batches)
+    batch_of: dict[object, int] = {}
+    # with_results: each batch's rows are fetched on the client's event loop as it finishes, not by one
+    # blocking round trip per batch from this thread.
+    ac = as_completed(with_results=True)
+
+    def submit(i: int) -> None:
+        fut = client.submit(scan_files, root, batches[i], pure=False)
+        batch_of[fut.key] = i
+        ac.add(fut)
+
+    queued = iter(range(len(batches)))
+    for i in itertools.islice(queued, limit):
+        submit(i)
+    for fut, part in ac:
+        i = batch_of.pop(fut.key)
+        done[i] = part
+        if on_progress is not None:
+            on_progress(len(batches[i]))
+        fut.release()
+        nxt = next(queued, None)
+        if nxt is not None:
+            submit(nxt)
+    return [t for t in done if t is not None]
 
 
 def _odd_rows(root: str, odd: list[tuple[str, Reason, str]]) -> pd.DataFrame:

@@ -120,3 +120,28 @@ def test_scan_batches_cover_every_file_in_order_and_share_evenly_between_workers
             assert len(batches) >= 2 * workers
             assert max(map(len, batches)) - min(map(len, batches)) <= len(batches)
     assert [len(b) for b in _batches([str(i) for i in range(10)], 2, 4)] == [4, 4, 2]
+
+
+def test_a_scan_larger_than_the_large_graph_threshold_warns_nothing(tmp_path, dask_scheduler) -> None:
+    # distributed warns ("Sending large graph") on the user's terminal when one submission carries more
+    # than its threshold: here the batches' paths together exceed it, each batch alone does not.
+    import warnings
+
+    import dask
+    from distributed import Client
+
+    root = tmp_path / "src"
+    root.mkdir()
+    names = [f"{i:04d}_" + "n" * 200 for i in range(400)]
+    for name in names:
+        (root / name).write_bytes(b"not DICOM")
+    with (
+        dask.config.set({"distributed.admin.large-graph-warning-threshold": "40kB"}),
+        Client(dask_scheduler) as client,
+        warnings.catch_warnings(record=True) as caught,
+    ):
+        warnings.simplefilter("always")
+        m = scan(root, client, batch_size=40)
+    assert [str(w.message) for w in caught] == []
+    assert m.table["path"].tolist() == names
+    assert m.reasons() == {"not_dicom": 400}
