@@ -380,6 +380,7 @@ def ingest(
     scheduler_file: str | None = None,
     shard_size: int | None = None,
     overwrite: bool = False,
+    keep_paths: bool = False,
     verify: bool = True,
     cluster: Literal["local", "slurm"] = "local",
     jobs: int | None = None,
@@ -402,6 +403,8 @@ def ingest(
         scheduler_file: The file `dask scheduler --scheduler-file` writes, instead of an address.
         shard_size: Slices per shard file (default: the store's, else `ichdata.store.DEFAULT_SHARD_SIZE`).
         overwrite: Replace a store made from another plan (another source or shard size).
+        keep_paths: Keep each file's path relative to `source` in the store; file names may carry
+            patient names, so by default only the manifest beside the store keeps them.
         verify: Re-read the whole store after the run (turn off for frequent runs on a large store).
         cluster: Where the Dask workers run: `local` (this machine) or `slurm` (SLURM jobs).
         jobs: SLURM jobs to keep running, one worker per core each (default 1; `cluster="slurm"`).
@@ -422,6 +425,7 @@ def ingest(
         scheduler_file=Path(scheduler_file) if scheduler_file else None,
         shard_size=shard_size,
         overwrite=overwrite,
+        keep_paths=keep_paths,
         cluster=cluster,
         jobs=jobs,
         queue=queue,

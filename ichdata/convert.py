@@ -88,6 +88,12 @@ class ConvertConfig:
         None, help="slices per shard file (default: the store's, else 64)", metavar="K"
     )
     overwrite: bool = option(False, help="replace a STORE made from a different plan")
+    # Not part of the plan: each run writes the names of the whole store its own way (`ichdata.pathkeys`).
+    keep_paths: bool = option(
+        False,
+        help="keep each file's path relative to SOURCE in the store (source_path, quarantine/path): "
+        "file names may carry patient names",
+    )
     oversubscribe: bool = oversubscribe_option()
     cluster: Literal["local", "slurm"] = cluster_option()
     # SLURM's options, each None: the site's dask config (jobqueue.slurm) decides.

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ichdata import pathkeys
 from ichdata.scan import Manifest
 from ichdata.store import manifest_path, now_utc, software_version, write_committed, write_quarantine_csv
 
@@ -73,13 +74,23 @@ def finalize(
     import zarr
 
     p = result.plan
+    keep_paths = config is not None and config.keep_paths
     group = zarr.open_group(str(p.store), mode="r+")
-    if _already_committed(result, group):
+    if _already_committed(result, group, keep_paths):
         return _summary(result, started, n_studies=int(group.attrs.get("n_studies", 0)))  # type: ignore[arg-type]
     # The manifest is the commit record: a run killed after this line re-plans to exactly this store.
-    Manifest(p.source, p.manifest_table()).write(manifest_path(p.store))
+    table = p.manifest_table()
+    Manifest(p.source, table).write(manifest_path(p.store))
     group.attrs["state"] = "finalizing"
     quarantine = p.quarantine[["path", "reason", "detail"]]
+    source_path = p.rows["path"].to_numpy(dtype=str)
+    shared = quarantine
+    if not keep_paths:  # the store names files by their manifest rows (`ichdata.pathkeys`)
+        source_path = pathkeys.keys(table, source_path)
+        shared = quarantine.assign(
+            path=pathkeys.keys(table, quarantine["path"]),
+            detail=pathkeys.scrub_details(table, quarantine["detail"]),
+        )
     write_committed(
         group,
         labels=p.labels,
@@ -87,16 +98,17 @@ def finalize(
         study_offsets=p.study_offsets,
         series=p.series,
         slice_position=p.rows["slice_position"].to_numpy(dtype=np.float64),
-        source_path=p.rows["path"].to_numpy(dtype=str),
-        quarantine=quarantine,
+        source_path=source_path,
+        quarantine=shared,
     )
-    write_quarantine_csv(p.store, quarantine)
+    write_quarantine_csv(p.store, quarantine)  # beside the store, local: the paths themselves
     n_studies = int(p.series["study_uid"].nunique())
     attrs = dict(group.attrs)
     attrs.pop("pixel_failures", None)
     attrs.update(
         {
             "state": "complete",
+            pathkeys.ATTR: pathkeys.mode(keep_paths),
             "n_slices": p.n_slices,
             "n_series": len(p.series),
             "n_studies": n_studies,
@@ -129,12 +141,12 @@ def _summary(result: ConvertResult, started: float | None, *, n_studies: int) ->
     )
 
 
-def _already_committed(result: ConvertResult, group: Group) -> bool:
+def _already_committed(result: ConvertResult, group: Group, keep_paths: bool) -> bool:
     """Whether the store already holds exactly this plan, committed: a re-run that found nothing new.
 
     Then there is nothing to write (the daily ingest of an unchanged landing folder): the same rows,
     series, labels and shard keys (the plan hash), nothing set aside by this run, the same label CSV,
-    and `images` no longer than the committed rows.
+    the same choice of `--keep-paths`, and `images` no longer than the committed rows.
     """
     p = result.plan
     attrs = group.attrs
@@ -150,6 +162,7 @@ def _already_committed(result: ConvertResult, group: Group) -> bool:
         or bool(p.quarantine["new"].any())
         or prov.get("n_quarantined") != len(p.quarantine)
         or (p.labels_source is not None and prov.get("labels") != p.labels_source)
+        or attrs.get(pathkeys.ATTR, pathkeys.KEPT) != pathkeys.mode(keep_paths)
         or not manifest_path(p.store).is_file()
     ):
         return False

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from ichdata import pathkeys
 from ichdata.atomic import atomic_path, write_bytes_atomic
 from ichdata.csvsafe import safe_table
 from ichdata.errors import UserError
@@ -440,7 +441,8 @@ class Store:
 
     `labels`, `image_id`, `study_offsets`, `slice_position`, `source_path` are NumPy arrays of the
     committed rows; `series` is a DataFrame (study_uid, series_uid, patient_key, n_slices), one row per
-    series in store order; `quarantine` a DataFrame (path, reason, detail).
+    series in store order; `quarantine` a DataFrame (path, reason, detail). Files are named by their
+    paths where the store keeps them or the manifest beside it has them, else by keys (`ichdata.pathkeys`).
     """
 
     path: Path
@@ -534,7 +536,8 @@ def open_store(path: str | os.PathLike[str], *, allow_incomplete: bool = False) 
 
     Raises `UserError` when `path` is not a store, when its format version is newer than this software
     reads, or when its first conversion has not finished (running or killed) unless `allow_incomplete`
-    (then whatever the committed arrays hold is returned, possibly nothing).
+    (then whatever the committed arrays hold is returned, possibly nothing). A store converted without
+    `--keep-paths` names input files by keys, read back as paths from the manifest beside it when there.
     """
     import zarr
 
@@ -579,6 +582,9 @@ def open_store(path: str | os.PathLike[str], *, allow_incomplete: bool = False) 
         }
     )
     quarantine = pd.DataFrame({c: _read_strings(group, f"quarantine/{c}") for c in QUARANTINE_COLUMNS})
+    source_path = _read_strings(group, "source_path")
+    if attrs.get(pathkeys.ATTR) == pathkeys.MANIFEST_ROWS:
+        source_path, quarantine = pathkeys.local_paths(manifest_path(p), source_path, quarantine)
     return Store(
         path=p,
         images=array(group, "images"),
@@ -587,7 +593,7 @@ def open_store(path: str | os.PathLike[str], *, allow_incomplete: bool = False) 
         study_offsets=offsets,
         series=series,
         slice_position=positions,
-        source_path=_read_strings(group, "source_path"),
+        source_path=source_path,
         quarantine=quarantine,
         attrs=json.loads(json.dumps(attrs)),
     )

@@ -160,6 +160,23 @@ def test_ingest_writes_the_store_and_reports_it(tmp_path: Path, dask_scheduler: 
     assert float(arts["ingest-progress-rsna-zarr"].data) == 100.0
 
 
+def test_ingest_keeps_file_names_in_the_store_only_when_asked(tmp_path: Path, dask_scheduler: str) -> None:
+    """`keep_paths` (issue 11 item 15): by default the store names files by manifest keys."""
+    import zarr
+
+    from ichdata.store import open_store
+
+    folder, _ = _archive(tmp_path, studies=1, seed=16)
+    names = sorted(p.name for p in folder.glob("*.dcm"))
+    for keep in (False, True):
+        store = tmp_path / f"keep-{keep}.zarr"
+        state = _run(source=str(folder), store=str(store), scheduler=dask_scheduler, keep_paths=keep)
+        assert state.is_completed(), state.message
+        held = sorted(str(v) for v in np.asarray(zarr.open_array(str(store / "source_path"), mode="r")[...]))
+        assert (held == names) is keep, held
+        assert sorted(open_store(store).source_path) == names  # the manifest beside it names them
+
+
 # ----------------------------------------------------------------------------------------- incremental
 
 
