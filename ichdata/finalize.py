@@ -36,7 +36,7 @@ class ConvertSummary:
     n_new: int  # rows this run added
     n_series: int
     n_studies: int
-    n_files: int  # input files accounted for (store rows + quarantine rows)
+    n_files: int  # input files accounted for (store rows + files set aside)
     quarantined: dict[str, int]  # files set aside by this run, by reason
     n_quarantined_total: int
     n_shards_written: int
@@ -131,9 +131,9 @@ def _summary(result: ConvertResult, started: float | None, *, n_studies: int) ->
         n_new=p.n_new,
         n_series=len(p.series),
         n_studies=n_studies,
-        n_files=p.n_slices + len(p.quarantine),
+        n_files=p.n_slices + p.n_set_aside,
         quarantined=p.quarantined_by_reason(new_only=True),
-        n_quarantined_total=len(p.quarantine),
+        n_quarantined_total=p.n_set_aside,
         n_shards_written=result.n_written,
         n_shards_skipped=result.n_skipped,
         elapsed_s=elapsed,
@@ -160,7 +160,7 @@ def _already_committed(result: ConvertResult, group: Group, keep_paths: bool) ->
         or attrs.get("state") != "complete"
         or "pixel_failures" in attrs
         or bool(p.quarantine["new"].any())
-        or prov.get("n_quarantined") != len(p.quarantine)
+        or prov.get("n_quarantined") != p.n_set_aside
         or (p.labels_source is not None and prov.get("labels") != p.labels_source)
         or attrs.get(pathkeys.ATTR, pathkeys.KEPT) != pathkeys.mode(keep_paths)
         or not manifest_path(p.store).is_file()
