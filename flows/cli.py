@@ -16,7 +16,18 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from flows.demo import DemoConfig
+    from flows.deploy import ServeConfig
+    from ichdata.convert import ConvertConfig
+    from ichdata.preview import PreviewConfig
+    from ichdata.testing import SynthConfig
+    from ichdata.verify import VerifyConfig
+    from ichmodel.config import TrainConfig
+    from ichmodel.evaluate import EvaluateConfig
+    from ichmodel.predict import PredictConfig
 
 from flows.cliparse import add_options, build_config
 from ichdata.errors import UserError
@@ -51,28 +62,28 @@ class QuarantineOptions:
 # --- handlers: each builds its stage's call from the parsed configs ---------------------------------
 
 
-def _synth(config: Any) -> int:
+def _synth(config: SynthConfig) -> int:
     from ichdata.testing import write_archive
 
     print(write_archive(**config.archive_kwargs()))
     return 0
 
 
-def _preview(config: Any) -> int:
+def _preview(config: PreviewConfig) -> int:
     from ichdata.preview import write_preview
 
     print(f"wrote {write_preview(config.file, config.out)}")
     return 0
 
 
-def _convert(config: Any, display: Display) -> int:
+def _convert(config: ConvertConfig, display: Display) -> int:
     from ichdata.convert import convert
 
     print(convert(config, progress=display.bars()))
     return 0
 
 
-def _verify(config: Any) -> int:
+def _verify(config: VerifyConfig) -> int:
     from ichdata.verify import verify_store
 
     if config.workers or config.scheduler or config.scheduler_file:
@@ -101,20 +112,20 @@ def _quarantine(options: QuarantineOptions) -> int:
     return 0
 
 
-def _serve(config: Any) -> int:
+def _serve(config: ServeConfig) -> int:
     from flows.deploy import serve_from_config
 
     serve_from_config(config)
     return 0
 
 
-def _demo(config: Any) -> int:
+def _demo(config: DemoConfig) -> int:
     from flows.demo import main_demo
 
     return main_demo(config)
 
 
-def _train(config: Any) -> int:
+def _train(config: TrainConfig) -> int:
     from ichmodel.train import train
 
     result = train(config)
@@ -126,14 +137,14 @@ def _train(config: Any) -> int:
     return 0
 
 
-def _evaluate(config: Any) -> int:
+def _evaluate(config: EvaluateConfig) -> int:
     from ichmodel.evaluate import evaluate_from_config
 
     evaluate_from_config(config)
     return 0
 
 
-def _predict(config: Any) -> int:
+def _predict(config: PredictConfig) -> int:
     from ichmodel.predict import predict_from_config
 
     predict_from_config(config)

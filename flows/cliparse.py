@@ -14,13 +14,14 @@ import dataclasses
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal, TypeVar, Union
 
+_Config = TypeVar("_Config")
 _SCALARS: dict[str, type] = {"Path": Path, "int": int, "float": float, "str": str, "bool": bool}
 
 
 def _unwrap(annotation: Any) -> tuple[Any, bool]:
-    """The annotation without `| None`, and whether it was a list."""
+    """The annotation without `| None`, and whether it was a list (typing objects have no narrower type)."""
     origin = typing.get_origin(annotation)
     if origin in (Union, types.UnionType):
         args = [a for a in typing.get_args(annotation) if a is not type(None)]
@@ -80,7 +81,7 @@ def add_options(parser: argparse.ArgumentParser, cls: type) -> None:
         target.add_argument(flag, dest=f.name, default=default, **kwargs)
 
 
-def build_config(cls: type, args: argparse.Namespace) -> Any:
+def build_config(cls: type[_Config], args: argparse.Namespace) -> _Config:
     """An instance of dataclass `cls` from the parsed `args` (fields that are no option keep their default)."""
     values = {f.name: getattr(args, f.name) for f in option_fields(cls)}
     return cls(**values)

@@ -77,9 +77,10 @@ def test_convert_runs_without_torch_or_prefect(tmp_path: Path) -> None:
     assert "LOADED []" in result.stdout
     import zarr
 
-    group = zarr.open_group(tmp_path / "store.zarr", mode="r")
-    assert group["images"].shape[1:] == (3, 256, 256)
-    assert group["images"].shape[0] == group["labels"].shape[0] > 0
+    images = zarr.open_array(tmp_path / "store.zarr" / "images", mode="r")
+    labels = zarr.open_array(tmp_path / "store.zarr" / "labels", mode="r")
+    assert images.shape[1:] == (3, 256, 256)
+    assert images.shape[0] == labels.shape[0] > 0
 
 
 def test_user_mistakes_are_one_line_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
