@@ -278,7 +278,7 @@ def _run(argv: list[str]) -> int:
     command = next((c for c in COMMANDS if argv and argv[0] == c.name), None)
     args = build_parser(command.name if command else None).parse_args(argv)
     assert command is not None  # argparse exits on a missing or unknown command
-    configs = [build_config(cls, args) for cls in command.config_classes()]
+    configs: list[object] = [build_config(cls, args) for cls in command.config_classes()]
     return int(command.handler(*configs) or 0)
 
 
