@@ -352,3 +352,19 @@ def test_train_names_the_classes_it_cannot_learn(
     train(_config(open_store(store.path), tmp_path / "run", "xception", batch_size=8, max_len=4))
     err = capsys.readouterr().err
     assert "warning: no positive slice of epidural among the" in err
+
+
+@pytest.mark.slow
+def test_torchrun_no_python_ich_train_is_ddp(tmp_path: Path, tiny_store: Store) -> None:
+    """The README's DDP command: torchrun starts the `ich` console script itself, no module named."""
+    bin_dir = Path(sys.executable).parent
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
+    out = tmp_path / "ddp"
+    cmd = [str(bin_dir / "torchrun"), "--nproc-per-node", "2", "--no-python", "ich", "train"]
+    cmd += [str(tiny_store.path), "--out", str(out), "--backbone", BACKBONE, "--epochs", "1"]
+    cmd += ["--batch-size", "2", "--max-len", "6", "--workers", "0", "--device", "cpu", "--quiet"]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads((out / "config.json").read_text())["world_size"] == 2
+    assert (out / "best.pt").is_file()
+    assert result.stdout.count("best epoch 1:") == 1  # rank 0 reports, once
