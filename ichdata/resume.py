@@ -47,13 +47,27 @@ def previous_run(
     """The store's attributes and previous manifest, after checking that the store has this plan."""
     if overwrite:
         return None, None
+    attrs = _store_of_plan(store, config)
+    mp = manifest_path(store)
+    if attrs is None or not mp.is_file():
+        return attrs, None
+    return attrs, Manifest.read(mp, config["source"])
+
+
+def _store_of_plan(store: Path, config: dict[str, Any]) -> dict[str, Any] | None:
+    """The attributes of the ich store at `store` (None where there is none yet), made with `config`.
+
+    Raises:
+        UserError: `store` is not an ich store, was made with other settings, or is complete without
+            its manifest.
+    """
     if store.exists() and not (store / "zarr.json").is_file():
         if store.is_dir() and not any(store.iterdir()):
-            return None, None
+            return None
         raise UserError(f"STORE {store}: exists and is not an ich store; choose another path")
     found = store_attrs(store)
     if found is None:
-        return None, None
+        return None
     attrs = dict(found)
     prev_plan = attrs.get("plan") or {}
     prev_config = prev_plan.get("config")
@@ -72,11 +86,9 @@ def previous_run(
             "pass --overwrite to replace it, or choose another STORE"
         )
     mp = manifest_path(store)
-    if mp.is_file():
-        return attrs, Manifest.read(mp, config["source"])
-    if attrs.get("state") == "complete":
+    if not mp.is_file() and attrs.get("state") == "complete":
         raise UserError(f"{mp}: missing; it records what the store holds, so the store cannot be extended")
-    return attrs, None
+    return attrs
 
 
 def check_store(
@@ -87,10 +99,11 @@ def check_store(
 ) -> None:
     """Raise `UserError` when `store` exists and was made from another plan (or is not a store).
 
-    What `ich convert` checks before it scans, so that a mistake costs a second, not a scan.
+    What `ich convert` checks before it scans, so that a mistake costs a second, not a scan: the
+    store's attributes only, not its manifest.
     """
     if not overwrite:
-        previous_run(Path(store), plan_config(Path(source), resolve_shard_size(store, shard_size)), False)
+        _store_of_plan(Path(store), plan_config(Path(source), resolve_shard_size(store, shard_size)))
 
 
 def resolve_shard_size(store: str | os.PathLike[str], shard_size: int | None, overwrite: bool = False) -> int:
