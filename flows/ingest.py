@@ -306,6 +306,11 @@ def summary_markdown(
         f"| labels | `{config.labels}` |"
         if config.labels
         else "| labels | none (every slice stored as unlabelled, 255) |",
+        *(
+            [f"| images labelled | {summary.n_labelled:,} of {summary.n_slices:,} |"]
+            if summary.n_labelled is not None
+            else []
+        ),
         f"| slices written by this run | {summary.n_new:,} |",
         f"| slices in the store | {summary.n_slices:,} |",
         f"| series / studies in the store | {summary.n_series:,} / {summary.n_studies:,} |",

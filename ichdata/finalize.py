@@ -9,6 +9,7 @@ machine and the arrays are described in the README's store section.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import time
 from dataclasses import dataclass, field
@@ -19,17 +20,30 @@ import numpy as np
 
 from ichdata import pathkeys
 from ichdata.scan import Manifest
-from ichdata.store import manifest_path, now_utc, software_version, write_committed, write_quarantine_csv
+from ichdata.store import (
+    UNLABELLED,
+    manifest_path,
+    now_utc,
+    software_version,
+    write_committed,
+    write_quarantine_csv,
+)
 
 if TYPE_CHECKING:
     from zarr import Group
 
     from ichdata.convert import ConvertConfig, ConvertResult
 
+_log = logging.getLogger(__name__)
+
 
 @dataclass
 class ConvertSummary:
-    """The one-line report of a conversion (`str()`), and its figures."""
+    """The one-line report of a conversion (`str()`), and its figures.
+
+    Given a label CSV, it says how many images have labels; under half is also a logged warning
+    (the CSV's ids are probably not the images').
+    """
 
     store: Path
     n_slices: int  # rows in the store
@@ -44,6 +58,7 @@ class ConvertSummary:
     elapsed_s: float = 0.0
     store_bytes: int = 0
     stages_s: dict[str, float] = field(default_factory=dict)
+    n_labelled: int | None = None  # rows with labels, when this run was given a label CSV
 
     @property
     def slices_per_s(self) -> float:
@@ -53,11 +68,19 @@ class ConvertSummary:
     def __str__(self) -> str:
         q = sum(self.quarantined.values())
         why = ", ".join(f"{n} {r}" for r, n in sorted(self.quarantined.items()))
-        return (
+        parts = [
             f"{self.store}: wrote {self.n_new:,} slices ({self.n_slices:,} in store, {self.n_series:,} series, "
-            f"{self.n_studies:,} studies); set aside {q:,} files" + (f" ({why})" if q else "") + f"; "
-            f"{self.elapsed_s:.1f} s, {self.slices_per_s:,.0f} slices/s; store {self.store_bytes / 1e6:,.1f} MB"
-        )
+            f"{self.n_studies:,} studies)",
+            *(
+                []
+                if self.n_labelled is None
+                else [f"{self.n_labelled:,} of {self.n_slices:,} images labelled"]
+            ),
+            f"set aside {q:,} files" + (f" ({why})" if q else ""),
+            f"{self.elapsed_s:.1f} s, {self.slices_per_s:,.0f} slices/s",
+            f"store {self.store_bytes / 1e6:,.1f} MB",
+        ]
+        return "; ".join(parts)
 
 
 def finalize(
@@ -125,6 +148,15 @@ def finalize(
 def _summary(result: ConvertResult, started: float | None, *, n_studies: int) -> ConvertSummary:
     p = result.plan
     elapsed = (time.perf_counter() - started) if started is not None else result.elapsed_s
+    n_labelled = None if p.labels_source is None else _n_labelled(p.labels)
+    if n_labelled is not None and 2 * n_labelled < p.n_slices:
+        _log.warning(
+            "%s: %s of %s images labelled; the rest are stored as 255 (unlabelled): the CSV's ID column "
+            "must name the images' SOP Instance UIDs (RSNA: ID_…, the file stem)",
+            p.labels_source,
+            f"{n_labelled:,}",
+            f"{p.n_slices:,}",
+        )
     return ConvertSummary(
         store=p.store,
         n_slices=p.n_slices,
@@ -138,7 +170,13 @@ def _summary(result: ConvertResult, started: float | None, *, n_studies: int) ->
         n_shards_skipped=result.n_skipped,
         elapsed_s=elapsed,
         store_bytes=_du(p.store),
+        n_labelled=n_labelled,
     )
+
+
+def _n_labelled(labels: np.ndarray) -> int:
+    """Rows that have labels (`any` is not 255: the CSV had the image, now or in an earlier run)."""
+    return int((labels[:, -1] != UNLABELLED).sum())
 
 
 def _already_committed(result: ConvertResult, group: Group, keep_paths: bool) -> bool:
@@ -187,7 +225,7 @@ def _provenance(result: ConvertResult, config: ConvertConfig | None, prev: dict[
         "n_quarantined": p.n_set_aside,
         "quarantined_by_reason": p.quarantined_by_reason(),
         "labels": p.labels_source or prev.get("labels"),
-        "n_labelled": int((p.labels[:, -1] != 255).sum()),
+        "n_labelled": _n_labelled(p.labels),
         "config": None
         if config is None
         else {

@@ -148,6 +148,9 @@ def test_ingest_writes_the_store_and_reports_it(tmp_path: Path, dask_scheduler: 
     md = arts["ingest-summary-rsna-zarr"].data
     assert f"| slices written by this run | {n_dicom:,} |" in md
     assert "| series / studies in the store | 4 / 4 |" in md
+    n_labelled = int((s.labels[:, -1] != UNLABELLED).sum())
+    assert summary.n_labelled == n_labelled > 0
+    assert f"| images labelled | {n_labelled:,} of {n_dicom:,} |" in md
     assert "| not_dicom | 1 |" in md
     assert "| truncated | 1 |" in md
     assert "| verify | OK:" in md
