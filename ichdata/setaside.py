@@ -47,20 +47,24 @@ def header_and_pixel_failures(
     ]
     cand = fresh.loc[fresh["reason"] == ""]
     failed = {f["path"]: f for f in pixel_failures}
-    if failed:
-        hit = cand.apply(
-            lambda r: (
-                r["path"] in failed
-                and failed[r["path"]]["size"] == r["size"]
-                and failed[r["path"]]["mtime_ns"] == r["mtime_ns"]
-            ),
-            axis=1,
-        ).astype(bool)
-        for p, s, m in zip(
-            cand.loc[hit, "path"], cand.loc[hit, "size"], cand.loc[hit, "mtime_ns"], strict=True
-        ):
-            q_rows.append(quarantine_row(p, failed[p]["reason"], failed[p]["detail"], s, m))
-        cand = cand.loc[~hit]
+    # Compared row by row only for the few candidates that failed: the resumed run of a killed
+    # conversion plans every file of the archive.
+    at = np.flatnonzero(is_in(cand["path"], list(failed)))
+    named = cand.iloc[at]
+    hit = np.array(
+        [
+            failed[p]["size"] == s and failed[p]["mtime_ns"] == m
+            for p, s, m in zip(named["path"], named["size"], named["mtime_ns"], strict=True)
+        ],
+        dtype=bool,
+    )
+    for p, s, m in zip(
+        named.loc[hit, "path"], named.loc[hit, "size"], named.loc[hit, "mtime_ns"], strict=True
+    ):
+        q_rows.append(quarantine_row(p, failed[p]["reason"], failed[p]["detail"], s, m))
+    keep = np.ones(len(cand), dtype=bool)
+    keep[at[hit]] = False
+    cand = cand.loc[keep]
     return q_rows, cand.sort_values("path", kind="stable")
 
 
