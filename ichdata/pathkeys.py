@@ -15,13 +15,16 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 #: The group attribute that says what `source_path` and `quarantine/path` hold.
 ATTR = "source_paths"
 KEPT = "kept"  # the path relative to SOURCE
 MANIFEST_ROWS = "manifest_rows"  # `#k`: row k of the manifest beside the store
 
-_KEY = r"#\d{1,18}"  # k fits an int64
+_KEY = r"^#[0-9]{1,18}$"  # k fits an int64
 # Where a path named in a detail may start and end: the details write a path between words.
 _STARTS = re.compile(r"(?:^|(?<=[\s(]))\S")
 _ENDS = re.compile(r"[\s,;:)]|$")
@@ -38,7 +41,8 @@ def keys(manifest: pd.DataFrame, paths: Iterable[str]) -> np.ndarray:
     pos = pd.Index(manifest["path"]).get_indexer(wanted)
     if (pos < 0).any():
         raise ValueError(f"{wanted[int(np.argmin(pos))]}: not in the manifest, so it has no key")
-    return np.char.add("#", pos.astype(str))
+    text = pc.binary_join_element_wise("#", pa.array(pos).cast(pa.string()), "")
+    return np.asarray(text.to_numpy(zero_copy_only=False), dtype=str)
 
 
 def scrub_details(manifest: pd.DataFrame, details: Iterable[str]) -> np.ndarray:
@@ -79,24 +83,26 @@ def local_paths(
     """
     if not manifest.is_file():
         return source_path, quarantine
-    table = pd.read_parquet(manifest, columns=["path", "detail"])
-    paths = table["path"].to_numpy(dtype=object)
+    table = pq.read_table(manifest, columns=["path", "detail"])
+    paths = table.column("path").to_numpy()
+    if not len(paths):
+        return source_path, quarantine
     rows = _rows(source_path, len(paths))
     source_path = np.where(rows >= 0, paths[np.maximum(rows, 0)], source_path).astype(str)
     q_rows = _rows(quarantine["path"].to_numpy(dtype=str), len(paths))
     hit = q_rows >= 0
     q = quarantine.copy()
     q.loc[hit, "path"] = paths[q_rows[hit]]
-    q.loc[hit, "detail"] = table["detail"].fillna("").to_numpy(dtype=object)[q_rows[hit]]
+    q.loc[hit, "detail"] = pc.fill_null(table.column("detail"), "").to_numpy()[q_rows[hit]]
     return source_path, q
 
 
 def _rows(names: np.ndarray, n: int) -> np.ndarray:
     """The manifest row each of `names` is the key of, -1 where it is no key of a row below `n`."""
-    s = pd.Series(np.asarray(names, dtype=str), dtype=object)
-    is_key = s.str.fullmatch(_KEY).to_numpy(dtype=bool)
-    rows = np.full(len(s), -1, dtype=np.int64)
-    rows[is_key] = s[is_key].str[1:].astype(np.int64).to_numpy()
+    text = pa.array(np.asarray(names, dtype=object), type=pa.string())
+    is_key = pc.match_substring_regex(text, _KEY)
+    rows = pc.cast(pc.utf8_slice_codeunits(pc.if_else(is_key, text, "#-1"), 1), pa.int64()).to_numpy()
+    rows = np.array(rows, dtype=np.int64)  # writable
     rows[rows >= n] = -1
     return rows
 

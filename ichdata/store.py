@@ -17,6 +17,7 @@ import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -441,8 +442,10 @@ class Store:
 
     `labels`, `image_id`, `study_offsets`, `slice_position`, `source_path` are NumPy arrays of the
     committed rows; `series` is a DataFrame (study_uid, series_uid, patient_key, n_slices), one row per
-    series in store order; `quarantine` a DataFrame (path, reason, detail). Files are named by their
-    paths where the store keeps them or the manifest beside it has them, else by keys (`ichdata.pathkeys`).
+    series in store order; `quarantine` a DataFrame (path, reason, detail). `source_path` and
+    `quarantine` name files by their paths where the store keeps them or the manifest beside it has
+    them (read on first use), else by keys; `stored_source_path` and `stored_quarantine` are as the
+    store holds them (`ichdata.pathkeys`).
     """
 
     path: Path
@@ -452,9 +455,25 @@ class Store:
     study_offsets: np.ndarray
     series: pd.DataFrame
     slice_position: np.ndarray
-    source_path: np.ndarray
-    quarantine: pd.DataFrame
+    stored_source_path: np.ndarray
+    stored_quarantine: pd.DataFrame
     attrs: dict[str, Any] = field(default_factory=dict)
+
+    @cached_property
+    def _named(self) -> tuple[np.ndarray, pd.DataFrame]:
+        if self.attrs.get(pathkeys.ATTR) != pathkeys.MANIFEST_ROWS:
+            return self.stored_source_path, self.stored_quarantine
+        return pathkeys.local_paths(manifest_path(self.path), self.stored_source_path, self.stored_quarantine)
+
+    @property
+    def source_path(self) -> np.ndarray:
+        """Each row's input file, relative to the source (a key where no path is at hand)."""
+        return self._named[0]
+
+    @property
+    def quarantine(self) -> pd.DataFrame:
+        """The quarantine table (path, reason, detail), paths as `source_path` names them."""
+        return self._named[1]
 
     @property
     def n_slices(self) -> int:
@@ -508,7 +527,7 @@ class Store:
     def __repr__(self) -> str:
         return (
             f"Store({str(self.path)!r}, {self.n_slices} slices, {self.n_series} series, "
-            f"{len(self.quarantine)} quarantined, state={self.attrs.get('state')!r})"
+            f"{len(self.stored_quarantine)} quarantined, state={self.attrs.get('state')!r})"
         )
 
 
@@ -537,7 +556,8 @@ def open_store(path: str | os.PathLike[str], *, allow_incomplete: bool = False) 
     Raises `UserError` when `path` is not a store, when its format version is newer than this software
     reads, or when its first conversion has not finished (running or killed) unless `allow_incomplete`
     (then whatever the committed arrays hold is returned, possibly nothing). A store converted without
-    `--keep-paths` names input files by keys, read back as paths from the manifest beside it when there.
+    `--keep-paths` names input files by keys, read back as paths from the manifest beside it when there
+    (`Store.source_path`, `Store.quarantine`).
     """
     import zarr
 
@@ -582,9 +602,6 @@ def open_store(path: str | os.PathLike[str], *, allow_incomplete: bool = False) 
         }
     )
     quarantine = pd.DataFrame({c: _read_strings(group, f"quarantine/{c}") for c in QUARANTINE_COLUMNS})
-    source_path = _read_strings(group, "source_path")
-    if attrs.get(pathkeys.ATTR) == pathkeys.MANIFEST_ROWS:
-        source_path, quarantine = pathkeys.local_paths(manifest_path(p), source_path, quarantine)
     return Store(
         path=p,
         images=array(group, "images"),
@@ -593,8 +610,8 @@ def open_store(path: str | os.PathLike[str], *, allow_incomplete: bool = False) 
         study_offsets=offsets,
         series=series,
         slice_position=positions,
-        source_path=source_path,
-        quarantine=quarantine,
+        stored_source_path=_read_strings(group, "source_path"),
+        stored_quarantine=quarantine,
         attrs=json.loads(json.dumps(attrs)),
     )
 
