@@ -97,6 +97,12 @@ def local_paths(
     return source_path, q
 
 
+def is_key(names: np.ndarray) -> np.ndarray:
+    """Whether each of `names` is a key (`#k`) rather than a path."""
+    text = pa.array(np.asarray(names, dtype=object), type=pa.string())
+    return np.asarray(pc.match_substring_regex(text, _KEY).to_numpy(zero_copy_only=False), dtype=bool)
+
+
 def _rows(names: np.ndarray, n: int) -> np.ndarray:
     """The manifest row each of `names` is the key of, -1 where it is no key of a row below `n`."""
     text = pa.array(np.asarray(names, dtype=object), type=pa.string())
@@ -107,4 +113,4 @@ def _rows(names: np.ndarray, n: int) -> np.ndarray:
     return rows
 
 
-__all__ = ["ATTR", "KEPT", "MANIFEST_ROWS", "keys", "local_paths", "mode", "scrub_details"]
+__all__ = ["ATTR", "KEPT", "MANIFEST_ROWS", "is_key", "keys", "local_paths", "mode", "scrub_details"]

@@ -4,7 +4,8 @@ Each problem is one line naming the row, series, shard or file: structure (the s
 every array has one row per slice, `study_offsets` agrees with `series/n_slices`), content (unique
 image ids, labels 0/1/255, every series in ascending slice position), pixels (every shard decodes
 and its CRC-32 equals the one its writer recorded in `conversion/shard_done`) and accounting (every
-row of the manifest beside the store is in `images` or in the quarantine).
+row of the manifest beside the store is in `images` or in the quarantine; without `--keep-paths`, no
+file named in the store).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
+from ichdata import pathkeys
 from ichdata.cluster import (
     oversubscribe_option,
     scheduler_file_option,
@@ -180,6 +182,21 @@ def verify_store(store: str | os.PathLike[str], client: Client | None = None) ->
     ids = pd.Series(s.image_id)
     dup = ids[ids.duplicated()]
     problems.extend(_limited([f"image id {i} appears more than once" for i in dup.unique()], "duplicate ids"))
+    if s.attrs.get(pathkeys.ATTR) == pathkeys.MANIFEST_ROWS:  # converted without --keep-paths
+        for name, held in (
+            ("source_path", s.stored_source_path),
+            ("quarantine/path", s.stored_quarantine["path"]),
+        ):
+            named = np.flatnonzero(~pathkeys.is_key(np.asarray(held, dtype=str)))
+            problems.extend(
+                _limited(
+                    [
+                        f"{name} row {r} names a file, not its manifest row, in a store without --keep-paths"
+                        for r in named
+                    ],
+                    f"{name} rows",
+                )
+            )
     bad_labels = ~np.isin(s.labels, (0, 1, 255))
     if bad_labels.any():
         problems.append(

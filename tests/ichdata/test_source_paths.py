@@ -18,7 +18,7 @@ import zarr
 from flows.cli import main
 from ichdata.convert import ConvertConfig, convert
 from ichdata.pathkeys import keys, local_paths, scrub_details
-from ichdata.store import manifest_path, open_store
+from ichdata.store import manifest_path, open_store, write_array
 from ichdata.testing import stored_from_hu, write_ct_slice
 from ichdata.verify import verify_store
 
@@ -111,6 +111,15 @@ def test_file_names_stay_out_of_the_store(
     for r, key in enumerate(shared.source_path):
         assert rows[manifest["path"][int(key[1:])]] == r
     assert not any(m in d for d in shared.quarantine["detail"] for m in PHI)
+
+    # `ich verify` catches a file name written into a store that has none.
+    named = np.asarray(open_store(store).source_path, dtype=str)
+    write_array(zarr.open_group(str(store), mode="r+"), "source_path", named)
+    problems = verify_store(store).problems
+    assert problems == [
+        f"source_path row {r} names a file, not its manifest row, in a store without --keep-paths"
+        for r in range(3)
+    ]
 
 
 def test_keep_paths_keeps_them(archive: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
