@@ -145,3 +145,25 @@ def test_a_scan_larger_than_the_large_graph_threshold_warns_nothing(tmp_path, da
     assert [str(w.message) for w in caught] == []
     assert m.table["path"].tolist() == names
     assert m.reasons() == {"not_dicom": 400}
+
+
+def test_is_in_answers_as_pandas_isin_for_arrow_and_object_strings() -> None:
+    import pandas as pd
+
+    from ichdata.scan import is_in
+
+    values = ["a/1.dcm", None, "b/2.dcm", "a/1.dcm", "c"]
+    cases = (
+        (["a/1.dcm", "c"], [True, False, False, True, True]),
+        (["a/1.dcm", None], [True, True, False, True, False]),  # a missing value matches a missing one
+        ([], [False] * 5),
+        (["zz"], [False] * 5),
+    )
+    for among, expected in cases:
+        for dtype in (object, "str"):  # as the scan builds them, and as a Parquet manifest reads back
+            v = pd.Series(values, dtype=dtype)
+            a = pd.Series(among, dtype=dtype)
+            assert is_in(v, a).tolist() == expected
+            assert is_in(v, among).tolist() == expected
+            assert v.isin(a).tolist() == expected  # the reference
+    assert is_in([], ["a"]).tolist() == []
