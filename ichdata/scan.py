@@ -451,7 +451,7 @@ def _unchanged(root: str, paths: list[str], previous: pd.DataFrame) -> tuple[pd.
     return prev.loc[is_in(prev["path"], same["path"])].reset_index(drop=True), is_in(paths, same["path"])
 
 
-def is_in(values: pd.Series | Sequence[str], among: pd.Series | Sequence[str]) -> np.ndarray:
+def is_in(values: pd.Series | Sequence[str | None], among: pd.Series | Sequence[str | None]) -> np.ndarray:
     """For each of the strings `values`, whether `among` holds it (a missing value matches a missing one).
 
     Hashed by Arrow: pandas' `isin` on Arrow-backed strings (what a Parquet manifest reads as) builds a
@@ -461,7 +461,7 @@ def is_in(values: pd.Series | Sequence[str], among: pd.Series | Sequence[str]) -
     return pc.is_in(v, value_set=a).fill_null(False).to_numpy(zero_copy_only=False)
 
 
-def _arrow_strings(x: pd.Series | Sequence[str]) -> pa.Array:
+def _arrow_strings(x: pd.Series | Sequence[str | None]) -> pa.Array:
     arr = pa.array(x, type=pa.large_string(), from_pandas=True)
     return arr.combine_chunks() if isinstance(arr, pa.ChunkedArray) else arr
 

@@ -153,7 +153,7 @@ def test_is_in_answers_as_pandas_isin_for_arrow_and_object_strings() -> None:
     from ichdata.scan import is_in
 
     values = ["a/1.dcm", None, "b/2.dcm", "a/1.dcm", "c"]
-    cases = (
+    cases: tuple[tuple[list[str | None], list[bool]], ...] = (
         (["a/1.dcm", "c"], [True, False, False, True, True]),
         (["a/1.dcm", None], [True, True, False, True, False]),  # a missing value matches a missing one
         ([], [False] * 5),
