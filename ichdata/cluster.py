@@ -17,7 +17,7 @@ import signal
 import sys
 import threading
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -176,6 +176,37 @@ def cluster_client(config: ConvertConfig) -> Iterator[Client]:
         config.workers, config.scheduler, config.scheduler_file, oversubscribe=config.oversubscribe
     ) as client:
         yield client
+
+
+class OnDemandClient:
+    """The run's Dask client, started the first time a stage has work for it.
+
+    A re-run that finds nothing new (the daily ingest of an unchanged landing folder) then starts no
+    cluster at all: no worker processes, no SLURM jobs. The cluster is closed with `stack`.
+    """
+
+    def __init__(
+        self, start: Callable[[], contextlib.AbstractContextManager[Client]], stack: contextlib.ExitStack
+    ) -> None:
+        self._start = start
+        self._stack = stack
+        self._client: Client | None = None
+
+    def __call__(self) -> Client:
+        """The client, its cluster started now if this is the first call."""
+        if self._client is None:
+            self._client = self._stack.enter_context(self._start())
+        return self._client
+
+    @property
+    def started(self) -> bool:
+        """Whether a stage has asked for the cluster."""
+        return self._client is not None
+
+
+def resolve_client(client: Client | OnDemandClient | None) -> Client | None:
+    """`client` itself, or the started client of an `OnDemandClient` (call only when there is work)."""
+    return client() if isinstance(client, OnDemandClient) else client
 
 
 @contextlib.contextmanager
@@ -373,11 +404,13 @@ __all__ = [
     "CLUSTER_GROUP",
     "SLURM_COMMANDS",
     "ClusterKind",
+    "OnDemandClient",
     "check_cluster",
     "cluster_client",
     "cluster_option",
     "dask_client",
     "oversubscribe_option",
+    "resolve_client",
     "resolve_workers",
     "run_security",
     "scheduler_file_option",

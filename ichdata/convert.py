@@ -26,10 +26,12 @@ from tqdm import tqdm
 from ichdata import shards
 from ichdata._kernels import warm_up  # Numba itself is imported on first use, not here
 from ichdata.cluster import (
+    OnDemandClient,
     check_cluster,
     cluster_client,
     cluster_option,
     oversubscribe_option,
+    resolve_client,
     scheduler_file_option,
     scheduler_option,
     workers_option,
@@ -140,14 +142,15 @@ def _record_failures(group: Group, failures: pd.DataFrame, p: Plan) -> None:
 
 def convert_shards(
     p: Plan,
-    client: Client | None = None,
+    client: Client | OnDemandClient | None = None,
     on_shard_done: Callable[[ShardDone], None] | None = None,
     *,
     max_in_flight: int | None = None,
 ) -> ConvertResult:
     """Write every shard of `p` whose done-marker does not hold its key, in Dask tasks of a few shards.
 
-    Without a client the shards are converted in this process, one after another. `on_shard_done` is
+    Without a client the shards are converted in this process, one after another; an
+    `OnDemandClient` starts its cluster only when a shard needs writing. `on_shard_done` is
     called in the driver for each shard written (not for skipped ones). A task that fails for a reason
     other than a bad file (I/O error, a bug) raises here with the shard named. A plan made with
     `overwrite` replaces whatever is at the store first.
@@ -158,13 +161,18 @@ def convert_shards(
     store = str(p.store)
     failures_all: list[tuple[str, str, str]] = []
     n_written = 0
+    if not fresh and _committed(group, p):
+        # The store holds this very plan, committed after every marker was checked: nothing to write,
+        # and no marker to read (one file each).
+        return ConvertResult(p, p.n_shards, 0, p.n_shards, _no_failures(), time.perf_counter() - t0)
     # A store made just now has no markers: skip a read per shard.
     done_keys = [""] * p.n_shards if fresh else read_markers(group)
     n_skipped = sum(1 for i in range(p.n_shards) if marker_key(done_keys, i) == p.shard_key(i))
     while True:
         todo = [i for i in range(p.n_shards) if marker_key(done_keys, i) != p.shard_key(i)]
         new_failures: list[tuple[str, str, str]] = []
-        for done in _run_shards(p, todo, client, max_in_flight, stop_on_failure=True):
+        started = resolve_client(client) if todo else None
+        for done in _run_shards(p, todo, started, max_in_flight, stop_on_failure=True):
             if done.failures:
                 new_failures.extend(done.failures)
             else:
@@ -192,6 +200,25 @@ def convert_shards(
         n_skipped=n_skipped,
         pixel_failures=pd.DataFrame(failures_all, columns=["path", "reason", "detail"]),
         elapsed_s=time.perf_counter() - t0,
+    )
+
+
+def _no_failures() -> pd.DataFrame:
+    return pd.DataFrame([], columns=["path", "reason", "detail"])
+
+
+def _committed(group: Group, p: Plan) -> bool:
+    """Whether the store is complete and committed from a plan with `p`'s hash.
+
+    The same hash means the same rows, series, labels and shard keys: every shard already holds its key.
+    """
+    attrs = group.attrs
+    plan_attr = attrs.get("plan")
+    return (
+        not p.n_new
+        and attrs.get("state") == "complete"
+        and isinstance(plan_attr, dict)
+        and plan_attr.get("plan_hash") == p.plan_hash
     )
 
 
@@ -361,7 +388,7 @@ def check_inputs(config: ConvertConfig) -> None:
 
 def scan_source(
     config: ConvertConfig,
-    client: Client | None = None,
+    client: Client | OnDemandClient | None = None,
     on_progress: Callable[[int], None] | None = None,
     on_total: Callable[[int], None] | None = None,
 ) -> Manifest:
@@ -438,18 +465,18 @@ def _convert(config: ConvertConfig, progress: bool, client: Client | None) -> Co
     labels = load_labels(config.labels)
     stages: dict[str, float] = {}
     with contextlib.ExitStack() as stack:
-        if client is None:
-            client = stack.enter_context(cluster_client(config))
+        # Started by the first stage with work for it: a re-run with nothing new starts no cluster.
+        runner = client if client is not None else OnDemandClient(lambda: cluster_client(config), stack)
         t = time.perf_counter()
         with _bar(progress, "scan", "file") as bar:
-            manifest = scan_source(config, client, on_progress=bar.update, on_total=_set_total(bar))
+            manifest = scan_source(config, runner, on_progress=bar.update, on_total=_set_total(bar))
         stages["scan"] = time.perf_counter() - t
         t = time.perf_counter()
         p = plan_conversion(config, manifest, labels)
         stages["plan"] = time.perf_counter() - t
         t = time.perf_counter()
         with _bar(progress, "convert", "slice", total=p.n_new) as bar:
-            result = convert_shards(p, client, on_shard_done=lambda d: bar.update(d.n_rows))
+            result = convert_shards(p, runner, on_shard_done=lambda d: bar.update(d.n_rows))
         stages["convert"] = time.perf_counter() - t
     t = time.perf_counter()
     summary = finalize(result, config=config, started=started)

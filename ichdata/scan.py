@@ -26,6 +26,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ichdata.atomic import atomic_path
+from ichdata.cluster import OnDemandClient, resolve_client
 from ichdata.errors import UserError
 from ichdata.paths import fs_path, path_text
 from ichdata.reasons import KEPT_REASONS, Reason
@@ -316,7 +317,7 @@ def _batches(paths: Sequence[str], n_workers: int, batch_size: int | None) -> li
 
 def scan(
     source: str | os.PathLike[str],
-    client: Client | None = None,
+    client: Client | OnDemandClient | None = None,
     *,
     previous: Manifest | None = None,
     exclude: Iterable[str | os.PathLike[str]] = (),
@@ -326,7 +327,8 @@ def scan(
 ) -> Manifest:
     """Scan `source`: one manifest row per file (header only), in parallel on `client`'s cluster.
 
-    Without a client the scan runs in this process. Files of `previous` (the manifest of an earlier
+    Without a client the scan runs in this process; an `OnDemandClient` starts its cluster only when
+    some file needs reading. Files of `previous` (the manifest of an earlier
     scan of the same source) with unchanged size and modification time are not read again; their rows
     (with the plan's columns `row` and labels) are carried over. `on_progress(n)` is called as batches
     of `n` files finish (for a progress bar or a log line), `on_total(n)` once the tree is listed.
@@ -347,15 +349,16 @@ def scan(
             on_progress(len(reused))
     parts: list[pd.DataFrame] = []
     if paths:
-        n_workers = len(client.nthreads()) if client is not None else 1
+        started = resolve_client(client)
+        n_workers = len(started.nthreads()) if started is not None else 1
         batches = _batches(paths, n_workers, batch_size)
-        if client is None:
+        if started is None:
             for b in batches:
                 parts.append(scan_files(str(root), b))
                 if on_progress is not None:
                     on_progress(len(b))
         else:
-            parts = _scan_on(client, str(root), batches, on_progress)
+            parts = _scan_on(started, str(root), batches, on_progress)
     # In batch order the scanned rows are already sorted by path (`walk` sorts); the sort below only
     # has work to do where rows of the previous manifest were reused.
     tables = [t for t in (reused, *parts, odd) if len(t)]

@@ -20,6 +20,7 @@ import zarr
 
 import ichdata.convert
 from flows.cli import main
+from ichdata.cluster import OnDemandClient, resolve_client
 
 if TYPE_CHECKING:
     from distributed import Client
@@ -118,13 +119,17 @@ def test_a_local_conversion_refuses_strangers(
     seen: dict[str, Any] = {}
     real = ichdata.convert.convert_shards
 
-    def probed(plan: Any, client: Client | None, on_shard_done: Callable[..., None] | None = None) -> Any:
+    def probed(
+        plan: Any, client: Client | OnDemandClient | None, on_shard_done: Callable[..., None] | None = None
+    ) -> Any:
         """`convert_shards`, probing the cluster from outside once its first shard is done."""
         assert client is not None
 
         def on_done(done: Any) -> None:
             if not seen:
-                seen.update(_probe(client))
+                started = resolve_client(client)  # the cluster is up: a shard was written on it
+                assert started is not None
+                seen.update(_probe(started))
             if on_shard_done is not None:
                 on_shard_done(done)
 
