@@ -477,30 +477,37 @@ class Store:
 
     @property
     def n_slices(self) -> int:
+        """Rows of `images`."""
         return len(self.image_id)
 
     @property
     def n_series(self) -> int:
+        """Series, in store order."""
         return len(self.series)
 
     @property
     def n_studies(self) -> int:
+        """Distinct studies."""
         return int(self.series["study_uid"].nunique())
 
     @property
     def classes(self) -> tuple[str, ...]:
+        """Label columns, in order."""
         return tuple(self.attrs.get("classes", CLASSES))
 
     @property
     def image_size(self) -> int:
+        """Rows and columns of a stored slice."""
         return int(self.attrs.get("image_size", IMAGE_SIZE))
 
     @property
     def shard_size(self) -> int:
+        """Slices per shard file."""
         return int(self.images.shards[0]) if self.images.shards else int(self.images.chunks[0])
 
     @property
     def complete(self) -> bool:
+        """Whether the last conversion committed (state `complete`)."""
         return self.attrs.get("state") == "complete"
 
     def series_rows(self, s: int) -> tuple[int, int]:

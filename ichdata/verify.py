@@ -67,6 +67,7 @@ class VerifyReport:
 
     @property
     def ok(self) -> bool:
+        """Whether verification found no problem."""
         return not self.problems
 
     def __str__(self) -> str:
