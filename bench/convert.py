@@ -115,7 +115,8 @@ def _per_slice(files: list[Path], n: int) -> dict[str, float]:
     import pydicom
 
     from ichdata.dicom import read_header_layout, read_rendered, read_rendered_layout
-    from ichdata.store import create_images, shard_checksum, write_images
+    from ichdata.shardfile import shard_checksum, write_images
+    from ichdata.store import create_images
 
     files = files[:n]
     out: dict[str, float] = {}
@@ -193,7 +194,8 @@ def _shard_sizes(
     """
     import zarr
 
-    from ichdata.store import create_images, write_images
+    from ichdata.shardfile import write_images
+    from ichdata.store import create_images
 
     n = len(block)
     rng = np.random.default_rng(0)

@@ -30,6 +30,7 @@ __all__ = [
     "resume",
     "scan",
     "setaside",
+    "shardfile",
     "shards",
     "slurm",
     "store",

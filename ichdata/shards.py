@@ -22,6 +22,7 @@ import numpy as np
 
 from ichdata.errors import UserError
 from ichdata.reasons import Reason
+from ichdata.shardfile import shard_checksum, write_images
 from ichdata.store import (
     N_CHANNELS,
     array,
@@ -31,8 +32,6 @@ from ichdata.store import (
     manifest_path,
     quarantine_csv_path,
     replaceable,
-    shard_checksum,
-    write_images,
 )
 
 if TYPE_CHECKING:

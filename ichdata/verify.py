@@ -31,7 +31,8 @@ from ichdata.cluster import (
 )
 from ichdata.options import option
 from ichdata.reasons import KEPT_REASONS
-from ichdata.store import CLASSES, array, manifest_path, open_store, read_shard, shard_checksum
+from ichdata.shardfile import read_shard, shard_checksum
+from ichdata.store import CLASSES, array, manifest_path, open_store
 
 if TYPE_CHECKING:
     from distributed import Client

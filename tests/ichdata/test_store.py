@@ -10,7 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ichdata.errors import UserError
-from ichdata.store import CLASSES, FORMAT_VERSION, open_store, read_shard, write_store_from_arrays
+from ichdata.shardfile import read_shard
+from ichdata.store import CLASSES, FORMAT_VERSION, open_store, write_store_from_arrays
 
 
 def _series(n: int) -> pd.DataFrame:
@@ -128,7 +129,8 @@ def test_bad_arrays_are_refused(tmp_path) -> None:
 
 
 def test_shards_written_by_hand_are_byte_identical_to_zarrs(tmp_path) -> None:
-    from ichdata.store import create_images, write_images
+    from ichdata.shardfile import write_images
+    from ichdata.store import create_images
 
     rng = np.random.default_rng(1)
     block = rng.integers(0, 4, (11, 3, 16, 16), dtype=np.uint8) * 60  # compressible, not constant

@@ -287,7 +287,7 @@ def test_a_store_that_an_append_is_growing_stays_readable(tiny_store: Store) -> 
     """An append rewrites the last partial shard with new rows (and their checksum) before committing."""
     import zarr
 
-    from ichdata.store import shard_checksum, write_images
+    from ichdata.shardfile import shard_checksum, write_images
 
     images = zarr.open_array(str(tiny_store.path / "images"), mode="r+")
     markers = zarr.open_array(str(tiny_store.path / "conversion" / "shard_done"), mode="r+")
