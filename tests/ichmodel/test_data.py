@@ -339,3 +339,17 @@ def test_check_trainable_names_classes_without_a_positive(store_factory: Callabl
     assert "\n" not in warnings[0]
     assert "epidural, intraventricular" in warnings[0]
     assert f"{len(rows)} labelled training slices" in warnings[0]
+
+
+def test_the_reader_hands_out_copies_of_the_shards_it_keeps(store_factory: Callable[..., Store]) -> None:
+    """The reader keeps the shards it just checked for the next series: what it returns is the caller's."""
+    from ichmodel.reader import ImageReader
+
+    store = store_factory(shard_size=8)
+    reader = ImageReader(store.path, "zarr", store.n_slices)
+    first = reader.read(2, 7)
+    expected = np.asarray(store.images[2:7])
+    np.testing.assert_array_equal(first, expected)
+    first[:] = 0  # a caller writing into its batch (augmentation in place)
+    np.testing.assert_array_equal(reader.read(2, 7), expected)
+    np.testing.assert_array_equal(reader.read(9, 20), np.asarray(store.images[9:20]))  # across shards
