@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -63,14 +65,14 @@ def test_layout_and_attributes(tmp_path) -> None:
         path, images, np.zeros((5, 6), np.uint8), list("abcde"), [0, 2, 5], _series(2), shard_size=4
     )
     g = zarr.open_group(str(path), mode="r")
-    img = g["images"]
+    img = zarr.open_array(str(path / "images"), mode="r")
     assert img.shape == (5, 3, 256, 256)
     assert img.dtype == np.uint8
     assert img.chunks == (1, 3, 256, 256)
     assert img.shards == (4, 3, 256, 256)
-    assert g["study_offsets"].dtype == np.int64
-    assert g["labels"].shape == (5, 6)
-    a = dict(g.attrs)
+    assert zarr.open_array(str(path / "study_offsets"), mode="r").dtype == np.int64
+    assert zarr.open_array(str(path / "labels"), mode="r").shape == (5, 6)
+    a: dict[str, Any] = dict(g.attrs)
     assert a["classes"] == list(CLASSES)
     assert a["format_version"] == FORMAT_VERSION
     assert [w["name"] for w in a["windows"]] == ["brain", "subdural", "bone"]
