@@ -15,7 +15,7 @@ import re
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, cast
+from typing import TYPE_CHECKING, Any, cast, get_args
 from uuid import UUID
 
 from prefect import flow, get_run_logger, task
@@ -27,7 +27,7 @@ from prefect.artifacts import (
 )
 from prefect.cache_policies import NO_CACHE
 
-from ichdata.cluster import cluster_client
+from ichdata.cluster import ClusterKind, cluster_client
 from ichdata.convert import ConvertConfig, ConvertResult
 from ichdata.errors import UserError
 from ichdata.finalize import ConvertSummary
@@ -102,6 +102,13 @@ _IO_RETRIES: dict[str, Any] = {
 def _slug(text: str) -> str:
     """An artifact key from a store path: lowercase letters, digits and dashes (Prefect's rule)."""
     return re.sub(r"[^a-z0-9]+", "-", Path(text.rstrip("/")).name.lower()).strip("-") or "store"
+
+
+def _cluster_kind(value: str) -> ClusterKind:
+    """The `cluster` parameter, checked (the flow's signature cannot say `Literal` to Prefect)."""
+    if value not in get_args(ClusterKind):
+        raise UserError(f"parameter cluster is {value!r}; expected one of {', '.join(get_args(ClusterKind))}")
+    return cast(ClusterKind, value)
 
 
 def _path(name: str, value: str, expected: str) -> Path:
@@ -387,7 +394,9 @@ def ingest(
     overwrite: bool = False,
     keep_paths: bool = False,
     verify: bool = True,
-    cluster: Literal["local", "slurm"] = "local",
+    # A plain str, not Literal: Prefect builds a deployment's parameter schema from the source
+    # without importing it, where `Literal` cannot be resolved; ConvertConfig checks the value.
+    cluster: str = "local",
     jobs: int | None = None,
     queue: str | None = None,
     cores: int | None = None,
@@ -431,7 +440,7 @@ def ingest(
         shard_size=shard_size,
         overwrite=overwrite,
         keep_paths=keep_paths,
-        cluster=cluster,
+        cluster=_cluster_kind(cluster),
         jobs=jobs,
         queue=queue,
         cores=cores,

@@ -152,6 +152,8 @@ def _configure(root: Path) -> Slurm:
         "ClusterName=ich-test",
         f"SlurmctldHost={node}(127.0.0.1)",
         f"SlurmctldPort={ctld_port}",
+        # The daemons bind to 127.0.0.1 (NodeAddr, SlurmctldHost), not every interface.
+        "CommunicationParameters=NoInAddrAny",
         f"SlurmdPort={slurmd_port}",
         "SlurmUser=root",
         "AuthType=auth/munge",

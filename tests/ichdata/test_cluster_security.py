@@ -89,10 +89,16 @@ def _strangers(run: Security) -> dict[str, Security | None]:
 
 
 def _listening(pid: int) -> set[str]:
-    """The IP addresses that process `pid` and its children listen on (TCP)."""
+    """The IP addresses that process `pid` and its children listen on (TCP).
+
+    The suite's own single-node SLURM (tests/slurm.py), when an earlier test started it, is not the
+    conversion's: its daemons are left out (slurmctld binds every interface; munge authenticates).
+    """
     root = psutil.Process(pid)
     hosts = set()
     for process in [root, *root.children(recursive=True)]:
+        if process.name().startswith(("slurmctld", "slurmd", "slurmstepd", "munged")):
+            continue
         for conn in process.net_connections(kind="inet"):
             if conn.status == psutil.CONN_LISTEN:
                 hosts.add(conn.laddr.ip)

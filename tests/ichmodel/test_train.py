@@ -206,9 +206,9 @@ def test_resume_equals_uninterrupted_training(tmp_path: Path, tiny_store: Store)
 
 
 _DDP_SCRIPT = """
+import json, os, sys
 from ichmodel.config import TrainConfig
 from ichmodel.train import train
-from ichmodel.train import TrainConfig, train
 
 config = TrainConfig(**json.loads(sys.argv[1]))
 result = train(config)
