@@ -80,6 +80,21 @@ def _dicom_folder(path: Path) -> Path:
     return path
 
 
+def _predict_args(checkpoint: Path, tmp_path: Path, store: Path) -> list[str]:
+    """`ich predict` of `checkpoint` on a small DICOM folder, keeping its store at `store`."""
+    src = _dicom_folder(tmp_path / "dicom")
+    return [
+        "predict",
+        str(checkpoint),
+        str(src),
+        "--out",
+        str(tmp_path / "p.csv"),
+        "--store",
+        str(store),
+        "--quiet",
+    ]
+
+
 def test_a_malicious_checkpoint_runs_nothing_at_any_entry_point(
     tmp_path: Path, tiny_store: Store, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -93,18 +108,7 @@ def test_a_malicious_checkpoint_runs_nothing_at_any_entry_point(
 
     # predict refuses before converting anything
     store = tmp_path / "kept.zarr"
-    src = _dicom_folder(tmp_path / "dicom")
-    args = [
-        "predict",
-        str(evil),
-        str(src),
-        "--out",
-        str(tmp_path / "p.csv"),
-        "--store",
-        str(store),
-        "--quiet",
-    ]
-    assert main(args) == 2
+    assert main(_predict_args(evil, tmp_path, store)) == 2
     err = capsys.readouterr().err
     assert str(evil) in err
     assert len(err.strip().splitlines()) == 1
@@ -197,17 +201,7 @@ def test_predict_and_resume_refuse_a_damaged_checkpoint_before_any_work(
 ) -> None:
     ckpt = _valid(tmp_path / "best.pt", backbone="test_resnet")
     store = tmp_path / "kept.zarr"
-    src = _dicom_folder(tmp_path / "dicom")
-    args = [
-        "predict",
-        str(ckpt),
-        str(src),
-        "--out",
-        str(tmp_path / "p.csv"),
-        "--store",
-        str(store),
-        "--quiet",
-    ]
+    args = _predict_args(ckpt, tmp_path, store)
     assert main(args) == 2
     err = capsys.readouterr().err
     assert f"checkpoint {ckpt}: " in err
