@@ -1,7 +1,7 @@
 """RSNA at full size: every stage of `ich convert`, the `ingest` flow, `ich verify` and the loader, timed.
 
-    .venv/bin/python bench/scale.py --studies 2174            # ≈ 75k slices (RSNA's size / 10)
-    .venv/bin/python bench/scale.py --studies 21744           # RSNA's 752k: ≈ 8 GB archive, ≈ 2 h here
+    .venv/bin/python bench/scale.py --studies 2504            # ≈ 75k slices (RSNA's size / 10)
+    .venv/bin/python bench/scale.py --studies 25040           # RSNA's 752k: ≈ 8 GB archive
 
 Synthesises (or reuses, keyed by studies, seed and image size) an RSNA-shaped archive under the work
 folder, then runs, as a user would: `ich convert` (fresh store), `ich verify` (in this process, as the
@@ -91,6 +91,14 @@ class RssSampler(threading.Thread):
                 for pid, rss in k.items():
                     kids[pid] = max(kids.get(pid, 0), rss)
         return driver, kids
+
+    def trace(self, a: float, b: float, points: int = 5) -> list[tuple[float, float]]:
+        """Driver and largest-worker RSS (MB) at evenly spaced moments of [a, b]: flat or climbing."""
+        inside = [(t, d, max(k.values(), default=0)) for t, d, k in self.samples if a <= t <= b]
+        if not inside:
+            return []
+        picks = [inside[round(i * (len(inside) - 1) / (points - 1))] for i in range(points)]
+        return [(d / 1e6, w / 1e6) for _, d, w in picks]
 
 
 @dataclass
@@ -232,7 +240,9 @@ def _dataset_pass(store: Path, rec: Recorder) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Run the stages (see the module docstring) and print the table."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--studies", type=int, default=2174, help="studies (21,744 is RSNA's 752k slices)")
+    ap.add_argument(
+        "--studies", type=int, default=2504, help="studies (25,040 gives 752,351 slices, RSNA's size)"
+    )
     ap.add_argument("--seed", type=int, default=9)
     ap.add_argument("--image-size", type=int, default=64)
     ap.add_argument("--workers", type=int, default=2)
@@ -306,6 +316,9 @@ def main(argv: list[str] | None = None) -> int:
                 "tasks": st.tasks,
             }
         )
+    # Memory through the longest stage (the first conversion's shard tasks): does it climb with tasks?
+    shards = next(st for st in rec.stages if st.run == "convert" and st.name == "shards")
+    shard_trace = sampler.trace(shards.start, shards.end)
     totals = []
     for name, (a, b) in runs.items():
         driver, kids = sampler.peaks(a, b)
@@ -348,6 +361,7 @@ def main(argv: list[str] | None = None) -> int:
         "disk": {"archive_bytes": _du(archive), "store_bytes": _du(store)},
         "stages": rows,
         "runs": totals,
+        "convert_shards_rss_mb": shard_trace,
     }
     out = args.work / f"scale-{args.studies}-{args.seed}-{args.image_size}.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
@@ -377,6 +391,15 @@ def _print(r: dict[str, Any]) -> None:
         print(
             f"{s['run']:9} {s['stage']:14} {s['wall_s']:8.2f} {s['us_per_slice']:9.1f} "
             f"{_mb(s['driver_peak_mb'])} {_mb(s['worker_peak_mb'])} {s['tasks']:6d}"
+        )
+    trace = r.get("convert_shards_rss_mb", [])
+    if trace:
+        print(
+            "convert shards, RSS at 0/25/50/75/100 % of the stage: driver "
+            + " ".join(f"{d:.0f}" for d, _ in trace)
+            + " MB; largest worker "
+            + " ".join(f"{w:.0f}" for _, w in trace)
+            + " MB"
         )
     for t in r["runs"]:
         w = max(t["worker_peak_mb"].values(), default=0)
