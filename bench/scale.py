@@ -11,7 +11,8 @@ flow (ephemeral Prefect home in the work folder) into a second store, and one pa
 this process (the driver) and of each worker process (psutil, sampled in a thread), Dask tasks run,
 and the lines that reached the terminal (standard output and error are captured per run: the stages
 are called with progress bars off, so anything there is a library talking to the user). Prints a table
-and writes `WORK/scale-<studies>-<seed>-<size>.json`; `bench/RESULTS.md` keeps the figures.
+and writes `WORK/scale-<studies>-<seed>-<size>.json`; `bench/RESULTS.md` keeps the figures. `--archive`
+takes an archive written elsewhere, e.g. on tmpfs where the disk is slow at small files.
 """
 
 from __future__ import annotations
@@ -247,12 +248,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--image-size", type=int, default=64)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--work", type=Path, default=WORK, help="work folder (default bench/_work)")
+    ap.add_argument(
+        "--archive",
+        type=Path,
+        help="an archive `ich synth` wrote for these --studies, --seed and --image-size (e.g. on tmpfs)",
+    )
     ap.add_argument("--skip", nargs="*", default=[], choices=["verify", "rerun", "flow", "dataset"])
     args = ap.parse_args(argv)
     from ichdata.convert import ConvertConfig, convert
     from ichdata.store import open_store
 
-    archive, synth_s = ensure_archive(args.work, args.studies, args.seed, args.image_size, args.workers)
+    if args.archive is not None:
+        if not (args.archive / "stage_2_train.csv").is_file():
+            ap.error(f"--archive {args.archive}: no stage_2_train.csv (not an `ich synth` archive)")
+        archive, synth_s = args.archive, 0.0
+    else:
+        archive, synth_s = ensure_archive(args.work, args.studies, args.seed, args.image_size, args.workers)
     run_dir = args.work / "scale" / f"run-s{args.studies}-seed{args.seed}-px{args.image_size}"
     run_dir.mkdir(parents=True, exist_ok=True)
     store, flow_store = run_dir / "store.zarr", run_dir / "flow.zarr"
@@ -293,9 +304,11 @@ def main(argv: list[str] | None = None) -> int:
         from flows.ingest import ingest
 
         def flow() -> Any:
-            shutil.rmtree(flow_store, ignore_errors=True)
+            # Replaced, manifest included, as `convert` above: a flow from scratch, not a resumed one.
             with prefect_home(run_dir / "prefect"):
-                return ingest(str(archive), str(flow_store), labels=str(labels), workers=args.workers)
+                return ingest(
+                    str(archive), str(flow_store), labels=str(labels), workers=args.workers, overwrite=True
+                )
 
         run("flow", flow)
     if "dataset" not in args.skip:
@@ -357,6 +370,7 @@ def main(argv: list[str] | None = None) -> int:
         "n_series": stored.n_series,
         "n_shards": -(-n // stored.shard_size),
         "store_files": store_files,
+        "archive": str(archive),
         "archive_write_s": synth_s,
         "disk": {"archive_bytes": _du(archive), "store_bytes": _du(store)},
         "stages": rows,

@@ -108,14 +108,17 @@ def predict_series(
     from tqdm.auto import tqdm
 
     from ichmodel.models import predict_study
+    from ichmodel.reader import ImageReader
 
+    # The training reader: a missing or corrupt shard stops the run naming it, never reads as zeros.
+    reader = ImageReader(store.path, "zarr", store.n_slices)
     rows: list[np.ndarray] = []
     probs: list[np.ndarray] = []
     for s in tqdm(list(series), desc=desc, unit="study", disable=not progress, file=sys.stderr):
         a, b = store.series_rows(int(s))
         if b == a:
             continue
-        images = store.read_series(int(s))
+        images = reader.read(a, b)
         probs.append(predict_study(model, images, max_len=max_len, device=device))
         rows.append(np.arange(a, b, dtype=np.int64))
     n_classes = len(store.classes)

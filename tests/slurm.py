@@ -47,6 +47,18 @@ class Slurm:
         """The process environment with the client commands pointed at this SLURM."""
         return {**os.environ, "SLURM_CONF": str(self.conf)}
 
+    def site_settings(self, folder: Path) -> dict[str, object]:
+        """The `jobqueue.slurm` settings a site would put in `jobqueue.yaml`, for this SLURM.
+
+        Workers reach the scheduler over loopback; the shared temp and log folders are under `folder`.
+        """
+        return {
+            "jobqueue.slurm.interface": "lo",
+            "jobqueue.slurm.shared-temp-directory": str(folder),
+            "jobqueue.slurm.log-directory": str(folder / "logs"),
+            "jobqueue.slurm.death-timeout": 30,
+        }
+
     def job_ids(self) -> list[str]:
         """The ids of the jobs `squeue` lists (pending, running or completing)."""
         out = _run(["squeue", "--noheader", "--format=%A"], self.env()).stdout

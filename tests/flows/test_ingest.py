@@ -460,8 +460,8 @@ def test_a_run_of_many_shards_logs_no_line_per_shard(
 
 @pytest.mark.slurm
 @pytest.mark.slow
-def test_ingest_on_slurm_jobs(slurm: object, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """`cluster="slurm"`: the flow's workers are SLURM jobs (site settings as in `test_slurm.py`'s `site`).
+def test_ingest_on_slurm_jobs(slurm: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`cluster="slurm"`: the flow's workers are SLURM jobs (the site settings of `tests/slurm.py`).
 
     The store holds every slice and passes the flow's verification; no job is left afterwards.
     """
@@ -471,14 +471,8 @@ def test_ingest_on_slurm_jobs(slurm: object, tmp_path: Path, monkeypatch: pytest
 
     folder, csv = _archive(tmp_path, studies=2, seed=18)
     monkeypatch.chdir(tmp_path)
-    settings = {
-        "jobqueue.slurm.interface": "lo",
-        "jobqueue.slurm.shared-temp-directory": str(tmp_path),
-        "jobqueue.slurm.log-directory": str(tmp_path / "logs"),
-        "jobqueue.slurm.death-timeout": 30,
-    }
     store = tmp_path / "slurm.zarr"
-    with dask.config.set(settings):
+    with dask.config.set(slurm.site_settings(tmp_path)):
         state = _run(
             source=str(folder), store=str(store), labels=str(csv), shard_size=8,
             cluster="slurm", jobs=2, cores=1, memory="1GB", walltime="00:10:00",

@@ -126,6 +126,22 @@ def write_case(
     return out
 
 
+def write_same_position(root: Path, first: Written) -> str:
+    """A second slice of `first`'s (axial) series at `first`'s position, another image id; its path."""
+    rel = f"{Path(first.path).parent}/zz_same_position"
+    write_ct_slice(
+        root / rel,
+        stored_from_hu(np.zeros((64, 64))),
+        image_id="ID_same_position",
+        study_uid=first.study_uid,
+        series_uid=first.series_uid,
+        patient_id="MRN-0042",
+        image_position=(-60.0, -60.0, 10.0 + first.position),
+        instance_number=99,
+    )
+    return rel
+
+
 def _good(root: Path, rel: str, iid: str, rng: np.random.Generator, **kw: Any) -> None:
     (root / rel).parent.mkdir(parents=True, exist_ok=True)
     stored = stored_from_hu(_phantom(rng, 64, 64))

@@ -50,21 +50,11 @@ def test_a_rerun_with_nothing_new_writes_nothing(tmp_path, convert_inputs) -> No
 
 def test_a_rerun_with_a_report_on_a_stored_file_writes_nothing(tmp_path, convert_inputs) -> None:
     """A report on a stored file (`duplicate_position`) is no file set aside: counted once, not redone."""
-    from ichdata.testing import stored_from_hu, write_ct_slice
-
     root = tmp_path / "src"
     first = min(
         convert_inputs.write_case(root, "axial", np.random.default_rng(5), n=3), key=lambda w: w.position
     )
-    write_ct_slice(
-        root / "axial" / "zz_same_position",
-        stored_from_hu(np.zeros((64, 64))),
-        image_id="ID_same_position",
-        study_uid=first.study_uid,
-        series_uid=first.series_uid,
-        patient_id="MRN-0042",
-        image_position=(-60.0, -60.0, 10.0 + first.position),
-    )
+    convert_inputs.write_same_position(root, first)
     store = tmp_path / "s.zarr"
     summary = convert(ConvertConfig(root, store, shard_size=2), progress=False, client=None)
     assert summary.quarantined == {"duplicate_position": 1}

@@ -30,17 +30,7 @@ def test_same_position_and_conflicting_duplicates_are_reported(tmp_path, convert
     axial = convert_inputs.write_case(src, "axial", rng, n=3)
     tilted = convert_inputs.write_case(src, "tilted", rng, n=3)
     first = min(axial, key=lambda w: w.position)
-    # A second slice of the axial series at the position of `first` (another image id).
-    write_ct_slice(
-        src / "axial" / "zz_same_position",
-        stored_from_hu(np.zeros((64, 64))),
-        image_id="ID_same_position",
-        study_uid=first.study_uid,
-        series_uid=first.series_uid,
-        patient_id="MRN-0042",
-        image_position=(-60.0, -60.0, 10.0 + first.position),
-        instance_number=99,
-    )
+    assert convert_inputs.write_same_position(src, first) == "axial/zz_same_position"
     # The image id of a tilted slice, with other pixel data; and an exact copy of another.
     write_ct_slice(
         src / "zz_conflict.dcm",

@@ -31,19 +31,13 @@ BIN = Path(sys.executable).parent  # the venv's `python` and `ich`
 
 
 @pytest.fixture
-def site(slurm: object, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+def site(slurm: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     """The settings a site would put in `jobqueue.yaml`, for this one-node SLURM.
 
     Loopback, the shared temp and log dirs under `tmp_path`; jobs are submitted from `tmp_path`.
     """
     monkeypatch.chdir(tmp_path)
-    settings = {
-        "jobqueue.slurm.interface": "lo",
-        "jobqueue.slurm.shared-temp-directory": str(tmp_path),
-        "jobqueue.slurm.log-directory": str(tmp_path / "logs"),
-        "jobqueue.slurm.death-timeout": 30,
-    }
-    with dask.config.set(settings):
+    with dask.config.set(slurm.site_settings(tmp_path)):
         yield tmp_path
 
 

@@ -172,6 +172,23 @@ def test_cli_evaluate_and_its_errors(
     assert "--threshold 2" in capsys.readouterr().err
 
 
+def test_evaluate_refuses_a_deleted_shard_rather_than_scoring_black_images(
+    runs: tuple[Path, Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """zarr reads a missing shard as its fill value: evaluation must read through the checked reader."""
+    import shutil
+
+    store, a, _ = runs
+    damaged = tmp_path / "damaged.zarr"
+    shutil.copytree(store, damaged)
+    (damaged / "images" / "c" / "1" / "0" / "0" / "0").unlink()  # rows 16-31
+    assert main(["evaluate", str(a), "--store", str(damaged), "--out", str(tmp_path / "r"), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err
+    assert "shard 1 (rows 16–31) is damaged" in err
+    assert not (tmp_path / "r" / "metrics.json").exists()
+
+
 # --- report pictures and tables -----------------------------------------------------------------
 
 
