@@ -228,7 +228,7 @@ def dask_client(
     if scheduler and scheduler_file:
         raise UserError("--scheduler and --scheduler-file: give one, not both")
     if scheduler or scheduler_file:
-        with _existing_client(scheduler, scheduler_file) as client:
+        with _quiet_distributed(), _existing_client(scheduler, scheduler_file) as client:
             yield client
         return
     n = resolve_workers(workers, oversubscribe=oversubscribe)
@@ -262,13 +262,22 @@ def _existing_client(
         client.close()
 
 
+# Batches of messages each comm and the scheduler keep for debugging (distributed's default: 1,000).
+# Each batch holds the tasks it carried, shard arguments included: at RSNA's size the driver's memory
+# climbed with every task sent until that cap.
+_LOW_LEVEL_LOG_LENGTH = 16
+
+
 @contextlib.contextmanager
 def _quiet_distributed() -> Iterator[None]:
-    """Silence distributed's log messages while the block runs; their levels are restored after it.
+    """Silence distributed's logs while the block runs; log levels and settings are restored after it.
 
     INFO/WARNING chatter (and a heartbeat ERROR at shutdown) is noise for a user who asked for a
-    conversion.
+    conversion. The low-level logs (recent messages of each comm, the scheduler's transitions) are cut
+    to a few entries: their default keeps the arguments of the last thousand task batches alive.
     """
+    import dask
+
     names = (
         "distributed",
         "distributed.worker",
@@ -282,7 +291,8 @@ def _quiet_distributed() -> Iterator[None]:
     for lg in loggers:
         lg.setLevel(logging.CRITICAL)
     try:
-        yield
+        with dask.config.set({"distributed.admin.low-level-log-length": _LOW_LEVEL_LOG_LENGTH}):
+            yield
     finally:
         for lg, level in zip(loggers, saved, strict=True):
             lg.setLevel(level)
