@@ -16,6 +16,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -403,14 +404,17 @@ def scan_source(
     """
     check_inputs(config)
     source, store = Path(config.source), Path(config.store)
-    return scan(
+    previous = None if config.overwrite else previous_manifest(store, source)
+    manifest = scan(
         source,
         client,
-        previous=None if config.overwrite else previous_manifest(store, source),
+        previous=previous,
         exclude=excluded_paths(store, config.labels),
         on_progress=on_progress,
         on_total=on_total,
     )
+    manifest.previous = previous  # read once: the plan of this store takes it from here
+    return manifest
 
 
 def plan_conversion(config: ConvertConfig, manifest: Manifest, labels: pd.DataFrame | None = None) -> Plan:
@@ -462,14 +466,26 @@ def _convert(config: ConvertConfig, progress: bool, client: Client | None) -> Co
         # (`ichdata.cluster`): start on that now, beside the checks and the label CSV.
         threading.Thread(target=warm_up, name="ich-warm-kernels", daemon=True).start()
     check_inputs(config)
-    labels = load_labels(config.labels)
     stages: dict[str, float] = {}
     with contextlib.ExitStack() as stack:
+        # The label CSV (RSNA's: 4.5M rows, seconds) is parsed by Arrow, off the GIL, while the scan
+        # lists and stats the source. It is known good before any work: before a cluster starts, and
+        # before the scan when the caller's client would start work at once.
+        pool = stack.enter_context(ThreadPoolExecutor(1, thread_name_prefix="ich-labels"))
+        parsed = pool.submit(load_labels, config.labels)
+        if client is not None:
+            parsed.result()
+
+        def start_cluster() -> contextlib.AbstractContextManager[Client]:
+            parsed.result()
+            return cluster_client(config)
+
         # Started by the first stage with work for it: a re-run with nothing new starts no cluster.
-        runner = client if client is not None else OnDemandClient(lambda: cluster_client(config), stack)
+        runner = client if client is not None else OnDemandClient(start_cluster, stack)
         t = time.perf_counter()
         with _bar(progress, "scan", "file") as bar:
             manifest = scan_source(config, runner, on_progress=bar.update, on_total=_set_total(bar))
+        labels = parsed.result()
         stages["scan"] = time.perf_counter() - t
         t = time.perf_counter()
         p = plan_conversion(config, manifest, labels)

@@ -100,7 +100,15 @@ def finalize(
     keep_paths = config is not None and config.keep_paths
     group = zarr.open_group(str(p.store), mode="r+")
     if _already_committed(result, group, keep_paths):
-        return _summary(result, started, n_studies=int(group.attrs.get("n_studies", 0)))  # type: ignore[arg-type]
+        # Nothing written: the size the commit recorded holds (walking a store of ~12k shard folders
+        # is seconds, minutes on a cold shared file system, of a daily ingest that found nothing new).
+        recorded = group.attrs.get("store_bytes")
+        return _summary(
+            result,
+            started,
+            n_studies=int(group.attrs.get("n_studies", 0)),  # type: ignore[arg-type]
+            store_bytes=int(recorded) if isinstance(recorded, int) else _du(p.store),
+        )
     # The manifest is the commit record: a run killed after this line re-plans to exactly this store.
     table = p.manifest_table()
     Manifest(p.source, table).write(manifest_path(p.store))
@@ -141,11 +149,15 @@ def finalize(
             "shard_checksums": "conversion/shard_done",
         }
     )
+    store_bytes = _du(p.store)
+    attrs["store_bytes"] = store_bytes  # before this attribute file is rewritten: within a few bytes
     group.attrs.put(attrs)
-    return _summary(result, started, n_studies=n_studies)
+    return _summary(result, started, n_studies=n_studies, store_bytes=store_bytes)
 
 
-def _summary(result: ConvertResult, started: float | None, *, n_studies: int) -> ConvertSummary:
+def _summary(
+    result: ConvertResult, started: float | None, *, n_studies: int, store_bytes: int
+) -> ConvertSummary:
     p = result.plan
     elapsed = (time.perf_counter() - started) if started is not None else result.elapsed_s
     n_labelled = None if p.labels_source is None else _n_labelled(p.labels)
@@ -169,7 +181,7 @@ def _summary(result: ConvertResult, started: float | None, *, n_studies: int) ->
         n_shards_written=result.n_written,
         n_shards_skipped=result.n_skipped,
         elapsed_s=elapsed,
-        store_bytes=_du(p.store),
+        store_bytes=store_bytes,
         n_labelled=n_labelled,
     )
 

@@ -314,7 +314,10 @@ def plan(
     label_table = load_labels(labels)
     shard_size = resolve_shard_size(store, shard_size, overwrite)
     config = plan_config(manifest.source, shard_size, image_size)
-    attrs, prev = previous_run(store, config, overwrite)
+    # The scan's own read of the previous manifest, when it was of this store's manifest; handed over
+    # once (not kept by the plan's manifest, which lives through the conversion).
+    known, manifest.previous = manifest.previous, None
+    attrs, prev = previous_run(store, config, overwrite, known=known)
     scanned = manifest.table
     manifest, in_store, old_q, fresh = _carry_over(manifest, prev)
     n_existing = len(in_store)

@@ -42,16 +42,19 @@ def plan_config(source: Path, shard_size: int, image_size: int = IMAGE_SIZE) -> 
 
 
 def previous_run(
-    store: Path, config: dict[str, Any], overwrite: bool
+    store: Path, config: dict[str, Any], overwrite: bool, *, known: Manifest | None = None
 ) -> tuple[dict[str, Any] | None, Manifest | None]:
-    """The store's attributes and previous manifest, after checking that the store has this plan."""
+    """The store's attributes and previous manifest, after checking that the store has this plan.
+
+    `known`: the manifest beside the store as the scan just read it (not read again).
+    """
     if overwrite:
         return None, None
     attrs = _store_of_plan(store, config)
     mp = manifest_path(store)
     if attrs is None or not mp.is_file():
         return attrs, None
-    return attrs, Manifest.read(mp, config["source"])
+    return attrs, known if known is not None else Manifest.read(mp, config["source"])
 
 
 def _store_of_plan(store: Path, config: dict[str, Any]) -> dict[str, Any] | None:

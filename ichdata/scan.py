@@ -16,7 +16,7 @@ import itertools
 import os
 import stat
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -66,6 +66,9 @@ class Manifest:
 
     source: Path
     table: pd.DataFrame
+    #: The manifest beside the store that `ichdata.convert.scan_source` compared this scan against,
+    #: handed on to the plan so that it is read once: at RSNA's size a read is a second.
+    previous: Manifest | None = field(default=None, repr=False, compare=False)
 
     def __len__(self) -> int:
         return len(self.table)
@@ -266,6 +269,19 @@ def scan_files(root: str, paths: Sequence[str]) -> pd.DataFrame:
     return table_from_records(rows)
 
 
+#: The manifest's text columns (`patient_id`, transient and never written, stays as it is).
+_TEXT_COLUMNS = (
+    "path",
+    "reason",
+    "detail",
+    "image_id",
+    "study_uid",
+    "series_uid",
+    "patient_key",
+    "pixel_layout",
+)
+
+
 def table_from_records(records: Sequence[dict[str, Any] | tuple[Any, ...]]) -> pd.DataFrame:
     """A manifest table from dicts with (some of) `COLUMNS`, or from `scan_files` tuples.
 
@@ -365,6 +381,9 @@ def scan(
     table = pd.concat(tables, ignore_index=True) if tables else empty_table()
     if "patient_id" not in table.columns:
         table["patient_id"] = None
+    # Text as Arrow-backed strings, as a manifest read from Parquet has them: a Python object per value
+    # (RSNA: ~7M) held the driver's memory and made the plan's hashing and sorting slower per row.
+    table = table.astype({c: "str" for c in _TEXT_COLUMNS})
     if not table["path"].is_monotonic_increasing:
         table = table.sort_values("path", kind="stable").reset_index(drop=True)
     return Manifest(root, table)
@@ -442,16 +461,31 @@ def _unchanged(root: str, paths: list[str], previous: pd.DataFrame) -> tuple[pd.
         except OSError:
             continue
         size[k], mtime[k] = st.st_size, st.st_mtime_ns
-    now = pd.DataFrame({"path": paths, "size": size, "mtime_ns": mtime}).astype(
-        {"size": "Int64", "mtime_ns": "Int64"}
-    )
-    now.loc[size < 0, ["size", "mtime_ns"]] = pd.NA
+    # Matched by Arrow's hash of the paths and compared as arrays (a pandas merge on three columns of
+    # nullable types took longer than the system calls). A missing size or time matches a missing one.
     prev = previous.drop_duplicates("path", keep="last")
-    same = now.merge(
-        prev[["path", "size", "mtime_ns"]].astype({"size": "Int64", "mtime_ns": "Int64"}),
-        on=["path", "size", "mtime_ns"],
-    )
-    return prev.loc[is_in(prev["path"], same["path"])].reset_index(drop=True), is_in(paths, same["path"])
+    same, at_np = index_in(paths, prev["path"])
+    for now_v, col in ((size, "size"), (mtime, "mtime_ns")):
+        was = prev[col]
+        was_na = was.isna().to_numpy()[at_np]
+        was_v = was.fillna(0).to_numpy(dtype=np.int64)[at_np]
+        now_na = size < 0
+        same = same & np.where(now_na | was_na, now_na & was_na, now_v == was_v)
+    keep = np.zeros(len(prev), dtype=bool)
+    keep[at_np[same]] = True
+    return prev.loc[keep].reset_index(drop=True), same
+
+
+def index_in(
+    values: pd.Series | Sequence[str | None], among: pd.Series | Sequence[str | None]
+) -> tuple[np.ndarray, np.ndarray]:
+    """For each of the strings `values`, whether `among` holds it and its first position there (else 0).
+
+    Hashed by Arrow, as `is_in`.
+    """
+    at = pc.index_in(_arrow_strings(values), value_set=_arrow_strings(among))
+    found = ~np.asarray(at.is_null().to_numpy(zero_copy_only=False), dtype=bool)
+    return found, np.asarray(at.fill_null(0).to_numpy(zero_copy_only=False), dtype=np.int64)
 
 
 def is_in(values: pd.Series | Sequence[str | None], among: pd.Series | Sequence[str | None]) -> np.ndarray:

@@ -19,7 +19,7 @@ import pandas as pd
 
 from ichdata.paths import fs_path
 from ichdata.reasons import Reason
-from ichdata.scan import is_in
+from ichdata.scan import index_in, is_in
 
 
 def quarantine_row(path: str, reason: str, detail: str, size: object, mtime_ns: object) -> dict[str, Any]:
@@ -194,22 +194,26 @@ def changed_since_conversion(in_store: pd.DataFrame, scanned: pd.DataFrame) -> l
     """
     if not len(in_store):
         return []
-    cols = ["size", "mtime_ns"]
-    old = in_store[cols].astype("Int64").reset_index(drop=True)
-    now = (
-        scanned.drop_duplicates("path", keep="last")
-        .set_index("path")[cols]
-        .astype("Int64")
-        .reindex(in_store["path"].to_numpy())
-        .reset_index(drop=True)
-    )
-    differs = now.ne(old).any(axis=1).to_numpy(dtype=bool) & now.notna().all(axis=1).to_numpy(dtype=bool)
+    # Each stored file's scan row by Arrow's hash of the paths, compared as arrays (a pandas reindex on
+    # string paths was most of a re-run's plan at RSNA's size).
+    scan_rows = scanned.drop_duplicates("path", keep="last")
+    differs, at_np = index_in(in_store["path"], scan_rows["path"])  # listed now, and where
+    now: dict[str, np.ndarray] = {}
+    changed = np.zeros(len(in_store), dtype=bool)
+    for col in ("size", "mtime_ns"):
+        was = in_store[col]
+        now_col = scan_rows[col]
+        now[col] = now_col.fillna(0).to_numpy(dtype=np.int64)[at_np]
+        differs &= ~now_col.isna().to_numpy()[at_np]
+        was_na = was.isna().to_numpy()
+        changed |= ~was_na & (now[col] != was.fillna(0).to_numpy(dtype=np.int64))
+    differs &= changed
     out = []
     for k in np.flatnonzero(differs):
         prev = in_store.iloc[k]
-        when = datetime.fromtimestamp(int(now.at[k, "mtime_ns"]) / 1e9, tz=UTC)
+        when = datetime.fromtimestamp(int(now["mtime_ns"][k]) / 1e9, tz=UTC)
         detail = (
-            f"changed since it was converted ({int(old.at[k, 'size']):,} → {int(now.at[k, 'size']):,} bytes, "
+            f"changed since it was converted ({int(prev['size']):,} → {int(now['size'][k]):,} bytes, "
             f"modified {when:%Y-%m-%d %H:%M:%S} UTC); the store holds the version converted then: "
             "pass --overwrite to convert the source again"
         )
