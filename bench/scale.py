@@ -276,6 +276,11 @@ def main(argv: list[str] | None = None) -> int:
     runs: dict[str, tuple[float, float]] = {}
 
     def run(name: str, fn: Callable[[], Any]) -> Any:
+        # One process runs every command here; each would be a fresh one for a user. What the earlier
+        # runs freed is handed back first, so a later run's driver figure is not theirs.
+        from ichdata.cluster import _shed_memory
+
+        _shed_memory()
         rec.run = name
         terminal[name] = []
         t = time.perf_counter()

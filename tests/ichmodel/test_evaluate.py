@@ -175,7 +175,7 @@ def test_cli_evaluate_and_its_errors(
 def test_evaluate_refuses_a_deleted_shard_rather_than_scoring_black_images(
     runs: tuple[Path, Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """zarr reads a missing shard as its fill value: evaluation must read through the checked reader."""
+    """A missing shard reads as zarr's fill value: evaluation must read through the checked reader."""
     import shutil
 
     store, a, _ = runs
