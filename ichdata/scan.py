@@ -67,7 +67,7 @@ class Manifest:
     source: Path
     table: pd.DataFrame
     #: The manifest beside the store that `ichdata.convert.scan_source` compared this scan against,
-    #: handed on to the plan so that it is read once: at RSNA's size a read is a second.
+    #: handed on to the plan so that it is read once (a read costs time in proportion to the archive).
     previous: Manifest | None = field(default=None, repr=False, compare=False)
 
     def __len__(self) -> int:
@@ -382,7 +382,7 @@ def scan(
     if "patient_id" not in table.columns:
         table["patient_id"] = None
     # Text as Arrow-backed strings, as a manifest read from Parquet has them: a Python object per value
-    # (RSNA: ~7M) held the driver's memory and made the plan's hashing and sorting slower per row.
+    # (several per file) held the driver's memory and made the plan's hashing and sorting slower per row.
     table = table.astype({c: "str" for c in _TEXT_COLUMNS})
     if not table["path"].is_monotonic_increasing:
         table = table.sort_values("path", kind="stable").reset_index(drop=True)

@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 
 import ichdata.convert
+import ichdata.finalize
+import ichdata.scan
 from ichdata.convert import ConvertConfig, convert
 from ichdata.testing import write_archive
 
@@ -26,11 +28,25 @@ def test_a_rerun_with_nothing_new_starts_no_cluster_and_reads_no_marker(
     def no_markers(group: object) -> list[str]:
         raise AssertionError("a re-run with nothing new read the done-markers")
 
+    def no_walk(path: object) -> int:
+        raise AssertionError("a re-run with nothing new walked the store for its size")
+
+    manifest_reads: list[object] = []
+    real_read = ichdata.scan.Manifest.read.__func__  # type: ignore[attr-defined]
+
+    def counted_read(cls: type, *args: object) -> object:
+        manifest_reads.append(args[0])
+        return real_read(cls, *args)
+
     monkeypatch.setattr(ichdata.convert, "cluster_client", no_cluster)
     monkeypatch.setattr(ichdata.convert, "read_markers", no_markers)
+    monkeypatch.setattr(ichdata.finalize, "_du", no_walk)
+    monkeypatch.setattr(ichdata.scan.Manifest, "read", classmethod(counted_read))
     again = convert(ConvertConfig(src, store, workers=1), progress=False)
     assert again.n_new == 0
     assert again.n_slices == first.n_slices
+    assert again.store_bytes == first.store_bytes > 0  # as the commit recorded it
+    assert len(manifest_reads) == 1  # the scan's read, handed to the plan
 
     # A new study is work again: the cluster starts and the study is appended.
     monkeypatch.undo()
