@@ -288,17 +288,7 @@ def table_from_records(records: Sequence[dict[str, Any] | tuple[Any, ...]]) -> p
     Missing values become null.
     """
     df = pd.DataFrame.from_records(list(records), columns=list(_RECORD))
-    for c in (
-        "path",
-        "reason",
-        "detail",
-        "image_id",
-        "study_uid",
-        "series_uid",
-        "patient_key",
-        "patient_id",
-        "pixel_layout",
-    ):
+    for c in (*_TEXT_COLUMNS, "patient_id"):
         df[c] = df[c].astype(object).where(df[c].notna(), None)
     df["reason"] = df["reason"].fillna("")
     df["detail"] = df["detail"].fillna("")
