@@ -228,7 +228,7 @@ def dask_client(
     if scheduler and scheduler_file:
         raise UserError("--scheduler and --scheduler-file: give one, not both")
     if scheduler or scheduler_file:
-        with _quiet_distributed(), _existing_client(scheduler, scheduler_file) as client:
+        with _existing_client(scheduler, scheduler_file) as client:
             yield client
         return
     n = resolve_workers(workers, oversubscribe=oversubscribe)
