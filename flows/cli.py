@@ -10,10 +10,13 @@ is in the README.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import os
+import signal
 import sys
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -282,17 +285,69 @@ def _run(argv: list[str]) -> int:
     return int(command.handler(*configs) or 0)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the `ich` console script; tests call it with an argv list."""
-    argv = list(sys.argv[1:] if argv is None else argv)
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what `kill`, `scancel` and a batch job's end send), raised as Ctrl-C's `KeyboardInterrupt` is.
+
+    A subclass, so that whatever cleans up after Ctrl-C (every `finally` and context manager: SLURM jobs
+    cancelled, the local cluster closed, the run's credentials removed) does the same for SIGTERM.
+    """
+
+
+@contextlib.contextmanager
+def _signals_raise(received: list[int]) -> Iterator[None]:
+    """While the block runs, SIGTERM raises `Terminated` and SIGINT `KeyboardInterrupt`, in the main thread.
+
+    Python's default for SIGTERM is to die at once, without cleaning up. Each signal's number is
+    appended to `received` (a library that turns a `KeyboardInterrupt` into another one still ends as
+    the signal that started it). A second SIGTERM is ignored, so that it cannot cut the cleanup short
+    (a batch system follows with SIGKILL if it must); a process forked from this one (a local Dask
+    worker) dies of SIGTERM as it would without this handler. The handlers in place before are
+    restored after the block (tests call `main` in-process).
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pid = os.getpid()
+
+    def on_signal(signum: int, frame: object) -> None:
+        if os.getpid() != pid:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        received.append(signum)
+        if signum == signal.SIGTERM:
+            signal.signal(signum, signal.SIG_IGN)
+            raise Terminated
+        raise KeyboardInterrupt
+
+    previous = {signum: signal.signal(signum, on_signal) for signum in (signal.SIGTERM, signal.SIGINT)}
     try:
-        return _run(argv)
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `ich` console script; tests call it with an argv list.
+
+    A mistake is one line and exit 2; Ctrl-C and SIGTERM stop the command, clean up and say so in one
+    line, with the shell's exit status for the signal (130, 143).
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    received: list[int] = []
+    try:
+        with _signals_raise(received):
+            return _run(argv)
     except UserError as exc:
         print(f"ich: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
+        if isinstance(exc, Terminated) or signal.SIGTERM in received:
+            print("ich: terminated", file=sys.stderr)
+            return 128 + signal.SIGTERM
         print("ich: interrupted", file=sys.stderr)
-        return 130
+        return 128 + signal.SIGINT
     except ModuleNotFoundError as exc:
         if exc.name and exc.name.split(".")[0] in _HEAVY:
             name = argv[0] if argv else "ich"

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -97,3 +100,77 @@ def test_user_mistakes_are_one_line_errors(tmp_path: Path, capsys: pytest.Captur
     assert err.startswith("ich: error: ")
     assert "no-such-folder" in err
     assert len(err.strip().splitlines()) == 1
+
+
+# `ich convert` paused once its local cluster is up: the worker pids go to the file named by argv[1].
+_PAUSED_CONVERT = textwrap.dedent(
+    """
+    import sys, threading
+    import ichdata.convert
+    from ichdata.cluster import resolve_client
+    from flows.cli import main
+
+    def paused(plan, client, on_shard_done=None, **kwargs):
+        started = resolve_client(client)
+        pids = started.run(__import__("os").getpid)
+        with open(sys.argv[1], "w") as f:
+            f.write(" ".join(str(p) for p in pids.values()))
+        threading.Event().wait()
+
+    ichdata.convert.convert_shards = paused
+    sys.exit(main(sys.argv[2:]))
+    """
+)
+
+
+def _alive(pid: int) -> bool:
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("signum", "to_group", "line", "status"),
+    [
+        (signal.SIGINT, True, "ich: interrupted", 130),  # Ctrl-C: the terminal signals the whole group
+        (signal.SIGTERM, False, "ich: terminated", 143),  # kill PID
+        (signal.SIGTERM, True, "ich: terminated", 143),  # scancel of the allocation: every process
+    ],
+)
+def test_a_signal_stops_a_conversion_in_one_line_and_closes_its_cluster(
+    tmp_path: Path, signum: int, to_group: bool, line: str, status: int
+) -> None:
+    """Issue 16 item 10: SIGTERM is handled as Ctrl-C, at a known point (the cluster up, no shard written)."""
+    archive = tmp_path / "archive"
+    assert main(["synth", str(archive), "--studies", "1", "--seed", "3", "--image-size", "64"]) == 0
+    ready = tmp_path / "workers"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _PAUSED_CONVERT, str(ready), "convert", str(archive), str(tmp_path / "s.zarr"),
+         "--workers", "2", "--quiet"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while not (ready.is_file() and ready.read_text()):
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "the cluster did not start"
+            time.sleep(0.1)
+        workers = [int(p) for p in ready.read_text().split()]
+        assert len(workers) == 2
+        assert all(_alive(p) for p in workers)
+        if to_group:
+            os.killpg(proc.pid, signum)
+        else:
+            proc.send_signal(signum)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert (proc.returncode, err) == (status, line + "\n"), err
+    assert out == ""
+    assert not [p for p in workers if _alive(p)]
