@@ -89,11 +89,19 @@ def _convert(config: ConvertConfig, display: Display) -> int:
 def _verify(config: VerifyConfig) -> int:
     from ichdata.verify import verify_store
 
+    if config.insecure_scheduler and not (config.scheduler or config.scheduler_file):
+        raise UserError(
+            "--insecure-scheduler: only with --scheduler or --scheduler-file (an existing cluster)"
+        )
     if config.workers or config.scheduler or config.scheduler_file:
         from ichdata.cluster import dask_client
 
         with dask_client(
-            config.workers, config.scheduler, config.scheduler_file, oversubscribe=config.oversubscribe
+            config.workers,
+            config.scheduler,
+            config.scheduler_file,
+            oversubscribe=config.oversubscribe,
+            insecure_scheduler=config.insecure_scheduler,
         ) as client:
             report = verify_store(config.store, client=client)
     else:

@@ -5,6 +5,10 @@
 existing scheduler) from a config's cluster options after `check_cluster` has refused mistakes. The
 `*_option()` functions here and in `ichdata.slurm` declare those options once, for every config that
 has them. Nothing from distributed is imported until a cluster is asked for.
+
+A Dask client runs what its scheduler sends it (results arrive pickled): an existing scheduler is
+reached only over TLS with the site's credentials (`existing_security`), unless the user passes
+`--insecure-scheduler`.
 """
 
 from __future__ import annotations
@@ -79,6 +83,15 @@ def scheduler_file_option() -> Any:
     )
 
 
+def insecure_scheduler_option() -> Any:
+    """The `insecure_scheduler` field: reach an existing scheduler without TLS."""
+    return option(
+        False,
+        help="reach --scheduler/--scheduler-file over plain tcp, without the site's TLS credentials: "
+        "whoever runs that scheduler runs code as you",
+    )
+
+
 def oversubscribe_option() -> Any:
     """The `oversubscribe` field: start the workers asked for even beyond the usable cores."""
     return option(False, help="start --workers N even where N exceeds the usable cores")
@@ -125,11 +138,19 @@ def check_cluster(config: ConvertConfig) -> None:
     slurm_only = [name for name in given if getattr(config, name) is not None]
     if config.cluster not in ("local", "slurm"):
         raise UserError(f"--cluster {config.cluster}: expected local or slurm")
+    existing = "--scheduler" if config.scheduler else "--scheduler-file" if config.scheduler_file else None
+    if config.insecure_scheduler and not existing:
+        raise UserError(
+            "--insecure-scheduler: only with --scheduler or --scheduler-file (an existing cluster)"
+        )
     if config.cluster == "local":
         if slurm_only:
             raise UserError(f"--{slurm_only[0]}: only with --cluster slurm (Dask workers as SLURM jobs)")
+        if existing and config.workers is not None:
+            raise UserError(f"--workers and {existing}: give one, not both")
+        if existing:
+            existing_security(config.scheduler, config.scheduler_file, insecure=config.insecure_scheduler)
         return
-    existing = "--scheduler" if config.scheduler else "--scheduler-file" if config.scheduler_file else None
     if existing:
         raise UserError(f"--cluster slurm and {existing}: give one, not both")
     if config.workers is not None:
@@ -173,7 +194,11 @@ def cluster_client(config: ConvertConfig) -> Iterator[Client]:
             yield client
         return
     with dask_client(
-        config.workers, config.scheduler, config.scheduler_file, oversubscribe=config.oversubscribe
+        config.workers,
+        config.scheduler,
+        config.scheduler_file,
+        oversubscribe=config.oversubscribe,
+        insecure_scheduler=config.insecure_scheduler,
     ) as client:
         yield client
 
@@ -216,10 +241,12 @@ def dask_client(
     scheduler_file: str | os.PathLike[str] | None = None,
     *,
     oversubscribe: bool = False,
+    insecure_scheduler: bool = False,
 ) -> Iterator[Client]:
     """A distributed `Client` of an existing cluster or of a new local one.
 
-    An existing cluster is named by its `scheduler` address or its `scheduler_file`. Otherwise a
+    An existing cluster is named by its `scheduler` address or its `scheduler_file`, and reached over
+    TLS with the site's credentials (`existing_security`) unless `insecure_scheduler`. Otherwise a
     `LocalCluster` on 127.0.0.1 with `workers` processes (default and most, unless `oversubscribe`:
     one per usable core, `resolve_workers`) of one thread each, speaking TLS with credentials made
     for the run (`run_security`), without a dashboard (the scheduler's HTTP endpoint on a free
@@ -228,7 +255,8 @@ def dask_client(
     if scheduler and scheduler_file:
         raise UserError("--scheduler and --scheduler-file: give one, not both")
     if scheduler or scheduler_file:
-        with _existing_client(scheduler, scheduler_file) as client:
+        security = existing_security(scheduler, scheduler_file, insecure=insecure_scheduler)
+        with _existing_client(scheduler, scheduler_file, security) as client:
             yield client
         return
     n = resolve_workers(workers, oversubscribe=oversubscribe)
@@ -238,21 +266,80 @@ def dask_client(
         yield client
 
 
-@contextlib.contextmanager
-def _existing_client(
-    scheduler: str | None, scheduler_file: str | os.PathLike[str] | None
-) -> Iterator[Client]:
-    from distributed import Client
+#: The dask config keys of the site's TLS credentials for a client of an existing scheduler.
+_SITE_TLS = ("distributed.comm.tls.ca-file", "distributed.comm.tls.client.cert")
+#: How long a client waits for an existing scheduler.
+CONNECT_TIMEOUT = "30s"
 
-    if scheduler_file and not Path(scheduler_file).is_file():
+
+def existing_security(
+    scheduler: str | None, scheduler_file: str | os.PathLike[str] | None, *, insecure: bool
+) -> Security | None:
+    """The credentials for an existing scheduler: the site's TLS ones, or None where `insecure`.
+
+    A Dask client unpickles what its scheduler sends: a scheduler run by someone else runs code as
+    the user. So the scheduler must speak TLS (`tls://`) and prove that it holds a certificate of the
+    site's authority (the dask config's `distributed.comm.tls.ca-file`), and the client presents the
+    site's client certificate (`distributed.comm.tls.client.cert`, `.key`). Checked before any
+    connection: a `UserError` names what is missing and the way out.
+    """
+    if scheduler_file is not None and not Path(scheduler_file).is_file():
         raise UserError(
             f"--scheduler-file {scheduler_file}: no such file; expected the file `dask scheduler` writes"
         )
+    if insecure:
+        return None
+    flag = f"--scheduler {scheduler}" if scheduler else f"--scheduler-file {scheduler_file}"
+    address = scheduler if scheduler else _scheduler_file_address(Path(str(scheduler_file)))
+    if not address.startswith("tls://"):
+        where = "" if scheduler else ": the scheduler it names"
+        raise UserError(
+            f"{flag}{where} does not speak TLS (tls://HOST:PORT expected); a scheduler we do not "
+            "authenticate could run code as you: start it with TLS, or pass --insecure-scheduler"
+        )
+    import dask
+    from distributed.security import Security
+
+    for key in _SITE_TLS:
+        value = dask.config.get(key, None)
+        if not value:
+            raise UserError(
+                f"{flag}: no {key} in the dask config; set the site's TLS credentials "
+                "(distributed.comm.tls.ca-file, .client.cert, .client.key; or "
+                f"DASK_{key.upper().replace('.', '__').replace('-', '_')}), or pass --insecure-scheduler"
+            )
+        if not Path(str(value)).is_file():
+            raise UserError(f"{flag}: {key} {value}: no such file")
+    return Security(require_encryption=True)
+
+
+def _scheduler_file_address(path: Path) -> str:
+    """The address in a scheduler file (`dask scheduler --scheduler-file`); its contents stay unshown."""
+    import json
+
+    try:
+        address = json.loads(path.read_text()).get("address")
+    except (OSError, ValueError, AttributeError):
+        address = None
+    if not isinstance(address, str):
+        raise UserError(
+            f"--scheduler-file {path}: no scheduler address in it; expected the JSON file `dask scheduler` writes"
+        )
+    return address
+
+
+@contextlib.contextmanager
+def _existing_client(
+    scheduler: str | None, scheduler_file: str | os.PathLike[str] | None, security: Security | None
+) -> Iterator[Client]:
+    from distributed import Client
+
     try:
         client = Client(
             scheduler,
             scheduler_file=None if scheduler_file is None else str(scheduler_file),
-            timeout="30s",
+            timeout=CONNECT_TIMEOUT,
+            security=security,
         )
     except OSError as exc:
         raise UserError(f"--scheduler {scheduler or scheduler_file}: cannot connect ({exc})") from exc
@@ -431,6 +518,7 @@ def _local_cluster(n: int) -> Iterator[LocalCluster]:
 
 __all__ = [
     "CLUSTER_GROUP",
+    "CONNECT_TIMEOUT",
     "SLURM_COMMANDS",
     "ClusterKind",
     "OnDemandClient",
@@ -438,6 +526,8 @@ __all__ = [
     "cluster_client",
     "cluster_option",
     "dask_client",
+    "existing_security",
+    "insecure_scheduler_option",
     "oversubscribe_option",
     "resolve_client",
     "resolve_workers",

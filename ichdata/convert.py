@@ -31,6 +31,7 @@ from ichdata.cluster import (
     check_cluster,
     cluster_client,
     cluster_option,
+    insecure_scheduler_option,
     oversubscribe_option,
     resolve_client,
     scheduler_file_option,
@@ -86,6 +87,7 @@ class ConvertConfig:
     workers: int | None = workers_option()
     scheduler: str | None = scheduler_option()
     scheduler_file: Path | None = scheduler_file_option()
+    insecure_scheduler: bool = insecure_scheduler_option()
     # None: the existing store's, else store.DEFAULT_SHARD_SIZE
     shard_size: int | None = option(
         None, help="slices per shard file (default: the store's, else 64)", metavar="K"

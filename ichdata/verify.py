@@ -23,6 +23,7 @@ import pandas as pd
 
 from ichdata import pathkeys
 from ichdata.cluster import (
+    insecure_scheduler_option,
     oversubscribe_option,
     scheduler_file_option,
     scheduler_option,
@@ -50,6 +51,7 @@ class VerifyConfig:
     workers: int | None = workers_option()
     scheduler: str | None = scheduler_option()
     scheduler_file: Path | None = scheduler_file_option()
+    insecure_scheduler: bool = insecure_scheduler_option()
     oversubscribe: bool = oversubscribe_option()
 
 

@@ -1,6 +1,7 @@
 """The Prefect `ingest` flow under Prefect's test harness, on small synthetic archives.
 
-The flow runs against the session's test API server and an in-process Dask cluster (`conftest.py`);
+The flow runs against the session's test API server and an in-process Dask cluster, the operator's
+scheduler of the runs (`operator_scheduler`, `conftest.py`);
 stores are checked against the slices rendered straight from the DICOM files and the label CSV.
 """
 
@@ -102,7 +103,7 @@ def _assert_same_contents(a: dict[str, Any], b: dict[str, Any]) -> None:
 # ------------------------------------------------------------------------------- the flow, one shot
 
 
-def test_ingest_writes_the_store_and_reports_it(tmp_path: Path, dask_scheduler: str) -> None:
+def test_ingest_writes_the_store_and_reports_it(tmp_path: Path, operator_scheduler: str) -> None:
     from ichdata.dicom import read_rendered
     from ichdata.labels import read_labels
     from ichdata.store import UNLABELLED, open_store
@@ -112,9 +113,7 @@ def test_ingest_writes_the_store_and_reports_it(tmp_path: Path, dask_scheduler: 
     broken = _add_broken_files(folder)
     store = tmp_path / "rsna.zarr"
 
-    state = _run(
-        source=str(folder), store=str(store), labels=str(csv), scheduler=dask_scheduler, shard_size=16
-    )
+    state = _run(source=str(folder), store=str(store), labels=str(csv), shard_size=16)
 
     assert state.is_completed(), state.message
     summary = state.result()
@@ -163,7 +162,9 @@ def test_ingest_writes_the_store_and_reports_it(tmp_path: Path, dask_scheduler: 
     assert float(arts["ingest-progress-rsna-zarr"].data) == 100.0
 
 
-def test_ingest_keeps_file_names_in_the_store_only_when_asked(tmp_path: Path, dask_scheduler: str) -> None:
+def test_ingest_keeps_file_names_in_the_store_only_when_asked(
+    tmp_path: Path, operator_scheduler: str
+) -> None:
     """`keep_paths` (issue 11 item 15): by default the store names files by manifest keys."""
     import zarr
 
@@ -173,18 +174,44 @@ def test_ingest_keeps_file_names_in_the_store_only_when_asked(tmp_path: Path, da
     names = sorted(p.name for p in folder.glob("*.dcm"))
     for keep in (False, True):
         store = tmp_path / f"keep-{keep}.zarr"
-        state = _run(source=str(folder), store=str(store), scheduler=dask_scheduler, keep_paths=keep)
+        state = _run(source=str(folder), store=str(store), keep_paths=keep)
         assert state.is_completed(), state.message
         held = sorted(str(v) for v in np.asarray(zarr.open_array(str(store / "source_path"), mode="r")[...]))
         assert (held == names) is keep, held
         assert sorted(open_store(store).source_path) == names  # the manifest beside it names them
 
 
+def test_with_allowed_roots_a_path_outside_is_refused_and_no_error_shows_a_file(
+    tmp_path: Path, operator_scheduler: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 16 item 5: `-p labels=/etc/shadow` put the file's first line into the run's state."""
+    allowed = tmp_path / "allowed"
+    folder, _ = _archive(allowed, studies=1, seed=19)
+    secret = "root:SECRET-77aa:19000:0:99999:7:::\n"
+    (tmp_path / "shadow").write_text(secret)
+    (allowed / "shadow").write_text(secret)
+    store = allowed / "s.zarr"
+    monkeypatch.setenv("ICH_ALLOWED_ROOTS", str(allowed))
+
+    state = _run(source=str(folder), store=str(store), labels=str(tmp_path / "shadow"))
+    assert state.is_failed()
+    assert state.message.startswith("Flow run encountered an exception: UserError: parameter labels: ")
+    assert "SECRET" not in state.message
+    assert not store.exists()
+    assert not list(allowed.glob("s.zarr*"))
+
+    # Inside the roots, a file that is no label CSV: named, with its line, never what it holds.
+    state = _run(source=str(folder), store=str(store), labels=str(allowed / "shadow"))
+    assert state.is_failed()
+    assert "shadow: line 1 names no column ID or Label" in state.message
+    assert "SECRET" not in state.message
+
+
 # ----------------------------------------------------------------------------------------- incremental
 
 
 def test_incremental_ingest_equals_one_shot_and_survives_a_failed_run(
-    tmp_path: Path, dask_scheduler: str, monkeypatch: pytest.MonkeyPatch, no_retry_delay: None
+    tmp_path: Path, operator_scheduler: str, monkeypatch: pytest.MonkeyPatch, no_retry_delay: None
 ) -> None:
     """Half the studies, then all (with a failed attempt in between) → the same store as one ingest of all.
 
@@ -197,9 +224,7 @@ def test_incremental_ingest_equals_one_shot_and_survives_a_failed_run(
     by_study = _files_by_study(folder)
     broken = _add_broken_files(folder)
     one_shot = tmp_path / "one_shot.zarr"
-    state = _run(
-        source=str(folder), store=str(one_shot), labels=str(csv), scheduler=dask_scheduler, shard_size=16
-    )
+    state = _run(source=str(folder), store=str(one_shot), labels=str(csv), shard_size=16)
     assert state.is_completed(), state.message
 
     # A landing folder receives half the studies (and the broken files), then the rest. The store
@@ -216,7 +241,7 @@ def test_incremental_ingest_equals_one_shot_and_survives_a_failed_run(
         for f in by_study[uid]:
             shutil.copy2(f, landing / f.name)
     store = tmp_path / "landing.zarr"
-    params = {"source": str(landing), "store": str(store), "labels": str(csv), "scheduler": dask_scheduler}
+    params = {"source": str(landing), "store": str(store), "labels": str(csv)}
     state = _run(**params)
     assert state.is_completed(), state.message
     n_first = sum(len(by_study[u]) for u in first)
@@ -282,14 +307,14 @@ def _failing_shard(store: str, index: int, *args: Any) -> Any:
 
 
 def test_a_killed_first_ingest_resumes_and_skips_finished_shards(
-    tmp_path: Path, dask_scheduler: str, monkeypatch: pytest.MonkeyPatch, no_retry_delay: None
+    tmp_path: Path, operator_scheduler: str, monkeypatch: pytest.MonkeyPatch, no_retry_delay: None
 ) -> None:
     import ichdata.shards
     from ichdata.store import open_store
 
     folder, csv = _archive(tmp_path, studies=3, seed=13)
     store = tmp_path / "s.zarr"
-    params = {"source": str(folder), "store": str(store), "labels": str(csv), "scheduler": dask_scheduler}
+    params = {"source": str(folder), "store": str(store), "labels": str(csv)}
     real = ichdata.shards.convert_shard
     monkeypatch.setattr(ichdata.shards, "convert_shard", _shard_failing_from(real, 2, []))
     failed = _run(**params, shard_size=8)
@@ -314,13 +339,13 @@ def test_a_killed_first_ingest_resumes_and_skips_finished_shards(
 
 
 def test_a_store_from_another_plan_fails_at_once_without_retries(
-    tmp_path: Path, dask_scheduler: str, no_retry_delay: None
+    tmp_path: Path, operator_scheduler: str, no_retry_delay: None
 ) -> None:
     folder, _ = _archive(tmp_path, studies=1, seed=14)
     store = tmp_path / "s.zarr"
-    assert _run(source=str(folder), store=str(store), scheduler=dask_scheduler, shard_size=8).is_completed()
+    assert _run(source=str(folder), store=str(store), shard_size=8).is_completed()
     t0 = time.perf_counter()
-    state = _run(source=str(folder), store=str(store), scheduler=dask_scheduler, shard_size=16)
+    state = _run(source=str(folder), store=str(store), shard_size=16)
     assert state.is_failed()
     assert "made from a different plan" in state.message
     assert "--overwrite" in state.message
@@ -336,7 +361,7 @@ def _stalled_shard(*args: Any) -> Any:
 
 
 def test_a_stalled_conversion_times_out_instead_of_hanging(
-    tmp_path: Path, dask_scheduler: str, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, operator_scheduler: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import flows.ingest
     import ichdata.shards
@@ -348,7 +373,7 @@ def test_a_stalled_conversion_times_out_instead_of_hanging(
     _RELEASE.clear()
     t0 = time.perf_counter()
     try:
-        state = _run(source=str(folder), store=str(tmp_path / "s.zarr"), scheduler=dask_scheduler)
+        state = _run(source=str(folder), store=str(tmp_path / "s.zarr"))
     finally:
         _RELEASE.set()  # free the worker threads for the next tests
     assert state.is_failed()
@@ -357,7 +382,7 @@ def test_a_stalled_conversion_times_out_instead_of_hanging(
 
 
 def test_a_store_that_fails_verification_fails_the_run_with_its_report(
-    tmp_path: Path, dask_scheduler: str, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, operator_scheduler: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import ichdata.verify
 
@@ -370,7 +395,7 @@ def test_a_store_that_fails_verification_fails_the_run_with_its_report(
 
     monkeypatch.setattr(ichdata.verify, "verify_store", corrupted)
     folder, _ = _archive(tmp_path, studies=1, seed=16)
-    state = _run(source=str(folder), store=str(tmp_path / "v.zarr"), scheduler=dask_scheduler)
+    state = _run(source=str(folder), store=str(tmp_path / "v.zarr"))
     assert state.is_failed()
     assert "failed verification" in state.message
     assert "shard 0 (rows 0–7): checksum" in state.message
@@ -427,7 +452,7 @@ def test_the_progress_artifact_and_the_log_are_throttled(monkeypatch: pytest.Mon
 
 
 def test_a_run_of_many_shards_logs_no_line_per_shard(
-    tmp_path: Path, dask_scheduler: str, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, operator_scheduler: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import flows.ingest
 
@@ -444,7 +469,6 @@ def test_a_run_of_many_shards_logs_no_line_per_shard(
         source=str(folder),
         store=str(tmp_path / "s.zarr"),
         labels=str(csv),
-        scheduler=dask_scheduler,
         shard_size=1,
     )
     assert state.is_completed(), state.message

@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -206,7 +207,7 @@ def test_serve_and_deployment_run(prefect_server: Session, tmp_path: Path) -> No
     session = prefect_server
     folder, csv, n_slices = _archive(tmp_path)
     store = tmp_path / "rsna.zarr"
-    serve = session.start("serve", _executable("ich"), "serve")
+    serve = session.start("serve", _executable("ich"), "serve", "--allow-root", str(tmp_path))
     session.wait_for(
         "deployment ingest/default",
         lambda: session.get("/deployments/name/ingest/default")["name"] == "default",
@@ -241,21 +242,153 @@ def test_serve_and_deployment_run(prefect_server: Session, tmp_path: Path) -> No
     print(f"deployment run of {n_slices} slices took {elapsed:.1f} s")
 
 
+class _Listener:
+    """A TCP listener on loopback that accepts and counts connections: an attacker's 'Dask scheduler'."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen()
+        self.sock.settimeout(0.2)
+        self.accepted = 0
+        self.stopped = False
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+        self.thread.start()
+
+    @property
+    def address(self) -> str:
+        return f"tcp://127.0.0.1:{self.sock.getsockname()[1]}"
+
+    def _accept(self) -> None:
+        while not self.stopped:
+            try:
+                conn, _ = self.sock.accept()
+            except TimeoutError:
+                continue
+            self.accepted += 1
+            conn.close()
+
+    def close(self) -> None:
+        self.stopped = True
+        self.thread.join(5)
+        self.sock.close()
+
+
+def _final_state(
+    session: Session, run_id: str, proc: subprocess.Popen[Any], name: str, timeout: float = 120
+) -> dict[str, Any]:
+    """The flow run `run_id` once it has reached a final state."""
+    final: dict[str, Any] = {}
+
+    def done() -> bool:
+        final.update(session.get(f"/flow_runs/{run_id}"))
+        return final["state_type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
+
+    session.wait_for(f"flow run {run_id} to end", done, proc, name, timeout)
+    return final
+
+
+def test_a_run_cannot_choose_the_scheduler_nor_use_paths_outside_the_allowed_roots(
+    prefect_server: Session, tmp_path: Path
+) -> None:
+    """Issue 16 item 5: what anyone who reaches the Prefect API could do with a run's parameters.
+
+    `-p scheduler=` named a scheduler of the attacker's (the client unpickles what it sends: code ran as
+    the serving user); `-p labels=/etc/shadow` put the file's first line into the run's state;
+    `-p source=/etc` put file names and bytes into an artifact. Each run is refused, the attacker's
+    scheduler never hears from us, and nothing of the files outside the allowed roots reaches Prefect.
+    """
+    session = prefect_server
+    allowed = tmp_path / "allowed"
+    folder, _, _ = _archive(allowed)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    secret = "root:SECRET-9c1e:19000:0:99999:7:::"
+    (outside / "shadow").write_text(secret + "\n")
+    (outside / "notes").mkdir()
+    (outside / "notes" / "patient-Jane-Doe.txt").write_text(secret * 10)
+    (allowed / "escape").symlink_to(outside)
+    store = allowed / "s.zarr"
+    attacker = _Listener()
+    serve = session.start("serve-roots", _executable("ich"), "serve", "--allow-root", str(allowed))
+    try:
+        session.wait_for(
+            "deployment ingest/default",
+            lambda: session.get("/deployments/name/ingest/default")["name"] == "default",
+            serve,
+            "serve-roots",
+        )
+        # Straight through the API, as an attacker would (the CLI itself refuses a parameter the
+        # deployment does not have): the run is created, and fails on the flow's own signature.
+        deployment = session.get("/deployments/name/ingest/default")
+        made = session.post(
+            f"/deployments/{deployment['id']}/create_flow_run",
+            {"parameters": {"source": str(folder), "store": str(store), "scheduler": attacker.address}},
+        )
+        final = _final_state(session, made["id"], serve, "serve-roots")
+        assert final["state_type"] in ("FAILED", "CRASHED"), final  # the flow has no such parameter
+
+        attempts = {
+            "labels": [f"source={folder}", f"store={store}", f"labels={outside / 'shadow'}"],
+            "source": [f"source={allowed / 'escape' / 'notes'}", f"store={store}"],  # a link out
+            "store": [f"source={folder}", f"store={allowed / '..' / 'outside' / 'x.zarr'}"],
+        }
+        for what, params in attempts.items():
+            run = session.run(
+                _executable("prefect"), "deployment", "run", "ingest/default",
+                *(a for p in params for a in ("-p", p)), "--watch", "--watch-timeout", "120",
+                timeout=180,
+            )  # fmt: skip
+            said = run.stdout + run.stderr
+            assert "Failed" in said, f"{what}: {said}\n--- serve log:\n{session.log('serve-roots')}"
+            assert "SECRET" not in said
+            state = _flow_runs(session)[0]
+            assert state["state_type"] == "FAILED", (what, state)
+            message = str(state["state"]["message"])
+            assert f"parameter {what}: " in message, (what, message)
+            assert "SECRET" not in message
+            found = session.post("/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [state["id"]]}}})
+            # The run's own artifacts (not Prefect's record of where the failed state is kept).
+            assert [a for a in found if a["type"] is not None] == [], (what, found)
+        assert attacker.accepted == 0
+        assert not store.exists()
+        assert sorted(p.name for p in outside.iterdir()) == ["notes", "shadow"]
+        logs = session.post("/logs/filter", {"limit": 200})
+        assert not [log for log in logs if "SECRET" in log["message"] or "Jane-Doe" in log["message"]]
+    finally:
+        attacker.close()
+        _stop(serve)
+
+
+def test_serve_refuses_to_serve_without_an_allowed_root(prefect_server: Session) -> None:
+    done = prefect_server.run(_executable("ich"), "serve")
+    assert done.returncode == 2
+    assert done.stderr.startswith("ich: error: --allow-root: none given; name the folders the runs may")
+    assert done.stderr.count("\n") == 1
+
+
 def test_prefect_yaml_deploys_to_a_process_work_pool(prefect_server: Session, tmp_path: Path) -> None:
     session = prefect_server
     folder, csv, n_slices = _archive(tmp_path)
     store = tmp_path / "pool.zarr"
     made = session.run(_executable("prefect"), "work-pool", "create", "ich-process", "--type", "process")
     assert made.returncode == 0, made.stdout + made.stderr
-    env_deploy = {"ICH_LANDING": str(folder), "ICH_STORE": str(store)}
+    env_deploy = {"ICH_LANDING": str(folder), "ICH_STORE": str(store), "ICH_ALLOWED_ROOTS": str(tmp_path)}
     session.env.update(env_deploy)
-    deployed = session.run(_executable("prefect"), "--no-prompt", "deploy", "--all", cwd=REPO, timeout=120)
+    try:
+        deployed = session.run(
+            _executable("prefect"), "--no-prompt", "deploy", "--all", cwd=REPO, timeout=120
+        )
+    finally:  # the deployment keeps what it needs; the next tests' processes must not inherit them
+        for name in env_deploy:
+            del session.env[name]
     assert deployed.returncode == 0, deployed.stdout + deployed.stderr
     dep = session.get("/deployments/name/ingest/default")
     assert dep["work_pool_name"] == "ich-process"
     assert dep["entrypoint"] == "flows.ingest.ingest"
     assert dep["schedules"][0]["active"] is False
     assert dep["schedules"][0]["parameters"] == {"source": str(folder), "store": str(store)}
+    assert dep["job_variables"]["env"]["ICH_ALLOWED_ROOTS"] == str(tmp_path)
 
     created = session.run(
         _executable("prefect"), "deployment", "run", "ingest/default",
@@ -283,6 +416,7 @@ def test_prefect_yaml_deploys_to_a_process_work_pool(prefect_server: Session, tm
 
 _KILLED_RUN = """
 import os, signal, sys
+import dask
 from distributed import LocalCluster
 import ichdata.shards
 from flows.ingest import ingest
@@ -300,7 +434,9 @@ with LocalCluster(
     n_workers=1, threads_per_worker=1, processes=False, protocol="tcp", host="127.0.0.1",
     dashboard_address=None, scheduler_kwargs={"dashboard": False, "dashboard_address": "127.0.0.1:0"},
 ) as cluster:
-    print(ingest(source=source, store=store, scheduler=cluster.scheduler_address, shard_size=8))
+    # The operator's scheduler of the runs (plain tcp: said insecure explicitly).
+    with dask.config.set({"ich.scheduler": cluster.scheduler_address, "ich.insecure-scheduler": True}):
+        print(ingest(source=source, store=store, shard_size=8))
 """
 
 

@@ -616,14 +616,13 @@ def test_convert_runs_on_an_existing_cluster_by_address_or_scheduler_file(many, 
         addr = cluster.scheduler_address
         assert addr.startswith("tcp://127.0.0.1:")
         a = tmp_path / "by_address.zarr"
-        assert main(["convert", str(many), str(a), "--scheduler", addr, "--shard-size", "2", "--quiet"]) == 0
+        # A plain tcp cluster of the test's own: said so (`--insecure-scheduler`); TLS is the default.
+        insecure = ["--insecure-scheduler", "--shard-size", "2", "--quiet"]
+        assert main(["convert", str(many), str(a), "--scheduler", addr, *insecure]) == 0
         sf = tmp_path / "scheduler.json"
         sf.write_text(json.dumps({"address": addr}))
         b = tmp_path / "by_file.zarr"
-        assert (
-            main(["convert", str(many), str(b), "--scheduler-file", str(sf), "--shard-size", "2", "--quiet"])
-            == 0
-        )
+        assert main(["convert", str(many), str(b), "--scheduler-file", str(sf), *insecure]) == 0
         assert len(cluster.scheduler.workers) == 2  # the cluster outlives the runs
     _assert_same_store(a, clean_run)
     _assert_same_store(b, clean_run)
