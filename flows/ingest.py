@@ -28,6 +28,7 @@ from prefect.artifacts import (
 from prefect.cache_policies import NO_CACHE
 
 from flows.deploy import allowed_path, run_roots, run_scheduler
+from ichdata import pathkeys
 from ichdata.cluster import ClusterKind, cluster_client
 from ichdata.convert import ConvertConfig, ConvertResult
 from ichdata.errors import UserError
@@ -153,9 +154,10 @@ def scan_task(config: ConvertConfig, client: Client | None) -> Manifest:
     logger = get_run_logger()
     counted = {"files": 0, "total": 0, "logged": time.monotonic()}
 
+    # The source folder is not named: its name may name a patient (`keep_paths` off), and logs go to Prefect.
     def on_total(n: int) -> None:
         counted["total"] = n
-        logger.info("scan of %s: %s files to account for", config.source, f"{n:,}")
+        logger.info("scan: %s files to account for", f"{n:,}")
 
     def on_progress(n: int) -> None:
         counted["files"] += n
@@ -167,8 +169,7 @@ def scan_task(config: ConvertConfig, client: Client | None) -> Manifest:
     manifest = scan_source(config, client, on_progress=on_progress, on_total=on_total)
     reasons = manifest.reasons()
     logger.info(
-        "scan of %s: %s files, %s usable slices%s",
-        config.source,
+        "scan: %s files, %s usable slices%s",
         f"{len(manifest):,}",
         f"{manifest.n_slices:,}",
         "; not slices: " + ", ".join(f"{n:,} {r}" for r, n in reasons.items()) if reasons else "",
@@ -315,13 +316,14 @@ def summary_markdown(
         verified = "**FAILED**, see below"
     else:
         verified = "skipped (`verify=false`)"
+    hidden = "not shown (file and folder names stay on this machine unless `keep_paths`)"
     lines = [
         f"# Ingest into `{summary.store}`",
         "",
         "| | |",
         "| --- | --- |",
-        f"| source | `{config.source}` |",
-        f"| labels | `{config.labels}` |"
+        f"| source | `{config.source}` |" if config.keep_paths else f"| source | {hidden} |",
+        (f"| labels | `{config.labels}` |" if config.keep_paths else f"| labels | a label CSV, {hidden} |")
         if config.labels
         else "| labels | none (every slice stored as unlabelled, 255) |",
         *(
@@ -366,16 +368,22 @@ def report_task(
 ) -> str:
     """Prefect artifacts of the run: the Markdown summary and the table of files set aside by this run.
 
-    The table shows the first `QUARANTINE_ROWS_SHOWN` (the store keeps them all). Returns the Markdown.
+    The table shows the first `QUARANTINE_ROWS_SHOWN` (the store keeps them all), each file named as the
+    store names it: by its key into the manifest beside the store (`ichdata.pathkeys`), its path only
+    with `keep_paths`. Returns the Markdown.
     """
     slug = _slug(str(summary.store))
     markdown = summary_markdown(summary, config, verified, verify_error)
     create_markdown_artifact(markdown, key=f"ingest-summary-{slug}", description=str(summary))
     q = p.new_quarantine()
     shown = q.head(QUARANTINE_ROWS_SHOWN)
+    paths, details = shown["path"].to_numpy(dtype=str), shown["detail"].to_numpy(dtype=str)
+    if not config.keep_paths:
+        table = p.manifest_table()
+        paths, details = pathkeys.keys(table, paths), pathkeys.scrub_details(table, details)
     rows = [
         {"path": str(a), "reason": str(b), "detail": str(c)}
-        for a, b, c in zip(shown["path"], shown["reason"], shown["detail"], strict=True)
+        for a, b, c in zip(paths, shown["reason"], details, strict=True)
     ]
     more = (
         f"; first {QUARANTINE_ROWS_SHOWN:,} shown, all in {summary.store}.quarantine.csv"

@@ -91,7 +91,7 @@ def convert_shard(
             failures.append((os.path.relpath(path, source_root), exc.reason, exc.detail))
         except Exception as exc:  # a reader bug on one file must not stop a 752k-file run
             failures.append(
-                (os.path.relpath(path, source_root), Reason.UNDECODABLE, f"{type(exc).__name__}: {exc}")
+                (os.path.relpath(path, source_root), Reason.UNDECODABLE, _failure_detail(exc, path))
             )
     if failures:
         return ShardDone(index, key, n, failures=tuple(failures), elapsed_s=time.perf_counter() - t0)
@@ -99,6 +99,17 @@ def convert_shard(
     checksum = shard_checksum(block)
     markers[index] = f"{key}:{checksum}"
     return ShardDone(index, key, n, checksum=checksum, elapsed_s=time.perf_counter() - t0)
+
+
+def _failure_detail(exc: Exception, path: str) -> str:
+    """The quarantine detail of a file that failed to render with `exc`, naming no file.
+
+    The row names the file (by its key in a store without `--keep-paths`); an OS error's message
+    carries the path (a file removed since the scan: `[Errno 2] No such file or directory: '/…'`).
+    """
+    if isinstance(exc, OSError):
+        return f"{type(exc).__name__}: {exc.strerror or 'I/O error'}"
+    return f"{type(exc).__name__}: {exc}".replace(path, "the file")
 
 
 #: Inside a shard group task (`convert_shard_group`): the arrays it has opened, by store; else unset.
@@ -205,7 +216,9 @@ def prepare_store(p: Plan, *, overwrite: bool = False) -> Group:
     store = p.store
     if overwrite:
         remove_store(store)
-    plan_attr: dict[str, Any] = {"config": p.config, "config_hash": p.config_hash}
+    # The settings as the store records them: the source folder as a keyed digest, and no unkeyed hash
+    # of its path (`config_hash`, which stores before it held).
+    plan_attr: dict[str, Any] = {"config": p.store_config}
     if not (store / "zarr.json").is_file():
         group = zarr.open_group(str(store), mode="w")
         group.attrs.update(
@@ -228,8 +241,9 @@ def prepare_store(p: Plan, *, overwrite: bool = False) -> Group:
         if markers.shape[0] != p.n_shards:
             markers.resize((p.n_shards,))
     old: dict[str, Any] = dict(group.attrs.get("plan") or {})  # type: ignore[arg-type]
-    if old != {**old, **plan_attr}:
-        group.attrs["plan"] = {**old, **plan_attr}
+    new = {**{k: v for k, v in old.items() if k != "config_hash"}, **plan_attr}
+    if old != new:
+        group.attrs["plan"] = new
     return group
 
 

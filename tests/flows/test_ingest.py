@@ -8,6 +8,7 @@ stores are checked against the slices rendered straight from the DICOM files and
 from __future__ import annotations
 
 import itertools
+import json
 import re
 import shutil
 import threading
@@ -17,6 +18,7 @@ from typing import Any
 from uuid import UUID
 
 import numpy as np
+import pandas as pd
 import pytest
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
@@ -106,7 +108,7 @@ def _assert_same_contents(a: dict[str, Any], b: dict[str, Any]) -> None:
 def test_ingest_writes_the_store_and_reports_it(tmp_path: Path, operator_scheduler: str) -> None:
     from ichdata.dicom import read_rendered
     from ichdata.labels import read_labels
-    from ichdata.store import UNLABELLED, open_store
+    from ichdata.store import UNLABELLED, manifest_path, open_store
 
     folder, csv = _archive(tmp_path, studies=4, seed=11)
     n_dicom = len(list(folder.glob("*.dcm")))
@@ -155,10 +157,15 @@ def test_ingest_writes_the_store_and_reports_it(tmp_path: Path, operator_schedul
     assert "| verify | OK:" in md
     for heading in ("| elapsed |", "| throughput |", "| store size |"):
         assert heading in md
-    table = arts["ingest-quarantine-rsna-zarr"].data
-    assert "copy_in_progress.dcm" in table
-    assert "truncated" in table
-    assert "README.txt" in table
+    # Nothing sent to Prefect names a file or folder under the source (issue 16 item 9): the table names
+    # files as the store does, by their keys into the manifest beside it.
+    table = json.loads(arts["ingest-quarantine-rsna-zarr"].data)
+    manifest = pd.read_parquet(manifest_path(store))
+    assert sorted((manifest["path"][int(r["path"][1:])], r["reason"]) for r in table) == sorted(
+        broken.items()
+    )
+    for sent in (md, arts["ingest-quarantine-rsna-zarr"].data, arts["ingest-summary-rsna-zarr"].description):
+        assert not any(name in sent for name in (str(folder), folder.name, str(csv), *broken)), sent
     assert float(arts["ingest-progress-rsna-zarr"].data) == 100.0
 
 
@@ -172,6 +179,7 @@ def test_ingest_keeps_file_names_in_the_store_only_when_asked(
 
     folder, _ = _archive(tmp_path, studies=1, seed=16)
     names = sorted(p.name for p in folder.glob("*.dcm"))
+    (folder / "notes.txt").write_text("not DICOM")
     for keep in (False, True):
         store = tmp_path / f"keep-{keep}.zarr"
         state = _run(source=str(folder), store=str(store), keep_paths=keep)
@@ -179,6 +187,11 @@ def test_ingest_keeps_file_names_in_the_store_only_when_asked(
         held = sorted(str(v) for v in np.asarray(zarr.open_array(str(store / "source_path"), mode="r")[...]))
         assert (held == names) is keep, held
         assert sorted(open_store(store).source_path) == names  # the manifest beside it names them
+        arts = _artifacts(state.state_details.flow_run_id)
+        table = arts[f"ingest-quarantine-keep-{str(keep).lower()}-zarr"].data
+        summary = arts[f"ingest-summary-keep-{str(keep).lower()}-zarr"].data
+        assert ("notes.txt" in table) is keep, table
+        assert (str(folder) in summary) is keep, summary
 
 
 def test_with_allowed_roots_a_path_outside_is_refused_and_no_error_shows_a_file(
@@ -476,6 +489,7 @@ def test_a_run_of_many_shards_logs_no_line_per_shard(
     assert n_shards >= 40
     messages = [m for r in recorders for m in r.messages]
     assert not [m for m in messages if m.startswith("shard ")]
+    assert not [m for m in messages if folder.name in m or str(csv) in m]  # issue 16 item 9
     assert len(messages) <= 10, messages
 
 
