@@ -221,13 +221,14 @@ COMMANDS: tuple[Command, ...] = (
     ),
     Command(
         "serve",
-        "serve the Prefect `ingest` flow as deployment ingest/default (needs PREFECT_API_URL)",
+        "serve the Prefect `ingest` flow as deployment ingest/default (needs PREFECT_API_URL, --allow-root)",
         ("flows.deploy:ServeConfig",),
         _serve,
         "Register the deployment `ingest/NAME` with the Prefect server at PREFECT_API_URL and run "
         "what it is asked to, until Ctrl-C. Start a run from any shell with "
         "`prefect deployment run 'ingest/default' -p source=DICOM_DIR -p store=STORE.zarr "
-        "[-p labels=CSV] [-p workers=N | -p scheduler=tcp://HOST:8786]`.",
+        "[-p labels=CSV] [-p workers=N]`. Every path a run is given must lie under an --allow-root "
+        "folder; an existing Dask cluster for the runs is yours to name (--scheduler), never a run's.",
     ),
     Command(
         "train",

@@ -109,8 +109,9 @@ def require_api_url() -> str:
     if not url:
         raise UserError(
             "PREFECT_API_URL is not set: `ich serve` needs a Prefect server that `prefect deployment run` "
-            "can reach too; start one with `prefect server start --host 127.0.0.1` and run "
-            "`prefect config set PREFECT_API_URL=http://127.0.0.1:4200/api`"
+            "can reach too; start one with `prefect server start --host 127.0.0.1` and set "
+            "PREFECT_API_URL=http://127.0.0.1:4200/api and its auth string in this shell's environment "
+            "(the README's ingest section)"
         )
     from prefect import get_client
 

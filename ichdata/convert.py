@@ -77,7 +77,7 @@ __all__ = [
 
 @dataclass(frozen=True)
 class ConvertConfig:
-    """What `ich convert` was asked to do (saved, resolved, in the store's provenance)."""
+    """What `ich convert` was asked to do (saved in the store's provenance; its paths only with `keep_paths`)."""
 
     source: Path = option(help="folder of DICOM files (any tree)", metavar="SOURCE", positional=True)
     store: Path = option(help="the Zarr store to write (e.g. rsna.zarr)", metavar="STORE", positional=True)

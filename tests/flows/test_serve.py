@@ -8,9 +8,11 @@ PREFECT_HOME is a temporary folder.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -104,13 +106,22 @@ class Session:
             check=False,
         )
 
+    def _headers(self, auth: bool) -> dict[str, str]:
+        if not auth:
+            return {}
+        token = base64.b64encode(self.env["PREFECT_API_AUTH_STRING"].encode()).decode()
+        return {"Authorization": f"Basic {token}"}
+
     def get(self, path: str) -> Any:
-        with urllib.request.urlopen(f"{self.api}{path}", timeout=5) as r:
+        req = urllib.request.Request(f"{self.api}{path}", headers=self._headers(True))
+        with urllib.request.urlopen(req, timeout=5) as r:
             return json.loads(r.read())
 
-    def post(self, path: str, body: dict[str, Any]) -> Any:
+    def post(self, path: str, body: dict[str, Any], *, auth: bool = True) -> Any:
         req = urllib.request.Request(
-            f"{self.api}{path}", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+            f"{self.api}{path}",
+            data=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json", **self._headers(auth)},
         )
         with urllib.request.urlopen(req, timeout=5) as r:
             return json.loads(r.read())
@@ -133,12 +144,19 @@ class Session:
 
 @pytest.fixture(scope="module")
 def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Session]:
-    """`prefect server start --host 127.0.0.1` on a free port, with a temporary PREFECT_HOME."""
+    """The README's recipe: `prefect server start --host 127.0.0.1` with authentication, a temporary PREFECT_HOME.
+
+    The server takes PREFECT_SERVER_API_AUTH_STRING; every client (the CLI, `ich serve`, workers and the
+    runs they start) PREFECT_API_AUTH_STRING, in their environment.
+    """
     tmp = tmp_path_factory.mktemp("prefect-server")
     port = _free_port()
+    auth = f"ich:{secrets.token_hex(8)}"
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     env.update(
         PREFECT_HOME=str(tmp / "home"),
+        PREFECT_SERVER_API_AUTH_STRING=auth,
+        PREFECT_API_AUTH_STRING=auth,
         PREFECT_API_URL=f"http://127.0.0.1:{port}/api",
         PREFECT_SERVER_API_HOST="127.0.0.1",
         PREFECT_SERVER_API_PORT=str(port),
@@ -152,6 +170,8 @@ def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Session
     )
     try:
         session.wait_for("a healthy API", lambda: session.get("/health") is True, server, "server")
+        with pytest.raises(urllib.error.HTTPError, match="401"):  # without the auth string: nothing
+            session.post("/flow_runs/filter", {"limit": 1}, auth=False)
         yield session
     finally:
         for proc in reversed(session.procs):
