@@ -12,7 +12,6 @@ import base64
 import contextlib
 import json
 import os
-import secrets
 import shutil
 import signal
 import socket
@@ -142,6 +141,52 @@ class Session:
         pytest.fail(f"no {what} after {timeout} s:\n{self.log(name)}")
 
 
+def _readme_recipe() -> str:
+    """The shell block of the README's Prefect recipe (section "2. Ingest with Prefect")."""
+    section = (REPO / "README.md").read_text().split("### 2. Ingest with Prefect", 1)[1]
+    return section.split("```bash\n", 1)[1].split("\n```", 1)[0]
+
+
+def _readme_settings(home: Path) -> dict[str, str]:
+    """Run the README recipe's one-time step with `home` as HOME; the settings it exports.
+
+    Issue 16 item 13: the recipe ran `prefect config set`, which changes the user's default profile.
+    """
+    recipe = _readme_recipe()
+    assert "prefect config set" not in recipe
+    once = recipe.split("\n\n", 1)[0]
+    home.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    subprocess.run(["bash", "-euc", once], env={**env, "HOME": str(home)}, check=True, timeout=60)
+    written = home / ".config" / "ich" / "prefect.env"
+    assert [p.relative_to(home) for p in sorted(home.rglob("*"))] == [
+        Path(".config"),
+        Path(".config/ich"),
+        written.relative_to(home),
+    ]  # nothing else: no ~/.prefect profile touched
+    assert written.stat().st_mode & 0o777 == 0o600  # the auth string is the user's alone
+    settings = dict(
+        line.removeprefix("export ").split("=", 1) for line in written.read_text().splitlines() if line
+    )
+    assert settings["PREFECT_SERVER_API_AUTH_STRING"] == settings["PREFECT_API_AUTH_STRING"]
+    assert len(settings["PREFECT_API_AUTH_STRING"]) > 20
+    # Every terminal of the recipe starts from those settings.
+    steps = [line for line in recipe.split("\n\n", 1)[1].splitlines() if not line.startswith(" ")]
+    assert steps
+    assert all(line.startswith(". ~/.config/ich/prefect.env && ") for line in steps), steps
+    return settings
+
+
+def test_the_readme_recipe_keeps_its_prefect_settings_to_itself(tmp_path: Path) -> None:
+    """The one-time step writes one private settings file and touches no Prefect profile.
+
+    The `prefect_server` fixture starts the server from those settings.
+    """
+    settings = _readme_settings(tmp_path / "home")
+    assert settings["PREFECT_API_URL"] == "http://127.0.0.1:4200/api"
+    assert settings["PREFECT_HOME"] == str(tmp_path / "home" / ".config" / "ich" / "prefect")
+
+
 @pytest.fixture(scope="module")
 def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Session]:
     """The README's recipe: `prefect server start --host 127.0.0.1` with authentication, a temporary PREFECT_HOME.
@@ -151,13 +196,13 @@ def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Session
     """
     tmp = tmp_path_factory.mktemp("prefect-server")
     port = _free_port()
-    auth = f"ich:{secrets.token_hex(8)}"
+    settings = _readme_settings(tmp / "user-home")
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     env.update(
         PREFECT_HOME=str(tmp / "home"),
-        PREFECT_SERVER_API_AUTH_STRING=auth,
-        PREFECT_API_AUTH_STRING=auth,
-        PREFECT_API_URL=f"http://127.0.0.1:{port}/api",
+        PREFECT_SERVER_API_AUTH_STRING=settings["PREFECT_SERVER_API_AUTH_STRING"],
+        PREFECT_API_AUTH_STRING=settings["PREFECT_API_AUTH_STRING"],
+        PREFECT_API_URL=settings["PREFECT_API_URL"].replace(":4200/", f":{port}/"),
         PREFECT_SERVER_API_HOST="127.0.0.1",
         PREFECT_SERVER_API_PORT=str(port),
         PREFECT_SERVER_ANALYTICS_ENABLED="false",
