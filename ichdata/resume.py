@@ -152,6 +152,23 @@ def _differences(store: Path, recorded: dict[str, Any], config: dict[str, Any]) 
     return out
 
 
+def made_from(store: str | os.PathLike[str], source: str | os.PathLike[str]) -> bool:
+    """Whether the ich store at `store` records `source` as its source folder (False for anything else).
+
+    By its `source_id` and the salt beside it, or by the path a store written before that holds.
+    """
+    attrs = store_attrs(store) or {}
+    recorded = (attrs.get("plan") or {}).get("config")
+    if not isinstance(recorded, dict):
+        return False
+    if "source_id" not in recorded:
+        return _locale_proof(recorded.get("source")) == source_text(source)
+    salt = salt_path(store)
+    return salt.is_file() and recorded["source_id"] == source_id(
+        source_text(source), bytes.fromhex(salt.read_text().strip())
+    )
+
+
 def _locale_proof(text: object) -> object:
     """A path's text as `source_text` gives it, whichever locale decoded it (other values unchanged)."""
     if not isinstance(text, str):
@@ -230,6 +247,7 @@ __all__ = [
     "RENDER_VERSION",
     "check_store",
     "load_salt",
+    "made_from",
     "plan_config",
     "previous_run",
     "resolve_shard_size",

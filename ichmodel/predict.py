@@ -209,8 +209,9 @@ def _check_store_target(store: Path, source: Path) -> None:
     """Refuse a `--store` path holding anything but a store predict converted from `source`.
 
     Predict's conversion replaces what is at `store`; that may only be its own earlier result for
-    the same input: a finished store without labels whose provenance names `source`.
+    the same input: a finished store without labels made from `source` (`ichdata.resume.made_from`).
     """
+    from ichdata.resume import made_from
     from ichdata.store import open_store
 
     if not store.exists() and not store.is_symlink():
@@ -221,14 +222,16 @@ def _check_store_target(store: Path, source: Path) -> None:
     if not any(store.iterdir()):
         return  # an empty folder: nothing to lose
     try:
-        prov = dict(open_store(store).attrs.get("provenance") or {})
+        attrs = open_store(store).attrs
     except UserError:
         raise UserError(refuse.format("holds something that is not a finished ich store")) from None
-    made_from = prov.get("source")
-    if made_from is None or Path(made_from).resolve() != source.resolve() or prov.get("labels") is not None:
-        labelled = "a labelled store" if prov.get("labels") is not None else "a store"
-        origin = f"converted from {made_from}" if made_from else "not converted from a DICOM folder"
-        raise UserError(refuse.format(f"holds {labelled} {origin}"))
+    prov = dict(attrs.get("provenance") or {})
+    # A store converted with a label CSV: its provenance names the CSV (`--keep-paths`) or counts labels.
+    labelled = prov.get("labels") is not None or bool(prov.get("n_labelled"))
+    if labelled or not made_from(store, source):
+        what = "a labelled store" if labelled else "a store"
+        origin = "converted from another folder" if attrs.get("plan") else "not converted from a DICOM folder"
+        raise UserError(refuse.format(f"holds {what} {origin}"))
 
 
 def _convert(source: Path, store: Path, workers: int | None, progress: bool) -> None:
