@@ -127,7 +127,9 @@ def _serve(config: ServeConfig) -> int:
     from flows.deploy import serve_from_config
 
     serve_from_config(config)
-    return 0
+    # Prefect's runner serves until a signal stops it, and handles Ctrl-C and SIGTERM itself (it shuts
+    # down and returns): end as every command ends on a signal (`main` tells Ctrl-C from SIGTERM).
+    raise Terminated
 
 
 def _demo(config: DemoConfig) -> int:
@@ -352,11 +354,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"ich: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:
-        if isinstance(exc, Terminated) or signal.SIGTERM in received:
-            print("ich: terminated", file=sys.stderr)
-            return 128 + signal.SIGTERM
-        print("ich: interrupted", file=sys.stderr)
-        return 128 + signal.SIGINT
+        signum = (
+            received[-1] if received else signal.SIGTERM if isinstance(exc, Terminated) else signal.SIGINT
+        )
+        print("ich: terminated" if signum == signal.SIGTERM else "ich: interrupted", file=sys.stderr)
+        return 128 + signum
     except ModuleNotFoundError as exc:
         if exc.name and exc.name.split(".")[0] in _HEAVY:
             name = argv[0] if argv else "ich"

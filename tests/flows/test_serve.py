@@ -303,7 +303,9 @@ def test_serve_and_deployment_run(prefect_server: Session, tmp_path: Path) -> No
 
     assert _listening_addresses(session.procs) <= {"127.0.0.1"}
     _stop(serve)
-    assert serve.poll() is not None
+    # SIGTERM ends `ich serve` as it ends every command (issue 16 item 10).
+    assert serve.returncode == 143, session.log("serve")
+    assert session.log("serve").rstrip().endswith("ich: terminated")
     print(f"deployment run of {n_slices} slices took {elapsed:.1f} s")
 
 
