@@ -21,6 +21,7 @@ from ichdata.store import (
     FORMAT_VERSION,
     IMAGE_SIZE,
     manifest_path,
+    read_salt,
     salt_path,
     store_attrs,
 )
@@ -129,7 +130,7 @@ def load_salt(store: Path, *, must_exist: bool) -> bytes:
     """
     p = salt_path(store)
     if p.is_file():
-        return bytes.fromhex(p.read_text().strip())
+        return read_salt(p)
     if must_exist:
         raise UserError(
             f"{p}: missing; the store's patient keys were made with it, so new series cannot be keyed "
@@ -147,7 +148,7 @@ def load_salt(store: Path, *, must_exist: bool) -> bytes:
             os.link(tmp, p)
     finally:
         tmp.unlink(missing_ok=True)
-    return bytes.fromhex(p.read_text().strip())
+    return read_salt(p)
 
 
 __all__ = ["RENDER_VERSION", "check_store", "load_salt", "plan_config", "previous_run", "resolve_shard_size"]

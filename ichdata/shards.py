@@ -10,7 +10,6 @@ The done-marker contract is in the README's store section.
 from __future__ import annotations
 
 import os
-import shutil
 import threading
 import time
 from collections.abc import Callable
@@ -20,7 +19,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ichdata.errors import UserError
 from ichdata.reasons import Reason
 from ichdata.shardfile import shard_checksum, write_images
 from ichdata.store import (
@@ -30,9 +28,10 @@ from ichdata.store import (
     create_images,
     create_shard_done,
     manifest_path,
+    open_group,
     quarantine_csv_path,
-    replaceable,
 )
+from ichdata.storefiles import check_replaceable, remove_ich_files
 
 if TYPE_CHECKING:
     from zarr import Array, Group
@@ -183,13 +182,13 @@ def group_size(remaining: int, n_threads: int) -> int:
 def remove_store(store: Path) -> None:
     """Delete the ich store at `store` and its side files, for `--overwrite`.
 
-    Anything else there (a file, a folder that is neither empty nor an ich store) is refused with a
-    `UserError`: nothing is deleted that is not an ich store.
+    Anything else there (a file, a folder that is neither empty nor an ich store, an ich store holding
+    a file ich did not write) is refused with a `UserError`, and only ich's files are deleted
+    (`ichdata.storefiles`).
     """
-    if not replaceable(store):
-        raise UserError(f"STORE {store}: exists and is not an ich store; refusing to overwrite it")
+    check_replaceable(store)
     if store.is_dir():
-        shutil.rmtree(store)
+        remove_ich_files(store)
     for p in (manifest_path(store), quarantine_csv_path(store)):
         p.unlink(missing_ok=True)
 
@@ -207,24 +206,34 @@ def prepare_store(p: Plan, *, overwrite: bool = False) -> Group:
         remove_store(store)
     plan_attr: dict[str, Any] = {"config": p.config, "config_hash": p.config_hash}
     if not (store / "zarr.json").is_file():
-        group = zarr.open_group(str(store), mode="w")
-        group.attrs.update(
-            {**base_attrs(p.image_size), "state": "converting", "shard_size": p.shard_size, "plan": plan_attr}
+        # "w-" creates and never deletes ("w" empties the folder first); the attributes that make it an
+        # ich store are in its first metadata write.
+        group = zarr.open_group(
+            str(store),
+            mode="w-",
+            attributes={
+                **base_attrs(p.image_size),
+                "state": "converting",
+                "shard_size": p.shard_size,
+                "plan": plan_attr,
+            },
         )
         create_images(group, p.n_slices, p.shard_size, p.image_size)
         create_shard_done(group, p.n_shards)
         return group
-    group = zarr.open_group(str(store), mode="r+")
-    if "images" not in group:
+    group = open_group(store, mode="r+")
+    try:  # through `array`: damaged metadata is one line naming the file
+        images = array(group, "images")
+    except KeyError:
         create_images(group, p.n_slices, p.shard_size, p.image_size)
     else:
-        images = array(group, "images")
         if images.shape[0] != p.n_slices:
             images.resize((p.n_slices, N_CHANNELS, p.image_size, p.image_size))
-    if "conversion/shard_done" not in group:
+    try:
+        markers = array(group, "conversion/shard_done")
+    except KeyError:
         create_shard_done(group, p.n_shards)
     else:
-        markers = array(group, "conversion/shard_done")
         if markers.shape[0] != p.n_shards:
             markers.resize((p.n_shards,))
     old: dict[str, Any] = dict(group.attrs.get("plan") or {})  # type: ignore[arg-type]
