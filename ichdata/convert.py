@@ -470,17 +470,17 @@ def convert(config: ConvertConfig, progress: bool = True, client: Client | None 
     check_inputs(config)  # before the lock too: a mistake leaves no trace, not even the lock file
     if config.parents:
         Path(config.store).absolute().parent.mkdir(parents=True, exist_ok=True)
-    with store_lock(config.store, command="ich convert"):
-        try:
+    try:
+        with store_lock(config.store, command="ich convert"):
             return _convert(config, progress, client)
-        except Exception as exc:
-            full = _disk_full(exc)
-            if full is None:
-                raise
-            raise UserError(
-                f"{config.store}: no space left on device ({full.filename or full.strerror}); nothing "
-                "written is lost: free some space and re-run the same command to resume"
-            ) from exc
+    except Exception as exc:
+        full = _disk_full(exc)
+        if full is None:
+            raise
+        raise UserError(
+            f"{config.store}: no space left on device ({full.filename or full.strerror}); nothing written "
+            "is lost: free some space and re-run the same command to resume"
+        ) from exc
 
 
 def _disk_full(exc: BaseException) -> OSError | None:

@@ -47,6 +47,7 @@ STATES = ("converting", "finalizing", "complete")
 #: The group attribute only ich writes: `{"kind": "store", "format_version": 1}`.
 ICH_ATTR = "ich"
 _SMALL_CHUNK = 1 << 16  # rows per chunk of the small 1-D/2-D arrays
+_SALT_BYTES = 16  # `STORE.salt`: what `ichdata.resume.load_salt` makes
 
 
 def manifest_path(store: str | os.PathLike[str]) -> Path:
@@ -132,7 +133,7 @@ def base_attrs(image_size: int = IMAGE_SIZE) -> dict[str, Any]:
     """The attributes every store carries whatever its contents.
 
     `ich` is the namespace only ich writes: what tells an ich store from another Zarr group
-    (`ichdata.storefiles.is_ich_store`).
+    (`is_ich_store`).
     """
     return {
         ICH_ATTR: {"kind": "store", "format_version": FORMAT_VERSION},
@@ -447,9 +448,6 @@ def read_salt(path: str | os.PathLike[str]) -> bytes:
         if len(salt) != _SALT_BYTES:
             raise ValueError(f"{len(salt)} bytes")
     return salt
-
-
-_SALT_BYTES = 16
 
 
 @contextlib.contextmanager
