@@ -33,6 +33,7 @@ from ichdata.cluster import ClusterKind, cluster_client
 from ichdata.convert import ConvertConfig, ConvertResult
 from ichdata.errors import UserError
 from ichdata.finalize import ConvertSummary
+from ichdata.lock import store_lock
 from ichdata.shards import ShardDone
 
 if TYPE_CHECKING:
@@ -473,7 +474,8 @@ def ingest(
     stages: dict[str, float] = {}
     verified: VerifyReport | None = None
     verify_error: str | None = None
-    with cluster_client(config) as client:
+    # One writer per store (`ichdata.lock`), from the checks of the scan stage to the verification.
+    with store_lock(config.store, command="Prefect flow ingest"), cluster_client(config) as client:
         t = time.perf_counter()
         manifest = scan_task(config, client)
         stages["scan"] = time.perf_counter() - t

@@ -40,7 +40,9 @@ from ichdata.cluster import (
 )
 from ichdata.errors import UserError
 from ichdata.finalize import ConvertSummary, finalize
+from ichdata.lock import lock_path, store_lock
 from ichdata.options import option
+from ichdata.outputs import check_store_target
 from ichdata.plan import Plan, load_labels, plan
 from ichdata.resume import check_store
 from ichdata.scan import Manifest, scan
@@ -54,7 +56,15 @@ from ichdata.shards import (
     read_markers,
 )
 from ichdata.slurm import cores_option, jobs_option, memory_option, queue_option, walltime_option
-from ichdata.store import manifest_path, quarantine_csv_path, replaceable, salt_path
+from ichdata.store import manifest_path, quarantine_csv_path, salt_path
+from ichdata.storefiles import (
+    REWRITTEN,
+    StrayKind,
+    check_metadata,
+    check_replaceable,
+    remove_leftovers,
+    stray_files,
+)
 
 if TYPE_CHECKING:
     import os
@@ -92,7 +102,11 @@ class ConvertConfig:
     shard_size: int | None = option(
         None, help="slices per shard file (default: the store's, else 64)", metavar="K"
     )
-    overwrite: bool = option(False, help="replace a STORE made from a different plan")
+    overwrite: bool = option(
+        False,
+        help="replace a STORE made from a different plan (only what ich wrote: other files are refused)",
+    )
+    parents: bool = option(False, help="create STORE's parent folders when they do not exist")
     # Not part of the plan: each run writes the names of the whole store its own way (`ichdata.pathkeys`).
     keep_paths: bool = option(
         False,
@@ -168,6 +182,10 @@ def convert_shards(
         # The store holds this very plan, committed after every marker was checked: nothing to write,
         # and no marker to read (one file each).
         return ConvertResult(p, p.n_shards, 0, p.n_shards, _no_failures(), time.perf_counter() - t0)
+    if not fresh:
+        # Temporary files of writes a killed run left (`ich verify` lists them): safe to remove only
+        # because the caller holds the store's lock, so no other writer has one in flight.
+        remove_leftovers(p.store)
     # A store made just now has no markers: skip a read per shard.
     done_keys = [""] * p.n_shards if fresh else read_markers(group)
     n_skipped = sum(1 for i in range(p.n_shards) if marker_key(done_keys, i) == p.shard_key(i))
@@ -355,7 +373,7 @@ def excluded_paths(store: str | os.PathLike[str], labels: str | os.PathLike[str]
     They may live inside the source folder (RSNA's `stage_2_train.csv` sits beside the images): they
     are outputs and inputs of another kind, not files to account for.
     """
-    out = [Path(store), manifest_path(store), quarantine_csv_path(store), salt_path(store)]
+    out = [Path(store), manifest_path(store), quarantine_csv_path(store), salt_path(store), lock_path(store)]
     if labels is not None:
         out.append(Path(labels))
     return out
@@ -371,9 +389,13 @@ def check_inputs(config: ConvertConfig) -> None:
     """The checks made before any work, each a one-line `UserError`.
 
     The cluster options make sense together (`ichdata.cluster.check_cluster`), SOURCE is a folder, the
-    label CSV (if any) is a file, and STORE is absent or was made from this plan
-    (`ichdata.plan.check_store`). Cheap (a few `stat`s and the store's attributes): `scan_source`
-    makes them again.
+    label CSV (if any) is a file, neither lies inside STORE, STORE's folder exists (or `--parents`)
+    and is inside no other store (`ichdata.outputs.check_store_target`), and STORE is absent or was
+    made from this plan (`ichdata.plan.check_store`); a run deletes nothing ich did not write:
+    `--overwrite` replaces a store that holds nothing else, and a commit (which rewrites the small
+    arrays whole) finds no other file in their folders (`ichdata.storefiles`). Cheap (a few `stat`s,
+    the store's attributes, a walk of the store with `--overwrite`): `scan_source` makes them again,
+    under the store's lock.
     """
     check_cluster(config)
     source, store = Path(config.source), Path(config.store)
@@ -381,12 +403,20 @@ def check_inputs(config: ConvertConfig) -> None:
         raise UserError(f"SOURCE {source}: no such folder; expected a folder of DICOM files")
     if config.labels is not None and not Path(config.labels).is_file():
         raise UserError(f"--labels {config.labels}: no such file; expected an RSNA label CSV (ID,Label)")
-    if config.overwrite and not replaceable(store):
-        raise UserError(
-            f"STORE {store}: exists and is not an ich store; --overwrite replaces only a store "
-            "`ich convert` made"
-        )
+    check_store_target(
+        store, what="STORE", parents=config.parents, inputs={"SOURCE": source, "--labels": config.labels}
+    )
+    if config.overwrite:
+        check_replaceable(store)
     check_store(store, source, config.shard_size, config.overwrite)
+    if not config.overwrite and (store / "zarr.json").is_file():
+        check_metadata(store)
+        foreign = [s for s in stray_files(store, within=REWRITTEN) if s.kind is StrayKind.FOREIGN]
+        if foreign:
+            raise UserError(
+                f"STORE {store}: holds {foreign[0].path}, which ich did not write, in a folder each run "
+                "rewrites; move it out of the store"
+            )
 
 
 def scan_source(
@@ -435,10 +465,16 @@ def convert(config: ConvertConfig, progress: bool = True, client: Client | None 
 
     Runs on `client`, or on a cluster of `config`'s. The inputs are checked and the label CSV is read
     first (a malformed CSV stops the run before any work, even before the cluster starts); progress
-    bars (tqdm, on stderr) when `progress`.
+    bars (tqdm, on stderr) when `progress`. The whole run, from the checks on, holds the store's lock
+    (`ichdata.lock.store_lock`: one writer per store; the workers never take it); a refused run writes
+    nothing.
     """
+    check_inputs(config)  # before the lock too: a mistake leaves no trace, not even the lock file
+    if config.parents:
+        Path(config.store).absolute().parent.mkdir(parents=True, exist_ok=True)
     try:
-        return _convert(config, progress, client)
+        with store_lock(config.store, command="ich convert"):
+            return _convert(config, progress, client)
     except Exception as exc:
         full = _disk_full(exc)
         if full is None:
@@ -467,7 +503,6 @@ def _convert(config: ConvertConfig, progress: bool, client: Client | None) -> Co
         # The local cluster's workers fork from this process once the render kernels are warm
         # (`ichdata.cluster`): start on that now, beside the checks and the label CSV.
         threading.Thread(target=warm_up, name="ich-warm-kernels", daemon=True).start()
-    check_inputs(config)
     stages: dict[str, float] = {}
     with contextlib.ExitStack() as stack:
         # The label CSV (RSNA's: 4.5M rows, seconds) is parsed by Arrow, off the GIL, while the scan

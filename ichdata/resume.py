@@ -28,6 +28,7 @@ from ichdata.store import (
     FORMAT_VERSION,
     IMAGE_SIZE,
     manifest_path,
+    read_salt,
     salt_path,
     store_attrs,
 )
@@ -164,9 +165,7 @@ def made_from(store: str | os.PathLike[str], source: str | os.PathLike[str]) -> 
     if "source_id" not in recorded:
         return _locale_proof(recorded.get("source")) == source_text(source)
     salt = salt_path(store)
-    return salt.is_file() and recorded["source_id"] == source_id(
-        source_text(source), bytes.fromhex(salt.read_text().strip())
-    )
+    return salt.is_file() and recorded["source_id"] == source_id(source_text(source), read_salt(salt))
 
 
 def _locale_proof(text: object) -> object:
@@ -184,7 +183,7 @@ def _recorded_salt(store: Path) -> bytes:
             f"{p}: missing; the store records its SOURCE folder with it, so this run cannot tell whether "
             "SOURCE is the store's. Put the salt file back beside the store, or pass --overwrite"
         )
-    return bytes.fromhex(p.read_text().strip())
+    return read_salt(p)
 
 
 def check_store(
@@ -222,7 +221,7 @@ def load_salt(store: Path, *, must_exist: bool) -> bytes:
     """
     p = salt_path(store)
     if p.is_file():
-        return bytes.fromhex(p.read_text().strip())
+        return read_salt(p)
     if must_exist:
         raise UserError(
             f"{p}: missing; the store's patient keys were made with it, so new series cannot be keyed "
@@ -240,7 +239,7 @@ def load_salt(store: Path, *, must_exist: bool) -> bytes:
             os.link(tmp, p)
     finally:
         tmp.unlink(missing_ok=True)
-    return bytes.fromhex(p.read_text().strip())
+    return read_salt(p)
 
 
 __all__ = [

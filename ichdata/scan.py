@@ -30,6 +30,7 @@ from ichdata.cluster import OnDemandClient, resolve_client
 from ichdata.errors import UserError
 from ichdata.paths import fs_path, path_text
 from ichdata.reasons import KEPT_REASONS, Reason
+from ichdata.store import read_manifest
 
 if TYPE_CHECKING:
     from distributed import Client
@@ -96,7 +97,7 @@ class Manifest:
     @classmethod
     def read(cls, path: str | os.PathLike[str], source: str | os.PathLike[str]) -> Manifest:
         """A manifest written by `write`, of the archive at `source` (raw patient ids are not kept)."""
-        table = pd.read_parquet(path)
+        table = read_manifest(path)  # a damaged file is one line naming it
         table["patient_id"] = None
         return cls(Path(source), table)
 

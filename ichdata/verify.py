@@ -5,7 +5,7 @@ every array has one row per slice, `study_offsets` agrees with `series/n_slices`
 image ids, labels 0/1/255, every series in ascending slice position), pixels (every shard decodes
 and its CRC-32 equals the one its writer recorded in `conversion/shard_done`) and accounting (every
 row of the manifest beside the store is in `images` or in the quarantine; without `--keep-paths`, no
-file named in the store).
+file named in the store; no file inside the store that no array accounts for: `ichdata.storefiles`).
 """
 
 from __future__ import annotations
@@ -33,7 +33,8 @@ from ichdata.cluster import (
 from ichdata.options import option
 from ichdata.reasons import KEPT_REASONS
 from ichdata.shardfile import read_shard, shard_checksum
-from ichdata.store import CLASSES, array, manifest_path, open_store
+from ichdata.store import CLASSES, array, manifest_path, open_group, open_store, read_manifest
+from ichdata.storefiles import stray_files
 
 if TYPE_CHECKING:
     from distributed import Client
@@ -128,8 +129,6 @@ def verify_store(store: str | os.PathLike[str], client: Client | None = None) ->
     The pixel re-read runs on `client`'s Dask cluster when given, else in this process.
     """
     # Long: the checks run in the order a reader meets them and share the store's arrays.
-    import zarr
-
     t0 = time.perf_counter()
     path = Path(store)
     rep = VerifyReport(path)
@@ -139,7 +138,7 @@ def verify_store(store: str | os.PathLike[str], client: Client | None = None) ->
         problems.append(f"state is {s.attrs.get('state')!r}, not 'complete': the conversion did not finish")
     n = s.n_slices
     rep.n_slices, rep.n_series, rep.n_quarantined = n, s.n_series, len(s.quarantine)
-    group = zarr.open_group(str(path), mode="r")
+    group = open_group(path)
 
     # Structure.
     n_images = int(s.images.shape[0])
@@ -239,7 +238,7 @@ def verify_store(store: str | os.PathLike[str], client: Client | None = None) ->
     elif not mp.is_file():
         problems.append(f"{mp}: missing, so the inputs cannot be accounted for")
     else:
-        m = pd.read_parquet(mp)
+        m = read_manifest(mp)
         rep.n_manifest_rows = len(m)
         acc: list[str] = []
         stored = m.loc[m["row"] >= 0]
@@ -267,5 +266,8 @@ def verify_store(store: str | os.PathLike[str], client: Client | None = None) ->
                 f"the manifest lists {len(m):,} input files; store + quarantine hold {n + set_aside:,}"
             )
         problems.extend(_limited(acc, "files"))
+
+    # Files in the store that no array accounts for: a user's, a killed write's, a chunk past the end.
+    problems.extend(_limited([f"{path / s.path}: {s.kind}" for s in stray_files(path)], "stray files"))
     rep.elapsed_s = time.perf_counter() - t0
     return rep

@@ -5,7 +5,8 @@ One in-process Dask cluster for the tests that need a cluster but not worker pro
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
@@ -72,3 +73,88 @@ def slurm() -> Iterator[object]:
         pytest.skip(reason)
     with helpers.single_node_slurm() as running:
         yield running
+
+
+_LOCK_HOLDER = """
+import sys, time
+from pathlib import Path
+from ichdata.lock import store_lock
+
+store, command, ready, release = sys.argv[1:5]
+with store_lock(store, command=command):
+    Path(ready).write_text("held")
+    while not Path(release).exists():  # paused here, holding the lock, until the test says
+        time.sleep(0.01)
+"""
+
+
+class LockHolder:
+    """Another process that holds a store's lock (`ichdata.lock`) until `release()` or `kill()`."""
+
+    def __init__(self, store: Path, command: str, folder: Path) -> None:
+        import subprocess
+        import sys
+        import time
+        import uuid
+
+        tag = uuid.uuid4().hex[:8]
+        self.ready, self.release_file = folder / f"held-{tag}", folder / f"release-{tag}"
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                _LOCK_HOLDER,
+                str(store),
+                command,
+                str(self.ready),
+                str(self.release_file),
+            ],
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        deadline = time.monotonic() + 60
+        while not self.ready.exists():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.proc.kill()
+                raise RuntimeError(f"the lock holder did not take the lock: {self.proc.communicate()[1]}")
+            time.sleep(0.01)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def release(self) -> None:
+        """Let it leave its `store_lock` block normally, and wait for it."""
+        self.release_file.touch()
+        self.proc.communicate(timeout=60)
+
+    def kill(self) -> None:
+        """SIGKILL: it leaves its lock file behind. Not reaped (a zombie) until `reap()`."""
+        import os
+        import signal
+
+        os.kill(self.proc.pid, signal.SIGKILL)
+
+    def reap(self) -> None:
+        if self.proc.returncode is None:
+            self.proc.kill()
+            self.proc.communicate(timeout=60)
+
+
+@pytest.fixture
+def lock_holder(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., LockHolder]]:
+    """Start a process that takes the lock of a store and waits, paused, holding it.
+
+    `lock_holder(store, command="test holder")` returns once the other process holds the lock.
+    """
+    folder = tmp_path_factory.mktemp("lock-holders")
+    started: list[LockHolder] = []
+
+    def start(store: Path, command: str = "test holder") -> LockHolder:
+        holder = LockHolder(Path(store), command, folder)
+        started.append(holder)
+        return holder
+
+    yield start
+    for holder in started:
+        holder.reap()

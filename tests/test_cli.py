@@ -174,3 +174,74 @@ def test_a_signal_stops_a_conversion_in_one_line_and_closes_its_cluster(
     assert (proc.returncode, err) == (status, line + "\n"), err
     assert out == ""
     assert not [p for p in workers if _alive(p)]
+
+
+@pytest.fixture(scope="module")
+def small_store(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(SOURCE, STORE): a one-study synthetic archive and its store, converted in this process."""
+    from ichdata.convert import ConvertConfig, convert
+    from ichdata.testing import write_archive
+
+    root = tmp_path_factory.mktemp("small")
+    archive = write_archive(root / "src", studies=1, seed=3, image_size=64)
+    store = root / "st.zarr"
+    convert(ConvertConfig(archive.path, store, shard_size=8), progress=False, client=None)
+    return archive.path, store
+
+
+def _copy_store(store: Path, dst: Path) -> Path:
+    import shutil
+
+    from ichdata.store import manifest_path, quarantine_csv_path, salt_path
+
+    shutil.copytree(store, dst)
+    for side in (manifest_path, quarantine_csv_path, salt_path):
+        shutil.copy(side(store), side(dst))
+    return dst
+
+
+# (file to damage, relative to the copied store's folder, with its bytes; the commands that must say so)
+_DAMAGE = {
+    "store metadata": ("st.zarr/zarr.json", b"{not json", ("verify", "quarantine", "train", "convert")),
+    "array metadata": (
+        "st.zarr/labels/zarr.json",
+        b'{"zarr_format": 3, "node_type": "array"}',
+        ("verify", "quarantine", "train", "convert"),
+    ),
+    "images metadata": ("st.zarr/images/zarr.json", b"\xff\xfe", ("verify", "train", "convert")),
+    "done-markers metadata": (
+        "st.zarr/conversion/shard_done/zarr.json",
+        b"[]",
+        ("verify", "train", "convert"),
+    ),
+    "manifest": ("st.zarr.manifest.parquet", b"PAR1 not parquet", ("verify", "quarantine", "convert")),
+    "salt": ("st.zarr.salt", b"not hex\n", ("convert",)),
+    "short salt": ("st.zarr.salt", b"abcd\n", ("convert",)),
+}
+
+
+@pytest.mark.parametrize("case", list(_DAMAGE))
+def test_a_damaged_store_file_is_one_line_naming_it_in_every_command(
+    case: str, small_store: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Issue 16 item 12: each of these was a traceback."""
+    source, good = small_store
+    store = _copy_store(good, tmp_path / "st.zarr")
+    rel, data, commands = _DAMAGE[case]
+    damaged = tmp_path / rel
+    damaged.write_bytes(data)
+    argv = {
+        "verify": ["verify", str(store)],
+        "quarantine": ["quarantine", str(store)],
+        "train": ["train", str(store), "--out", str(tmp_path / "run"), "--device", "cpu", "--quiet"],
+        "convert": ["convert", str(source), str(store), "--quiet"],
+    }
+    for command in commands:
+        assert main(argv[command]) == 2, command
+        captured = capsys.readouterr()
+        err = captured.err
+        assert err.startswith(f"ich: error: {damaged}: damaged ("), (command, err)
+        assert len(err.strip().splitlines()) == 1, (command, err)
+        assert "restore it from a backup" in err
+        assert data.decode(errors="replace").strip() not in err  # never the file's contents
+    assert damaged.read_bytes() == data  # nothing rewrote it

@@ -26,7 +26,7 @@ from ichdata.convert import ConvertConfig, convert
 from ichdata.errors import UserError
 from ichdata.labels import CLASSES
 from ichdata.pathkeys import keys, local_paths, scrub_details
-from ichdata.store import manifest_path, open_store, write_array
+from ichdata.store import ICH_ATTR, is_ich_store, manifest_path, open_store, write_array
 from ichdata.testing import stored_from_hu, write_ct_slice
 from ichdata.verify import verify_store
 
@@ -258,14 +258,17 @@ def test_a_store_that_holds_its_source_path_is_extended_by_the_same_command(
     config_hash = hashlib.blake2b(json.dumps(config, sort_keys=True).encode(), digest_size=16).hexdigest()
     attrs["plan"] = {"config": config, "config_hash": config_hash, "plan_hash": attrs["plan"]["plan_hash"]}
     attrs["provenance"] = {**attrs["provenance"], "source": str(named_export)}
+    del attrs[ICH_ATTR]  # older still: before the attribute namespace, told by the plan's `source`
     group.attrs.put(attrs)
     assert _names_in_store(store) != []
+    assert is_ich_store(store)
 
     again = convert(ConvertConfig(named_export, store), progress=False, client=None)
     assert (again.n_new, again.n_shards_written) == (0, 0)
     assert _names_in_store(store) == []
     assert "source_id" in open_store(store).attrs["plan"]["config"]
     assert verify_store(store).ok
+    assert is_ich_store(store)  # told by the namespace now, since its plan holds no `source`
 
 
 _LOCALES = {"C": {"LC_ALL": "C", "PYTHONUTF8": "0"}, "C.UTF-8": {"LC_ALL": "C.UTF-8"}}

@@ -115,3 +115,27 @@ def test_verify_without_a_cluster_reads_shards_on_every_core(good, monkeypatch) 
     assert rep.n_shards == 5
     assert len(threads) == 2
     assert threading.main_thread().name not in threads
+
+
+def test_files_that_no_array_accounts_for_are_listed(copy, tmp_path, capsys) -> None:
+    """Issue 16 item 3: stray shard files of a second writer passed as OK."""
+    (copy / "notes.txt").write_text("a user's\n")
+    past_the_end = copy / "images" / "c" / "5" / "0" / "0" / "0"  # 9 rows in shards of 2: shards 0-4
+    past_the_end.parent.mkdir(parents=True)
+    past_the_end.write_bytes(b"\x00" * 64)
+    not_a_chunk = copy / "images" / "c" / "0" / "0" / "0" / "x" / "0"
+    not_a_chunk.parent.mkdir()
+    not_a_chunk.write_bytes(b"")
+    leftover = copy / "labels" / "c" / "0" / ".0.77.88.tmp"
+    leftover.write_bytes(b"half")
+    (copy / "series" / "elsewhere").symlink_to(tmp_path)
+    assert main(["verify", str(copy)]) == 1
+    out = capsys.readouterr().out
+    listed = [line.strip() for line in out.splitlines()[1:]]
+    assert listed == [
+        f"{copy}/images/c/0/0/0/x/0: not written by ich",
+        f"{copy}/images/c/5/0/0/0: a chunk file outside its array's shape",
+        f"{copy}/labels/c/0/.0.77.88.tmp: a temporary file a killed write left behind",
+        f"{copy}/notes.txt: not written by ich",
+        f"{copy}/series/elsewhere: not written by ich",
+    ]
