@@ -583,7 +583,7 @@ def open_store(path: str | os.PathLike[str], *, allow_incomplete: bool = False) 
 _LEGACY_ATTRS = frozenset(
     {"format_version", "classes", "windows", "image_size", "state", "shard_size", "plan"}
 )
-_LEGACY_PLAN = frozenset({"format_version", "render_version", "image_size", "shard_size", "source"})
+_LEGACY_PLAN = frozenset({"format_version", "render_version", "image_size", "shard_size"})
 
 
 def is_ich_store(path: str | os.PathLike[str]) -> bool:
@@ -609,6 +609,7 @@ def is_ich_store(path: str | os.PathLike[str]) -> bool:
         and attrs.get("state") in STATES
         and isinstance(config, Mapping)
         and config.keys() >= _LEGACY_PLAN
+        and ("source" in config or "source_id" in config)  # its path, or its digest (`ichdata.resume`)
         and salt_path(p).is_file()
     )
 
