@@ -174,6 +174,7 @@ def test_a_signal_stops_a_conversion_in_one_line_and_closes_its_cluster(
     assert (proc.returncode, err) == (status, line + "\n"), err
     assert out == ""
     assert not [p for p in workers if _alive(p)]
+    assert not (tmp_path / "s.zarr.lock").exists()  # the store's lock is released too
 
 
 @pytest.fixture(scope="module")

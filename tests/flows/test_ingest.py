@@ -366,18 +366,18 @@ def test_a_store_from_another_plan_fails_at_once_without_retries(
 
 
 def test_a_store_another_process_writes_fails_the_run_at_once_naming_it(
-    tmp_path: Path, dask_scheduler: str, lock_holder: Any
+    tmp_path: Path, operator_scheduler: str, lock_holder: Any
 ) -> None:
     """Issue 16 item 3: one writer per store, a second `ich serve` or a node of the cluster included."""
     folder, _ = _archive(tmp_path, studies=1, seed=15)
     store = tmp_path / "s.zarr"
     holder = lock_holder(store, "ich convert")
-    state = _run(source=str(folder), store=str(store), scheduler=dask_scheduler)
+    state = _run(source=str(folder), store=str(store))
     assert state.is_failed()
     assert f"{store}: locked by ich convert (pid {holder.pid} on " in state.message
     assert not store.exists()
     holder.release()
-    assert _run(source=str(folder), store=str(store), scheduler=dask_scheduler).is_completed()
+    assert _run(source=str(folder), store=str(store)).is_completed()
     assert not (tmp_path / "s.zarr.lock").exists()
 
 

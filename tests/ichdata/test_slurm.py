@@ -505,5 +505,6 @@ def test_a_signal_while_waiting_for_workers_cancels_the_jobs_and_removes_the_cre
     assert out == ""
     assert _squeue() == []
     assert not credentials[0].exists()
+    assert not (tmp_path / "s.zarr.lock").exists()
     left = [p for where in (home, tmp_path, Path(tempfile.gettempdir())) for p in where.glob(".*dask*")]
     assert left == []
