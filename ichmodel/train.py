@@ -191,7 +191,12 @@ def _init_from(model: nn.Module, ckpt: dict[str, Any], path: Path, backbone: str
         raise UserError(f"--init-backbone {path}: trained on backbone {theirs!r}, this run uses {backbone!r}")
     state = ckpt["state_dict"]
     encoder = {k[len("encoder.") :]: v for k, v in state.items() if k.startswith("encoder.")}
-    cast(nn.Module, model.encoder).load_state_dict(encoder)
+    try:
+        cast(nn.Module, model.encoder).load_state_dict(encoder)
+    except RuntimeError as exc:  # the same backbone name, other weight names or shapes
+        raise UserError(
+            f"--init-backbone {path}: its weights do not fit backbone {backbone!r} ({_first(exc)})"
+        ) from None
     own = model.state_dict()
     fc = {k: v for k, v in state.items() if k.startswith("fc.")}
     if fc and all(k in own and own[k].shape == v.shape for k, v in fc.items()):
@@ -267,7 +272,7 @@ def _train(config: TrainConfig, device: torch.device, d: Dist, t_start: float) -
     resume_ckpt: dict[str, Any] | None = None
     init_ckpt: dict[str, Any] | None = None
     if config.resume:
-        resume_ckpt = read_checkpoint(run.last, what="--resume:")
+        resume_ckpt = read_checkpoint(run.last, what="--resume:", training=True)
         check_resumable(resume_ckpt["config"], config, run.last)
     elif config.init_backbone is not None:
         init_ckpt = read_checkpoint(config.init_backbone, what="--init-backbone")
@@ -289,7 +294,7 @@ def _train(config: TrainConfig, device: torch.device, d: Dist, t_start: float) -
     t = _training(config, model, loaders, gen, device, d)
     start_epoch, best = 0, _Best()
     if resume_ckpt is not None:
-        start_epoch, best = _restore(t, resume_ckpt)
+        start_epoch, best = _restore(t, resume_ckpt, run.last)
         del resume_ckpt
 
     history = read_log(run.log) if config.resume else []
@@ -335,14 +340,28 @@ def _train(config: TrainConfig, device: torch.device, d: Dist, t_start: float) -
     )
 
 
-def _restore(t: Training, ckpt: dict[str, Any]) -> tuple[int, _Best]:
-    """Load `last.pt`'s weights, optimizer, schedule and this rank's random state; returns where it stopped."""
-    t.model.load_state_dict(ckpt["state_dict"])
-    t.optimizer.load_state_dict(ckpt["optimizer"])
-    t.scheduler.load_state_dict(ckpt["scheduler"])
-    set_rng_state(ckpt["rng"][t.dist.rank], t.generator, t.device)
+def _restore(t: Training, ckpt: dict[str, Any], path: Path) -> tuple[int, _Best]:
+    """Load `last.pt`'s weights, optimizer, schedule and this rank's random state; returns where it stopped.
+
+    The entries' types are checked on reading (`read_checkpoint`); what torch makes of their contents
+    (names, shapes, a random state of another length) is one line naming the file too.
+    """
+    try:
+        t.model.load_state_dict(ckpt["state_dict"])
+        t.optimizer.load_state_dict(ckpt["optimizer"])
+        t.scheduler.load_state_dict(ckpt["scheduler"])
+        set_rng_state(ckpt["rng"][t.dist.rank], t.generator, t.device)
+    except (RuntimeError, ValueError, TypeError, KeyError, IndexError) as exc:
+        raise UserError(
+            f"--resume: {path}: its training state does not fit this run ({type(exc).__name__}: {_first(exc)})"
+        ) from None
     t.step = int(ckpt["step"])
     return int(ckpt["epoch"]), _Best(float(ckpt["best_val_loss"]), int(ckpt["best_epoch"]))
+
+
+def _first(exc: BaseException) -> str:
+    """The first line of torch's message (a load_state_dict error lists every key on lines of its own)."""
+    return (str(exc).replace("\n\t", " ").strip().splitlines() or [""])[0][:300]
 
 
 def _checkpoint(
