@@ -30,7 +30,8 @@ if TYPE_CHECKING:
     from ichmodel.predict import PredictConfig
 
 from flows.cliparse import add_options, build_config
-from ichdata.errors import UserError
+from flows.console import EXIT_READER_GONE, reader_gone, setup_streams
+from ichdata.errors import UserError, out_of_space
 from ichdata.options import option
 
 _HEAVY = {"torch", "timm", "torchvision", "prefect"}
@@ -285,11 +286,19 @@ def _run(argv: list[str]) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `ich` console script; tests call it with an argv list."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    setup_streams()
     try:
-        return _run(argv)
+        try:
+            return _run(argv)
+        finally:
+            sys.stdout.flush()  # here rather than at exit, where a closed pipe is a traceback
     except UserError as exc:
         print(f"ich: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        if not reader_gone():
+            raise
+        return EXIT_READER_GONE
     except KeyboardInterrupt:
         print("ich: interrupted", file=sys.stderr)
         return 130
@@ -302,6 +311,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             return 2
         raise
+    except Exception as exc:
+        error = out_of_space(exc, "run the same command again")
+        if error is None:
+            raise
+        print(f"ich: error: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

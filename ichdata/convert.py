@@ -11,7 +11,6 @@ arguments. The store's contract is in the README's store section.
 from __future__ import annotations
 
 import contextlib
-import errno
 import threading
 import time
 import uuid
@@ -37,7 +36,7 @@ from ichdata.cluster import (
     scheduler_option,
     workers_option,
 )
-from ichdata.errors import UserError
+from ichdata.errors import UserError, out_of_space
 from ichdata.finalize import ConvertSummary, finalize
 from ichdata.options import option
 from ichdata.plan import Plan, load_labels, plan
@@ -438,25 +437,10 @@ def convert(config: ConvertConfig, progress: bool = True, client: Client | None 
     try:
         return _convert(config, progress, client)
     except Exception as exc:
-        full = _disk_full(exc)
-        if full is None:
+        error = out_of_space(exc, "re-run the same command to resume (nothing written is lost)", config.store)
+        if error is None:
             raise
-        raise UserError(
-            f"{config.store}: no space left on device ({full.filename or full.strerror}); nothing written "
-            "is lost: free some space and re-run the same command to resume"
-        ) from exc
-
-
-def _disk_full(exc: BaseException) -> OSError | None:
-    """The ENOSPC or EDQUOT error in `exc`'s chain of causes, if any."""
-    seen: set[int] = set()
-    cur: BaseException | None = exc
-    while cur is not None and id(cur) not in seen:
-        if isinstance(cur, OSError) and cur.errno in (errno.ENOSPC, errno.EDQUOT):
-            return cur
-        seen.add(id(cur))
-        cur = cur.__cause__ or cur.__context__
-    return None
+        raise error from exc
 
 
 def _convert(config: ConvertConfig, progress: bool, client: Client | None) -> ConvertSummary:

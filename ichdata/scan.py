@@ -89,14 +89,16 @@ class Manifest:
         """Write as Parquet (atomically: a temporary file renamed over `path`), without raw patient ids."""
         p = Path(path)
         table = self.table.drop(columns=["patient_id"], errors="ignore")
-        with atomic_path(p) as tmp:
-            table.to_parquet(tmp, index=False)
+        # Opened here, not by Arrow, which refuses a name the locale could not decode (`LC_ALL=C`).
+        with atomic_path(p) as tmp, tmp.open("wb") as f:
+            table.to_parquet(f, index=False)
         return p
 
     @classmethod
     def read(cls, path: str | os.PathLike[str], source: str | os.PathLike[str]) -> Manifest:
         """A manifest written by `write`, of the archive at `source` (raw patient ids are not kept)."""
-        table = pd.read_parquet(path)
+        with open(path, "rb") as f:  # opened here: see `write`
+            table = pd.read_parquet(f)
         table["patient_id"] = None
         return cls(Path(source), table)
 

@@ -237,7 +237,8 @@ def verify_store(store: str | os.PathLike[str], client: Client | None = None) ->
     elif not mp.is_file():
         problems.append(f"{mp}: missing, so the inputs cannot be accounted for")
     else:
-        m = pd.read_parquet(mp)
+        with mp.open("rb") as f:  # Arrow refuses a name the locale could not decode (`LC_ALL=C`)
+            m = pd.read_parquet(f)
         rep.n_manifest_rows = len(m)
         acc: list[str] = []
         stored = m.loc[m["row"] >= 0]

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ichdata.errors import UserError
+from ichdata.errors import UserError, out_of_space
 from ichdata.store import open_store
 from ichmodel.augment import AugmentConfig
 from ichmodel.checkpoint import read_checkpoint, save_checkpoint
@@ -46,6 +46,7 @@ from ichmodel.rundir import (
     prepare,
     read_log,
     resolve_split,
+    truncate_log,
     write_config,
 )
 from ichmodel.runtime import (
@@ -87,6 +88,14 @@ def train(config: TrainConfig) -> RunResult:
     d, own_group = init_distributed(device.type)
     try:
         return _train(config, _setup_device(device, d, config.model), d, t_start)
+    except Exception as exc:
+        # Every file of the run is replaced whole or not at all: what the last epoch saved is intact.
+        last = RunDir(Path(config.out)).last
+        then = f"continue with --resume ({last} holds the last epoch saved)" if last.is_file() else None
+        error = out_of_space(exc, then or "run the same command again")
+        if error is None:
+            raise
+        raise error from exc
     finally:
         if own_group:
             dist.destroy_process_group()
@@ -297,7 +306,9 @@ def _train(config: TrainConfig, device: torch.device, d: Dist, t_start: float) -
         start_epoch, best = _restore(t, resume_ckpt, run.last)
         del resume_ckpt
 
-    history = read_log(run.log) if config.resume else []
+    history = [r for r in read_log(run.log) if r["epoch"] <= start_epoch] if config.resume else []
+    if config.resume and d.main:
+        truncate_log(run.log, start_epoch)  # an epoch whose last.pt was not written runs again
     seen: list[tuple[Window, ...]] = []
     end_epoch = (
         config.epochs if config.stop_after is None else min(config.epochs, start_epoch + config.stop_after)
@@ -318,12 +329,13 @@ def _train(config: TrainConfig, device: torch.device, d: Dist, t_start: float) -
             best = _Best(val_loss if not math.isnan(val_loss) else best.val_loss, epoch + 1)
         rng = gather_rng_states(t.generator, device, d)
         if d.main:
+            # last.pt last: it is what --resume continues from, so an epoch counts once it is written.
+            append_log(run.log, row)
             ckpt = _checkpoint(config, t, store, epoch, val_loss, best)
             if improved:
                 save_checkpoint(ckpt, run.best)
             training_state = {"optimizer": t.optimizer.state_dict(), "scheduler": t.scheduler.state_dict()}
             save_checkpoint({**ckpt, **training_state, "rng": rng}, run.last)
-            append_log(run.log, row)
             if config.progress:
                 _print_epoch(row, config.epochs)
         if d.world > 1:
