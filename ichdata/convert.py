@@ -483,8 +483,10 @@ def _convert(config: ConvertConfig, progress: bool, client: Client | None) -> Co
 
         # Started by the first stage with enough work for it: a re-run with nothing new starts no
         # cluster, and a small job on this machine (unless --workers asks for processes) runs here.
-        runner = client
-        if runner is None:
+        runner: Client | OnDemandClient
+        if client is not None:
+            runner = client
+        else:
             small = SMALL_JOB if local and config.workers is None else 0
             runner = OnDemandClient(start_cluster, stack, small_job=small, background=local)
         t = time.perf_counter()

@@ -7,7 +7,7 @@ import pickle
 import shutil
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import torch
@@ -442,7 +442,8 @@ def test_a_plain_name_with_a_pretrained_tag_loads_without_the_network(
     guard = _NoNetwork(monkeypatch)
     model, info = load_model(ckpt)
     assert info["model"]["backbone"] == f"{BACKBONE}.r160_in1k"
-    assert torch.allclose(model.encoder.mean.flatten(), torch.tensor([0.485, 0.456, 0.406]))
+    mean = cast(torch.Tensor, model.encoder.mean)
+    assert torch.allclose(mean.flatten(), torch.tensor([0.485, 0.456, 0.406]))
     assert guard.calls == []
 
 
