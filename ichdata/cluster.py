@@ -42,7 +42,7 @@ SLURM_COMMANDS = ("sbatch", "squeue", "scancel")
 #: Files to read or slices to write that a conversion on this machine does in its own process:
 #: starting a cluster (worker processes, TLS handshakes) and the compiled render kernels costs more
 #: than that much work takes (bench/RESULTS.md, "Whole process").
-SMALL_JOB = 256
+SMALL_JOB = 1000
 
 
 def cluster_option() -> Any:
