@@ -16,7 +16,8 @@ start, the cluster's start and stop included): `ich convert` of the archive agai
 script (`python bench/_png_baseline.py`), `ich convert` of a one-file folder (the fixed cost) and
 `ich convert --help`. With bytecode compiled as an install has it (one untimed run of each command
 writes it to `bench/_work/pycache`); `--no-bytecode` compiles every module in every run instead.
-`--before DIR` also times the `ich` commands of another checkout of the code (the commit before a
+`--cluster-too` also times `ich convert --workers N`, which starts worker processes however small the
+archive (without it a small one is converted in the `ich` process). `--before DIR` also times the `ich` commands of another checkout of the code (the commit before a
 change, e.g. `git archive` into DIR) in the same rounds. Writes `bench/_work/whole_process.json`.
 """
 
@@ -290,6 +291,9 @@ def whole_process(a: argparse.Namespace) -> int:
         commands[f"one{tag}"] = ([ich, "convert", str(one), str(one_store), "--quiet"], one_store, tree)
         argv = [ich, "convert", str(archive), str(store), *labels, *workers, "--quiet"]
         commands[f"ich{tag}"] = (argv, store, tree)
+        if a.cluster_too:  # --workers: always worker processes, never the small job's in-process route
+            argv = [ich, "convert", str(archive), str(store), *labels, "--workers", str(a.workers), "--quiet"]
+            commands[f"cluster{tag}"] = (argv, store, tree)
     commands["png"] = (
         [*png, str(archive), str(WORK / "wp_png"), "--workers", str(a.workers)],
         WORK / "wp_png",
@@ -300,6 +304,7 @@ def whole_process(a: argparse.Namespace) -> int:
         "one": "`ich convert` of a one-file folder (the fixed cost)",
         "ich": f"`ich convert`, {n:,} slices, {a.workers} workers",
         "png": f"PNG script (tuned, float32), {n:,} slices, {a.workers} processes",
+        "cluster": f"`ich convert --workers {a.workers}` (a cluster whatever the size), {n:,} slices",
     }
     with tempfile.TemporaryDirectory(dir=WORK, prefix="pycache-") as empty:
         cache = Path(empty) if a.no_bytecode else WORK / "pycache"
@@ -392,6 +397,9 @@ def main(argv: list[str] | None = None) -> int:
         "--whole-process", action="store_true", help="time the commands as processes, as users run them"
     )
     ap.add_argument("--no-bytecode", action="store_true", help="with --whole-process: no bytecode cache")
+    ap.add_argument(
+        "--cluster-too", action="store_true", help="with --whole-process: also `ich convert --workers N`"
+    )
     ap.add_argument(
         "--before",
         help="with --whole-process: also time `ich` from this checkout of the code (before a change)",
