@@ -33,7 +33,8 @@ if TYPE_CHECKING:
     from ichmodel.predict import PredictConfig
 
 from flows.cliparse import add_options, build_config
-from ichdata.errors import UserError
+from flows.console import EXIT_READER_GONE, reader_gone, setup_streams
+from ichdata.errors import UserError, out_of_space
 from ichdata.options import option
 
 _HEAVY = {"torch", "timm", "torchvision", "prefect"}
@@ -346,13 +347,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     line, with the shell's exit status for the signal (130, 143).
     """
     argv = list(sys.argv[1:] if argv is None else argv)
+    setup_streams()
     received: list[int] = []
     try:
-        with _signals_raise(received):
-            return _run(argv)
+        try:
+            with _signals_raise(received):
+                return _run(argv)
+        finally:
+            sys.stdout.flush()  # here rather than at exit, where a closed pipe is a traceback
     except UserError as exc:
         print(f"ich: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        if not reader_gone():
+            raise
+        return EXIT_READER_GONE
     except KeyboardInterrupt as exc:
         signum = (
             received[-1] if received else signal.SIGTERM if isinstance(exc, Terminated) else signal.SIGINT
@@ -368,6 +377,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             return 2
         raise
+    except Exception as exc:
+        error = out_of_space(exc, "run the same command again")
+        if error is None:
+            raise
+        print(f"ich: error: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

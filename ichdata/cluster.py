@@ -43,6 +43,10 @@ CLUSTER_GROUP = "cluster"
 ClusterKind = Literal["local", "slurm"]
 #: The client commands the SLURM route runs (dask-jobqueue submits with sbatch; we watch and cancel).
 SLURM_COMMANDS = ("sbatch", "squeue", "scancel")
+#: Files to read or slices to write that a conversion on this machine does in its own process:
+#: starting a cluster (worker processes, TLS handshakes) and the compiled render kernels costs more
+#: than that much work takes (bench/RESULTS.md, "Whole process").
+SMALL_JOB = 1000
 
 
 def cluster_option() -> Any:
@@ -204,34 +208,99 @@ def cluster_client(config: ConvertConfig) -> Iterator[Client]:
 
 
 class OnDemandClient:
-    """The run's Dask client, started the first time a stage has work for it.
+    """The run's Dask client, started when a stage has enough work for it.
 
     A re-run that finds nothing new (the daily ingest of an unchanged landing folder) then starts no
-    cluster at all: no worker processes, no SLURM jobs. The cluster is closed with `stack`.
+    cluster at all, and neither does a job of at most `small_job` items while none is up
+    (`in_process`). With `background`, `start()` starts the cluster in a thread of its own, so that
+    the driver works on meanwhile (`ready` says when it is up); otherwise the first call starts it.
+    The cluster is closed with `stack`, also when it was still starting, by the thread that started
+    it (a distributed `Client` is left in the context it was entered in).
     """
 
     def __init__(
-        self, start: Callable[[], contextlib.AbstractContextManager[Client]], stack: contextlib.ExitStack
+        self,
+        start: Callable[[], contextlib.AbstractContextManager[Client]],
+        stack: contextlib.ExitStack,
+        *,
+        small_job: int = 0,
+        background: bool = False,
     ) -> None:
         self._start = start
         self._stack = stack
+        self._small_job = small_job
+        self._background = background
         self._client: Client | None = None
+        self._thread: threading.Thread | None = None
+        self._up = threading.Event()
+        self._closing = threading.Event()
+        self._error: BaseException | None = None
 
     def __call__(self) -> Client:
-        """The client, its cluster started now if this is the first call."""
+        """The client, its cluster started now (or waited for) if this is the first call."""
         if self._client is None:
-            self._client = self._stack.enter_context(self._start())
+            if self._thread is None:
+                self._client = self._stack.enter_context(self._start())
+            else:
+                self._up.wait()
+                if self._error is not None:
+                    raise self._error
+        assert self._client is not None
         return self._client
+
+    def in_process(self, work: int) -> bool:
+        """Whether `work` items (files, slices) are better done in this process: few, and no cluster up."""
+        return self._client is None and self._thread is None and work <= self._small_job
+
+    def start(self) -> None:
+        """Start the cluster now, in the background where allowed (else as a call does)."""
+        if self._client is not None or self._thread is not None:
+            return
+        if not self._background:
+            self()
+            return
+        self._thread = threading.Thread(target=self._start_in_thread, name="ich-cluster-start", daemon=True)
+        self._stack.callback(self._close)
+        self._thread.start()
+
+    @property
+    def ready(self) -> bool:
+        """Whether the cluster is up (or failed to start: the next call raises why)."""
+        return self._client is not None or self._up.is_set()
 
     @property
     def started(self) -> bool:
         """Whether a stage has asked for the cluster."""
-        return self._client is not None
+        return self._client is not None or self._thread is not None
+
+    def _start_in_thread(self) -> None:
+        try:
+            with self._start() as client:
+                self._client = client
+                self._up.set()
+                self._closing.wait()
+        except BaseException as exc:  # handed to the driver: by its next call, or on closing
+            self._error = exc
+        finally:
+            self._up.set()
+
+    def _close(self) -> None:
+        assert self._thread is not None
+        self._closing.set()
+        self._thread.join()
+        if self._error is not None and self._client is not None:
+            raise self._error  # the cluster failed while closing
 
 
-def resolve_client(client: Client | OnDemandClient | None) -> Client | None:
-    """`client` itself, or the started client of an `OnDemandClient` (call only when there is work)."""
-    return client() if isinstance(client, OnDemandClient) else client
+def resolve_client(client: Client | OnDemandClient | None, work: int | None = None) -> Client | None:
+    """`client` itself, or the started client of an `OnDemandClient` (call only when there is work).
+
+    None, for the work to be done in this process, where `work` items are few enough
+    (`OnDemandClient.in_process`).
+    """
+    if isinstance(client, OnDemandClient):
+        return None if work is not None and client.in_process(work) else client()
+    return client
 
 
 @contextlib.contextmanager
@@ -430,10 +499,17 @@ def _workers_ignore_ctrl_c() -> Iterator[None]:
 
     Ctrl-C reaches the terminal's whole process group: the driver answers it in one line and closes
     the cluster; workers that also raised `KeyboardInterrupt` would each print a traceback. Only the
-    main thread can change a signal's handler: elsewhere (a Prefect task's thread) nothing changes.
+    main thread can change a signal's handler. Elsewhere (the background start of `OnDemandClient`, a
+    Prefect task's thread) SIGINT is blocked in this thread instead: the threads it starts
+    (distributed's event loop, which forks the workers) inherit the mask, and so do the workers, to
+    which SIGINT is then never delivered.
     """
     if threading.current_thread() is not threading.main_thread():
-        yield
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            yield
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         return
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
@@ -520,6 +596,7 @@ __all__ = [
     "CLUSTER_GROUP",
     "CONNECT_TIMEOUT",
     "SLURM_COMMANDS",
+    "SMALL_JOB",
     "ClusterKind",
     "OnDemandClient",
     "check_cluster",

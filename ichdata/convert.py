@@ -5,14 +5,13 @@ one task each, so that both run the same code: `scan_source` (input checks, then
 `plan_conversion` (`ichdata.plan`), `convert_shards` (this module schedules the shard tasks of
 `ichdata.shards` and recovers from files that fail at pixel time) and `ichdata.finalize.finalize`.
 The stages hold no state between calls: a killed run is finished by the next run with the same
-arguments. The store's contract is in the README's store section.
+arguments. The store's contract is in the README's store section. The stages' modules (pandas, zarr,
+pydicom) are imported when a stage runs: `ich convert --help` and `ConvertConfig` need none of them.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -21,12 +20,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-import pandas as pd
-from tqdm import tqdm
-
-from ichdata import shards
-from ichdata._kernels import warm_up  # Numba itself is imported on first use, not here
+from ichdata._kernels import numpy_unless_compiled
 from ichdata.cluster import (
+    SMALL_JOB,
     OnDemandClient,
     check_cluster,
     cluster_client,
@@ -38,39 +34,23 @@ from ichdata.cluster import (
     scheduler_option,
     workers_option,
 )
-from ichdata.errors import UserError
-from ichdata.finalize import ConvertSummary, finalize
+from ichdata.errors import UserError, out_of_space
 from ichdata.lock import lock_path, store_lock
 from ichdata.options import option
-from ichdata.outputs import check_store_target
-from ichdata.plan import Plan, load_labels, plan
-from ichdata.resume import check_store
-from ichdata.scan import Manifest, scan
-from ichdata.shards import (
-    ShardDone,
-    ShardTaskError,
-    convert_shard_group,
-    group_size,
-    marker_key,
-    prepare_store,
-    read_markers,
-)
 from ichdata.slurm import cores_option, jobs_option, memory_option, queue_option, walltime_option
-from ichdata.store import manifest_path, quarantine_csv_path, salt_path
-from ichdata.storefiles import (
-    REWRITTEN,
-    StrayKind,
-    check_metadata,
-    check_replaceable,
-    remove_leftovers,
-    stray_files,
-)
 
 if TYPE_CHECKING:
     import os
 
+    import pandas as pd
     from distributed import Client
+    from tqdm import tqdm
     from zarr import Group
+
+    from ichdata.finalize import ConvertSummary
+    from ichdata.plan import Plan
+    from ichdata.scan import Manifest
+    from ichdata.shards import ShardDone
 
 __all__ = [
     "ConvertConfig",
@@ -167,11 +147,16 @@ def convert_shards(
     """Write every shard of `p` whose done-marker does not hold its key, in Dask tasks of a few shards.
 
     Without a client the shards are converted in this process, one after another; an
-    `OnDemandClient` starts its cluster only when a shard needs writing. `on_shard_done` is
-    called in the driver for each shard written (not for skipped ones). A task that fails for a reason
+    `OnDemandClient` starts its cluster only when enough shards need writing (`SMALL_JOB` slices).
+    `on_shard_done` is called in the driver for each shard written (not for skipped ones). A task that fails for a reason
     other than a bad file (I/O error, a bug) raises here with the shard named. A plan made with
     `overwrite` replaces whatever is at the store first.
     """
+    import pandas as pd
+
+    from ichdata.shards import marker_key, prepare_store, read_markers
+    from ichdata.storefiles import remove_leftovers
+
     t0 = time.perf_counter()
     fresh = p.overwrite or not (p.store / "zarr.json").is_file()
     group = prepare_store(p, overwrite=p.overwrite)
@@ -192,14 +177,18 @@ def convert_shards(
     while True:
         todo = [i for i in range(p.n_shards) if marker_key(done_keys, i) != p.shard_key(i)]
         new_failures: list[tuple[str, str, str]] = []
-        started = resolve_client(client) if todo else None
-        for done in _run_shards(p, todo, started, max_in_flight, stop_on_failure=True):
-            if done.failures:
-                new_failures.extend(done.failures)
-            else:
-                n_written += 1
-                if on_shard_done is not None:
-                    on_shard_done(done)
+        work = sum(p.shard_rows(i)[1] - p.shard_rows(i)[0] for i in todo)
+        started = resolve_client(client, work) if todo else None
+        # A few slices in this process: no Numba start either (the same pixels).
+        few = numpy_unless_compiled() if started is None and work <= SMALL_JOB else contextlib.nullcontext()
+        with few:
+            for done in _run_shards(p, todo, started, max_in_flight, stop_on_failure=True):
+                if done.failures:
+                    new_failures.extend(done.failures)
+                else:
+                    n_written += 1
+                    if on_shard_done is not None:
+                        on_shard_done(done)
         if not new_failures:
             break
         fdf = pd.DataFrame(new_failures, columns=["path", "reason", "detail"])
@@ -225,6 +214,8 @@ def convert_shards(
 
 
 def _no_failures() -> pd.DataFrame:
+    import pandas as pd
+
     return pd.DataFrame([], columns=["path", "reason", "detail"])
 
 
@@ -294,6 +285,9 @@ def _run_shards(
 
     After a result with failures no new task is submitted; the ones in flight are drained.
     """
+    # The module, not its functions: a stand-in a test installs on `ichdata.shards` is found.
+    from ichdata import shards
+
     if client is None:
         for i in todo:
             try:
@@ -306,6 +300,8 @@ def _run_shards(
                 return
         return
     from distributed import as_completed
+
+    from ichdata.shards import ShardTaskError, convert_shard_group, group_size
 
     n_threads = sum(client.nthreads().values())
     limit = max_in_flight or max(2, 2 * n_threads)
@@ -373,6 +369,8 @@ def excluded_paths(store: str | os.PathLike[str], labels: str | os.PathLike[str]
     They may live inside the source folder (RSNA's `stage_2_train.csv` sits beside the images): they
     are outputs and inputs of another kind, not files to account for.
     """
+    from ichdata.store import manifest_path, quarantine_csv_path, salt_path
+
     out = [Path(store), manifest_path(store), quarantine_csv_path(store), salt_path(store), lock_path(store)]
     if labels is not None:
         out.append(Path(labels))
@@ -381,6 +379,9 @@ def excluded_paths(store: str | os.PathLike[str], labels: str | os.PathLike[str]
 
 def previous_manifest(store: str | os.PathLike[str], source: str | os.PathLike[str]) -> Manifest | None:
     """The manifest an earlier conversion kept beside `store`, for an incremental re-scan (or None)."""
+    from ichdata.scan import Manifest
+    from ichdata.store import manifest_path
+
     mp = manifest_path(store)
     return Manifest.read(mp, source) if mp.is_file() else None
 
@@ -397,6 +398,10 @@ def check_inputs(config: ConvertConfig) -> None:
     the store's attributes, a walk of the store with `--overwrite`): `scan_source` makes them again,
     under the store's lock.
     """
+    from ichdata.outputs import check_store_target
+    from ichdata.resume import check_store
+    from ichdata.storefiles import REWRITTEN, StrayKind, check_metadata, check_replaceable, stray_files
+
     check_cluster(config)
     source, store = Path(config.source), Path(config.store)
     if not source.is_dir():
@@ -434,6 +439,8 @@ def scan_source(
     scan when they live under the source (`excluded_paths`). `on_total(n)` is called once the tree is
     listed, `on_progress(n)` as batches of `n` files finish.
     """
+    from ichdata.scan import scan
+
     check_inputs(config)
     source, store = Path(config.source), Path(config.store)
     previous = None if config.overwrite else previous_manifest(store, source)
@@ -455,6 +462,8 @@ def plan_conversion(config: ConvertConfig, manifest: Manifest, labels: pd.DataFr
     The label table is `labels` when the caller has read it already, else read from `config.labels` (a
     malformed CSV is a `UserError`). The CSV's path is kept in the plan for the store's provenance.
     """
+    from ichdata.plan import load_labels, plan
+
     table = labels if labels is not None else load_labels(config.labels)
     p = plan(manifest, config.store, labels=table, shard_size=config.shard_size, overwrite=config.overwrite)
     return p if config.labels is None else replace(p, labels_source=str(config.labels))
@@ -476,33 +485,18 @@ def convert(config: ConvertConfig, progress: bool = True, client: Client | None 
         with store_lock(config.store, command="ich convert"):
             return _convert(config, progress, client)
     except Exception as exc:
-        full = _disk_full(exc)
-        if full is None:
+        error = out_of_space(exc, "re-run the same command to resume (nothing written is lost)", config.store)
+        if error is None:
             raise
-        raise UserError(
-            f"{config.store}: no space left on device ({full.filename or full.strerror}); nothing written "
-            "is lost: free some space and re-run the same command to resume"
-        ) from exc
-
-
-def _disk_full(exc: BaseException) -> OSError | None:
-    """The ENOSPC or EDQUOT error in `exc`'s chain of causes, if any."""
-    seen: set[int] = set()
-    cur: BaseException | None = exc
-    while cur is not None and id(cur) not in seen:
-        if isinstance(cur, OSError) and cur.errno in (errno.ENOSPC, errno.EDQUOT):
-            return cur
-        seen.add(id(cur))
-        cur = cur.__cause__ or cur.__context__
-    return None
+        raise error from exc
 
 
 def _convert(config: ConvertConfig, progress: bool, client: Client | None) -> ConvertSummary:
+    from ichdata.finalize import finalize
+    from ichdata.plan import load_labels
+
     started = time.perf_counter()
-    if client is None and config.cluster == "local" and not (config.scheduler or config.scheduler_file):
-        # The local cluster's workers fork from this process once the render kernels are warm
-        # (`ichdata.cluster`): start on that now, beside the checks and the label CSV.
-        threading.Thread(target=warm_up, name="ich-warm-kernels", daemon=True).start()
+    local = config.cluster == "local" and not (config.scheduler or config.scheduler_file)
     stages: dict[str, float] = {}
     with contextlib.ExitStack() as stack:
         # The label CSV (RSNA's: 4.5M rows, seconds) is parsed by Arrow, off the GIL, while the scan
@@ -517,8 +511,14 @@ def _convert(config: ConvertConfig, progress: bool, client: Client | None) -> Co
             parsed.result()
             return cluster_client(config)
 
-        # Started by the first stage with work for it: a re-run with nothing new starts no cluster.
-        runner = client if client is not None else OnDemandClient(start_cluster, stack)
+        # Started by the first stage with enough work for it: a re-run with nothing new starts no
+        # cluster, and a small job on this machine (unless --workers asks for processes) runs here.
+        runner: Client | OnDemandClient
+        if client is not None:
+            runner = client
+        else:
+            small = SMALL_JOB if local and config.workers is None else 0
+            runner = OnDemandClient(start_cluster, stack, small_job=small, background=local)
         t = time.perf_counter()
         with _bar(progress, "scan", "file") as bar:
             manifest = scan_source(config, runner, on_progress=bar.update, on_total=_set_total(bar))
@@ -540,6 +540,8 @@ def _convert(config: ConvertConfig, progress: bool, client: Client | None) -> Co
 
 def _bar(progress: bool, desc: str, unit: str, total: int | None = None) -> tqdm[Any]:
     """A bar of `unit`s with their rate and, once `total` is known, the time left (tqdm's ETA)."""
+    from tqdm import tqdm
+
     return tqdm(desc=desc, unit=unit, total=total, dynamic_ncols=True, leave=True, disable=not progress)
 
 

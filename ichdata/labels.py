@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -69,15 +70,26 @@ def _more(n: int, noun: str) -> str:
 _EXPECTED = "a CSV with the columns ID,Label expected"
 
 
+def _compression(path: str | os.PathLike[str]) -> str | None:
+    """The codec Arrow infers from the file's extension (`gzip` for `.gz`), or None."""
+    try:
+        return str(pa.Codec.detect("labels" + Path(path).suffix).name)
+    except (TypeError, ValueError):  # no compression extension
+        return None
+
+
 def _read_table(path: str | os.PathLike[str], name: str) -> pa.Table:
     """The CSV at `path` (called `name` in errors) as text columns `ID` and `Label`, at least one row."""
     if not os.path.isfile(path):
         raise LabelError(f"label file {os.fspath(path)} does not exist or is not a file")
     try:
-        table = pa_csv.read_csv(
-            path,
-            convert_options=pa_csv.ConvertOptions(column_types={"ID": pa.string(), "Label": pa.string()}),
-        )
+        # Opened here, not by Arrow, which refuses a name the locale could not decode (`LC_ALL=C`);
+        # a compressed CSV (`.csv.gz`) is still recognised by its extension, as Arrow does.
+        with open(path, "rb") as f:
+            table = pa_csv.read_csv(
+                pa.input_stream(f, compression=_compression(path)),
+                convert_options=pa_csv.ConvertOptions(column_types={"ID": pa.string(), "Label": pa.string()}),
+            )
     except (pa.ArrowInvalid, UnicodeDecodeError):
         # pyarrow's message quotes the offending row: ours names its line instead.
         raise LabelError(f"{name}: {_unreadable(path)}; {_EXPECTED}") from None

@@ -437,8 +437,9 @@ def open_group(path: str | os.PathLike[str], mode: Literal["r", "r+"] = "r") -> 
 
 def read_manifest(path: str | os.PathLike[str], columns: list[str] | None = None) -> pd.DataFrame:
     """The table of `STORE.manifest.parquet` at `path`; a damaged file is a one-line `UserError`."""
-    with unless_damaged(path):
-        return pd.read_parquet(path, columns=columns)
+    # Opened here, not by Arrow, which refuses a name the locale could not decode (`LC_ALL=C`).
+    with unless_damaged(path), open(path, "rb") as f:
+        return pd.read_parquet(f, columns=columns)
 
 
 def read_salt(path: str | os.PathLike[str]) -> bytes:

@@ -1,10 +1,15 @@
 """Suite-wide settings and fixtures: `gpu` tests skip cleanly on machines without CUDA (CI has none).
 
-One in-process Dask cluster for the tests that need a cluster but not worker processes.
+One in-process Dask cluster for the tests that need a cluster but not worker processes; `full_disk`,
+a disk that fills up when a given file is written.
 """
 
 from __future__ import annotations
 
+import builtins
+import errno
+import io
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -158,3 +163,48 @@ def lock_holder(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[.
     yield start
     for holder in started:
         holder.reap()
+
+
+class _FileOnAFullDisk:
+    """A file that was created but whose first write fails as on a full disk (ENOSPC, no file name)."""
+
+    def __init__(self, file: io.IOBase) -> None:
+        self._file = file
+
+    def write(self, data: object) -> int:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def __enter__(self) -> _FileOnAFullDisk:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._file.close()
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._file, name)
+
+
+@pytest.fixture
+def full_disk(monkeypatch: pytest.MonkeyPatch) -> Callable[[str], None]:
+    """`full_disk(name)`: from then on, writing a file called `name` fails as on a full disk.
+
+    Also its temporary twin (`.name.<pid>.<thread>.tmp`, `ichdata.atomic`): the file is created and
+    the first write raises OSError(ENOSPC), whoever opens it (pathlib, pandas, matplotlib, PIL).
+    """
+    real_open = io.open
+    names: set[str] = set()
+
+    def full(file: object, mode: str = "r", *args: object, **kwargs: object) -> object:
+        f = real_open(file, mode, *args, **kwargs)  # type: ignore[call-overload]
+        if isinstance(file, str | os.PathLike) and any(c in mode for c in "wax+"):
+            base = os.path.basename(os.fspath(file))
+            if base in names or any(base.startswith(f".{n}.") and base.endswith(".tmp") for n in names):
+                return _FileOnAFullDisk(f)
+        return f
+
+    def fill_at(name: str) -> None:
+        names.add(name)
+        monkeypatch.setattr(builtins, "open", full)
+        monkeypatch.setattr(io, "open", full)
+
+    return fill_at

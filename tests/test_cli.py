@@ -246,3 +246,71 @@ def test_a_damaged_store_file_is_one_line_naming_it_in_every_command(
         assert "restore it from a backup" in err
         assert data.decode(errors="replace").strip() not in err  # never the file's contents
     assert damaged.read_bytes() == data  # nothing rewrote it
+
+
+# Runs `ich ARGS` in a fresh interpreter and reports which of the conversion's heavier modules it imported.
+_IMPORTS = textwrap.dedent(
+    """
+    import sys
+    from flows.cli import main
+    try:
+        code = main(sys.argv[1:])
+    except SystemExit as exc:  # argparse's --help
+        code = exc.code
+    heavy = ("pandas", "pyarrow", "zarr", "pydicom", "dask", "distributed", "numba")
+    print("IMPORTED", sorted(m for m in heavy if m in sys.modules))
+    sys.exit(code)
+    """
+)
+
+
+def _imports(*argv: str) -> str:
+    result = subprocess.run(
+        [sys.executable, "-c", _IMPORTS, *argv], capture_output=True, text=True, timeout=300, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    return next(line for line in result.stdout.splitlines() if line.startswith("IMPORTED"))
+
+
+def test_convert_help_imports_none_of_the_stages_modules() -> None:
+    """`ich convert --help` builds its options from `ConvertConfig` alone: none of the stages' libraries."""
+    assert _imports("convert", "--help") == "IMPORTED []"
+
+
+def _stored(store: Path) -> dict[str, object]:
+    """Every array's values and every shard file's bytes: what two conversions must agree on."""
+    import numpy as np
+    import zarr
+
+    group = zarr.open_group(store, mode="r")
+    arrays: dict[str, object] = {
+        name: (a.dtype, a.shape, np.asarray(a[...]).tobytes())
+        for name, a in group.members(max_depth=None)
+        if isinstance(a, zarr.Array)
+    }
+    shards = {
+        str(f.relative_to(store)): f.read_bytes()
+        for f in sorted((store / "images").rglob("*"))
+        if f.is_file() and f.name != "zarr.json"
+    }
+    return {**arrays, **shards}
+
+
+def test_a_small_conversion_starts_no_cluster_and_writes_the_same_store(tmp_path: Path) -> None:
+    """A few dozen slices are converted in the `ich` process itself: no Dask, no Numba to start.
+
+    The store is the one a cluster of worker processes (what `--workers 1` asks for) writes.
+    """
+    archive = tmp_path / "archive"
+    assert main(["synth", str(archive), "--studies", "2", "--seed", "4", "--image-size", "96"]) == 0
+    (archive / "junk.dcm").write_bytes(b"not DICOM")
+    labels = ["--labels", str(archive / "stage_2_train.csv"), "--quiet"]
+    here, cluster = tmp_path / "here.zarr", tmp_path / "cluster.zarr"
+    assert _imports("convert", str(archive), str(here), *labels) == "IMPORTED " + str(
+        ["pandas", "pyarrow", "pydicom", "zarr"]
+    )
+    assert "distributed" in _imports("convert", str(archive), str(cluster), *labels, "--workers", "1")
+    assert _stored(here) == _stored(cluster)
+    assert (tmp_path / "here.zarr.quarantine.csv").read_bytes() == (
+        tmp_path / "cluster.zarr.quarantine.csv"
+    ).read_bytes()
