@@ -970,11 +970,11 @@ def test_a_resumed_run_removes_the_temporary_files_a_killed_one_left(small, tmp_
 _PAUSED_CONVERT = """
 import sys, time
 from pathlib import Path
-import ichdata.convert
+import ichdata.finalize
 from ichdata.convert import ConvertConfig, convert
 
 source, store, signals = sys.argv[1], sys.argv[2], Path(sys.argv[3])
-real = ichdata.convert.finalize
+real = ichdata.finalize.finalize
 
 def paused(*args, **kwargs):
     # Every shard written, nothing committed: paused mid-run in the driver, holding the lock.
@@ -984,7 +984,7 @@ def paused(*args, **kwargs):
         time.sleep(0.01)
     return real(*args, **kwargs)
 
-ichdata.convert.finalize = paused
+ichdata.finalize.finalize = paused  # the driver imports it when it commits
 print(convert(ConvertConfig(source, store, shard_size=2, workers=2), progress=False))
 """
 
