@@ -28,7 +28,7 @@ from ichdata.errors import UserError
 from ichdata.paths import fs_path
 from ichdata.reasons import KEPT_REASONS, Reason
 from ichdata.resume import load_salt, plan_config, previous_run, resolve_shard_size
-from ichdata.scan import Manifest, is_in
+from ichdata.scan import Manifest, index_in, is_in
 from ichdata.setaside import (
     changed_since_conversion,
     duplicate_positions,
@@ -175,6 +175,30 @@ class Plan:
         a, b = self.shard_rows(i)
         return self._layouts[a:b]
 
+    @cached_property
+    def _header_crcs(self) -> np.ndarray:
+        table = self.manifest.table
+        crcs = np.full(len(self.rows), -1, dtype=np.int64)
+        if "header_crc32" in table.columns and len(self.rows):
+            found, at = index_in(self.rows["path"], table["path"])
+            col = table["header_crc32"]
+            known = found & ~col.isna().to_numpy()[at]
+            crcs[known] = col.fillna(-1).to_numpy(dtype=np.int64)[at[known]]
+        return crcs
+
+    def shard_identities(self, i: int) -> list[tuple[int | None, int | None, int | None]]:
+        """For each row of shard `i`: what the scan saw of its file (`ichdata.dicom.FileIdentity`).
+
+        Size, modification time and the CRC-32 of the header bytes; None where unknown (the header's
+        CRC in a manifest of an earlier release). The shard task refuses a file that differs.
+        """
+        a, b = self.shard_rows(i)
+        rows = self.rows.iloc[a:b]
+        return [
+            (_known(size), _known(mtime), None if crc < 0 else int(crc))
+            for size, mtime, crc in zip(rows["size"], rows["mtime_ns"], self._header_crcs[a:b], strict=True)
+        ]
+
     @property
     def n_set_aside(self) -> int:
         """Files in the quarantine that are not rows of `images` (the rest are reports: `KEPT_REASONS`)."""
@@ -268,6 +292,11 @@ class Plan:
         t = t.assign(row=row, patient_key=pkey, reason=reason, detail=detail)
         t = t.assign(**{c: labels[:, j] for j, c in enumerate(CLASSES)})
         return t.sort_values("path", kind="stable").reset_index(drop=True)
+
+
+def _known(value: object) -> int | None:
+    """An integer cell of a nullable column as int, None where missing."""
+    return None if value is None or pd.isna(value) else int(value)  # type: ignore[call-overload]
 
 
 def _digest(text: str) -> str:
@@ -376,7 +405,10 @@ def _carry_over(
     # Files already in the store keep their previous row; everything else takes this scan's row.
     in_store = prev_t.loc[prev_t["row"] >= 0].sort_values("row")
     prev_q = prev_t.loc[prev_t["row"] < 0]
-    prev_q_unchanged = prev_q.merge(scanned[["path", "size", "mtime_ns"]], on=["path", "size", "mtime_ns"])
+    # A file set aside because it changed while it was converted is planned again from this scan.
+    prev_q_unchanged = prev_q.loc[prev_q["reason"] != Reason.CHANGED_DURING_CONVERSION].merge(
+        scanned[["path", "size", "mtime_ns"]], on=["path", "size", "mtime_ns"]
+    )
     prev_q_gone = prev_q.loc[~is_in(prev_q["path"], scanned["path"])]
     old_q = pd.concat([prev_q_unchanged, prev_q_gone], ignore_index=True)
     known = pd.concat([in_store["path"], old_q["path"]], ignore_index=True)
