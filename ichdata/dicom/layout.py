@@ -178,7 +178,7 @@ def read_rendered_layout(
             same = (st.st_size, st.st_mtime_ns) == (parsed.file_size, parsed.mtime_ns)
             same = same and _read_at(raw, buf, start) == len(buf)
         if same and expect is not None and start == 0:
-            check_header(path, expect, header_crc32(buf[:element]))
+            check_header(path, expect, header_crc32(buf[:element].data))
         tag = bytes(buf[element - start : element - start + 4])
         big_endian = parsed.big_endian
         if same and tag == (b"\x7f\xe0\x00\x10" if big_endian else b"\xe0\x7f\x10\x00"):

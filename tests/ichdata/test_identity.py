@@ -59,7 +59,7 @@ def _replace_keeping_size(path: Path, *, keep_mtime: bool) -> str:
         ds = pydicom.dcmread(path)
         new_id = other(str(ds.SOPInstanceUID))
         ds.SOPInstanceUID = new_id
-        ds.file_meta.MediaStorageSOPInstanceUID = new_id
+        ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.UID(new_id)
         ds.StudyInstanceUID = other(str(ds.StudyInstanceUID))
         ds.SeriesInstanceUID = other(str(ds.SeriesInstanceUID))
         if not ds.file_meta.TransferSyntaxUID.is_compressed:  # (compressed: the same pixels, other UIDs)
@@ -89,7 +89,7 @@ def test_the_scan_keeps_a_crc_of_the_header_bytes(tmp_path: Path) -> None:
 def test_a_replaced_file_is_refused_when_its_identity_is_given(
     tmp_path: Path, transfer_syntax: str | None, keep_mtime: bool
 ) -> None:
-    kwargs = {} if transfer_syntax is None else {"transfer_syntax": transfer_syntax}
+    kwargs: dict[str, Any] = {} if transfer_syntax is None else {"transfer_syntax": transfer_syntax}
     path = _write(tmp_path / "ID_a.dcm", **kwargs)
     _, layout, crc = read_header_layout(path)
     st = path.stat()
@@ -116,7 +116,7 @@ def test_an_unknown_header_crc_checks_size_and_time(tmp_path: Path) -> None:
     unknown = FileIdentity(st.st_size, st.st_mtime_ns, None)
     assert np.array_equal(read_rendered_layout(path, layout, 32, expect=unknown), expected)
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
-    with pytest.raises(SliceError, match="modified at .* after it was scanned"):
+    with pytest.raises(SliceError, match=r"modified at .* after it was scanned"):
         read_rendered_layout(path, layout, 32, expect=unknown)
 
 
@@ -127,7 +127,6 @@ def convert(config: ConvertConfig) -> ConvertSummary:
     """`ich convert`'s stages in this process (no cluster): a stand-in for a shard task reaches them."""
     manifest = scan_source(config)
     return finalize(convert_shards(plan_conversion(config, manifest)), config=config)
-
 
 
 @pytest.fixture
