@@ -19,9 +19,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ichdata import pathkeys
+from ichdata.resume import load_salt, salt_check
 from ichdata.scan import Manifest
 from ichdata.store import (
     UNLABELLED,
+    check_small_arrays,
     manifest_path,
     now_utc,
     software_version,
@@ -99,7 +101,8 @@ def finalize(
     p = result.plan
     keep_paths = config is not None and config.keep_paths
     group = zarr.open_group(str(p.store), mode="r+")
-    if _already_committed(result, group, keep_paths):
+    salt = salt_check(load_salt(p.store, must_exist=False))  # the plan made it, when it was missing
+    if _already_committed(result, group, keep_paths, salt):
         # Nothing written: the size the commit recorded holds (walking a store of ~12k shard folders
         # is seconds, minutes on a cold shared file system, of a daily ingest that found nothing new).
         recorded = group.attrs.get("store_bytes")
@@ -147,6 +150,7 @@ def finalize(
             "provenance": _provenance(result, config, dict(group.attrs.get("provenance") or {})),  # type: ignore[arg-type]
             "plan": {"config": p.config, "config_hash": p.config_hash, "plan_hash": p.plan_hash},
             "shard_checksums": "conversion/shard_done",
+            "salt_check": salt,
         }
     )
     store_bytes = _du(p.store)
@@ -191,12 +195,14 @@ def _n_labelled(labels: np.ndarray) -> int:
     return int((labels[:, -1] != UNLABELLED).sum())
 
 
-def _already_committed(result: ConvertResult, group: Group, keep_paths: bool) -> bool:
+def _already_committed(result: ConvertResult, group: Group, keep_paths: bool, salt: str) -> bool:
     """Whether the store already holds exactly this plan, committed: a re-run that found nothing new.
 
     Then there is nothing to write (the daily ingest of an unchanged landing folder): the same rows,
     series, labels and shard keys (the plan hash), nothing set aside by this run, the same label CSV,
-    the same choice of `--keep-paths`, and `images` no longer than the committed rows.
+    the same choice of `--keep-paths`, the salt's check value recorded, `images` no longer than the
+    committed rows, and every small array intact and with checksums (a damaged one, or one an earlier
+    release wrote without, is rewritten from the plan).
     """
     p = result.plan
     attrs = group.attrs
@@ -213,14 +219,18 @@ def _already_committed(result: ConvertResult, group: Group, keep_paths: bool) ->
         or prov.get("n_quarantined") != p.n_set_aside
         or (p.labels_source is not None and prov.get("labels") != p.labels_source)
         or attrs.get(pathkeys.ATTR, pathkeys.KEPT) != pathkeys.mode(keep_paths)
+        or attrs.get("salt_check") != salt
         or not manifest_path(p.store).is_file()
     ):
         return False
     images = group.get("images")
     if images is None or getattr(images, "shape", (None,))[0] != p.n_slices:
         return False
-    # Last: the plan hash reads every shard key.
-    return bool(plan_attr.get("plan_hash") == p.plan_hash)
+    # Last: the plan hash reads every shard key, the check reads every chunk of the small arrays.
+    if plan_attr.get("plan_hash") != p.plan_hash:
+        return False
+    damaged, unchecked = check_small_arrays(p.store, group)
+    return not damaged and not unchecked
 
 
 def _provenance(result: ConvertResult, config: ConvertConfig | None, prev: dict[str, Any]) -> dict[str, Any]:

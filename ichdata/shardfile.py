@@ -1,7 +1,9 @@
 """One shard file of `images`: its checksum, and writing and reading it whole, without zarr's pipeline.
 
 A shard task renders a shard's slices and writes the file once (`write_images`); `ich verify` and the
-training reader read it back (`read_shard`) and compare `shard_checksum` with the done-marker. On a
+training reader read it back (`read_shard`), each slice checked against its own CRC-32C (zarr's
+`crc32c` codec on the inner chunks, `inner_checksum`), and `ich verify` compares `shard_checksum` with
+the done-marker. On a
 local store with the layout `ichdata.store.create_images` makes, the file is encoded and decoded
 here, byte for byte what zarr writes and reads (tested); anywhere else zarr does it.
 """
@@ -46,7 +48,7 @@ def write_images(images: Array, start: int, block: np.ndarray) -> None:
 
     path = _local_shard_path(images, start, len(block))
     if path is not None and images.shards is not None and block.dtype == np.uint8:
-        data = _encode_shard(block, int(images.shards[0]))
+        data = _encode_shard(block, int(images.shards[0]), checksum=inner_checksum(images))
         path.parent.mkdir(parents=True, exist_ok=True)
         write_bytes_atomic(path, data)
         return
@@ -57,8 +59,8 @@ def write_images(images: Array, start: int, block: np.ndarray) -> None:
 def _local_shard_path(images: Array, start: int, n: int) -> Path | None:
     """The file of the shard at row `start`, or None where zarr must write it.
 
-    A file only when `images` has exactly the layout `create_images` makes on a local store and `n`
-    rows fill the shard.
+    A file only when `images` has exactly the layout `create_images` makes on a local store (or the one
+    of earlier releases, without the inner chunks' `crc32c`) and `n` rows fill the shard.
     """
     from zarr.codecs import BytesCodec, Crc32cCodec, ShardingCodec, ZstdCodec
     from zarr.core.metadata import ArrayV3Metadata
@@ -83,10 +85,11 @@ def _local_shard_path(images: Array, start: int, n: int) -> Path | None:
         and str(getattr(sc.index_location, "value", sc.index_location)) == "end"
     )
     expected_inner = (
-        len(inner) == 2
+        len(inner) in (2, 3)
         and isinstance(inner[0], BytesCodec)
         and isinstance(inner[1], ZstdCodec)
         and not inner[1].checksum
+        and (len(inner) == 2 or isinstance(inner[2], Crc32cCodec))
         and tuple(sc.chunk_shape) == (1, *images.shape[1:])
         and tuple(shards[1:]) == tuple(images.shape[1:])
     )
@@ -100,12 +103,33 @@ def _local_shard_path(images: Array, start: int, n: int) -> Path | None:
     return Path(store.root) / images.path / key
 
 
-def _encode_shard(block: np.ndarray, shard_size: int, level: int = ZSTD_LEVEL) -> bytes:
+def inner_checksum(images: Array) -> bool:
+    """Whether each inner chunk of `images` carries its CRC-32C (zarr's `crc32c` codec after zstd).
+
+    Stores of earlier releases do not: their shards are checked whole, against the done-marker.
+    """
+    from zarr.codecs import Crc32cCodec, ShardingCodec
+    from zarr.core.metadata import ArrayV3Metadata
+
+    meta = images.metadata
+    if (
+        not isinstance(meta, ArrayV3Metadata)
+        or not meta.codecs
+        or not isinstance(meta.codecs[0], ShardingCodec)
+    ):
+        return False
+    inner = meta.codecs[0].codecs
+    return bool(inner) and isinstance(inner[-1], Crc32cCodec)
+
+
+def _encode_shard(
+    block: np.ndarray, shard_size: int, level: int = ZSTD_LEVEL, *, checksum: bool = True
+) -> bytes:
     """A zarr v3 `sharding_indexed` shard of one-slice inner chunks.
 
-    Zstd frames, then the index ((offset, nbytes) little-endian uint64 per inner chunk; 2**64-1 for
-    an all-zero chunk, which reads back as the fill value, and for chunks past the array's end) and
-    its CRC-32C.
+    Zstd frames (each followed by its CRC-32C with `checksum`), then the index ((offset, nbytes)
+    little-endian uint64 per inner chunk; 2**64-1 for an all-zero chunk, which reads back as the fill
+    value, and for chunks past the array's end) and its CRC-32C.
     """
     import google_crc32c
     from numcodecs.zstd import Zstd
@@ -117,7 +141,9 @@ def _encode_shard(block: np.ndarray, shard_size: int, level: int = ZSTD_LEVEL) -
     for j in range(len(block)):
         if not block[j].any():  # all fill value: zarr leaves the inner chunk out, and so do we
             continue
-        p = zstd.encode(np.ascontiguousarray(block[j]))
+        p = bytes(zstd.encode(np.ascontiguousarray(block[j])))
+        if checksum:
+            p += google_crc32c.value(p).to_bytes(4, "little")
         parts.append(p)
         index[j] = (offset, len(p))
         offset += len(p)
@@ -144,13 +170,23 @@ def read_shard(images: Array, start: int, stop: int) -> np.ndarray:
     path = _local_shard_path(images, first, min(k, int(images.shape[0]) - first))
     if path is None or images.dtype != np.uint8 or images.fill_value != 0:
         return np.asarray(images[start:stop])
-    return _decode_shard(path, start - first, stop - first, k, tuple(int(d) for d in images.shape[1:]))
+    return _decode_shard(
+        path,
+        start - first,
+        stop - first,
+        k,
+        tuple(int(d) for d in images.shape[1:]),
+        checksum=inner_checksum(images),
+    )
 
 
 def _decode_shard(
-    path: Path, first: int, n: int, shard_size: int, chunk_shape: tuple[int, ...]
+    path: Path, first: int, n: int, shard_size: int, chunk_shape: tuple[int, ...], *, checksum: bool
 ) -> np.ndarray:
-    """Inner chunks `first` to `n` (exclusive) of the shard file at `path` (see `read_shard`)."""
+    """Inner chunks `first` to `n` (exclusive) of the shard file at `path` (see `read_shard`).
+
+    With `checksum`, each chunk's trailing CRC-32C is checked before it is decoded.
+    """
     import google_crc32c
     from numcodecs.zstd import Zstd
 
@@ -162,7 +198,7 @@ def _decode_shard(
     index_len = 16 * shard_size + 4
     if len(data) < index_len:
         raise ValueError(f"{path}: {len(data):,} bytes, shorter than its own index ({index_len:,})")
-    body = memoryview(data)[: len(data) - index_len]
+    body = np.frombuffer(data, dtype=np.uint8, count=len(data) - index_len)  # read-only views of `data`
     index_bytes = data[len(data) - index_len : -4]
     if google_crc32c.value(index_bytes) != int.from_bytes(data[-4:], "little"):
         raise ValueError(f"{path}: the CRC-32C of the shard index does not match")
@@ -178,11 +214,16 @@ def _decode_shard(
             raise ValueError(
                 f"{path}: inner chunk {j} lies past the end of the data ({offset + nbytes:,} bytes)"
             )
-        chunk = zstd.decode(body[offset : offset + nbytes])
+        frame = body[offset : offset + nbytes]
+        if checksum:
+            frame, crc = frame[:-4], frame[-4:].tobytes()
+            if google_crc32c.value(frame) != int.from_bytes(crc, "little"):
+                raise ValueError(f"{path}: inner chunk {j} (row {j} of the shard) fails its CRC-32C checksum")
+        chunk = zstd.decode(frame)
         if len(chunk) != size:
             raise ValueError(f"{path}: inner chunk {j} decodes to {len(chunk):,} bytes, {size:,} expected")
         out[j - first] = np.frombuffer(chunk, dtype=np.uint8).reshape(chunk_shape)
     return out
 
 
-__all__ = ["ZSTD_LEVEL", "read_shard", "shard_checksum", "write_images"]
+__all__ = ["ZSTD_LEVEL", "inner_checksum", "read_shard", "shard_checksum", "write_images"]
