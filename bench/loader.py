@@ -1,6 +1,7 @@
 """Training input: whole studies from the store vs one PNG per slice, both through a 2-worker DataLoader.
 
     .venv/bin/python bench/loader.py [--studies 60] [--repeat 3] [--store STORE]
+    .venv/bin/python bench/loader.py --first-pass [--studies 200] [--repeat 3]
 
 The same slices (bytes-identical: the PNGs are written from the store's own uint8 arrays with
 `cv2.imwrite` and checked after `cv2.imread`) are delivered as torch uint8 tensors by:
@@ -19,6 +20,13 @@ round so the noise of a shared machine shows. Round 1 of the store variants incl
 one-time check of every shard it touches (`ichmodel.reader`); later rounds are the steady state.
 Files are read from the page cache in both cases (written just before); a cold cache favours the
 store further (contiguous reads inside a few large shard files against one file open per slice).
+
+`--first-pass` measures what checking the store costs the first epoch: the same synthetic slices
+written twice, with per-slice CRC-32C (this release) and without (the store format of earlier
+releases, whose shards the reader checks whole the first time a worker reads them); per round, a
+fresh `make_loader(StudyDataset)` with 2 workers reads three epochs, and the first epoch's cost
+(time per slice) is printed against the later ones'; then the CPU time of epoch 1 against epoch 2 in
+one process, per reader backend.
 """
 
 from __future__ import annotations
@@ -92,7 +100,10 @@ def epoch_rate(loader: Any, sampler: StudyBatchSampler | None, epoch: int) -> fl
 
 
 def check_cost(store: Store, dataset: StudyDataset) -> None:
-    """CPU time of reading every window in one process: epoch 1 checks each shard once, epoch 2 does not."""
+    """CPU time of reading every window in one process, epoch 1 against epoch 2.
+
+    Epoch 1 checks each shard of a store of the earlier format whole, once; epoch 2 does not.
+    """
     offsets = store.study_offsets
     ranges = [(int(offsets[s]) + a, int(offsets[s]) + b) for s, a, b in dataset.windows.tolist()]
     order = np.random.default_rng(0).permutation(len(ranges))
@@ -105,22 +116,76 @@ def check_cost(store: Store, dataset: StudyDataset) -> None:
                 reader.read(*ranges[i])
             times.append(time.process_time() - t0)
         print(
-            f"{backend} reader, one process: epoch 1 (checks every shard) {times[0] / times[1]:.2f}× "
+            f"{backend} reader, one process: epoch 1 {times[0] / times[1]:.2f}× "
             f"the CPU time of epoch 2 ({dataset.n_slices / times[1]:.0f} slices/CPU-s)"
         )
+
+
+def _earlier_release_store(path: Path, studies: int, shard_size: int) -> Store:
+    """`synthetic_store` with the codecs of the releases before per-slice checksums (zstd alone)."""
+    from unittest import mock
+
+    from zarr.codecs import ZstdCodec
+
+    with mock.patch("ichdata.store._compressors", lambda level=1: [ZstdCodec(level=level)]):
+        return synthetic_store(path, studies, shard_size=shard_size)
+
+
+def first_pass(root: Path, studies: int, repeat: int, workers: int) -> None:
+    """The first epoch's cost against the later ones', per store format (see the module docstring)."""
+    stores = {
+        "per-slice CRC-32C (this release)": synthetic_store(root / "new.zarr", studies, shard_size=64),
+        "earlier format (shards checked whole)": _earlier_release_store(root / "old.zarr", studies, 64),
+    }
+    n = stores["per-slice CRC-32C (this release)"].n_slices
+    print(f"{n} slices in {studies} studies, shards of 64; {workers} workers; load {os.getloadavg()[0]:.1f}")
+    costs: dict[str, list[float]] = {k: [] for k in stores}
+    rates: dict[str, list[tuple[float, float]]] = {k: [] for k in stores}
+    for r in range(repeat):
+        for name, store in stores.items():
+            ds = StudyDataset(store.path)
+            sampler = StudyBatchSampler(len(ds), 4, seed=r)
+            loader = make_loader(ds, sampler, workers=workers)
+            first, *later = (epoch_rate(loader, sampler, e) for e in range(3))
+            later_rate = statistics.fmean(later)
+            costs[name].append(later_rate / first)
+            rates[name].append((first, later_rate))
+            print(
+                f"round {r + 1}, {name}: epoch 1 {first:.0f}, epochs 2-3 {later_rate:.0f} slices/s; "
+                f"epoch 1 costs {later_rate / first:.2f}× a later one; load {os.getloadavg()[0]:.1f}",
+                flush=True,
+            )
+            del loader
+    print()
+    print("| store format (2 workers) | epoch 1 slices/s | later slices/s | epoch 1 cost ÷ later (median) |")
+    print("| --- | ---: | ---: | ---: |")
+    for name in stores:
+        first = statistics.median(f for f, _ in rates[name])
+        later = statistics.median(x for _, x in rates[name])
+        print(f"| {name} | {first:.0f} | {later:.0f} | {statistics.median(costs[name]):.2f}× |")
+    # Last: it runs tensorstore in this process, after which nothing here may fork a worker.
+    for name, store in stores.items():
+        print(f"{name}:")
+        check_cost(store, StudyDataset(store.path))
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--store", type=Path, default=None, help="measure this store instead of a synthetic one")
-    p.add_argument("--studies", type=int, default=60, help="synthetic studies (24-48 slices each)")
+    p.add_argument("--studies", type=int, default=None, help="synthetic studies (24-48 slices each)")
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--max-slices", type=int, default=3000, help="use at most this many slices of --store")
+    p.add_argument("--first-pass", action="store_true", help="the first epoch's cost against a later one's")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     tmp = tempfile.TemporaryDirectory(prefix="ich-loader-bench-")
     root = Path(tmp.name)
+    if args.first_pass:
+        first_pass(root, args.studies or 200, args.repeat, args.workers)
+        tmp.cleanup()
+        return 0
+    args.studies = args.studies or 60
     if args.store is None:
         store = synthetic_store(root / "bench.zarr", args.studies)
     else:
