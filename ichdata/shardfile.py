@@ -10,6 +10,7 @@ here, byte for byte what zarr writes and reads (tested); anywhere else zarr does
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -155,21 +156,37 @@ def _encode_shard(
     )
 
 
-def read_shard(images: Array, start: int, stop: int) -> np.ndarray:
+def read_shard(
+    images: Array,
+    start: int,
+    stop: int,
+    *,
+    checked: np.ndarray | None = None,
+    out: np.ndarray | None = None,
+) -> np.ndarray:
     """Rows `[start, stop)` of `images`, all in one shard (the one that holds row `start`).
 
     On a local store with the layout `create_images` makes, decoded straight from the shard file (the
-    inverse of `_encode_shard`: the index's CRC-32C checked, an absent inner chunk or file read as the
-    fill value, as zarr reads them); anywhere else through zarr. Same values as `images[start:stop]`
-    at a fraction of the CPU time (zarr's per-inner-chunk bookkeeping), and a damaged shard raises.
+    inverse of `_encode_shard`: the index's CRC-32C checked, each slice's too where the store has them,
+    an absent inner chunk or file read as the fill value, as zarr reads them), reading only the bytes
+    of these rows; anywhere else through zarr. Same values as `images[start:stop]` at a fraction of the
+    CPU time (zarr's per-inner-chunk bookkeeping), and a damaged shard raises.
+
+    `checked`, one flag per row of the range (the caller's, kept between calls), skips the CRC-32C of
+    the rows already flagged and flags those it checks: a reader checks each slice once per process.
+    `out` (uint8, the range's shape) receives the rows and is returned.
     """
     k = int(images.shards[0]) if images.shards is not None else 0
     first = start - start % k if k else 0
-    if k == 0 or not 0 <= start <= stop <= min(first + k, images.shape[0]):
-        return np.asarray(images[start:stop])
-    path = _local_shard_path(images, first, min(k, int(images.shape[0]) - first))
+    path = None
+    if k and 0 <= start <= stop <= min(first + k, images.shape[0]):
+        path = _local_shard_path(images, first, min(k, int(images.shape[0]) - first))
     if path is None or images.dtype != np.uint8 or images.fill_value != 0:
-        return np.asarray(images[start:stop])
+        rows = np.asarray(images[start:stop])
+        if out is None:
+            return rows
+        out[...] = rows
+        return out
     return _decode_shard(
         path,
         start - first,
@@ -177,48 +194,82 @@ def read_shard(images: Array, start: int, stop: int) -> np.ndarray:
         k,
         tuple(int(d) for d in images.shape[1:]),
         checksum=inner_checksum(images),
+        checked=checked,
+        out=out,
     )
 
 
 def _decode_shard(
-    path: Path, first: int, n: int, shard_size: int, chunk_shape: tuple[int, ...], *, checksum: bool
+    path: Path,
+    first: int,
+    n: int,
+    shard_size: int,
+    chunk_shape: tuple[int, ...],
+    *,
+    checksum: bool,
+    checked: np.ndarray | None = None,
+    out: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Inner chunks `first` to `n` (exclusive) of the shard file at `path` (see `read_shard`).
+    """Inner chunks `first` to `n` (exclusive) of the shard file at `path` (see `read_shard`), into `out`.
 
-    With `checksum`, each chunk's trailing CRC-32C is checked before it is decoded.
+    Two positioned reads: the index at the end of the file, then the bytes of these chunks. With
+    `checksum`, each chunk's trailing CRC-32C is checked before it is decoded (unless `checked` flags
+    its row already).
     """
     import google_crc32c
     from numcodecs.zstd import Zstd
 
-    out = np.zeros((n - first, *chunk_shape), dtype=np.uint8)
+    if out is None:
+        out = np.empty((n - first, *chunk_shape), dtype=np.uint8)
     try:
-        data = path.read_bytes()
+        fd = os.open(path, os.O_RDONLY)
     except FileNotFoundError:  # zarr reads a shard that was never written as the fill value
+        out[...] = 0
         return out
-    index_len = 16 * shard_size + 4
-    if len(data) < index_len:
-        raise ValueError(f"{path}: {len(data):,} bytes, shorter than its own index ({index_len:,})")
-    body = np.frombuffer(data, dtype=np.uint8, count=len(data) - index_len)  # read-only views of `data`
-    index_bytes = data[len(data) - index_len : -4]
-    if google_crc32c.value(index_bytes) != int.from_bytes(data[-4:], "little"):
-        raise ValueError(f"{path}: the CRC-32C of the shard index does not match")
-    index = np.frombuffer(index_bytes, dtype="<u8").reshape(shard_size, 2)
-    empty = np.iinfo(np.uint64).max
+    try:
+        size = os.fstat(fd).st_size
+        index_len = 16 * shard_size + 4
+        if size < index_len:
+            raise ValueError(f"{path}: {size:,} bytes, shorter than its own index ({index_len:,})")
+        tail = os.pread(fd, index_len, size - index_len)
+        if google_crc32c.value(tail[:-4]) != int.from_bytes(tail[-4:], "little"):
+            raise ValueError(f"{path}: the CRC-32C of the shard index does not match")
+        index = np.frombuffer(tail[:-4], dtype="<u8").reshape(shard_size, 2)
+        empty = np.iinfo(np.uint64).max
+        spans = [
+            (j, int(index[j, 0]), int(index[j, 1]))
+            for j in range(first, n)
+            if not (index[j, 0] == empty and index[j, 1] == empty)
+        ]
+        for j, offset, nbytes in spans:
+            if offset + nbytes > size - index_len:
+                raise ValueError(
+                    f"{path}: inner chunk {j} lies past the end of the data ({offset + nbytes:,} bytes)"
+                )
+        lo = min((o for _, o, _ in spans), default=0)
+        hi = max((o + b for _, o, b in spans), default=0)
+        data = os.pread(fd, hi - lo, lo) if spans else b""
+    finally:
+        os.close(fd)
+    if len(data) != hi - lo:
+        raise ValueError(f"{path}: ends while it is read ({lo + len(data):,} of {hi:,} bytes)")
+    body = np.frombuffer(data, dtype=np.uint8)  # read-only views of `data`
+    if len(spans) < n - first:  # absent inner chunks read as the fill value
+        absent = sorted(set(range(first, n)) - {j for j, _, _ in spans})
+        out[[j - first for j in absent]] = 0
     zstd = Zstd()
     size = out[0].nbytes if len(out) else 0
-    for j in range(first, n):
-        offset, nbytes = int(index[j, 0]), int(index[j, 1])
-        if offset == empty and nbytes == empty:
-            continue
-        if offset + nbytes > len(body):
-            raise ValueError(
-                f"{path}: inner chunk {j} lies past the end of the data ({offset + nbytes:,} bytes)"
-            )
-        frame = body[offset : offset + nbytes]
+    for j, offset, nbytes in spans:
+        frame = body[offset - lo : offset - lo + nbytes]
         if checksum:
             frame, crc = frame[:-4], frame[-4:].tobytes()
-            if google_crc32c.value(frame) != int.from_bytes(crc, "little"):
-                raise ValueError(f"{path}: inner chunk {j} (row {j} of the shard) fails its CRC-32C checksum")
+            if checked is None or not checked[j - first]:
+                if google_crc32c.value(frame) != int.from_bytes(crc, "little"):
+                    raise ValueError(
+                        f"{path}: inner chunk {j} (row {j} of the shard) fails its CRC-32C checksum"
+                    )
+                if checked is not None:
+                    checked[j - first] = True
             # The bytes its writer wrote, so a whole slice: decoded in place (zstd would not say if a
             # frame held fewer bytes than `out` has room for).
             zstd.decode(frame, out=out[j - first])

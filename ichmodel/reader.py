@@ -2,8 +2,8 @@
 
 `ImageReader` reads row ranges with tensorstore or zarr-python (`resolve_reader` says which and why).
 Each slice of a store carries the CRC-32C of its compressed bytes (`ichdata.shardfile.inner_checksum`),
-which both check in the read that decodes it: a shard is checked as it is read for use, every epoch,
-at the cost of one CRC over bytes read anyway. A store of an earlier release has no such checksums:
+checked in the read that decodes it: a shard is checked as it is read for use (one read, one CRC, one
+decode), each slice once per process with the default reader, every time with tensorstore. A store of an earlier release has no such checksums:
 each of its shards is read whole the first time a process reads it and checked against the CRC-32 its
 writer recorded in `conversion/shard_done` (`ichdata.shardfile.shard_checksum`, what `ich verify`
 checks). A damaged shard stops training with a one-line `UserError` that names the shard and its rows.
@@ -33,12 +33,16 @@ READERS: tuple[str, ...] = ("auto", "tensorstore", "zarr")
 def resolve_reader(reader: str) -> str:
     """Check the reading backend of `images`: `"tensorstore"`, `"zarr"` or `"auto"`.
 
-    Both read the same bytes of the same shards; tensorstore decodes them faster (bench/loader.py)
-    because zarr-python spends more per chunk in its own machinery than zstd takes. But tensorstore
-    is not fork-safe: once its threads run in a process, a `fork` of that process aborts. So `"auto"`
-    uses tensorstore only inside DataLoader worker processes (leaves that never fork) and zarr in the
-    main process, which stays safe to fork. `"tensorstore"` forces it everywhere; `make_loader` then
-    starts its workers with `forkserver`.
+    Both read the same bytes of the same shards. `"zarr"` decodes a local store's shards straight
+    from their files (`ichdata.shardfile.read_shard`, zarr-python elsewhere) and checks each slice's
+    CRC-32C once per process; tensorstore checks it on every read, which costs it more than the
+    decoding it saves, so `"auto"` reads a store with per-slice checksums that way everywhere. A store
+    of an earlier release (none): tensorstore decodes faster (bench/loader.py) because zarr-python
+    spends more per chunk in its own machinery than zstd takes, but it is not fork-safe: once its
+    threads run in a process, a `fork` of that process aborts. So there `"auto"` uses tensorstore only
+    inside DataLoader worker processes (leaves that never fork) and zarr in the main process, which
+    stays safe to fork. `"tensorstore"` forces it everywhere; `make_loader` then starts its workers
+    with `forkserver`.
 
     Returns:
         `reader`, except that `"auto"` becomes `"zarr"` when tensorstore is not installed.
@@ -66,8 +70,9 @@ class ImageReader:
     """Contiguous reads of `STORE/images` that refuse a missing or corrupt shard.
 
     Opened lazily in the process that reads; picklable (only the path, backend and layout travel to
-    DataLoader workers). Every slice read is checked against its own CRC-32C as it is decoded, and the
-    first read of a shard in a process checks that its file exists. In a store of an earlier release
+    DataLoader workers). Every slice is checked against its own CRC-32C as it is decoded (the first
+    time in this process; every time with tensorstore), and the first read of a shard in a process
+    checks that its file exists. In a store of an earlier release
     (no per-slice checksums) the first read of a shard in a process reads it whole and checks it
     against the CRC-32 its writer recorded in `conversion/shard_done`; later reads of it are plain
     reads. A missing shard is an error, never the fill value.
@@ -82,6 +87,7 @@ class ImageReader:
         self._pid: int | None = None
         self._verified: set[int] = set()
         self._self_checking = False  # whether each slice carries its CRC-32C (set when opened)
+        self._checked: np.ndarray | None = None  # per row: its CRC-32C checked in this process
         self._markers: zarr.Array | None = None  # conversion/shard_done, opened on first use
         self._held: tuple[int, np.ndarray] = (0, np.zeros((0,), dtype=np.uint8))  # (first row, rows)
 
@@ -92,6 +98,7 @@ class ImageReader:
             "_zarr": None,
             "_pid": None,
             "_markers": None,
+            "_checked": None,
             "_held": (0, np.zeros((0,), dtype=np.uint8)),
         }
 
@@ -99,16 +106,18 @@ class ImageReader:
         import zarr
 
         pid = os.getpid()
+        # zarr also in a tensorstore process: the shard layout and the markers (strings) come from it
+        self._zarr = zarr.open_array(str(self.path / "images"), mode="r")
+        self._self_checking = inner_checksum(self._zarr)
+        self._checked = np.zeros(int(self._zarr.shape[0]), dtype=bool) if self._self_checking else None
         kind = self.backend
         if kind == "auto":
-            kind = "tensorstore" if get_worker_info() is not None else "zarr"
+            in_worker = get_worker_info() is not None
+            kind = "tensorstore" if in_worker and not self._self_checking else "zarr"
         if self._pid is not None and self._pid != pid and self._ts is not None:
             kind = "zarr"  # inherited through fork from a process that had tensorstore running
         self._ts = None
         self._markers = None  # a zarr array does not survive a fork
-        # zarr also in a tensorstore process: the shard layout and the markers (strings) come from it
-        self._zarr = zarr.open_array(str(self.path / "images"), mode="r")
-        self._self_checking = inner_checksum(self._zarr)
         if kind == "tensorstore":
             import tensorstore as ts
 
@@ -130,8 +139,12 @@ class ImageReader:
             return np.asarray(self._zarr[start:stop])
         k = self.shard_size
         cuts = [start, *range(start - start % k + k, stop, k), stop]
-        parts = [read_shard(self._zarr, a, b) for a, b in itertools.pairwise(cuts)]
-        return np.concatenate(parts) if len(parts) > 1 else parts[0]
+        checked = self._checked
+        out = np.empty((stop - start, *self._zarr.shape[1:]), dtype=self._zarr.dtype)
+        for a, b in itertools.pairwise(cuts):
+            rows = out[a - start : b - start]
+            read_shard(self._zarr, a, b, checked=None if checked is None else checked[a:b], out=rows)
+        return out
 
     @property
     def shard_size(self) -> int:
