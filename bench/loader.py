@@ -26,11 +26,13 @@ store further (contiguous reads inside a few large shard files against one file 
 `--first-pass` measures what checking the store costs the first epoch: the same synthetic slices
 written twice, with per-slice CRC-32C (this release) and without (the store format of earlier
 releases, whose shards the reader checks whole the first time a worker reads them); per round, a
-fresh `make_loader(StudyDataset)` with 2 workers reads four epochs, each timed from every worker's
-first batch on (a worker's start-up, tensorstore's import included, is not the check's cost), and
-the first epoch's cost (time per slice) is printed against epochs 3-4's (in epoch 2 a worker still
-meets shards it has not read: the earlier format's checks are not over); then the CPU time of epoch
-1 and epoch 2 in one process, per reader backend and format.
+fresh `make_loader(StudyDataset)` with 2 workers reads four epochs, each measured from every
+worker's first batch on (a worker's start-up, tensorstore's import included, is not the check's
+cost): the CPU time of all processes per slice (what the reading costs), and slices/s (which on a
+shared machine also depends on the share of the cores each reader's threads get). The first epoch is
+compared with epochs 3-4 (in epoch 2 a worker still meets shards it has not read: the earlier
+format's checks are not over). Then the CPU time of epoch 1 and epoch 2 in one process, per reader
+backend and format.
 """
 
 from __future__ import annotations
@@ -91,17 +93,47 @@ def _count(batch: Any) -> int:
     return int(batch["lengths"].sum()) if isinstance(batch, dict) else int(batch.shape[0])
 
 
-def epoch_rate(loader: Any, sampler: StudyBatchSampler | None, epoch: int, skip: int = 1) -> float:
-    """Slices/s over one epoch, from batch `skip` on (the first batches carry the workers' start-up)."""
+def epoch_rate(loader: Any, sampler: StudyBatchSampler | None, epoch: int) -> float:
+    """Slices/s over one epoch, from the second batch on."""
     if sampler is not None:
         sampler.set_epoch(epoch)
     it = iter(loader)
-    for _ in range(skip):
-        next(it)
+    next(it)
     n, t0 = 0, time.perf_counter()
     for batch in it:
         n += _count(batch)
     return n / (time.perf_counter() - t0)
+
+
+def _cpu_s() -> float:
+    """CPU seconds (user + system) of this process and its children so far (DataLoader workers alive)."""
+    import psutil
+
+    me = psutil.Process()
+    total = 0.0
+    for proc in (me, *me.children(recursive=True)):
+        try:
+            t = proc.cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        total += t.user + t.system
+    return total
+
+
+def epoch_cost(loader: Any, sampler: StudyBatchSampler, epoch: int, skip: int) -> tuple[float, float]:
+    """(slices/s, CPU µs per slice of every process) over one epoch, from batch `skip` on.
+
+    The CPU time is what the reading costs whatever else runs on the machine; the wall time on a
+    shared machine also depends on the share of the cores a process's threads get.
+    """
+    sampler.set_epoch(epoch)
+    it = iter(loader)
+    for _ in range(skip):
+        next(it)
+    n, t0, c0 = 0, time.perf_counter(), _cpu_s()
+    for batch in it:
+        n += _count(batch)
+    return n / (time.perf_counter() - t0), (_cpu_s() - c0) / n * 1e6
 
 
 def check_cost(store: Store, dataset: StudyDataset) -> dict[str, tuple[float, float]]:
@@ -150,33 +182,35 @@ def first_pass(root: Path, studies: int, repeat: int, workers: int) -> None:
     }
     n = stores["per-slice CRC-32C (this release)"].n_slices
     print(f"{n} slices in {studies} studies, shards of 64; {workers} workers; load {os.getloadavg()[0]:.1f}")
-    costs: dict[str, list[float]] = {k: [] for k in stores}
-    rates: dict[str, list[tuple[float, float]]] = {k: [] for k in stores}
+    runs: dict[str, list[tuple[float, float, float, float]]] = {k: [] for k in stores}
     for r in range(repeat):
         for name, store in stores.items():
             ds = StudyDataset(store.path)
             sampler = StudyBatchSampler(len(ds), 4, seed=r)
             loader = make_loader(ds, sampler, workers=workers)
-            first, second, *later = (epoch_rate(loader, sampler, e, skip=max(1, workers)) for e in range(4))
-            later_rate = statistics.fmean(later)
-            costs[name].append(later_rate / first)
-            rates[name].append((first, later_rate))
+            (rate1, cpu1), _, *later = (epoch_cost(loader, sampler, e, max(1, workers)) for e in range(4))
+            rate = statistics.fmean(x for x, _ in later)
+            cpu = statistics.fmean(c for _, c in later)
+            runs[name].append((rate1, rate, cpu1, cpu))
             print(
-                f"round {r + 1}, {name}: epoch 1 {first:.0f}, epoch 2 {second:.0f}, epochs 3-4 "
-                f"{later_rate:.0f} slices/s; epoch 1 costs {later_rate / first:.2f}× a later one; "
-                f"load {os.getloadavg()[0]:.1f}",
+                f"round {r + 1}, {name}: epoch 1 {rate1:.0f} slices/s, {cpu1:.0f} CPU µs/slice; epochs 3-4 "
+                f"{rate:.0f} slices/s, {cpu:.0f} CPU µs/slice; load {os.getloadavg()[0]:.1f}",
                 flush=True,
             )
             del loader
     print()
     print(
-        "| store format (2 workers) | epoch 1 slices/s | epochs 3-4 slices/s | epoch 1 cost ÷ later (median) |"
+        "| store format (2 workers, reader `auto`) | epoch 1 CPU µs/slice | epochs 3-4 CPU µs/slice "
+        "| epoch 1 ÷ later (CPU) | epoch 1 slices/s | epochs 3-4 slices/s | epoch 1 ÷ later (wall) |"
     )
-    print("| --- | ---: | ---: | ---: |")
-    for name in stores:
-        first = statistics.median(f for f, _ in rates[name])
-        later = statistics.median(x for _, x in rates[name])
-        print(f"| {name} | {first:.0f} | {later:.0f} | {statistics.median(costs[name]):.2f}× |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for name, rows in runs.items():
+        r1, r2, c1, c2 = (statistics.median(x[k] for x in rows) for k in range(4))
+        cpu_ratio = statistics.median(x[2] / x[3] for x in rows)
+        wall_ratio = statistics.median(x[1] / x[0] for x in rows)
+        print(
+            f"| {name} | {c1:.0f} | {c2:.0f} | {cpu_ratio:.2f}× | {r1:.0f} | {r2:.0f} | {wall_ratio:.2f}× |"
+        )
     # Last: it runs tensorstore in this process, after which nothing here may fork a worker.
     cpu: dict[str, dict[str, tuple[float, float]]] = {}
     for name, store in stores.items():
