@@ -8,6 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import google_crc32c
 import numpy as np
 import pandas as pd
 import pytest
@@ -291,8 +292,18 @@ def test_the_first_epoch_decodes_only_what_it_uses(
 
     monkeypatch.setattr(ichdata.shardfile, "_decode_shard", counting)
     monkeypatch.setattr(reader, "shard_checksum", lambda block: pytest.fail("a whole shard was checked"))
+    crc_of = google_crc32c.value
+    slices_checked: list[int] = []
+
+    def counting_crc(data: Any) -> int:
+        if len(data) != 16 * tiny_store.shard_size:  # a slice's frame, not a shard's index
+            slices_checked.append(len(data))
+        return int(crc_of(data))
+
+    monkeypatch.setattr(google_crc32c, "value", counting_crc)
     _two_epochs(tiny_store)
     assert sum(decoded) == 2 * tiny_store.n_slices  # every row decoded once per epoch, and no more
+    assert len(slices_checked) == tiny_store.n_slices  # each slice's CRC-32C once in this process
 
 
 def test_a_store_of_an_earlier_release_checks_each_shard_once_per_process(
