@@ -40,6 +40,8 @@ from ichdata.setaside import (
 from ichdata.store import CLASSES, IMAGE_SIZE, QUARANTINE_COLUMNS, UNLABELLED, manifest_path
 
 _RSNA_PATIENT = re.compile(r"^ID_[0-9a-fA-F]+$")
+#: A missing size, modification time or header CRC in `Plan._identities` (a time may be negative).
+_UNKNOWN = int(np.iinfo(np.int64).min)
 #: The columns of a plan's quarantine table: the store's, and what the plan needs to resume.
 _QUARANTINE = [*QUARANTINE_COLUMNS, "size", "mtime_ns", "new"]
 
@@ -176,15 +178,22 @@ class Plan:
         return self._layouts[a:b]
 
     @cached_property
-    def _header_crcs(self) -> np.ndarray:
+    def _identities(self) -> np.ndarray:
+        """(n_slices, 3) int64: each row's size, modification time and header CRC-32; `_UNKNOWN` where unknown.
+
+        Arrays, sliced per shard: the driver submits thousands of shards, and a tuple per row of a
+        752k-row plan would hold a hundred MB.
+        """
+        out = np.full((len(self.rows), 3), _UNKNOWN, dtype=np.int64)
+        for k, col in enumerate(("size", "mtime_ns")):
+            out[:, k] = self.rows[col].fillna(_UNKNOWN).to_numpy(dtype=np.int64)
         table = self.manifest.table
-        crcs = np.full(len(self.rows), -1, dtype=np.int64)
         if "header_crc32" in table.columns and len(self.rows):
             found, at = index_in(self.rows["path"], table["path"])
-            col = table["header_crc32"]
-            known = found & ~col.isna().to_numpy()[at]
-            crcs[known] = col.fillna(-1).to_numpy(dtype=np.int64)[at[known]]
-        return crcs
+            crc = table["header_crc32"]
+            known = found & ~crc.isna().to_numpy()[at]
+            out[known, 2] = crc.fillna(_UNKNOWN).to_numpy(dtype=np.int64)[at[known]]
+        return out
 
     def shard_identities(self, i: int) -> list[tuple[int | None, int | None, int | None]]:
         """For each row of shard `i`: what the scan saw of its file (`ichdata.dicom.FileIdentity`).
@@ -193,10 +202,13 @@ class Plan:
         CRC in a manifest of an earlier release). The shard task refuses a file that differs.
         """
         a, b = self.shard_rows(i)
-        rows = self.rows.iloc[a:b]
         return [
-            (_known(size), _known(mtime), None if crc < 0 else int(crc))
-            for size, mtime, crc in zip(rows["size"], rows["mtime_ns"], self._header_crcs[a:b], strict=True)
+            (
+                None if size == _UNKNOWN else size,
+                None if mtime == _UNKNOWN else mtime,
+                None if crc == _UNKNOWN else crc,
+            )
+            for size, mtime, crc in self._identities[a:b].tolist()
         ]
 
     @property
@@ -292,11 +304,6 @@ class Plan:
         t = t.assign(row=row, patient_key=pkey, reason=reason, detail=detail)
         t = t.assign(**{c: labels[:, j] for j, c in enumerate(CLASSES)})
         return t.sort_values("path", kind="stable").reset_index(drop=True)
-
-
-def _known(value: object) -> int | None:
-    """An integer cell of a nullable column as int, None where missing."""
-    return None if value is None or pd.isna(value) else int(value)  # type: ignore[call-overload]
 
 
 def _digest(text: str) -> str:
