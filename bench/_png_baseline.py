@@ -112,3 +112,22 @@ def read_png(path: str | os.PathLike[str]) -> np.ndarray:
 
     img = cv2.imread(str(path), cv2.IMREAD_COLOR)
     return np.ascontiguousarray(img[..., ::-1].transpose(2, 0, 1))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The script as its users run it: `python bench/_png_baseline.py SOURCE OUT [--workers N]`."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description="one PNG per DICOM slice (the baseline)")
+    ap.add_argument("source")
+    ap.add_argument("out")
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--dtype", choices=DTYPES, default="float32")
+    a = ap.parse_args(argv)
+    r = convert_folder(a.source, a.out, workers=a.workers, dtype=a.dtype)
+    print(f"{r['n']} PNGs ({r['failed']} failed) in {r['seconds']:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

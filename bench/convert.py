@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/convert.py                  # the default archive, 2 workers (RESULTS.md)
     .venv/bin/python bench/convert.py --slices 4000    # the issue's smallest archive
+    .venv/bin/python bench/convert.py --whole-process  # `ich convert` as users run it: a process per run
 
 In one run, on the same archive (page cache warmed), alternating rounds: the PNG baseline
 (`bench/_png_baseline.py`, both variants) with a pool of `--workers`; `ich convert` end to end on a
@@ -9,6 +10,15 @@ fresh LocalCluster of `--workers` processes and of 1; and the cost per slice of 
 process, ours and the baseline's. The default archive is large enough that a run's fixed cost
 (cluster start and stop, plan, commit) does not dominate; bench/RESULTS.md has the figures and why.
 Prints the table and writes `bench/_work/convert.json`.
+
+`--whole-process` times commands as a shell runs them, a fresh process per run (imports, Numba's
+start, the cluster's start and stop included): `ich convert` of the archive against the tuned PNG
+script (`python bench/_png_baseline.py`), `ich convert` of a one-file folder (the fixed cost) and
+`ich convert --help`. With bytecode compiled as an install has it (one untimed run of each command
+writes it to `bench/_work/pycache`); `--no-bytecode` compiles every module in every run instead.
+`--cluster-too` also times `ich convert --workers N`, which starts worker processes however small the
+archive (without it a small one is converted in the `ich` process). `--before DIR` also times the `ich` commands of another checkout of the code (the commit before a
+change, e.g. `git archive` into DIR) in the same rounds. Writes `bench/_work/whole_process.json`.
 """
 
 from __future__ import annotations
@@ -18,7 +28,9 @@ import json
 import os
 import resource
 import shutil
+import subprocess
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -61,6 +73,12 @@ def _cpu_s() -> float:
     """CPU seconds of this process and of its finished children (the pool's, the cluster's workers)."""
     me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def _children_cpu_s() -> float:
+    """CPU seconds of the finished child processes (a command and the processes it waited for)."""
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return kids.ru_utime + kids.ru_stime
 
 
 def _driver_cpu_s() -> float:
@@ -226,6 +244,140 @@ def _shard_sizes(
     return out
 
 
+def _remove_store(store: Path) -> None:
+    shutil.rmtree(store, ignore_errors=True)
+    for side in store.parent.glob(store.name + ".*"):
+        side.unlink()
+
+
+def _process_env(a: argparse.Namespace, cache: Path, tree: str | None) -> dict[str, str]:
+    """The environment of the timed processes: their bytecode cache (or none), and the code's checkout."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONDONTWRITEBYTECODE", "PYTHONPYCACHEPREFIX")}
+    env["PYTHONPYCACHEPREFIX"] = str(cache)
+    if a.no_bytecode:
+        env["PYTHONDONTWRITEBYTECODE"] = "1"  # and the cache is an empty folder: nothing is cached
+    if tree is not None:  # ahead of the installed (editable) package on the path
+        env["PYTHONPATH"] = os.pathsep.join(
+            p for p in (str(Path(tree).resolve()), env.get("PYTHONPATH")) if p
+        )
+    return env
+
+
+def whole_process(a: argparse.Namespace) -> int:
+    """`ich convert` and the PNG script as processes, as users run them; prints the ratio and the fixed cost.
+
+    With `--before DIR` the `ich` commands of that checkout run in the same rounds, as "before".
+    """
+    from ichdata.cluster import usable_cpus
+
+    WORK.mkdir(parents=True, exist_ok=True)
+    archive = _archive(a.slices, WORK)
+    files = sorted(archive.glob("*.dcm"))
+    one = WORK / "one_file"
+    shutil.rmtree(one, ignore_errors=True)
+    one.mkdir()
+    shutil.copy(files[0], one / files[0].name)
+    _warm(files)
+    n = len(files)
+    ich = str(Path(sys.executable).with_name("ich"))
+    png = [sys.executable, str(Path(__file__).resolve().with_name("_png_baseline.py"))]
+    labels = ["--labels", str(archive / "stage_2_train.csv")]
+    # As users run it: one worker per core is the default, so --workers only when asked for another number.
+    workers = [] if a.workers == usable_cpus() else ["--workers", str(a.workers)]
+    trees = {"": None, " (before)": a.before} if a.before else {"": None}
+    # name -> (argv, output to remove before each run, checkout of the code)
+    commands: dict[str, tuple[list[str], Path | None, str | None]] = {}
+    for tag, tree in trees.items():
+        store, one_store = WORK / f"wp{len(commands)}.zarr", WORK / f"wp_one{len(commands)}.zarr"
+        commands[f"help{tag}"] = ([ich, "convert", "--help"], None, tree)
+        commands[f"one{tag}"] = ([ich, "convert", str(one), str(one_store), "--quiet"], one_store, tree)
+        argv = [ich, "convert", str(archive), str(store), *labels, *workers, "--quiet"]
+        commands[f"ich{tag}"] = (argv, store, tree)
+        if a.cluster_too:  # --workers: always worker processes, never the small job's in-process route
+            argv = [ich, "convert", str(archive), str(store), *labels, "--workers", str(a.workers), "--quiet"]
+            commands[f"cluster{tag}"] = (argv, store, tree)
+    commands["png"] = (
+        [*png, str(archive), str(WORK / "wp_png"), "--workers", str(a.workers)],
+        WORK / "wp_png",
+        None,
+    )
+    names = {
+        "help": "`ich convert --help`",
+        "one": "`ich convert` of a one-file folder (the fixed cost)",
+        "ich": f"`ich convert`, {n:,} slices, {a.workers} workers",
+        "png": f"PNG script (tuned, float32), {n:,} slices, {a.workers} processes",
+        "cluster": f"`ich convert --workers {a.workers}` (a cluster whatever the size), {n:,} slices",
+    }
+    with tempfile.TemporaryDirectory(dir=WORK, prefix="pycache-") as empty:
+        cache = Path(empty) if a.no_bytecode else WORK / "pycache"
+
+        def run(key: str) -> float:
+            argv, output, tree = commands[key]
+            if output is not None:
+                shutil.rmtree(output, ignore_errors=True)
+                _remove_store(output)
+            env = _process_env(a, cache, tree)
+            c0 = _children_cpu_s()
+            t = time.perf_counter()
+            subprocess.run(argv, env=env, check=True, stdout=subprocess.DEVNULL)
+            wall = time.perf_counter() - t
+            cpu[key].append(_children_cpu_s() - c0)
+            return wall
+
+        cpu: dict[str, list[float]] = {k: [] for k in commands}
+        for key in commands:  # untimed: writes the bytecode (an install's state), warms the page cache
+            run(key)
+            cpu[key].clear()
+        times: dict[str, list[float]] = {k: [] for k in commands}
+        for r in range(a.rounds):
+            for key in commands:
+                times[key].append(run(key))
+            print(
+                f"round {r + 1}: "
+                + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in times.items())
+                + f"; load average {os.getloadavg()[0]:.1f}",
+                flush=True,
+            )
+    for _, output, _ in commands.values():
+        if output is not None:
+            shutil.rmtree(output, ignore_errors=True)
+            _remove_store(output)
+    best = {k: min(v) for k, v in times.items()}
+    ratios = {tag: best["png"] / best[f"ich{tag}"] for tag in trees}
+    per_round = {
+        tag: [round(p / i, 2) for p, i in zip(times["png"], times[f"ich{tag}"], strict=True)] for tag in trees
+    }
+    res = {
+        "n_files": n,
+        "workers": a.workers,
+        "bytecode": not a.no_bytecode,
+        "before": a.before,
+        "seconds": times,
+        "cpu_seconds": cpu,
+        "best_s": best,
+        "ratio_whole_process": ratios,
+        "per_round_ratio": per_round,
+    }
+    (WORK / "whole_process.json").write_text(json.dumps(res, indent=2))
+    print()
+    kind = "bytecode compiled" if not a.no_bytecode else "no bytecode"
+    print(f"| as a whole process ({kind}) | wall, best | CPU s (all processes), median | wall, rounds |")
+    print("| --- | ---: | ---: | --- |")
+    for k, v in times.items():
+        tag = k[len(k.split(" ")[0]) :]
+        rounds = " / ".join(f"{x:.2f}" for x in v)
+        print(
+            f"| {names[k.split(' ')[0]]}{tag} | {best[k]:.2f} s | {float(np.median(cpu[k])):.2f} | {rounds} |"
+        )
+    print()
+    for tag in trees:
+        print(
+            f"whole-process ratio{tag}, PNG script / `ich convert`: **{ratios[tag]:.2f}×** (best runs; "
+            f"same-round {per_round[tag]})"
+        )
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     # Long: the options, the alternating rounds and the printed table, in the order the run goes.
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -243,7 +395,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--skip-float64", action="store_true", help="leave out the typical (float64) baseline (quick looks)"
     )
+    ap.add_argument(
+        "--whole-process", action="store_true", help="time the commands as processes, as users run them"
+    )
+    ap.add_argument("--no-bytecode", action="store_true", help="with --whole-process: no bytecode cache")
+    ap.add_argument(
+        "--cluster-too", action="store_true", help="with --whole-process: also `ich convert --workers N`"
+    )
+    ap.add_argument(
+        "--before",
+        help="with --whole-process: also time `ich` from this checkout of the code (before a change)",
+    )
     a = ap.parse_args(argv)
+    if a.whole_process:
+        return whole_process(a)
     WORK.mkdir(parents=True, exist_ok=True)
     archive = _archive(a.slices, WORK)
     files = sorted(archive.glob("*.dcm"))

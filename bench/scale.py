@@ -185,7 +185,6 @@ def instrumented(rec: Recorder) -> Iterator[None]:
         mock.patch.object(
             ichdata.convert, "convert_shards", rec.timed("shards", ichdata.convert.convert_shards)
         ),
-        mock.patch.object(ichdata.convert, "finalize", rec.timed("finalize", ichdata.finalize.finalize)),
         mock.patch.object(ichdata.finalize, "finalize", rec.timed("finalize", ichdata.finalize.finalize)),
         mock.patch.object(ichdata.verify, "verify_store", rec.timed("verify", ichdata.verify.verify_store)),
     ]

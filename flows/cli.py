@@ -10,10 +10,13 @@ is in the README.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import os
+import signal
 import sys
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -30,7 +33,8 @@ if TYPE_CHECKING:
     from ichmodel.predict import PredictConfig
 
 from flows.cliparse import add_options, build_config
-from ichdata.errors import UserError
+from flows.console import EXIT_READER_GONE, reader_gone, setup_streams
+from ichdata.errors import UserError, out_of_space
 from ichdata.options import option
 
 _HEAVY = {"torch", "timm", "torchvision", "prefect"}
@@ -86,11 +90,19 @@ def _convert(config: ConvertConfig, display: Display) -> int:
 def _verify(config: VerifyConfig) -> int:
     from ichdata.verify import verify_store
 
+    if config.insecure_scheduler and not (config.scheduler or config.scheduler_file):
+        raise UserError(
+            "--insecure-scheduler: only with --scheduler or --scheduler-file (an existing cluster)"
+        )
     if config.workers or config.scheduler or config.scheduler_file:
         from ichdata.cluster import dask_client
 
         with dask_client(
-            config.workers, config.scheduler, config.scheduler_file, oversubscribe=config.oversubscribe
+            config.workers,
+            config.scheduler,
+            config.scheduler_file,
+            oversubscribe=config.oversubscribe,
+            insecure_scheduler=config.insecure_scheduler,
         ) as client:
             report = verify_store(config.store, client=client)
     else:
@@ -116,7 +128,9 @@ def _serve(config: ServeConfig) -> int:
     from flows.deploy import serve_from_config
 
     serve_from_config(config)
-    return 0
+    # Prefect's runner serves until a signal stops it, and handles Ctrl-C and SIGTERM itself (it shuts
+    # down and returns): end as every command ends on a signal (`main` tells Ctrl-C from SIGTERM).
+    raise Terminated
 
 
 def _demo(config: DemoConfig) -> int:
@@ -210,13 +224,14 @@ COMMANDS: tuple[Command, ...] = (
     ),
     Command(
         "serve",
-        "serve the Prefect `ingest` flow as deployment ingest/default (needs PREFECT_API_URL)",
+        "serve the Prefect `ingest` flow as deployment ingest/default (needs PREFECT_API_URL, --allow-root)",
         ("flows.deploy:ServeConfig",),
         _serve,
         "Register the deployment `ingest/NAME` with the Prefect server at PREFECT_API_URL and run "
         "what it is asked to, until Ctrl-C. Start a run from any shell with "
         "`prefect deployment run 'ingest/default' -p source=DICOM_DIR -p store=STORE.zarr "
-        "[-p labels=CSV] [-p workers=N | -p scheduler=tcp://HOST:8786]`.",
+        "[-p labels=CSV] [-p workers=N]`. Every path a run is given must lie under an --allow-root "
+        "folder; an existing Dask cluster for the runs is yours to name (--scheduler), never a run's.",
     ),
     Command(
         "train",
@@ -282,17 +297,77 @@ def _run(argv: list[str]) -> int:
     return int(command.handler(*configs) or 0)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the `ich` console script; tests call it with an argv list."""
-    argv = list(sys.argv[1:] if argv is None else argv)
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what `kill`, `scancel` and a batch job's end send), raised as Ctrl-C's `KeyboardInterrupt` is.
+
+    A subclass, so that whatever cleans up after Ctrl-C (every `finally` and context manager: SLURM jobs
+    cancelled, the local cluster closed, the run's credentials removed) does the same for SIGTERM.
+    """
+
+
+@contextlib.contextmanager
+def _signals_raise(received: list[int]) -> Iterator[None]:
+    """While the block runs, SIGTERM raises `Terminated` and SIGINT `KeyboardInterrupt`, in the main thread.
+
+    Python's default for SIGTERM is to die at once, without cleaning up. Each signal's number is
+    appended to `received` (a library that turns a `KeyboardInterrupt` into another one still ends as
+    the signal that started it). A second SIGTERM is ignored, so that it cannot cut the cleanup short
+    (a batch system follows with SIGKILL if it must); a process forked from this one (a local Dask
+    worker) dies of SIGTERM as it would without this handler. The handlers in place before are
+    restored after the block (tests call `main` in-process).
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pid = os.getpid()
+
+    def on_signal(signum: int, frame: object) -> None:
+        if os.getpid() != pid:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        received.append(signum)
+        if signum == signal.SIGTERM:
+            signal.signal(signum, signal.SIG_IGN)
+            raise Terminated
+        raise KeyboardInterrupt
+
+    previous = {signum: signal.signal(signum, on_signal) for signum in (signal.SIGTERM, signal.SIGINT)}
     try:
-        return _run(argv)
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `ich` console script; tests call it with an argv list.
+
+    A mistake is one line and exit 2; Ctrl-C and SIGTERM stop the command, clean up and say so in one
+    line, with the shell's exit status for the signal (130, 143).
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    setup_streams()
+    received: list[int] = []
+    try:
+        try:
+            with _signals_raise(received):
+                return _run(argv)
+        finally:
+            sys.stdout.flush()  # here rather than at exit, where a closed pipe is a traceback
     except UserError as exc:
         print(f"ich: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("ich: interrupted", file=sys.stderr)
-        return 130
+    except BrokenPipeError:
+        if not reader_gone():
+            raise
+        return EXIT_READER_GONE
+    except KeyboardInterrupt as exc:
+        signum = (
+            received[-1] if received else signal.SIGTERM if isinstance(exc, Terminated) else signal.SIGINT
+        )
+        print("ich: terminated" if signum == signal.SIGTERM else "ich: interrupted", file=sys.stderr)
+        return 128 + signum
     except ModuleNotFoundError as exc:
         if exc.name and exc.name.split(".")[0] in _HEAVY:
             name = argv[0] if argv else "ich"
@@ -302,6 +377,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             return 2
         raise
+    except Exception as exc:
+        error = out_of_space(exc, "run the same command again")
+        if error is None:
+            raise
+        print(f"ich: error: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -66,6 +66,9 @@ def add_options(parser: argparse.ArgumentParser, cls: type) -> None:
                 kwargs["metavar"] = meta["metavar"]
             if meta["nargs"] or is_list:
                 kwargs["nargs"] = meta["nargs"] or "+"
+            if is_list and not meta["positional"]:
+                # Repeatable, each time with one or more values: `--allow-root /a --allow-root /b`.
+                kwargs["action"] = "extend"
         target: Any = parser
         if meta["group"]:
             target = groups.get(meta["group"]) or groups.setdefault(
@@ -78,12 +81,26 @@ def add_options(parser: argparse.ArgumentParser, cls: type) -> None:
         flag = meta["flag"] or "--" + f.name.replace("_", "-")
         if not has_default:
             kwargs["required"] = True
+        if kwargs.get("action") == "extend":
+            default = None  # argparse extends a copy of the default; None: the field's own default
         target.add_argument(flag, dest=f.name, default=default, **kwargs)
 
 
 def build_config(cls: type[_Config], args: argparse.Namespace) -> _Config:
-    """An instance of dataclass `cls` from the parsed `args` (fields that are no option keep their default)."""
-    values = {f.name: getattr(args, f.name) for f in option_fields(cls)}
+    """An instance of dataclass `cls` from the parsed `args` (fields that are no option keep their default).
+
+    A repeatable option not given keeps the field's default; one given fills a tuple field as a tuple.
+    """
+    hints = _field_types(cls)
+    values = {}
+    for f in option_fields(cls):
+        value = getattr(args, f.name)
+        kind = typing.get_origin(hints[f.name])
+        if isinstance(value, list) and not f.metadata["positional"]:
+            value = tuple(value) if kind is tuple else value
+        elif value is None and kind in (list, tuple):
+            continue
+        values[f.name] = value
     return cls(**values)
 
 

@@ -4,21 +4,96 @@
 it for runs, executing each in a subprocess of this process; `prefect.yaml` at the repo root is the
 same deployment for a process work pool. The README's ingest section shows how runs are started.
 
+Whoever reaches the Prefect API can start runs with parameters of their choosing, so what a run may
+touch is the operator's decision, made when serving and handed to the runs in their environment
+(which a run's parameters cannot change; a work pool's job variables set the same variables):
+- the folders a run's paths must lie under, `ich serve --allow-root DIR` (`ICH_ALLOWED_ROOTS`, checked
+  by `allowed_path` whenever the flow runs as a deployment, or wherever that variable is set);
+- an existing Dask cluster for the runs, `ich serve --scheduler/--scheduler-file` (dask config keys
+  `ich.scheduler`, `ich.scheduler-file`, `ich.insecure-scheduler`, so a site's dask config may name it
+  too): never a run parameter, since a Dask client runs what its scheduler sends.
+
 The deployment's entrypoint is the module path `flows.ingest.ingest`, not a file path relative to the
 current directory, so runs work wherever `ich serve` was started as long as `ich` is installed.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ichdata.cluster import CLUSTER_GROUP, existing_security, insecure_scheduler_option
 from ichdata.errors import UserError
 from ichdata.options import option
 
 #: The deployment name `ich serve` uses unless told otherwise: runs are `prefect deployment run 'ingest/default'`.
 DEFAULT_DEPLOYMENT = "default"
+#: The environment variable that names the folders a deployment run may use (`os.pathsep`-separated).
+ROOTS_ENV = "ICH_ALLOWED_ROOTS"
+#: The dask config keys of the operator's existing Dask cluster for the runs (env: `DASK_ICH__SCHEDULER`, ...).
+SCHEDULER_KEY, SCHEDULER_FILE_KEY, INSECURE_SCHEDULER_KEY = (
+    "ich.scheduler",
+    "ich.scheduler-file",
+    "ich.insecure-scheduler",
+)
+
+
+def run_roots(as_deployment: bool) -> tuple[Path, ...] | None:
+    """The folders a run's paths must lie under, resolved; None when the run's paths are not checked.
+
+    Read from `ICH_ALLOWED_ROOTS` when called (never at import). A deployment run is always checked: a
+    deployment served without roots gets none and refuses every path. A direct call from Python (the
+    demo, tests: a trusted caller) is checked only where the variable is set.
+    """
+    text = os.environ.get(ROOTS_ENV)
+    if text is None and not as_deployment:
+        return None
+    return tuple(Path(os.path.realpath(r)) for r in (text or "").split(os.pathsep) if r.strip())
+
+
+def allowed_path(name: str, value: str, roots: tuple[Path, ...] | None, *, store: bool = False) -> Path:
+    """Run parameter `name`'s path, resolved (links, `..`) and under one of `roots`, else a `UserError`.
+
+    Nothing is opened: the refusal comes before any file is read or written. A `store` must lie inside
+    a root, not be one (its side files are written beside it). With `roots` None the path is taken as
+    given.
+    """
+    path = Path(value).expanduser()
+    if roots is None:
+        return path
+    how = (
+        "the operator who serves it names them (`ich serve --allow-root DIR`, or "
+        f"{ROOTS_ENV} in a work pool's job variables)"
+    )
+    if not roots:
+        raise UserError(f"parameter {name}: this deployment may use no folder: {how}")
+    resolved = Path(os.path.realpath(path))
+    if not any(resolved.is_relative_to(root) and not (store and resolved == root) for root in roots):
+        raise UserError(
+            f"parameter {name}: {value} is not inside a folder this deployment may use "
+            f"({', '.join(map(str, roots))}); {how}"
+        )
+    return resolved
+
+
+def run_scheduler() -> tuple[str | None, Path | None, bool]:
+    """The operator's existing Dask cluster for the runs: (address, scheduler file, insecure).
+
+    From the dask config when called: `ich serve --scheduler ...` sets it in the runs' environment, a
+    site may set it in its dask config files. (None, None, False): each run starts its own cluster.
+    """
+    import dask
+
+    address = dask.config.get(SCHEDULER_KEY, None) or None
+    file = dask.config.get(SCHEDULER_FILE_KEY, None) or None
+    insecure = dask.config.get(INSECURE_SCHEDULER_KEY, False)
+    return (
+        None if address is None else str(address),
+        None if file is None else Path(str(file)),
+        insecure is True or str(insecure).lower() in ("1", "true", "yes"),
+    )
 
 
 def require_api_url() -> str:
@@ -34,8 +109,9 @@ def require_api_url() -> str:
     if not url:
         raise UserError(
             "PREFECT_API_URL is not set: `ich serve` needs a Prefect server that `prefect deployment run` "
-            "can reach too; start one with `prefect server start --host 127.0.0.1` and run "
-            "`prefect config set PREFECT_API_URL=http://127.0.0.1:4200/api`"
+            "can reach too; start one with `prefect server start --host 127.0.0.1` and set "
+            "PREFECT_API_URL=http://127.0.0.1:4200/api and its auth string in this shell's environment "
+            "(the README's ingest section)"
         )
     from prefect import get_client
 
@@ -55,6 +131,7 @@ def serve(
     parameters: dict[str, Any] | None = None,
     interval_s: float | None = None,
     limit: int = 1,
+    env: dict[str, str] | None = None,
 ) -> None:
     """Serve the `ingest` flow as deployment `ingest/<name>` until interrupted (Ctrl-C or SIGTERM).
 
@@ -62,12 +139,15 @@ def serve(
     values override them); `interval_s` adds a schedule that re-ingests every so many seconds, which is
     how a landing folder that keeps receiving studies is kept converted (each run appends only the new
     series). `limit` is the number of runs this process executes at once: 1 by default, because two
-    ingests into the same store must not run side by side.
+    ingests into the same store must not run side by side. `env` is set in this process's environment,
+    which each run's subprocess inherits (the allowed roots, the operator's scheduler).
     """
     require_api_url()
     from prefect.types.entrypoint import EntrypointType
 
     from flows.ingest import ingest
+
+    os.environ.update(env or {})
 
     ingest.serve(
         name=name,
@@ -78,14 +158,44 @@ def serve(
     )
 
 
-__all__ = ["DEFAULT_DEPLOYMENT", "require_api_url", "serve"]
+__all__ = [
+    "DEFAULT_DEPLOYMENT",
+    "INSECURE_SCHEDULER_KEY",
+    "ROOTS_ENV",
+    "SCHEDULER_FILE_KEY",
+    "SCHEDULER_KEY",
+    "ServeConfig",
+    "allowed_path",
+    "require_api_url",
+    "run_roots",
+    "run_scheduler",
+    "serve",
+    "serve_from_config",
+]
 
 
 @dataclass(frozen=True)
 class ServeConfig:
-    """What `ich serve` was asked: the deployment's name, its runs' default parameters and schedule."""
+    """What `ich serve` was asked: the deployment's name, what its runs may use, their defaults and schedule."""
 
     name: str = option(DEFAULT_DEPLOYMENT, help="deployment name (default: default → ingest/default)")
+    allow_root: tuple[Path, ...] = option(
+        (),
+        metavar="DIR",
+        help="a folder the runs may read and write (repeatable; needed): every path a run is given "
+        "(source, store, labels) must lie under one",
+    )
+    scheduler: str | None = option(
+        None,
+        metavar="ADDRESS",
+        group=CLUSTER_GROUP,
+        help="the runs use this running Dask scheduler (tls://host:8786, with the site's TLS "
+        "credentials) instead of a local cluster each",
+    )
+    scheduler_file: Path | None = option(
+        None, metavar="FILE", group=CLUSTER_GROUP, help="the same, by the file `dask scheduler` writes"
+    )
+    insecure_scheduler: bool = insecure_scheduler_option()
     source: str | None = option(None, help="default `source` of runs: a DICOM folder or landing folder")
     store: str | None = option(None, help="default `store` of runs: the Zarr store to create or append to")
     labels: str | None = option(
@@ -103,10 +213,38 @@ class ServeConfig:
 def serve_from_config(config: ServeConfig) -> None:
     """Check `config` and `serve` it.
 
-    Paths become absolute, since runs execute in subprocesses that need not share this directory.
+    Paths become absolute, since runs execute in subprocesses that need not share this directory; the
+    defaults must lie under the allowed roots, as every run's paths must.
     """
+    if not config.allow_root:
+        raise UserError(
+            "--allow-root: none given; name the folders the runs may read and write, e.g. "
+            "`ich serve --allow-root /data --allow-root /scratch`: anyone who reaches the Prefect API "
+            "can start a run, and a run's paths outside them are refused"
+        )
+    for root in config.allow_root:
+        if not Path(root).expanduser().is_dir():
+            raise UserError(f"--allow-root {root}: no such folder")
+    roots = tuple(Path(os.path.realpath(Path(r).expanduser())) for r in config.allow_root)
+    env = {ROOTS_ENV: os.pathsep.join(map(str, roots))}
+    if config.scheduler or config.scheduler_file:
+        if config.workers is not None:
+            raise UserError("--workers and --scheduler: give one, not both")
+        scheduler_file = None if config.scheduler_file is None else Path(config.scheduler_file).absolute()
+        existing_security(config.scheduler, scheduler_file, insecure=config.insecure_scheduler)
+        env.update(
+            {
+                _env_name(SCHEDULER_KEY): config.scheduler or "",
+                _env_name(SCHEDULER_FILE_KEY): str(scheduler_file or ""),
+                _env_name(INSECURE_SCHEDULER_KEY): str(config.insecure_scheduler),
+            }
+        )
+    elif config.insecure_scheduler:
+        raise UserError(
+            "--insecure-scheduler: only with --scheduler or --scheduler-file (an existing cluster)"
+        )
     defaults: dict[str, Any] = {
-        k: str(Path(v).expanduser().absolute())
+        k: str(allowed_path(k, str(Path(v).expanduser().absolute()), roots, store=k == "store"))
         for k, v in (("source", config.source), ("store", config.store), ("labels", config.labels))
         if v is not None
     }
@@ -119,4 +257,9 @@ def serve_from_config(config: ServeConfig) -> None:
             raise UserError("--interval needs --source and --store: a scheduled run has no one to pass them")
     if config.limit < 1:
         raise UserError(f"--limit is {config.limit}; expected at least 1 concurrent run")
-    serve(config.name, parameters=defaults, interval_s=config.interval, limit=config.limit)
+    serve(config.name, parameters=defaults, interval_s=config.interval, limit=config.limit, env=env)
+
+
+def _env_name(key: str) -> str:
+    """The environment variable dask reads `key` from (`ich.scheduler-file` → `DASK_ICH__SCHEDULER_FILE`)."""
+    return "DASK_" + key.upper().replace(".", "__").replace("-", "_")

@@ -27,10 +27,13 @@ from prefect.artifacts import (
 )
 from prefect.cache_policies import NO_CACHE
 
+from flows.deploy import allowed_path, run_roots, run_scheduler
+from ichdata import pathkeys
 from ichdata.cluster import ClusterKind, cluster_client
 from ichdata.convert import ConvertConfig, ConvertResult
 from ichdata.errors import UserError
 from ichdata.finalize import ConvertSummary
+from ichdata.lock import store_lock
 from ichdata.shards import ShardDone
 
 if TYPE_CHECKING:
@@ -111,14 +114,24 @@ def _cluster_kind(value: str) -> ClusterKind:
     return cast(ClusterKind, value)
 
 
-def _path(name: str, value: str, expected: str) -> Path:
-    """A path parameter; an empty one is refused.
+def _path(
+    name: str, value: str, expected: str, roots: tuple[Path, ...] | None, *, store: bool = False
+) -> Path:
+    """A path parameter, under the deployment's allowed roots (`flows.deploy.allowed_path`).
 
-    An unset `{{ $VAR }}` in prefect.yaml gives an empty value, which would mean the current directory.
+    An empty one is refused: an unset `{{ $VAR }}` in prefect.yaml gives an empty value, which would
+    mean the current directory.
     """
     if not value.strip():
         raise UserError(f"parameter {name} is empty; expected {expected}")
-    return Path(value).expanduser()
+    return allowed_path(name, value, roots, store=store)
+
+
+def _run_roots() -> tuple[Path, ...] | None:
+    """The roots this run's paths must lie under (`flows.deploy.run_roots`); a deployment run always has some."""
+    from prefect.runtime import deployment
+
+    return run_roots(as_deployment=deployment.id is not None)
 
 
 def _scaled_timeout(n_slices: int, s_per_slice: float, client: Client | None) -> float:
@@ -142,9 +155,10 @@ def scan_task(config: ConvertConfig, client: Client | None) -> Manifest:
     logger = get_run_logger()
     counted = {"files": 0, "total": 0, "logged": time.monotonic()}
 
+    # The source folder is not named: its name may name a patient (`keep_paths` off), and logs go to Prefect.
     def on_total(n: int) -> None:
         counted["total"] = n
-        logger.info("scan of %s: %s files to account for", config.source, f"{n:,}")
+        logger.info("scan: %s files to account for", f"{n:,}")
 
     def on_progress(n: int) -> None:
         counted["files"] += n
@@ -156,8 +170,7 @@ def scan_task(config: ConvertConfig, client: Client | None) -> Manifest:
     manifest = scan_source(config, client, on_progress=on_progress, on_total=on_total)
     reasons = manifest.reasons()
     logger.info(
-        "scan of %s: %s files, %s usable slices%s",
-        config.source,
+        "scan: %s files, %s usable slices%s",
         f"{len(manifest):,}",
         f"{manifest.n_slices:,}",
         "; not slices: " + ", ".join(f"{n:,} {r}" for r, n in reasons.items()) if reasons else "",
@@ -304,13 +317,14 @@ def summary_markdown(
         verified = "**FAILED**, see below"
     else:
         verified = "skipped (`verify=false`)"
+    hidden = "not shown (file and folder names stay on this machine unless `keep_paths`)"
     lines = [
         f"# Ingest into `{summary.store}`",
         "",
         "| | |",
         "| --- | --- |",
-        f"| source | `{config.source}` |",
-        f"| labels | `{config.labels}` |"
+        f"| source | `{config.source}` |" if config.keep_paths else f"| source | {hidden} |",
+        (f"| labels | `{config.labels}` |" if config.keep_paths else f"| labels | a label CSV, {hidden} |")
         if config.labels
         else "| labels | none (every slice stored as unlabelled, 255) |",
         *(
@@ -355,16 +369,22 @@ def report_task(
 ) -> str:
     """Prefect artifacts of the run: the Markdown summary and the table of files set aside by this run.
 
-    The table shows the first `QUARANTINE_ROWS_SHOWN` (the store keeps them all). Returns the Markdown.
+    The table shows the first `QUARANTINE_ROWS_SHOWN` (the store keeps them all), each file named as the
+    store names it: by its key into the manifest beside the store (`ichdata.pathkeys`), its path only
+    with `keep_paths`. Returns the Markdown.
     """
     slug = _slug(str(summary.store))
     markdown = summary_markdown(summary, config, verified, verify_error)
     create_markdown_artifact(markdown, key=f"ingest-summary-{slug}", description=str(summary))
     q = p.new_quarantine()
     shown = q.head(QUARANTINE_ROWS_SHOWN)
+    paths, details = shown["path"].to_numpy(dtype=str), shown["detail"].to_numpy(dtype=str)
+    if not config.keep_paths:
+        table = p.manifest_table()
+        paths, details = pathkeys.keys(table, paths), pathkeys.scrub_details(table, details)
     rows = [
         {"path": str(a), "reason": str(b), "detail": str(c)}
-        for a, b, c in zip(shown["path"], shown["reason"], shown["detail"], strict=True)
+        for a, b, c in zip(paths, shown["reason"], details, strict=True)
     ]
     more = (
         f"; first {QUARANTINE_ROWS_SHOWN:,} shown, all in {summary.store}.quarantine.csv"
@@ -388,8 +408,6 @@ def ingest(
     store: str,
     labels: str | None = None,
     workers: int | None = None,
-    scheduler: str | None = None,
-    scheduler_file: str | None = None,
     shard_size: int | None = None,
     overwrite: bool = False,
     keep_paths: bool = False,
@@ -405,16 +423,19 @@ def ingest(
 ) -> ConvertSummary:
     """Convert (or append) the DICOM folder `source` into the Zarr store `store`.
 
-    The parameters are `ich convert`'s options. Returns the run's summary; the Markdown summary and the
-    quarantine table are the run's artifacts.
+    The parameters are `ich convert`'s options but those of an existing Dask cluster (`scheduler`,
+    `scheduler_file`, `insecure_scheduler`), which the operator who serves the deployment chooses
+    (`flows.deploy.run_scheduler`): a Dask client runs what its scheduler sends, so a run's
+    requester must not pick it. Run as a deployment, every path must lie under the folders the
+    operator allowed (`flows.deploy.run_roots`), checked before any file is opened. Returns the run's
+    summary; the Markdown summary and the quarantine table are the run's artifacts. Without
+    `keep_paths` neither they nor the logs name a file under `source`.
 
     Args:
         source: Folder of DICOM files, any tree (or a landing folder that keeps receiving studies).
         store: The Zarr store to create, or to append the new series to.
         labels: Label CSV in RSNA's `ID,Label` format; images without a row are stored as 255.
         workers: Processes of a local Dask cluster (default: one per core).
-        scheduler: Address of a running Dask scheduler (`tcp://host:8786`) instead of a local cluster.
-        scheduler_file: The file `dask scheduler --scheduler-file` writes, instead of an address.
         shard_size: Slices per shard file (default: the store's, else `ichdata.store.DEFAULT_SHARD_SIZE`).
         overwrite: Replace a store made from another plan (another source or shard size).
         keep_paths: Keep each file's path relative to `source` in the store; file names may carry
@@ -430,13 +451,16 @@ def ingest(
     # Long: a flow's parameters are its deployment's form, so each option is its own documented
     # argument; the stages themselves are the five task calls below.
     started = time.perf_counter()
+    roots = _run_roots()
+    scheduler, scheduler_file, insecure_scheduler = run_scheduler()
     config = ConvertConfig(
-        source=_path("source", source, "a folder of DICOM files"),
-        store=_path("store", store, "the path of the Zarr store to write"),
-        labels=_path("labels", labels, "a label CSV") if labels is not None else None,
+        source=_path("source", source, "a folder of DICOM files", roots),
+        store=_path("store", store, "the path of the Zarr store to write", roots, store=True),
+        labels=_path("labels", labels, "a label CSV", roots) if labels is not None else None,
         workers=workers,
         scheduler=scheduler,
-        scheduler_file=Path(scheduler_file) if scheduler_file else None,
+        scheduler_file=scheduler_file,
+        insecure_scheduler=insecure_scheduler,
         shard_size=shard_size,
         overwrite=overwrite,
         keep_paths=keep_paths,
@@ -450,7 +474,8 @@ def ingest(
     stages: dict[str, float] = {}
     verified: VerifyReport | None = None
     verify_error: str | None = None
-    with cluster_client(config) as client:
+    # One writer per store (`ichdata.lock`), from the checks of the scan stage to the verification.
+    with store_lock(config.store, command="Prefect flow ingest"), cluster_client(config) as client:
         t = time.perf_counter()
         manifest = scan_task(config, client)
         stages["scan"] = time.perf_counter() - t

@@ -3,7 +3,8 @@
 Import from the module that does the job (`from ichdata.convert import convert, ConvertConfig`):
 reading `dicom`, windows `windows`, slice order `order`, labels `labels`, set-aside reasons `reasons`,
 the conversion's stages `scan` -> `plan` -> `shards` -> `finalize` driven by `convert` on a `cluster`
-(local, an existing scheduler, or `slurm`), the store `store`, its check `verify`, a slice's picture
+(local, an existing scheduler, or `slurm`), the store `store` (ich's files in it `storefiles`, one
+writer at a time `lock`, where outputs may go `outputs`), its check `verify`, a slice's picture
 `preview`, synthetic archives `testing`. The store format is the README's "The store" section.
 """
 
@@ -20,8 +21,10 @@ __all__ = [
     "errors",
     "finalize",
     "labels",
+    "lock",
     "options",
     "order",
+    "outputs",
     "pathkeys",
     "paths",
     "plan",
@@ -34,6 +37,7 @@ __all__ = [
     "shards",
     "slurm",
     "store",
+    "storefiles",
     "testing",
     "verify",
     "windows",

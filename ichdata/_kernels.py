@@ -7,13 +7,17 @@ measures both, the NumPy one with `ICH_NO_JIT=1`). The kernels compute exactly w
 computes (same table, same integer sums, same rounding), so the store's pixels do not depend on which
 one ran; `tests/ichdata/test_windows.py` holds them equal. Numba caches the machine code on disk
 where it can (else compiles in memory); `available()` is False where Numba cannot be imported or
-compiled, and `ichdata.windows` then uses NumPy; `ICH_NO_JIT=1` forces that.
+compiled, and `ichdata.windows` then uses NumPy; `ICH_NO_JIT=1` forces that, and
+`numpy_unless_compiled()` does for a few slices, which take less time in NumPy than Numba's start.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import os
 import threading
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -23,6 +27,8 @@ _KERNELS: dict[str, Any] | None = None
 _FAILED = False
 _LOCK = threading.Lock()  # one compilation at a time; `warm_up` callers wait for the one in progress
 _WARM = False
+#: Set within `numpy_unless_compiled()` (per thread: a cluster warming up in another is unaffected).
+_NO_COMPILE = contextvars.ContextVar("ich_no_compile", default=False)
 
 
 def _compile(cache: bool = True) -> dict[str, Any]:
@@ -121,10 +127,24 @@ def _compile(cache: bool = True) -> dict[str, Any]:
     return {"square_k2": square_k2, "blocks": blocks, "taps": taps}
 
 
+@contextlib.contextmanager
+def numpy_unless_compiled() -> Iterator[None]:
+    """Within the block, this thread renders with NumPy unless the kernels are compiled already.
+
+    For a handful of slices: Numba's start in a process (its import, typing context and cached
+    machine code) takes longer than NumPy's slower loop on them; the pixels are the same.
+    """
+    token = _NO_COMPILE.set(True)
+    try:
+        yield
+    finally:
+        _NO_COMPILE.reset(token)
+
+
 def kernels() -> dict[str, Any] | None:
     """The compiled kernels, or None (no Numba, `ICH_NO_JIT=1`, or compilation failed once)."""
     global _KERNELS, _FAILED
-    if _KERNELS is not None or _FAILED:
+    if _KERNELS is not None or _FAILED or _NO_COMPILE.get():
         return _KERNELS
     with _LOCK:
         if _KERNELS is not None or _FAILED:

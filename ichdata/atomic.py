@@ -1,7 +1,8 @@
 """Write a file so that readers see the old one or the whole new one, never a part.
 
 `atomic_path` hands out a temporary name beside the target, renames it over the target when the
-block ends without error, and removes it otherwise (a full disk leaves no `.tmp` files behind).
+block ends without error, and removes it otherwise (a full disk leaves no `.tmp` files behind, and
+the error names the target, `ichdata.errors.out_of_space`).
 """
 
 from __future__ import annotations
@@ -27,6 +28,11 @@ def atomic_path(path: str | os.PathLike[str], *, mode: int | None = None) -> Ite
         if mode is not None:
             os.chmod(tmp, mode)
         os.replace(tmp, target)
+    except OSError as exc:
+        # A failed write names no file, or the hidden temporary one: the user knows the target.
+        if exc.filename is None or os.fspath(exc.filename) == os.fspath(tmp):
+            exc.filename = os.fspath(target)
+        raise
     finally:
         tmp.unlink(missing_ok=True)
 

@@ -5,6 +5,10 @@
 existing scheduler) from a config's cluster options after `check_cluster` has refused mistakes. The
 `*_option()` functions here and in `ichdata.slurm` declare those options once, for every config that
 has them. Nothing from distributed is imported until a cluster is asked for.
+
+A Dask client runs what its scheduler sends it (results arrive pickled): an existing scheduler is
+reached only over TLS with the site's credentials (`existing_security`), unless the user passes
+`--insecure-scheduler`.
 """
 
 from __future__ import annotations
@@ -39,6 +43,10 @@ CLUSTER_GROUP = "cluster"
 ClusterKind = Literal["local", "slurm"]
 #: The client commands the SLURM route runs (dask-jobqueue submits with sbatch; we watch and cancel).
 SLURM_COMMANDS = ("sbatch", "squeue", "scancel")
+#: Files to read or slices to write that a conversion on this machine does in its own process:
+#: starting a cluster (worker processes, TLS handshakes) and the compiled render kernels costs more
+#: than that much work takes (bench/RESULTS.md, "Whole process").
+SMALL_JOB = 1000
 
 
 def cluster_option() -> Any:
@@ -76,6 +84,15 @@ def scheduler_file_option() -> Any:
         help="the file `dask scheduler --scheduler-file` writes",
         metavar="FILE",
         group=CLUSTER_GROUP,
+    )
+
+
+def insecure_scheduler_option() -> Any:
+    """The `insecure_scheduler` field: reach an existing scheduler without TLS."""
+    return option(
+        False,
+        help="reach --scheduler/--scheduler-file over plain tcp, without the site's TLS credentials: "
+        "whoever runs that scheduler runs code as you",
     )
 
 
@@ -125,11 +142,19 @@ def check_cluster(config: ConvertConfig) -> None:
     slurm_only = [name for name in given if getattr(config, name) is not None]
     if config.cluster not in ("local", "slurm"):
         raise UserError(f"--cluster {config.cluster}: expected local or slurm")
+    existing = "--scheduler" if config.scheduler else "--scheduler-file" if config.scheduler_file else None
+    if config.insecure_scheduler and not existing:
+        raise UserError(
+            "--insecure-scheduler: only with --scheduler or --scheduler-file (an existing cluster)"
+        )
     if config.cluster == "local":
         if slurm_only:
             raise UserError(f"--{slurm_only[0]}: only with --cluster slurm (Dask workers as SLURM jobs)")
+        if existing and config.workers is not None:
+            raise UserError(f"--workers and {existing}: give one, not both")
+        if existing:
+            existing_security(config.scheduler, config.scheduler_file, insecure=config.insecure_scheduler)
         return
-    existing = "--scheduler" if config.scheduler else "--scheduler-file" if config.scheduler_file else None
     if existing:
         raise UserError(f"--cluster slurm and {existing}: give one, not both")
     if config.workers is not None:
@@ -173,40 +198,109 @@ def cluster_client(config: ConvertConfig) -> Iterator[Client]:
             yield client
         return
     with dask_client(
-        config.workers, config.scheduler, config.scheduler_file, oversubscribe=config.oversubscribe
+        config.workers,
+        config.scheduler,
+        config.scheduler_file,
+        oversubscribe=config.oversubscribe,
+        insecure_scheduler=config.insecure_scheduler,
     ) as client:
         yield client
 
 
 class OnDemandClient:
-    """The run's Dask client, started the first time a stage has work for it.
+    """The run's Dask client, started when a stage has enough work for it.
 
     A re-run that finds nothing new (the daily ingest of an unchanged landing folder) then starts no
-    cluster at all: no worker processes, no SLURM jobs. The cluster is closed with `stack`.
+    cluster at all, and neither does a job of at most `small_job` items while none is up
+    (`in_process`). With `background`, `start()` starts the cluster in a thread of its own, so that
+    the driver works on meanwhile (`ready` says when it is up); otherwise the first call starts it.
+    The cluster is closed with `stack`, also when it was still starting, by the thread that started
+    it (a distributed `Client` is left in the context it was entered in).
     """
 
     def __init__(
-        self, start: Callable[[], contextlib.AbstractContextManager[Client]], stack: contextlib.ExitStack
+        self,
+        start: Callable[[], contextlib.AbstractContextManager[Client]],
+        stack: contextlib.ExitStack,
+        *,
+        small_job: int = 0,
+        background: bool = False,
     ) -> None:
         self._start = start
         self._stack = stack
+        self._small_job = small_job
+        self._background = background
         self._client: Client | None = None
+        self._thread: threading.Thread | None = None
+        self._up = threading.Event()
+        self._closing = threading.Event()
+        self._error: BaseException | None = None
 
     def __call__(self) -> Client:
-        """The client, its cluster started now if this is the first call."""
+        """The client, its cluster started now (or waited for) if this is the first call."""
         if self._client is None:
-            self._client = self._stack.enter_context(self._start())
+            if self._thread is None:
+                self._client = self._stack.enter_context(self._start())
+            else:
+                self._up.wait()
+                if self._error is not None:
+                    raise self._error
+        assert self._client is not None
         return self._client
+
+    def in_process(self, work: int) -> bool:
+        """Whether `work` items (files, slices) are better done in this process: few, and no cluster up."""
+        return self._client is None and self._thread is None and work <= self._small_job
+
+    def start(self) -> None:
+        """Start the cluster now, in the background where allowed (else as a call does)."""
+        if self._client is not None or self._thread is not None:
+            return
+        if not self._background:
+            self()
+            return
+        self._thread = threading.Thread(target=self._start_in_thread, name="ich-cluster-start", daemon=True)
+        self._stack.callback(self._close)
+        self._thread.start()
+
+    @property
+    def ready(self) -> bool:
+        """Whether the cluster is up (or failed to start: the next call raises why)."""
+        return self._client is not None or self._up.is_set()
 
     @property
     def started(self) -> bool:
         """Whether a stage has asked for the cluster."""
-        return self._client is not None
+        return self._client is not None or self._thread is not None
+
+    def _start_in_thread(self) -> None:
+        try:
+            with self._start() as client:
+                self._client = client
+                self._up.set()
+                self._closing.wait()
+        except BaseException as exc:  # handed to the driver: by its next call, or on closing
+            self._error = exc
+        finally:
+            self._up.set()
+
+    def _close(self) -> None:
+        assert self._thread is not None
+        self._closing.set()
+        self._thread.join()
+        if self._error is not None and self._client is not None:
+            raise self._error  # the cluster failed while closing
 
 
-def resolve_client(client: Client | OnDemandClient | None) -> Client | None:
-    """`client` itself, or the started client of an `OnDemandClient` (call only when there is work)."""
-    return client() if isinstance(client, OnDemandClient) else client
+def resolve_client(client: Client | OnDemandClient | None, work: int | None = None) -> Client | None:
+    """`client` itself, or the started client of an `OnDemandClient` (call only when there is work).
+
+    None, for the work to be done in this process, where `work` items are few enough
+    (`OnDemandClient.in_process`).
+    """
+    if isinstance(client, OnDemandClient):
+        return None if work is not None and client.in_process(work) else client()
+    return client
 
 
 @contextlib.contextmanager
@@ -216,10 +310,12 @@ def dask_client(
     scheduler_file: str | os.PathLike[str] | None = None,
     *,
     oversubscribe: bool = False,
+    insecure_scheduler: bool = False,
 ) -> Iterator[Client]:
     """A distributed `Client` of an existing cluster or of a new local one.
 
-    An existing cluster is named by its `scheduler` address or its `scheduler_file`. Otherwise a
+    An existing cluster is named by its `scheduler` address or its `scheduler_file`, and reached over
+    TLS with the site's credentials (`existing_security`) unless `insecure_scheduler`. Otherwise a
     `LocalCluster` on 127.0.0.1 with `workers` processes (default and most, unless `oversubscribe`:
     one per usable core, `resolve_workers`) of one thread each, speaking TLS with credentials made
     for the run (`run_security`), without a dashboard (the scheduler's HTTP endpoint on a free
@@ -228,7 +324,8 @@ def dask_client(
     if scheduler and scheduler_file:
         raise UserError("--scheduler and --scheduler-file: give one, not both")
     if scheduler or scheduler_file:
-        with _existing_client(scheduler, scheduler_file) as client:
+        security = existing_security(scheduler, scheduler_file, insecure=insecure_scheduler)
+        with _existing_client(scheduler, scheduler_file, security) as client:
             yield client
         return
     n = resolve_workers(workers, oversubscribe=oversubscribe)
@@ -238,21 +335,80 @@ def dask_client(
         yield client
 
 
-@contextlib.contextmanager
-def _existing_client(
-    scheduler: str | None, scheduler_file: str | os.PathLike[str] | None
-) -> Iterator[Client]:
-    from distributed import Client
+#: The dask config keys of the site's TLS credentials for a client of an existing scheduler.
+_SITE_TLS = ("distributed.comm.tls.ca-file", "distributed.comm.tls.client.cert")
+#: How long a client waits for an existing scheduler.
+CONNECT_TIMEOUT = "30s"
 
-    if scheduler_file and not Path(scheduler_file).is_file():
+
+def existing_security(
+    scheduler: str | None, scheduler_file: str | os.PathLike[str] | None, *, insecure: bool
+) -> Security | None:
+    """The credentials for an existing scheduler: the site's TLS ones, or None where `insecure`.
+
+    A Dask client unpickles what its scheduler sends: a scheduler run by someone else runs code as
+    the user. So the scheduler must speak TLS (`tls://`) and prove that it holds a certificate of the
+    site's authority (the dask config's `distributed.comm.tls.ca-file`), and the client presents the
+    site's client certificate (`distributed.comm.tls.client.cert`, `.key`). Checked before any
+    connection: a `UserError` names what is missing and the way out.
+    """
+    if scheduler_file is not None and not Path(scheduler_file).is_file():
         raise UserError(
             f"--scheduler-file {scheduler_file}: no such file; expected the file `dask scheduler` writes"
         )
+    if insecure:
+        return None
+    flag = f"--scheduler {scheduler}" if scheduler else f"--scheduler-file {scheduler_file}"
+    address = scheduler if scheduler else _scheduler_file_address(Path(str(scheduler_file)))
+    if not address.startswith("tls://"):
+        where = "" if scheduler else ": the scheduler it names"
+        raise UserError(
+            f"{flag}{where} does not speak TLS (tls://HOST:PORT expected); a scheduler we do not "
+            "authenticate could run code as you: start it with TLS, or pass --insecure-scheduler"
+        )
+    import dask
+    from distributed.security import Security
+
+    for key in _SITE_TLS:
+        value = dask.config.get(key, None)
+        if not value:
+            raise UserError(
+                f"{flag}: no {key} in the dask config; set the site's TLS credentials "
+                "(distributed.comm.tls.ca-file, .client.cert, .client.key; or "
+                f"DASK_{key.upper().replace('.', '__').replace('-', '_')}), or pass --insecure-scheduler"
+            )
+        if not Path(str(value)).is_file():
+            raise UserError(f"{flag}: {key} {value}: no such file")
+    return Security(require_encryption=True)
+
+
+def _scheduler_file_address(path: Path) -> str:
+    """The address in a scheduler file (`dask scheduler --scheduler-file`); its contents stay unshown."""
+    import json
+
+    try:
+        address = json.loads(path.read_text()).get("address")
+    except (OSError, ValueError, AttributeError):
+        address = None
+    if not isinstance(address, str):
+        raise UserError(
+            f"--scheduler-file {path}: no scheduler address in it; expected the JSON file `dask scheduler` writes"
+        )
+    return address
+
+
+@contextlib.contextmanager
+def _existing_client(
+    scheduler: str | None, scheduler_file: str | os.PathLike[str] | None, security: Security | None
+) -> Iterator[Client]:
+    from distributed import Client
+
     try:
         client = Client(
             scheduler,
             scheduler_file=None if scheduler_file is None else str(scheduler_file),
-            timeout="30s",
+            timeout=CONNECT_TIMEOUT,
+            security=security,
         )
     except OSError as exc:
         raise UserError(f"--scheduler {scheduler or scheduler_file}: cannot connect ({exc})") from exc
@@ -343,10 +499,17 @@ def _workers_ignore_ctrl_c() -> Iterator[None]:
 
     Ctrl-C reaches the terminal's whole process group: the driver answers it in one line and closes
     the cluster; workers that also raised `KeyboardInterrupt` would each print a traceback. Only the
-    main thread can change a signal's handler: elsewhere (a Prefect task's thread) nothing changes.
+    main thread can change a signal's handler. Elsewhere (the background start of `OnDemandClient`, a
+    Prefect task's thread) SIGINT is blocked in this thread instead: the threads it starts
+    (distributed's event loop, which forks the workers) inherit the mask, and so do the workers, to
+    which SIGINT is then never delivered.
     """
     if threading.current_thread() is not threading.main_thread():
-        yield
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            yield
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         return
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
@@ -431,13 +594,17 @@ def _local_cluster(n: int) -> Iterator[LocalCluster]:
 
 __all__ = [
     "CLUSTER_GROUP",
+    "CONNECT_TIMEOUT",
     "SLURM_COMMANDS",
+    "SMALL_JOB",
     "ClusterKind",
     "OnDemandClient",
     "check_cluster",
     "cluster_client",
     "cluster_option",
     "dask_client",
+    "existing_security",
+    "insecure_scheduler_option",
     "oversubscribe_option",
     "resolve_client",
     "resolve_workers",

@@ -5,14 +5,13 @@ one task each, so that both run the same code: `scan_source` (input checks, then
 `plan_conversion` (`ichdata.plan`), `convert_shards` (this module schedules the shard tasks of
 `ichdata.shards` and recovers from files that fail at pixel time) and `ichdata.finalize.finalize`.
 The stages hold no state between calls: a killed run is finished by the next run with the same
-arguments. The store's contract is in the README's store section.
+arguments. The store's contract is in the README's store section. The stages' modules (pandas, zarr,
+pydicom) are imported when a stage runs: `ich convert --help` and `ConvertConfig` need none of them.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -21,46 +20,37 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-import pandas as pd
-from tqdm import tqdm
-
-from ichdata import shards
-from ichdata._kernels import warm_up  # Numba itself is imported on first use, not here
+from ichdata._kernels import numpy_unless_compiled
 from ichdata.cluster import (
+    SMALL_JOB,
     OnDemandClient,
     check_cluster,
     cluster_client,
     cluster_option,
+    insecure_scheduler_option,
     oversubscribe_option,
     resolve_client,
     scheduler_file_option,
     scheduler_option,
     workers_option,
 )
-from ichdata.errors import UserError
-from ichdata.finalize import ConvertSummary, finalize
+from ichdata.errors import UserError, out_of_space
+from ichdata.lock import lock_path, store_lock
 from ichdata.options import option
-from ichdata.plan import Plan, load_labels, plan
-from ichdata.reasons import Reason
-from ichdata.resume import check_store
-from ichdata.scan import Manifest, scan
-from ichdata.shards import (
-    ShardDone,
-    ShardTaskError,
-    convert_shard_group,
-    group_size,
-    marker_key,
-    prepare_store,
-    read_markers,
-)
 from ichdata.slurm import cores_option, jobs_option, memory_option, queue_option, walltime_option
-from ichdata.store import manifest_path, quarantine_csv_path, replaceable, salt_path
 
 if TYPE_CHECKING:
     import os
 
+    import pandas as pd
     from distributed import Client
+    from tqdm import tqdm
     from zarr import Group
+
+    from ichdata.finalize import ConvertSummary
+    from ichdata.plan import Plan
+    from ichdata.scan import Manifest
+    from ichdata.shards import ShardDone
 
 __all__ = [
     "ConvertConfig",
@@ -77,7 +67,7 @@ __all__ = [
 
 @dataclass(frozen=True)
 class ConvertConfig:
-    """What `ich convert` was asked to do (saved, resolved, in the store's provenance)."""
+    """What `ich convert` was asked to do (saved in the store's provenance; its paths only with `keep_paths`)."""
 
     source: Path = option(help="folder of DICOM files (any tree)", metavar="SOURCE", positional=True)
     store: Path = option(help="the Zarr store to write (e.g. rsna.zarr)", metavar="STORE", positional=True)
@@ -87,11 +77,16 @@ class ConvertConfig:
     workers: int | None = workers_option()
     scheduler: str | None = scheduler_option()
     scheduler_file: Path | None = scheduler_file_option()
+    insecure_scheduler: bool = insecure_scheduler_option()
     # None: the existing store's, else store.DEFAULT_SHARD_SIZE
     shard_size: int | None = option(
         None, help="slices per shard file (default: the store's, else 64)", metavar="K"
     )
-    overwrite: bool = option(False, help="replace a STORE made from a different plan")
+    overwrite: bool = option(
+        False,
+        help="replace a STORE made from a different plan (only what ich wrote: other files are refused)",
+    )
+    parents: bool = option(False, help="create STORE's parent folders when they do not exist")
     # Not part of the plan: each run writes the names of the whole store its own way (`ichdata.pathkeys`).
     keep_paths: bool = option(
         False,
@@ -125,6 +120,8 @@ class ConvertResult:
 
 
 def _record_failures(group: Group, failures: pd.DataFrame, p: Plan) -> None:
+    from ichdata.reasons import Reason
+
     info = p.rows.set_index("path")
     old: list[Any] = list(group.attrs.get("pixel_failures", []))  # type: ignore[arg-type]
     seen = {f["path"] for f in old}
@@ -154,11 +151,16 @@ def convert_shards(
     """Write every shard of `p` whose done-marker does not hold its key, in Dask tasks of a few shards.
 
     Without a client the shards are converted in this process, one after another; an
-    `OnDemandClient` starts its cluster only when a shard needs writing. `on_shard_done` is
-    called in the driver for each shard written (not for skipped ones). A task that fails for a reason
+    `OnDemandClient` starts its cluster only when enough shards need writing (`SMALL_JOB` slices).
+    `on_shard_done` is called in the driver for each shard written (not for skipped ones). A task that fails for a reason
     other than a bad file (I/O error, a bug) raises here with the shard named. A plan made with
     `overwrite` replaces whatever is at the store first.
     """
+    import pandas as pd
+
+    from ichdata.shards import marker_key, prepare_store, read_markers
+    from ichdata.storefiles import remove_leftovers
+
     t0 = time.perf_counter()
     fresh = p.overwrite or not (p.store / "zarr.json").is_file()
     group = prepare_store(p, overwrite=p.overwrite)
@@ -169,20 +171,28 @@ def convert_shards(
         # The store holds this very plan, committed after every marker was checked: nothing to write,
         # and no marker to read (one file each).
         return ConvertResult(p, p.n_shards, 0, p.n_shards, _no_failures(), time.perf_counter() - t0)
+    if not fresh:
+        # Temporary files of writes a killed run left (`ich verify` lists them): safe to remove only
+        # because the caller holds the store's lock, so no other writer has one in flight.
+        remove_leftovers(p.store)
     # A store made just now has no markers: skip a read per shard.
     done_keys = [""] * p.n_shards if fresh else read_markers(group)
     n_skipped = sum(1 for i in range(p.n_shards) if marker_key(done_keys, i) == p.shard_key(i))
     while True:
         todo = [i for i in range(p.n_shards) if marker_key(done_keys, i) != p.shard_key(i)]
         new_failures: list[tuple[str, str, str]] = []
-        started = resolve_client(client) if todo else None
-        for done in _run_shards(p, todo, started, max_in_flight, stop_on_failure=True):
-            if done.failures:
-                new_failures.extend(done.failures)
-            else:
-                n_written += 1
-                if on_shard_done is not None:
-                    on_shard_done(done)
+        work = sum(p.shard_rows(i)[1] - p.shard_rows(i)[0] for i in todo)
+        started = resolve_client(client, work) if todo else None
+        # A few slices in this process: no Numba start either (the same pixels).
+        few = numpy_unless_compiled() if started is None and work <= SMALL_JOB else contextlib.nullcontext()
+        with few:
+            for done in _run_shards(p, todo, started, max_in_flight, stop_on_failure=True):
+                if done.failures:
+                    new_failures.extend(done.failures)
+                else:
+                    n_written += 1
+                    if on_shard_done is not None:
+                        on_shard_done(done)
         if not new_failures:
             break
         fdf = pd.DataFrame(new_failures, columns=["path", "reason", "detail"])
@@ -208,6 +218,8 @@ def convert_shards(
 
 
 def _no_failures() -> pd.DataFrame:
+    import pandas as pd
+
     return pd.DataFrame([], columns=["path", "reason", "detail"])
 
 
@@ -287,6 +299,9 @@ def _run_shards(
 
     After a result with failures no new task is submitted; the ones in flight are drained.
     """
+    # The module, not its functions: a stand-in a test installs on `ichdata.shards` is found.
+    from ichdata import shards
+
     if client is None:
         for i in todo:
             try:
@@ -299,6 +314,8 @@ def _run_shards(
                 return
         return
     from distributed import as_completed
+
+    from ichdata.shards import ShardTaskError, convert_shard_group, group_size
 
     n_threads = sum(client.nthreads().values())
     limit = max_in_flight or max(2, 2 * n_threads)
@@ -366,7 +383,9 @@ def excluded_paths(store: str | os.PathLike[str], labels: str | os.PathLike[str]
     They may live inside the source folder (RSNA's `stage_2_train.csv` sits beside the images): they
     are outputs and inputs of another kind, not files to account for.
     """
-    out = [Path(store), manifest_path(store), quarantine_csv_path(store), salt_path(store)]
+    from ichdata.store import manifest_path, quarantine_csv_path, salt_path
+
+    out = [Path(store), manifest_path(store), quarantine_csv_path(store), salt_path(store), lock_path(store)]
     if labels is not None:
         out.append(Path(labels))
     return out
@@ -374,6 +393,9 @@ def excluded_paths(store: str | os.PathLike[str], labels: str | os.PathLike[str]
 
 def previous_manifest(store: str | os.PathLike[str], source: str | os.PathLike[str]) -> Manifest | None:
     """The manifest an earlier conversion kept beside `store`, for an incremental re-scan (or None)."""
+    from ichdata.scan import Manifest
+    from ichdata.store import manifest_path
+
     mp = manifest_path(store)
     return Manifest.read(mp, source) if mp.is_file() else None
 
@@ -382,22 +404,38 @@ def check_inputs(config: ConvertConfig) -> None:
     """The checks made before any work, each a one-line `UserError`.
 
     The cluster options make sense together (`ichdata.cluster.check_cluster`), SOURCE is a folder, the
-    label CSV (if any) is a file, and STORE is absent or was made from this plan
-    (`ichdata.plan.check_store`). Cheap (a few `stat`s and the store's attributes): `scan_source`
-    makes them again.
+    label CSV (if any) is a file, neither lies inside STORE, STORE's folder exists (or `--parents`)
+    and is inside no other store (`ichdata.outputs.check_store_target`), and STORE is absent or was
+    made from this plan (`ichdata.plan.check_store`); a run deletes nothing ich did not write:
+    `--overwrite` replaces a store that holds nothing else, and a commit (which rewrites the small
+    arrays whole) finds no other file in their folders (`ichdata.storefiles`). Cheap (a few `stat`s,
+    the store's attributes, a walk of the store with `--overwrite`): `scan_source` makes them again,
+    under the store's lock.
     """
+    from ichdata.outputs import check_store_target
+    from ichdata.resume import check_store
+    from ichdata.storefiles import REWRITTEN, StrayKind, check_metadata, check_replaceable, stray_files
+
     check_cluster(config)
     source, store = Path(config.source), Path(config.store)
     if not source.is_dir():
         raise UserError(f"SOURCE {source}: no such folder; expected a folder of DICOM files")
     if config.labels is not None and not Path(config.labels).is_file():
         raise UserError(f"--labels {config.labels}: no such file; expected an RSNA label CSV (ID,Label)")
-    if config.overwrite and not replaceable(store):
-        raise UserError(
-            f"STORE {store}: exists and is not an ich store; --overwrite replaces only a store "
-            "`ich convert` made"
-        )
+    check_store_target(
+        store, what="STORE", parents=config.parents, inputs={"SOURCE": source, "--labels": config.labels}
+    )
+    if config.overwrite:
+        check_replaceable(store)
     check_store(store, source, config.shard_size, config.overwrite)
+    if not config.overwrite and (store / "zarr.json").is_file():
+        check_metadata(store)
+        foreign = [s for s in stray_files(store, within=REWRITTEN) if s.kind is StrayKind.FOREIGN]
+        if foreign:
+            raise UserError(
+                f"STORE {store}: holds {foreign[0].path}, which ich did not write, in a folder each run "
+                "rewrites; move it out of the store"
+            )
 
 
 def scan_source(
@@ -415,6 +453,8 @@ def scan_source(
     scan when they live under the source (`excluded_paths`). `on_total(n)` is called once the tree is
     listed, `on_progress(n)` as batches of `n` files finish.
     """
+    from ichdata.scan import scan
+
     check_inputs(config)
     source, store = Path(config.source), Path(config.store)
     previous = None if config.overwrite else previous_manifest(store, source)
@@ -436,6 +476,8 @@ def plan_conversion(config: ConvertConfig, manifest: Manifest, labels: pd.DataFr
     The label table is `labels` when the caller has read it already, else read from `config.labels` (a
     malformed CSV is a `UserError`). The CSV's path is kept in the plan for the store's provenance.
     """
+    from ichdata.plan import load_labels, plan
+
     table = labels if labels is not None else load_labels(config.labels)
     p = plan(manifest, config.store, labels=table, shard_size=config.shard_size, overwrite=config.overwrite)
     return p if config.labels is None else replace(p, labels_source=str(config.labels))
@@ -446,39 +488,29 @@ def convert(config: ConvertConfig, progress: bool = True, client: Client | None 
 
     Runs on `client`, or on a cluster of `config`'s. The inputs are checked and the label CSV is read
     first (a malformed CSV stops the run before any work, even before the cluster starts); progress
-    bars (tqdm, on stderr) when `progress`.
+    bars (tqdm, on stderr) when `progress`. The whole run, from the checks on, holds the store's lock
+    (`ichdata.lock.store_lock`: one writer per store; the workers never take it); a refused run writes
+    nothing.
     """
+    check_inputs(config)  # before the lock too: a mistake leaves no trace, not even the lock file
+    if config.parents:
+        Path(config.store).absolute().parent.mkdir(parents=True, exist_ok=True)
     try:
-        return _convert(config, progress, client)
+        with store_lock(config.store, command="ich convert"):
+            return _convert(config, progress, client)
     except Exception as exc:
-        full = _disk_full(exc)
-        if full is None:
+        error = out_of_space(exc, "re-run the same command to resume (nothing written is lost)", config.store)
+        if error is None:
             raise
-        raise UserError(
-            f"{config.store}: no space left on device ({full.filename or full.strerror}); nothing written "
-            "is lost: free some space and re-run the same command to resume"
-        ) from exc
-
-
-def _disk_full(exc: BaseException) -> OSError | None:
-    """The ENOSPC or EDQUOT error in `exc`'s chain of causes, if any."""
-    seen: set[int] = set()
-    cur: BaseException | None = exc
-    while cur is not None and id(cur) not in seen:
-        if isinstance(cur, OSError) and cur.errno in (errno.ENOSPC, errno.EDQUOT):
-            return cur
-        seen.add(id(cur))
-        cur = cur.__cause__ or cur.__context__
-    return None
+        raise error from exc
 
 
 def _convert(config: ConvertConfig, progress: bool, client: Client | None) -> ConvertSummary:
+    from ichdata.finalize import finalize
+    from ichdata.plan import load_labels
+
     started = time.perf_counter()
-    if client is None and config.cluster == "local" and not (config.scheduler or config.scheduler_file):
-        # The local cluster's workers fork from this process once the render kernels are warm
-        # (`ichdata.cluster`): start on that now, beside the checks and the label CSV.
-        threading.Thread(target=warm_up, name="ich-warm-kernels", daemon=True).start()
-    check_inputs(config)
+    local = config.cluster == "local" and not (config.scheduler or config.scheduler_file)
     stages: dict[str, float] = {}
     with contextlib.ExitStack() as stack:
         # The label CSV (RSNA's: 4.5M rows, seconds) is parsed by Arrow, off the GIL, while the scan
@@ -493,8 +525,14 @@ def _convert(config: ConvertConfig, progress: bool, client: Client | None) -> Co
             parsed.result()
             return cluster_client(config)
 
-        # Started by the first stage with work for it: a re-run with nothing new starts no cluster.
-        runner = client if client is not None else OnDemandClient(start_cluster, stack)
+        # Started by the first stage with enough work for it: a re-run with nothing new starts no
+        # cluster, and a small job on this machine (unless --workers asks for processes) runs here.
+        runner: Client | OnDemandClient
+        if client is not None:
+            runner = client
+        else:
+            small = SMALL_JOB if local and config.workers is None else 0
+            runner = OnDemandClient(start_cluster, stack, small_job=small, background=local)
         t = time.perf_counter()
         with _bar(progress, "scan", "file") as bar:
             manifest = scan_source(config, runner, on_progress=bar.update, on_total=_set_total(bar))
@@ -516,6 +554,8 @@ def _convert(config: ConvertConfig, progress: bool, client: Client | None) -> Co
 
 def _bar(progress: bool, desc: str, unit: str, total: int | None = None) -> tqdm[Any]:
     """A bar of `unit`s with their rate and, once `total` is known, the time left (tqdm's ETA)."""
+    from tqdm import tqdm
+
     return tqdm(desc=desc, unit=unit, total=total, dynamic_ncols=True, leave=True, disable=not progress)
 
 

@@ -147,8 +147,8 @@ def finalize(
             "n_series": len(p.series),
             "n_studies": n_studies,
             "shard_size": p.shard_size,
-            "provenance": _provenance(result, config, dict(group.attrs.get("provenance") or {})),  # type: ignore[arg-type]
-            "plan": {"config": p.config, "config_hash": p.config_hash, "plan_hash": p.plan_hash},
+            "provenance": _provenance(result, config, dict(group.attrs.get("provenance") or {}), keep_paths),  # type: ignore[arg-type]
+            "plan": {"config": p.store_config, "plan_hash": p.plan_hash},
             "shard_checksums": "conversion/shard_done",
             "salt_check": salt,
         }
@@ -199,10 +199,12 @@ def _already_committed(result: ConvertResult, group: Group, keep_paths: bool, sa
     """Whether the store already holds exactly this plan, committed: a re-run that found nothing new.
 
     Then there is nothing to write (the daily ingest of an unchanged landing folder): the same rows,
-    series, labels and shard keys (the plan hash), nothing set aside by this run, the same label CSV,
-    the same choice of `--keep-paths`, the salt's check value recorded, `images` no longer than the
-    committed rows, and every small array intact and with checksums (a damaged one, or one an earlier
-    release wrote without, is rewritten from the plan).
+    series, labels and shard keys (the plan hash), nothing set aside by this run, the same label CSV
+    (by name too, with `--keep-paths`), the same choice of `--keep-paths`, the plan settings recorded as
+    this version records them (a store written before `source_id` is committed again, without its
+    source's path), the salt's check value recorded, `images` no longer than the committed rows, and
+    every small array intact and with checksums (a damaged one, or one an earlier release wrote
+    without, is rewritten from the plan).
     """
     p = result.plan
     attrs = group.attrs
@@ -217,9 +219,12 @@ def _already_committed(result: ConvertResult, group: Group, keep_paths: bool, sa
         or "pixel_failures" in attrs
         or bool(p.quarantine["new"].any())
         or prov.get("n_quarantined") != p.n_set_aside
-        or (p.labels_source is not None and prov.get("labels") != p.labels_source)
+        or (keep_paths and p.labels_source is not None and prov.get("labels") != p.labels_source)
         or attrs.get(pathkeys.ATTR, pathkeys.KEPT) != pathkeys.mode(keep_paths)
         or attrs.get("salt_check") != salt
+        or plan_attr.get("config") != p.store_config
+        or "config_hash" in plan_attr
+        or (not keep_paths and _names_paths(prov))
         or not manifest_path(p.store).is_file()
     ):
         return False
@@ -233,12 +238,28 @@ def _already_committed(result: ConvertResult, group: Group, keep_paths: bool, sa
     return not damaged and not unchecked
 
 
-def _provenance(result: ConvertResult, config: ConvertConfig | None, prev: dict[str, Any]) -> dict[str, Any]:
-    """The store's `provenance` attribute after this run (`prev`: the one before it)."""
+def _names_paths(prov: dict[str, Any]) -> bool:
+    """Whether a store's provenance names a path (as every store did before `--keep-paths` kept them out)."""
+    config = prov.get("config") or {}
+    return any(prov.get(k) is not None for k in ("source", "labels")) or any(
+        isinstance(config, dict) and config.get(k) is not None
+        for k in ("source", "store", "labels", "scheduler_file")
+    )
+
+
+def _provenance(
+    result: ConvertResult, config: ConvertConfig | None, prev: dict[str, Any], keep_paths: bool
+) -> dict[str, Any]:
+    """The store's `provenance` attribute after this run (`prev`: the one before it).
+
+    Paths (the source folder, the label CSV, the store, a scheduler file) only with `--keep-paths`:
+    folder names may name patients, and the store is what users share. The manifest beside the store
+    keeps the source folder.
+    """
     p = result.plan
     now = now_utc()
     return {
-        "source": str(p.source),
+        "source": str(p.source) if keep_paths else None,
         "software": software_version(),
         "created": prev.get("created", now),
         "updated": now,
@@ -246,12 +267,12 @@ def _provenance(result: ConvertResult, config: ConvertConfig | None, prev: dict[
         "n_converted": p.n_slices,
         "n_quarantined": p.n_set_aside,
         "quarantined_by_reason": p.quarantined_by_reason(),
-        "labels": p.labels_source or prev.get("labels"),
+        "labels": (p.labels_source or prev.get("labels")) if keep_paths else None,
         "n_labelled": _n_labelled(p.labels),
         "config": None
         if config is None
         else {
-            k: (None if v is None else str(v) if isinstance(v, Path) else v)
+            k: (None if v is None else (str(v) if keep_paths else None) if isinstance(v, Path) else v)
             for k, v in config.__dict__.items()
         },
     }

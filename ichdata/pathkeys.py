@@ -83,7 +83,8 @@ def local_paths(
     """
     if not manifest.is_file():
         return source_path, quarantine
-    table = pq.read_table(manifest, columns=["path", "detail"])
+    with manifest.open("rb") as f:  # Arrow refuses a name the locale could not decode (`LC_ALL=C`)
+        table = pq.read_table(f, columns=["path", "detail"])
     paths = table.column("path").to_numpy()
     if not len(paths):
         return source_path, quarantine

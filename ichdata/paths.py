@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["fs_path", "path_text"]
+__all__ = ["display_name", "fs_path", "path_text"]
 
 # What makes a name need quoting: undecodable bytes (surrogates from `surrogateescape`), C0/C1 controls
 # and DEL (a newline in a name would break every line-based listing), or a leading quote (so that an
@@ -56,3 +56,16 @@ def fs_path(text: str) -> str:
     if len(text) < 2 or not text.startswith('"') or not text.endswith('"'):
         return text
     return _UNESCAPE.sub(_unescape, text[1:-1])
+
+
+def display_name(name: str) -> str:
+    r"""`name` as text any font or terminal can show: its bytes read as UTF-8, others as `\xNN`.
+
+    For names drawn in a figure. A name that the OS decoded as ASCII (the C locale, where `é` arrives
+    as two undecodable bytes) shows as the UTF-8 name it is; text that is already Unicode is unchanged.
+    """
+    try:
+        raw = name.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a lone surrogate that stands for no byte
+        return name.encode("utf-8", "backslashreplace").decode("utf-8")
+    return raw.decode("utf-8", "backslashreplace")

@@ -27,7 +27,7 @@ import pandas as pd
 from ichdata.errors import UserError
 from ichdata.paths import fs_path
 from ichdata.reasons import KEPT_REASONS, Reason
-from ichdata.resume import load_salt, plan_config, previous_run, resolve_shard_size
+from ichdata.resume import load_salt, plan_config, previous_run, resolve_shard_size, stored_config
 from ichdata.scan import Manifest, index_in, is_in
 from ichdata.setaside import (
     changed_since_conversion,
@@ -71,6 +71,8 @@ class Plan:
     manifest: Manifest
     labels_source: str | None = None
     overwrite: bool = False  # `convert_shards` replaces whatever is at `store` first
+    # What the store records of `config`: the source folder as a keyed digest (`ichdata.resume`).
+    store_config: dict[str, Any] = field(default_factory=dict)
     _keys: dict[int, str] = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -394,6 +396,7 @@ def plan(
         manifest=manifest,
         labels_source=None if labels is None or isinstance(labels, pd.DataFrame) else str(labels),
         overwrite=overwrite,
+        store_config=stored_config(config, salt),
     )
 
 

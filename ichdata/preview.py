@@ -17,6 +17,7 @@ from pathlib import Path
 from ichdata.dicom import SliceError, read_slice
 from ichdata.errors import UserError
 from ichdata.options import option
+from ichdata.paths import display_name
 from ichdata.windows import WINDOWS, window_hu
 
 __all__ = ["PREVIEW_SIZE_PX", "PreviewConfig", "write_preview"]
@@ -77,7 +78,7 @@ def write_preview(path: str | os.PathLike[str], out_png: str | os.PathLike[str])
         ax.set_xticks([])
         ax.set_yticks([])
     fig.suptitle(
-        f"{path.name}  ·  {meta.image_id}  ·  {meta.rows}×{meta.cols}  ·  "
+        f"{display_name(path.name)}  ·  {display_name(meta.image_id)}  ·  {meta.rows}×{meta.cols}  ·  "
         f"position {meta.slice_position:.1f} mm",
         fontsize=11,
     )

@@ -4,6 +4,12 @@ A store made with other settings (source folder, shard size, image size, format 
 refused with a one-line `UserError` unless the run replaces it (`--overwrite`); `check_store` makes
 that check before any file is scanned. The salt of the patient keys lives beside the store
 (`STORE.salt`), so that sharing the store does not share the means to test a guessed patient id.
+
+The store records its source folder by a digest keyed with that salt (`source_id`), never by its
+path: a folder named after a patient would otherwise travel with the store. The digest is of the
+path's bytes, so the same folder is the same source in every locale (`LC_ALL=C` decodes a non-ASCII
+name differently from a UTF-8 locale). A store written before the digest holds the path itself
+(`plan.config.source`); it is still recognised, and its next commit records the digest instead.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from ichdata.store import (
     FORMAT_VERSION,
     IMAGE_SIZE,
     manifest_path,
+    read_salt,
     salt_path,
     store_attrs,
 )
@@ -32,14 +39,43 @@ RENDER_VERSION = 1
 
 
 def plan_config(source: Path, shard_size: int, image_size: int = IMAGE_SIZE) -> dict[str, Any]:
-    """The settings a store is tied to; a store made with other settings is a different plan."""
+    """The settings a store is tied to; a store made with other settings is a different plan.
+
+    `source` is the resolved folder as locale-proof text (`source_text`); the store records its keyed
+    digest instead (`stored_config`).
+    """
     return {
         "format_version": FORMAT_VERSION,
         "render_version": RENDER_VERSION,
         "image_size": image_size,
         "shard_size": shard_size,
-        "source": os.path.realpath(source),
+        "source": source_text(source),
     }
+
+
+def source_text(source: str | os.PathLike[str]) -> str:
+    """The resolved folder `source` as text that is the same in every locale.
+
+    Its bytes read as UTF-8, undecodable bytes as surrogates: under a UTF-8 locale (where stores were
+    made before) this is the path as Python shows it.
+    """
+    return os.fsencode(os.path.realpath(source)).decode("utf-8", "surrogateescape")
+
+
+def source_id(text: str, salt: bytes) -> str:
+    """The store's record of its source folder (`source_text`): a digest keyed with the store's salt.
+
+    Keyed, so that someone holding the store but not the salt beside it cannot test a guessed folder.
+    """
+    data = text.encode("utf-8", "surrogateescape")
+    return hashlib.blake2b(data, key=salt, person=b"ich-source", digest_size=16).hexdigest()
+
+
+def stored_config(config: dict[str, Any], salt: bytes) -> dict[str, Any]:
+    """What the store records of the plan settings `config`: the source folder as its `source_id`."""
+    out = {k: v for k, v in config.items() if k != "source"}
+    out["source_id"] = source_id(config["source"], salt)
+    return out
 
 
 def previous_run(
@@ -75,24 +111,79 @@ def _store_of_plan(store: Path, config: dict[str, Any]) -> dict[str, Any] | None
     attrs = dict(found)
     prev_plan = attrs.get("plan") or {}
     prev_config = prev_plan.get("config")
-    if prev_config != config:
-        was = (
-            f"source {prev_config.get('source')}, shard size {prev_config.get('shard_size')}, "
-            f"image size {prev_config.get('image_size')}, format {prev_config.get('format_version')}"
-            if prev_config
-            else "not by `ich convert`"
-        )
-        now = (
-            f"source {config['source']}, shard size {config['shard_size']}, image size {config['image_size']}"
-        )
+    differs = (
+        _differences(store, prev_config, config)
+        if isinstance(prev_config, dict)
+        else ["not by `ich convert`"]
+    )
+    if differs:
         raise UserError(
-            f"STORE {store}: made from a different plan ({was}; this run: {now}); "
+            f"STORE {store}: made from a different plan ({'; '.join(differs)}); "
             "pass --overwrite to replace it, or choose another STORE"
         )
     mp = manifest_path(store)
     if not mp.is_file() and attrs.get("state") == "complete":
         raise UserError(f"{mp}: missing; it records what the store holds, so the store cannot be extended")
     return attrs
+
+
+_SETTINGS = {
+    "shard_size": "shard size",
+    "image_size": "image size",
+    "format_version": "format version",
+    "render_version": "render version",
+}
+
+
+def _differences(store: Path, recorded: dict[str, Any], config: dict[str, Any]) -> list[str]:
+    """What differs between the plan settings a store recorded and this run's `config`, in words."""
+    out = [
+        f"{words} {recorded.get(key)}, this run's {words} {config[key]}"
+        for key, words in _SETTINGS.items()
+        if recorded.get(key) != config[key]
+    ]
+    extra = set(recorded) - {*_SETTINGS, "source", "source_id"}
+    out += [f"a setting {key} this version does not know" for key in sorted(extra)]
+    if "source_id" in recorded:
+        same_source = recorded["source_id"] == source_id(config["source"], _recorded_salt(store))
+    else:  # written before `source_id`: the path itself, as text of the locale it was written in
+        same_source = _locale_proof(recorded.get("source")) == config["source"]
+    if not same_source:
+        out.append(f"another SOURCE folder than this run's, {config['source']}")
+    return out
+
+
+def made_from(store: str | os.PathLike[str], source: str | os.PathLike[str]) -> bool:
+    """Whether the ich store at `store` records `source` as its source folder (False for anything else).
+
+    By its `source_id` and the salt beside it, or by the path a store written before that holds.
+    """
+    attrs = store_attrs(store) or {}
+    recorded = (attrs.get("plan") or {}).get("config")
+    if not isinstance(recorded, dict):
+        return False
+    if "source_id" not in recorded:
+        return _locale_proof(recorded.get("source")) == source_text(source)
+    salt = salt_path(store)
+    return salt.is_file() and recorded["source_id"] == source_id(source_text(source), read_salt(salt))
+
+
+def _locale_proof(text: object) -> object:
+    """A path's text as `source_text` gives it, whichever locale decoded it (other values unchanged)."""
+    if not isinstance(text, str):
+        return text
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "surrogateescape")
+
+
+def _recorded_salt(store: Path) -> bytes:
+    """The salt the store's `source_id` was made with; a `UserError` when it is gone."""
+    p = salt_path(store)
+    if not p.is_file():
+        raise UserError(
+            f"{p}: missing; the store records its SOURCE folder with it, so this run cannot tell whether "
+            "SOURCE is the store's. Put the salt file back beside the store, or pass --overwrite"
+        )
+    return read_salt(p)
 
 
 def check_store(
@@ -138,7 +229,7 @@ def load_salt(store: Path, *, must_exist: bool) -> bytes:
     """
     p = salt_path(store)
     if p.is_file():
-        return bytes.fromhex(p.read_text().strip())
+        return read_salt(p)
     if must_exist:
         raise UserError(
             f"{p}: missing; the store's patient keys were made with it, so new series cannot be keyed "
@@ -156,15 +247,19 @@ def load_salt(store: Path, *, must_exist: bool) -> bytes:
             os.link(tmp, p)
     finally:
         tmp.unlink(missing_ok=True)
-    return bytes.fromhex(p.read_text().strip())
+    return read_salt(p)
 
 
 __all__ = [
     "RENDER_VERSION",
     "check_store",
     "load_salt",
+    "made_from",
     "plan_config",
     "previous_run",
     "resolve_shard_size",
     "salt_check",
+    "source_id",
+    "source_text",
+    "stored_config",
 ]

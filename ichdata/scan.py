@@ -30,6 +30,7 @@ from ichdata.cluster import OnDemandClient, resolve_client
 from ichdata.errors import UserError
 from ichdata.paths import fs_path, path_text
 from ichdata.reasons import KEPT_REASONS, Reason
+from ichdata.store import read_manifest
 
 if TYPE_CHECKING:
     from distributed import Client
@@ -93,14 +94,15 @@ class Manifest:
         """Write as Parquet (atomically: a temporary file renamed over `path`), without raw patient ids."""
         p = Path(path)
         table = self.table.drop(columns=["patient_id"], errors="ignore")
-        with atomic_path(p) as tmp:
-            table.to_parquet(tmp, index=False)
+        # Opened here, not by Arrow, which refuses a name the locale could not decode (`LC_ALL=C`).
+        with atomic_path(p) as tmp, tmp.open("wb") as f:
+            table.to_parquet(f, index=False)
         return p
 
     @classmethod
     def read(cls, path: str | os.PathLike[str], source: str | os.PathLike[str]) -> Manifest:
         """A manifest written by `write`, of the archive at `source` (raw patient ids are not kept)."""
-        table = pd.read_parquet(path)
+        table = read_manifest(path)  # a damaged file is one line naming it
         table["patient_id"] = None
         if "header_crc32" not in table.columns:  # written by an earlier release: unknown
             table["header_crc32"] = pd.array([None] * len(table), dtype="Int64")
@@ -310,6 +312,10 @@ def table_from_records(records: Sequence[dict[str, Any] | tuple[Any, ...]]) -> p
 MAX_BATCH = 2000
 
 
+#: Files this process reads at a time while the cluster starts (it checks between two such runs).
+_WHILE_STARTING = 64
+
+
 def _batches(paths: Sequence[str], n_workers: int, batch_size: int | None) -> list[Sequence[str]]:
     """`paths` in consecutive batches, one scan task each.
 
@@ -341,7 +347,8 @@ def scan(
     """Scan `source`: one manifest row per file (header only), in parallel on `client`'s cluster.
 
     Without a client the scan runs in this process; an `OnDemandClient` starts its cluster only when
-    some file needs reading. Files of `previous` (the manifest of an earlier
+    enough files need reading (a few are read here), and this process reads files while it starts.
+    Files of `previous` (the manifest of an earlier
     scan of the same source) with unchanged size and modification time are not read again; their rows
     (with the plan's columns `row` and labels) are carried over. `on_progress(n)` is called as batches
     of `n` files finish (for a progress bar or a log line), `on_total(n)` once the tree is listed.
@@ -361,8 +368,20 @@ def scan(
         if on_progress is not None and len(reused):
             on_progress(len(reused))
     parts: list[pd.DataFrame] = []
+    if paths and isinstance(client, OnDemandClient) and not client.in_process(len(paths)):
+        # Files enough for a cluster: it starts in the background while this process reads the first
+        # ones, a few at a time, until it is up.
+        client.start()
+        done = 0
+        while done < len(paths) and not client.ready:
+            head = paths[done : done + _WHILE_STARTING]
+            parts.append(scan_files(str(root), head))
+            done += len(head)
+            if on_progress is not None:
+                on_progress(len(head))
+        paths = paths[done:]
     if paths:
-        started = resolve_client(client)
+        started = resolve_client(client, len(paths))
         n_workers = len(started.nthreads()) if started is not None else 1
         batches = _batches(paths, n_workers, batch_size)
         if started is None:
@@ -371,7 +390,7 @@ def scan(
                 if on_progress is not None:
                     on_progress(len(b))
         else:
-            parts = _scan_on(started, str(root), batches, on_progress)
+            parts += _scan_on(started, str(root), batches, on_progress)
     # In batch order the scanned rows are already sorted by path (`walk` sorts); the sort below only
     # has work to do where rows of the previous manifest were reused.
     tables = [t for t in (reused, *parts, odd) if len(t)]

@@ -10,7 +10,6 @@ The done-marker contract is in the README's store section.
 from __future__ import annotations
 
 import os
-import shutil
 import threading
 import time
 from collections.abc import Callable
@@ -20,19 +19,20 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ichdata.errors import UserError
 from ichdata.reasons import Reason
 from ichdata.shardfile import shard_checksum, write_images
 from ichdata.store import (
+    ICH_ATTR,
     N_CHANNELS,
     array,
     base_attrs,
     create_images,
     create_shard_done,
     manifest_path,
+    open_group,
     quarantine_csv_path,
-    replaceable,
 )
+from ichdata.storefiles import check_replaceable, remove_ich_files
 
 if TYPE_CHECKING:
     from zarr import Array, Group
@@ -95,7 +95,7 @@ def convert_shard(
             failures.append((os.path.relpath(path, source_root), exc.reason, exc.detail))
         except Exception as exc:  # a reader bug on one file must not stop a 752k-file run
             failures.append(
-                (os.path.relpath(path, source_root), Reason.UNDECODABLE, f"{type(exc).__name__}: {exc}")
+                (os.path.relpath(path, source_root), Reason.UNDECODABLE, _failure_detail(exc, path))
             )
     if failures:
         return ShardDone(index, key, n, failures=tuple(failures), elapsed_s=time.perf_counter() - t0)
@@ -103,6 +103,17 @@ def convert_shard(
     checksum = shard_checksum(block)
     markers[index] = f"{key}:{checksum}"
     return ShardDone(index, key, n, checksum=checksum, elapsed_s=time.perf_counter() - t0)
+
+
+def _failure_detail(exc: Exception, path: str) -> str:
+    """The quarantine detail of a file that failed to render with `exc`, naming no file.
+
+    The row names the file (by its key in a store without `--keep-paths`); an OS error's message
+    carries the path (a file removed since the scan: `[Errno 2] No such file or directory: '/…'`).
+    """
+    if isinstance(exc, OSError):
+        return f"{type(exc).__name__}: {exc.strerror or 'I/O error'}"
+    return f"{type(exc).__name__}: {exc}".replace(path, "the file")
 
 
 #: Inside a shard group task (`convert_shard_group`): the arrays it has opened, by store; else unset.
@@ -187,13 +198,13 @@ def group_size(remaining: int, n_threads: int) -> int:
 def remove_store(store: Path) -> None:
     """Delete the ich store at `store` and its side files, for `--overwrite`.
 
-    Anything else there (a file, a folder that is neither empty nor an ich store) is refused with a
-    `UserError`: nothing is deleted that is not an ich store.
+    Anything else there (a file, a folder that is neither empty nor an ich store, an ich store holding
+    a file ich did not write) is refused with a `UserError`, and only ich's files are deleted
+    (`ichdata.storefiles`).
     """
-    if not replaceable(store):
-        raise UserError(f"STORE {store}: exists and is not an ich store; refusing to overwrite it")
+    check_replaceable(store)
     if store.is_dir():
-        shutil.rmtree(store)
+        remove_ich_files(store)
     for p in (manifest_path(store), quarantine_csv_path(store)):
         p.unlink(missing_ok=True)
 
@@ -209,31 +220,48 @@ def prepare_store(p: Plan, *, overwrite: bool = False) -> Group:
     store = p.store
     if overwrite:
         remove_store(store)
-    plan_attr: dict[str, Any] = {"config": p.config, "config_hash": p.config_hash}
+    # The settings as the store records them: the source folder as a keyed digest, and no unkeyed hash
+    # of its path (`config_hash`, which stores before it held).
+    plan_attr: dict[str, Any] = {"config": p.store_config}
     if not (store / "zarr.json").is_file():
-        group = zarr.open_group(str(store), mode="w")
-        group.attrs.update(
-            {**base_attrs(p.image_size), "state": "converting", "shard_size": p.shard_size, "plan": plan_attr}
+        # "w-" creates and never deletes ("w" empties the folder first); the attributes that make it an
+        # ich store are in its first metadata write.
+        group = zarr.open_group(
+            str(store),
+            mode="w-",
+            attributes={
+                **base_attrs(p.image_size),
+                "state": "converting",
+                "shard_size": p.shard_size,
+                "plan": plan_attr,
+            },
         )
         create_images(group, p.n_slices, p.shard_size, p.image_size)
         create_shard_done(group, p.n_shards)
         return group
-    group = zarr.open_group(str(store), mode="r+")
-    if "images" not in group:
+    group = open_group(store, mode="r+")
+    try:  # through `array`: damaged metadata is one line naming the file
+        images = array(group, "images")
+    except KeyError:
         create_images(group, p.n_slices, p.shard_size, p.image_size)
     else:
-        images = array(group, "images")
         if images.shape[0] != p.n_slices:
             images.resize((p.n_slices, N_CHANNELS, p.image_size, p.image_size))
-    if "conversion/shard_done" not in group:
+    try:
+        markers = array(group, "conversion/shard_done")
+    except KeyError:
         create_shard_done(group, p.n_shards)
     else:
-        markers = array(group, "conversion/shard_done")
         if markers.shape[0] != p.n_shards:
             markers.resize((p.n_shards,))
     old: dict[str, Any] = dict(group.attrs.get("plan") or {})  # type: ignore[arg-type]
-    if old != {**old, **plan_attr}:
-        group.attrs["plan"] = {**old, **plan_attr}
+    new = {**{k: v for k, v in old.items() if k != "config_hash"}, **plan_attr}
+    updates: dict[str, Any] = {} if old == new else {"plan": new}
+    if ICH_ATTR not in group.attrs:
+        # A store written before the namespace was told by its plan's `source`, which it holds no more.
+        updates[ICH_ATTR] = base_attrs(p.image_size)[ICH_ATTR]
+    if updates:
+        group.attrs.update(updates)
     return group
 
 

@@ -97,9 +97,10 @@ def slurm_cluster(
 
     Each job runs one single-threaded worker process per core, sharing the job's memory. A job that
     SLURM kills, or whose worker retires before the walltime, is replaced by a new one. The
-    scheduler accepts only peers holding this run's TLS credentials, which are written to a private
-    (0700) directory in the site's `jobqueue.slurm.shared-temp-directory` (the home directory when
-    unset), a file system the compute nodes share, and removed at the end.
+    scheduler accepts only peers holding this run's TLS credentials, which are written to the run's
+    own private (0700) temporary folder in the site's `jobqueue.slurm.shared-temp-directory` (the home
+    directory when unset), a file system the compute nodes share, and removed when the block ends,
+    however it ends (`ich` raises on SIGTERM as on Ctrl-C).
 
     Args:
         jobs: The number of SLURM jobs (each one `sbatch` allocation) to keep running.
@@ -115,9 +116,9 @@ def slurm_cluster(
         UserError: `jobs` is below 1, or cores or memory are given neither here nor in the site config.
     """
     import dask
-    from dask_jobqueue import SLURMCluster
     from distributed import Client
 
+    cluster_class = _slurm_cluster_class()
     if jobs < 1:
         raise UserError(f"--jobs {jobs}: at least one SLURM job is needed")
     cores = int(_per_job(cores, "cores"))
@@ -134,12 +135,13 @@ def slurm_cluster(
         **(dask.config.get("jobqueue.slurm.scheduler-options") or {}),
     }
     job_name = f"ich-{uuid.uuid4().hex[:12]}"
-    credentials = Path(tempfile.mkdtemp(prefix=".ich-dask-tls-", dir=_shared_temp_directory()))
+    credentials: Path | None = None
     cluster: SLURMCluster | None = None
     client: Client | None = None
     try:
+        credentials = Path(tempfile.mkdtemp(prefix=".ich-dask-tls-", dir=_shared_temp_directory()))
         security = _run_credentials(credentials)
-        cluster = SLURMCluster(
+        cluster = cluster_class(
             queue=queue,
             cores=cores,
             processes=cores,
@@ -163,7 +165,30 @@ def slurm_cluster(
         yield client
     finally:
         _shutdown(client, cluster, job_name)
-        shutil.rmtree(credentials, ignore_errors=True)
+        if credentials is not None:
+            shutil.rmtree(credentials, ignore_errors=True)
+
+
+def _slurm_cluster_class() -> type[SLURMCluster]:
+    """dask-jobqueue's `SLURMCluster`, imported without the SIGINT handler its import installs.
+
+    `dask_jobqueue.runner` replaces the process's SIGINT handler with `sys.exit()` when imported (meant
+    for processes it starts itself): Ctrl-C while the run waits for its workers would end `ich`
+    silently with status 0 instead of cancelling the jobs and saying so.
+    """
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        from dask_jobqueue import SLURMCluster
+
+        return SLURMCluster
+    handler = signal.getsignal(signal.SIGINT)
+    try:
+        from dask_jobqueue import SLURMCluster
+    finally:
+        signal.signal(signal.SIGINT, handler)
+    return SLURMCluster
 
 
 def _test_submit(script: str) -> None:

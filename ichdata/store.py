@@ -12,14 +12,15 @@ progress may have grown `images` beyond the committed rows.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -43,11 +44,11 @@ N_CHANNELS = 3
 SERIES_COLUMNS: tuple[str, ...] = ("study_uid", "series_uid", "patient_key", "n_slices")
 QUARANTINE_COLUMNS: tuple[str, ...] = ("path", "reason", "detail")
 STATES = ("converting", "finalizing", "complete")
+#: The group attribute only ich writes: `{"kind": "store", "format_version": 1}`.
+ICH_ATTR = "ich"
 _SMALL_CHUNK = 1 << 16  # rows per chunk of the small 1-D/2-D arrays
 _STRING_ZSTD_LEVEL = 0  # zstd's default, what zarr's "auto" compressor gives the string arrays
-#: The arrays `check_small_arrays` checks: all but `images` (its shards) and `conversion/shard_done`
-#: (one chunk per shard: `ich verify` reads each; `images` and it are checked shard by shard).
-_SHARD_ARRAYS = ("images", "conversion/shard_done")
+_SALT_BYTES = 16  # `STORE.salt`: what `ichdata.resume.load_salt` makes
 
 
 def manifest_path(store: str | os.PathLike[str]) -> Path:
@@ -144,8 +145,13 @@ def write_array(group: Group, name: str, data: np.ndarray) -> None:
 
 
 def base_attrs(image_size: int = IMAGE_SIZE) -> dict[str, Any]:
-    """The attributes every store carries whatever its contents."""
+    """The attributes every store carries whatever its contents.
+
+    `ich` is the namespace only ich writes: what tells an ich store from another Zarr group
+    (`is_ich_store`).
+    """
     return {
+        ICH_ATTR: {"kind": "store", "format_version": FORMAT_VERSION},
         "format_version": FORMAT_VERSION,
         "classes": list(CLASSES),
         "windows": [{"name": w.name, "level": w.level, "width": w.width} for w in WINDOWS],
@@ -245,8 +251,11 @@ def write_store_from_arrays(
         )
     if source_path is None:
         source_path = np.array([f"{i}.dcm" for i in image_ids], dtype=str)
-    group = zarr.open_group(str(path), mode="w" if overwrite else "w-")
-    group.attrs.update({**base_attrs(image_size), "state": "converting", "shard_size": shard_size})
+    group = zarr.open_group(
+        str(path),
+        mode="w" if overwrite else "w-",
+        attributes={**base_attrs(image_size), "state": "converting", "shard_size": shard_size},
+    )
     arr = create_images(group, n, shard_size, image_size)
     done = create_shard_done(group, -(-n // shard_size))
     for i, a in enumerate(range(0, n, shard_size)):
@@ -320,7 +329,9 @@ class Store:
     def _named(self) -> tuple[np.ndarray, pd.DataFrame]:
         if self.attrs.get(pathkeys.ATTR) != pathkeys.MANIFEST_ROWS:
             return self.stored_source_path, self.stored_quarantine
-        return pathkeys.local_paths(manifest_path(self.path), self.stored_source_path, self.stored_quarantine)
+        mp = manifest_path(self.path)
+        with unless_damaged(mp):
+            return pathkeys.local_paths(mp, self.stored_source_path, self.stored_quarantine)
 
     @property
     def source_path(self) -> np.ndarray:
@@ -396,13 +407,112 @@ class Store:
 
 
 def array(group: Group, name: str) -> Array:
-    """The array `name` (a path inside `group`); a `KeyError` when there is none."""
+    """The array `name` (a path inside `group`); a `KeyError` when there is none.
+
+    Damaged metadata (its `zarr.json`, or a parent group's) is a one-line `UserError` naming the file.
+    """
     import zarr
 
-    member = group[name]
+    member = None
+    parts = name.split("/")
+    for k in range(1, len(parts) + 1):  # each node's metadata on the way, so that the damaged one is named
+        meta = _metadata_file(group, "/".join(parts[:k]))
+        if meta is not None and not meta.is_file():
+            raise KeyError(name)
+        with unless_damaged(meta if meta is not None else Path(name)):
+            member = group["/".join(parts[:k])]
     if not isinstance(member, zarr.Array):
         raise KeyError(f"{name} is a group, not an array")
     return member
+
+
+def _metadata_file(group: Group, name: str) -> Path | None:
+    """The `zarr.json` of member `name` of `group` on a local store (None elsewhere)."""
+    from zarr.storage import LocalStore
+
+    store = group.store
+    if not isinstance(store, LocalStore):
+        return None
+    return Path(store.root) / group.path / name / "zarr.json"
+
+
+def open_group(path: str | os.PathLike[str], mode: Literal["r", "r+"] = "r") -> Group:
+    """The Zarr group of the store at `path`; damaged metadata is a one-line `UserError` naming it."""
+    import zarr
+    from zarr.errors import ContainsArrayError
+
+    with unless_damaged(Path(path) / "zarr.json", root=True):
+        try:
+            return zarr.open_group(str(path), mode=mode)
+        except ContainsArrayError:
+            raise UserError(
+                f"{path}: a Zarr array, not a store; expected the output of `ich convert`"
+            ) from None
+
+
+def read_manifest(path: str | os.PathLike[str], columns: list[str] | None = None) -> pd.DataFrame:
+    """The table of `STORE.manifest.parquet` at `path`; a damaged file is a one-line `UserError`."""
+    # Opened here, not by Arrow, which refuses a name the locale could not decode (`LC_ALL=C`).
+    with unless_damaged(path), open(path, "rb") as f:
+        return pd.read_parquet(f, columns=columns)
+
+
+def read_salt(path: str | os.PathLike[str]) -> bytes:
+    """The salt in `STORE.salt` at `path`; a damaged or malformed file is a one-line `UserError`."""
+    with unless_damaged(path):
+        salt = bytes.fromhex(Path(path).read_text(encoding="ascii").strip())
+        if len(salt) != _SALT_BYTES:
+            raise ValueError(f"{len(salt)} bytes")
+    return salt
+
+
+@contextlib.contextmanager
+def unless_damaged(file: str | os.PathLike[str], *, root: bool = False) -> Iterator[None]:
+    """Turn the error that parsing a damaged store file raises into one line naming it and what to do.
+
+    `file` is a store's own `zarr.json` (`root`), a member's, `STORE.manifest.parquet` or `STORE.salt`;
+    every reader of those files goes through here (`open_group`, `array`, `read_manifest`,
+    `read_salt`), so that `ich verify`, `ich train`, `ich quarantine` and `ich convert` say the same.
+    The file's contents are never quoted.
+    """
+    try:
+        yield
+    except (ValueError, TypeError, KeyError) as exc:  # JSON, Zarr metadata, Parquet (ArrowInvalid), hex
+        raise UserError(damaged_message(Path(file), root=root)) from exc
+
+
+def damaged_message(file: Path, *, root: bool = False) -> str:
+    """What is wrong with the damaged store file `file` and what to do about it, in one line."""
+    name = file.name
+    if name.endswith(".manifest.parquet"):
+        return (
+            f"{file}: damaged (not a readable Parquet file); it records which input file is in which row: "
+            "restore it from a backup, or convert again with --overwrite"
+        )
+    if name.endswith(".salt"):
+        return (
+            f"{file}: damaged (expected {2 * _SALT_BYTES} hex digits); the store's patient keys were made "
+            "with it: restore it from a backup, or delete it and convert again with --overwrite (the "
+            "patient keys change)"
+        )
+    if root:
+        return (
+            f"{file}: damaged (not valid Zarr v3 metadata); the store cannot be read or recognised: restore "
+            f"it from a backup, or delete {file.parent} and convert again"
+        )
+    return (
+        f"{file}: damaged (not valid Zarr v3 metadata); restore it from a backup, or convert again with "
+        "--overwrite"
+    )
+
+
+def _has(group: Group, name: str) -> bool:
+    """Whether `group` has the array `name` (damaged metadata is a `UserError`, not an absence)."""
+    try:
+        array(group, name)
+    except KeyError:
+        return False
+    return True
 
 
 def _read_strings(store: Path, group: Group, name: str) -> np.ndarray:
@@ -422,15 +532,17 @@ def open_store(path: str | os.PathLike[str], *, allow_incomplete: bool = False) 
     `--keep-paths` names input files by keys, read back as paths from the manifest beside it when there
     (`Store.source_path`, `Store.quarantine`).
     """
-    import zarr
-
     p = Path(path)
     if not (p / "zarr.json").is_file():
         raise UserError(f"{p}: not an ich store (no zarr.json); expected the output of `ich convert`")
-    group = zarr.open_group(str(p), mode="r")
+    group = open_group(p)
     attrs: dict[str, Any] = dict(group.attrs)
     version = attrs.get("format_version")
-    if version is None or "images" not in group:
+    try:
+        images = array(group, "images")
+    except KeyError:
+        images = None
+    if version is None or images is None:
         raise UserError(f"{p}: a Zarr group but not an ich store (no format_version attribute or no images)")
     if int(version) > FORMAT_VERSION:
         raise UserError(f"{p}: store format version {version}; this ich reads up to {FORMAT_VERSION}")
@@ -447,7 +559,7 @@ def open_store(path: str | os.PathLike[str], *, allow_incomplete: bool = False) 
     if damaged:
         name, why = damaged[0]
         raise UserError(_damaged_array(p, name, why))
-    if "labels" in group:
+    if _has(group, "labels"):
         try:
             labels = np.asarray(_read(p, group, "labels"), dtype=np.uint8)
             offsets = np.asarray(_read(p, group, "study_offsets"), dtype=np.int64)
@@ -469,9 +581,11 @@ def open_store(path: str | os.PathLike[str], *, allow_incomplete: bool = False) 
         }
     )
     quarantine = pd.DataFrame({c: _read_strings(p, group, f"quarantine/{c}") for c in QUARANTINE_COLUMNS})
+    with contextlib.suppress(KeyError):  # the readers open the done-markers later: their metadata now
+        array(group, "conversion/shard_done")
     return Store(
         path=p,
-        images=array(group, "images"),
+        images=images,
         labels=labels,
         image_id=_read_strings(p, group, "image_id"),
         study_offsets=offsets,
@@ -519,10 +633,14 @@ def check_small_arrays(
     from zarr.core.metadata import ArrayV3Metadata
     from zarr.storage import LocalStore
 
+    from ichdata.storefiles import REWRITTEN  # (it reads this module's names)
+
     damaged: list[tuple[str, str]] = []
     unchecked: list[str] = []
-    for name, arr in _arrays(group):
-        if name in _SHARD_ARRAYS:
+    for name in REWRITTEN:
+        try:
+            arr = array(group, name)
+        except KeyError:  # a store whose first commit has not written it yet
             continue
         meta = arr.metadata
         if not isinstance(meta, ArrayV3Metadata) or not isinstance(meta.codecs[-1], Crc32cCodec):
@@ -549,49 +667,55 @@ def check_small_arrays(
     return damaged, unchecked
 
 
-def _arrays(group: Group, prefix: str = "") -> list[tuple[str, Array]]:
-    """Every array under `group`, by its path inside it, sorted."""
-    import zarr
-
-    out: list[tuple[str, Array]] = []
-    for key, member in group.members():
-        if isinstance(member, zarr.Array):
-            out.append((prefix + key, member))
-        else:
-            out.extend(_arrays(member, f"{prefix}{key}/"))
-    return sorted(out, key=lambda kv: kv[0])
+#: The attributes every store `ich convert` wrote from its start before the `ich` namespace existed,
+#: and the plan settings among them (`ichdata.resume.plan_config`).
+_LEGACY_ATTRS = frozenset(
+    {"format_version", "classes", "windows", "image_size", "state", "shard_size", "plan"}
+)
+_LEGACY_PLAN = frozenset({"format_version", "render_version", "image_size", "shard_size"})
 
 
 def is_ich_store(path: str | os.PathLike[str]) -> bool:
-    """Whether `path` is a store `ich convert` made (a Zarr group with a `format_version` attribute)."""
-    attrs = store_attrs(path) if Path(path).is_dir() else None
-    return attrs is not None and "format_version" in attrs
+    """Whether `path` is a store ich wrote: what only ich writes, never a generic key alone.
 
-
-def replaceable(path: str | os.PathLike[str]) -> bool:
-    """Whether `--overwrite` may delete what is at `path`: nothing, an empty folder, or an ich store."""
+    A group with the `ich` attribute namespace (`base_attrs`), or one an earlier `ich convert` wrote:
+    every attribute it set from the start (format version, classes, windows, image size, state, shard
+    size and the plan's settings) and the salt file beside it. A Zarr group that merely has a
+    `format_version` attribute is not one. A damaged `zarr.json` is a one-line `UserError`.
+    """
     p = Path(path)
-    if not p.exists() and not p.is_symlink():
-        return True
-    if p.is_symlink() or not p.is_dir():
+    attrs = store_attrs(p) if p.is_dir() and not p.is_symlink() else None
+    if attrs is None:
         return False
-    return not any(p.iterdir()) or is_ich_store(p)
+    ours = attrs.get(ICH_ATTR)
+    if isinstance(ours, Mapping):
+        return ours.get("kind") == "store"
+    plan = attrs.get("plan")
+    config = plan.get("config") if isinstance(plan, Mapping) else None
+    return (
+        attrs.keys() >= _LEGACY_ATTRS
+        and attrs.get("classes") == list(CLASSES)
+        and attrs.get("state") in STATES
+        and isinstance(config, Mapping)
+        and config.keys() >= _LEGACY_PLAN
+        and ("source" in config or "source_id" in config)  # its path, or its digest (`ichdata.resume`)
+        and salt_path(p).is_file()
+    )
 
 
 def store_attrs(path: str | os.PathLike[str]) -> Mapping[str, Any] | None:
     """The group attributes of the store at `path`, or None when there is no Zarr group there."""
-    import zarr
-
     p = Path(path)
     if not (p / "zarr.json").is_file():
         return None
-    return dict(zarr.open_group(str(p), mode="r").attrs)
+    return dict(open_group(p).attrs)
 
 
 __all__ = [
     "CLASSES",
     "DEFAULT_SHARD_SIZE",
     "FORMAT_VERSION",
+    "ICH_ATTR",
     "IMAGE_SIZE",
     "UNLABELLED",
     "Store",
@@ -601,11 +725,14 @@ __all__ = [
     "is_ich_store",
     "manifest_path",
     "now_utc",
+    "open_group",
     "open_store",
     "quarantine_csv_path",
-    "replaceable",
+    "read_manifest",
+    "read_salt",
     "salt_path",
     "store_attrs",
+    "unless_damaged",
     "write_quarantine_csv",
     "write_store_from_arrays",
 ]

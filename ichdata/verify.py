@@ -7,9 +7,10 @@ content (unique image ids, labels 0/1/255, every series in ascending slice posit
 shard decodes, each slice against its CRC-32C, and its CRC-32 equals the one its writer recorded in
 `conversion/shard_done`), accounting (every row of the manifest beside the store is in `images` or in
 the quarantine, at its row, with its labels and patient key; without `--keep-paths`, no file named in
-the store) and the salt beside the store (present where patient keys need it, well-formed, the one
-the keys were made with). Notes say what is not wrong but weaker than it could be: a store of an
-earlier release whose arrays carry no checksums.
+the store; no file inside the store that no array accounts for: `ichdata.storefiles`) and the salt
+beside the store (present where patient keys need it, well-formed, the one the keys were made with).
+Notes say what is not wrong but weaker than it could be: a store of an earlier release whose arrays
+carry no checksums.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import pandas as pd
 
 from ichdata import pathkeys
 from ichdata.cluster import (
+    insecure_scheduler_option,
     oversubscribe_option,
     scheduler_file_option,
     scheduler_option,
@@ -45,9 +47,12 @@ from ichdata.store import (
     base_attrs,
     check_small_arrays,
     manifest_path,
+    open_group,
     open_store,
+    read_manifest,
     salt_path,
 )
+from ichdata.storefiles import stray_files
 
 if TYPE_CHECKING:
     from distributed import Client
@@ -66,6 +71,7 @@ class VerifyConfig:
     workers: int | None = workers_option()
     scheduler: str | None = scheduler_option()
     scheduler_file: Path | None = scheduler_file_option()
+    insecure_scheduler: bool = insecure_scheduler_option()
     oversubscribe: bool = oversubscribe_option()
 
 
@@ -146,15 +152,13 @@ def verify_store(store: str | os.PathLike[str], client: Client | None = None) ->
     The pixel re-read runs on `client`'s Dask cluster when given, else in this process.
     """
     # Long: the checks run in the order a reader meets them and share the store's arrays.
-    import zarr
-
     t0 = time.perf_counter()
     path = Path(store)
     rep = VerifyReport(path)
     problems = rep.problems
     if (path / "zarr.json").is_file():
         # The small arrays first: a damaged one is listed (all of them), not the first one met.
-        damaged = _array_problems(path, zarr.open_group(str(path), mode="r"), rep.notes)
+        damaged = _array_problems(path, open_group(path), rep.notes)
         if damaged:
             problems.extend(damaged)
             rep.elapsed_s = time.perf_counter() - t0
@@ -164,7 +168,7 @@ def verify_store(store: str | os.PathLike[str], client: Client | None = None) ->
         problems.append(f"state is {s.attrs.get('state')!r}, not 'complete': the conversion did not finish")
     n = s.n_slices
     rep.n_slices, rep.n_series, rep.n_quarantined = n, s.n_series, len(s.quarantine)
-    group = zarr.open_group(str(path), mode="r")
+    group = open_group(path)
 
     # Structure.
     n_images = int(s.images.shape[0])
@@ -275,7 +279,7 @@ def verify_store(store: str | os.PathLike[str], client: Client | None = None) ->
     elif not mp.is_file():
         problems.append(f"{mp}: missing, so the inputs cannot be accounted for")
     else:
-        m = pd.read_parquet(mp)
+        m = read_manifest(mp)
         rep.n_manifest_rows = len(m)
         acc: list[str] = []
         stored = m.loc[m["row"] >= 0]
@@ -304,6 +308,9 @@ def verify_store(store: str | os.PathLike[str], client: Client | None = None) ->
                 f"the manifest lists {len(m):,} input files; store + quarantine hold {n + set_aside:,}"
             )
         problems.extend(_limited(acc, "files"))
+
+    # Files in the store that no array accounts for: a user's, a killed write's, a chunk past the end.
+    problems.extend(_limited([f"{path / s.path}: {s.kind}" for s in stray_files(path)], "stray files"))
     problems.extend(_salt_problems(path, s))
     rep.elapsed_s = time.perf_counter() - t0
     return rep

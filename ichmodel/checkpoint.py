@@ -2,7 +2,8 @@
 
 A checkpoint is a safetensors file: the tensors, plus JSON metadata holding the rest of the tree and
 a sha256 over both, so that loading one runs no code and a changed byte is refused. The tree's keys
-are listed in `save_checkpoint`.
+are listed in `save_checkpoint`; a reader checks each one's type (`_ENTRIES`) before anything uses it,
+since a valid checksum proves only that the file is whole, not who wrote it.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ import torch
 
 from ichdata.atomic import write_bytes_atomic
 from ichdata.errors import UserError
+from ichmodel.models import RECORDED_ARGS, check_backbone
 
 CHECKPOINT_FORMAT = "ich-checkpoint"
 CHECKPOINT_VERSION = 2
@@ -131,7 +133,10 @@ def _parse(data: bytes) -> dict[str, Any]:
         raise ValueError("a safetensors file without ich metadata")
     if _digest(tree_json, tensors) != digest:
         raise ValueError("its contents do not match their checksum (the file is damaged or was changed)")
-    tree = _decode(json.loads(tree_json), tensors)
+    try:
+        tree = _decode(json.loads(tree_json), tensors)
+    except (KeyError, TypeError, ValueError, RecursionError) as exc:  # JSON ich's `_encode` does not write
+        raise ValueError(f"its metadata is malformed ({type(exc).__name__})") from exc
     if not isinstance(tree, dict) or tree.get("format") != CHECKPOINT_FORMAT:
         raise ValueError("not an ich training checkpoint")
     if tree.get("version") != CHECKPOINT_VERSION:
@@ -141,27 +146,116 @@ def _parse(data: bytes) -> dict[str, Any]:
         raise ValueError("its metadata names no model and backbone")
     if not isinstance(tree.get("state_dict"), dict):
         raise ValueError("it holds no model weights")
+    _check_entries(tree)
     return tree
 
 
-def read_checkpoint(path: str | os.PathLike[str], *, what: str = "checkpoint") -> dict[str, Any]:
+def _count(least: int) -> Callable[[object], bool]:
+    return lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= least
+
+
+def _number(v: object) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+def _class_names(v: object) -> bool:
+    return (
+        isinstance(v, list) and bool(v) and all(isinstance(c, str) and c for c in v) and len(set(v)) == len(v)
+    )
+
+
+def _dicts(v: object) -> bool:
+    return isinstance(v, list) and all(isinstance(x, dict) for x in v)
+
+
+#: What each entry of a tree must be, where present: (check, what is expected). `model` and
+#: `state_dict` are checked apart; the training state only in the shape `--resume` hands to torch.
+_ENTRIES: dict[str, tuple[Callable[[object], bool], str]] = {
+    "classes": (_class_names, "a list of distinct class names"),
+    "image_size": (lambda v: v is None or _count(1)(v), "a whole number of at least 1"),
+    "max_len": (lambda v: v is None or _count(1)(v), "a whole number of at least 1"),
+    "windows": (lambda v: v is None or isinstance(v, list | dict), "a list"),
+    "config": (lambda v: isinstance(v, dict), "the run's settings"),
+    "store": (lambda v: isinstance(v, dict), "the training store's description"),
+    "epoch": (_count(0), "a whole number"),
+    "step": (_count(0), "a whole number"),
+    "best_epoch": (_count(-1), "a whole number"),
+    "val_loss": (lambda v: v is None or _number(v), "a number"),
+    "best_val_loss": (lambda v: v is None or _number(v), "a number"),
+    "optimizer": (lambda v: isinstance(v, dict), "an optimizer state"),
+    "scheduler": (lambda v: isinstance(v, dict), "a schedule state"),
+    "rng": (_dicts, "a list of random states"),
+}
+#: The entries `--resume` needs besides the model (`read_checkpoint(training=True)`).
+_RESUME_ENTRIES = ("config", "epoch", "step", "best_val_loss", "best_epoch", *sorted(TRAINING_STATE))
+
+
+def _kind(value: object) -> str:
+    return "null" if value is None else f"a {type(value).__name__}"
+
+
+def _check_entries(tree: Mapping[str, Any]) -> None:
+    """Raise ValueError naming the first entry that is not what `save_checkpoint` writes.
+
+    `model` may hold only `RECORDED_ARGS`, each of its type: a file that asks for `pretrained`
+    weights or a weights file is refused rather than silently built otherwise than it says.
+    """
+    for key, value in tree["model"].items():
+        kind = RECORDED_ARGS.get(key)
+        if kind is None:
+            raise ValueError(
+                f"its model entry {key!r} is not one ich records ({', '.join(RECORDED_ARGS)}): "
+                "not a checkpoint `ich train` wrote"
+            )
+        fits = _number(value) if kind is float else type(value) is kind
+        if not fits or (kind is int and value < 1) or (key == "drop_rate" and not 0 <= value < 1):
+            expected = {int: "a whole number of at least 1", float: "a number in [0, 1)"}.get(
+                kind, f"a {kind.__name__}"
+            )
+            problem = _kind(value) if not fits else "out of range"
+            raise ValueError(f"its model entry {key!r} is {problem}, expected {expected}")
+    try:
+        check_backbone(tree["model"]["backbone"])  # a hub or path name reaches the network or a file
+    except UserError as exc:
+        raise ValueError(f"its {exc}") from None
+    for key, value in tree["state_dict"].items():
+        if not isinstance(value, torch.Tensor):
+            raise ValueError(f"its weight {key!r} is {_kind(value)}, not a tensor")
+    for key, (check, expected) in _ENTRIES.items():
+        if key in tree and not check(tree[key]):
+            raise ValueError(f"its entry {key!r} is {_kind(tree[key])}, expected {expected}")
+    n_classes, classes = tree["model"].get("num_classes"), tree.get("classes")
+    if n_classes is not None and classes is not None and len(classes) != n_classes:
+        raise ValueError(f"it names {len(classes)} classes for a model with {n_classes} outputs")
+
+
+def read_checkpoint(
+    path: str | os.PathLike[str], *, what: str = "checkpoint", training: bool = False
+) -> dict[str, Any]:
     """Read and check the checkpoint at `path`: its tree with the tensors on the CPU.
 
     Args:
         path: the checkpoint file.
         what: how error messages name the file (`--init-backbone`, `--resume: last.pt`, ...).
+        training: require the entries `--resume` restores (`last.pt`'s training state).
 
     Raises:
         UserError: one line naming the file when it is missing, empty, truncated, not a checkpoint of
-            this format, or its checksum does not match.
+            this format, its checksum does not match, or an entry is not what `ich train` writes.
     """
     p = Path(path)
     if not p.is_file():
         raise UserError(f"{what} {p}: no such file")
     try:
-        return _parse(p.read_bytes())
+        tree = _parse(p.read_bytes())
     except ValueError as exc:
         raise UserError(f"{what} {p}: {exc}") from None
+    missing = [k for k in _RESUME_ENTRIES if k not in tree] if training else []
+    if missing:
+        raise UserError(
+            f"{what} {p}: holds no {', '.join(missing)}; not a last.pt that --resume can continue"
+        )
+    return tree
 
 
 def checkpoint_info(checkpoint: Mapping[str, Any]) -> dict[str, Any]:

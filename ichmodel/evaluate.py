@@ -21,9 +21,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from ichdata.atomic import atomic_path, write_text_atomic
 from ichdata.csvsafe import safe_table
 from ichdata.errors import UserError
 from ichdata.options import option
+from ichdata.paths import display_name
 from ichdata.store import UNLABELLED
 from ichmodel.metrics import summarize
 from ichmodel.report import MissedSlice, markdown_report, plot_false_negatives, plot_roc
@@ -220,17 +222,17 @@ def evaluate_run(
 
 
 def _json_safe(x: Any) -> Any:
-    """NaN/inf -> None (JSON has no NaN), NumPy scalars -> Python, recursively."""
+    """NaN/inf -> None (JSON has no NaN), NumPy scalars -> Python, names as text, recursively."""
     if isinstance(x, dict):
-        return {str(k): _json_safe(v) for k, v in x.items()}
+        return {display_name(str(k)): _json_safe(v) for k, v in x.items()}
     if isinstance(x, list | tuple):
         return [_json_safe(v) for v in x]
     if isinstance(x, np.integer):
         return int(x)
     if isinstance(x, float | np.floating):
         return None if not math.isfinite(float(x)) else float(x)
-    if isinstance(x, Path):
-        return str(x)
+    if isinstance(x, str | Path):
+        return display_name(str(x))
     return x
 
 
@@ -302,7 +304,8 @@ def _write_pictures(
     plot_false_negatives(missed, paths["false_negatives"], classes, models=[r.name for r in runs])
     for r in runs:
         p = out_dir / f"predictions_{r.name}.csv"
-        safe_table(_predictions_frame(r, store)).to_csv(p, index=False)
+        with atomic_path(p) as tmp:
+            safe_table(_predictions_frame(r, store)).to_csv(tmp, index=False)
         paths[f"predictions_{r.name}"] = p
     return paths
 
@@ -364,7 +367,8 @@ def write_report(
     paths.update(_write_pictures(runs, store, out_dir, threshold))
     same_split = len({tuple(r.series.tolist()) for r in runs}) == 1
     text = _report_markdown(runs, store, paths, same_split=same_split, title=title, intro=intro)
-    paths["report"].write_text(text)
+    # Names as a reader's editor shows them, whatever the locale decoded them as (`LC_ALL=C`).
+    write_text_atomic(paths["report"], display_name(text))
     metrics = {
         "store": str(store.path),
         "threshold": threshold,
@@ -374,7 +378,7 @@ def write_report(
             r.name: {**_run_info(r, store), "run_dir": str(r.run_dir), "metrics": r.summary} for r in runs
         },
     }
-    paths["metrics"].write_text(json.dumps(_json_safe(metrics), indent=2, allow_nan=False) + "\n")
+    write_text_atomic(paths["metrics"], json.dumps(_json_safe(metrics), indent=2, allow_nan=False) + "\n")
     return paths
 
 

@@ -12,6 +12,7 @@ study into probabilities; `load_model` rebuilds a model from a checkpoint (`ichm
 from __future__ import annotations
 
 import itertools
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, cast
@@ -26,6 +27,21 @@ from ichdata.errors import UserError
 
 MODEL_NAMES: tuple[str, ...] = ("xception", "xception_lstm", "xception_gru")
 DEFAULT_BACKBONE = "legacy_xception"
+#: The `create_model` arguments a checkpoint records (`ichmodel.checkpoint`), with their types. A model
+#: is rebuilt from these alone, never with `pretrained` or a weights file, whatever else a file holds.
+RECORDED_ARGS: dict[str, type] = {
+    "name": str,
+    "backbone": str,
+    "bidirectional": bool,
+    "num_classes": int,
+    "drop_rate": float,
+    "rnn_hidden": int,
+    "rnn_layers": int,
+}
+# A name in timm's registry, with an optional pretrained tag (`resnet50.a1_in1k`): no source prefix
+# (`hf-hub:`, `local-dir:`) and no path, for which timm fetches or reads a configuration even
+# without pretrained weights.
+_PLAIN_TIMM_NAME = re.compile(r"[A-Za-z0-9_]+(?:\.[A-Za-z0-9_]+)?")
 
 
 class _Encoder(nn.Module):
@@ -225,17 +241,19 @@ def create_model(
 ) -> SliceClassifier | SequenceClassifier:
     """Build `xception`, `xception_lstm` or `xception_gru` on the timm backbone `backbone`.
 
-    `pretrained=True` downloads the backbone's weights through timm (needs internet);
-    `weights=FILE` loads a local weights file instead. Both only touch the backbone.
+    `backbone` is a name in timm's registry (`check_backbone`). `pretrained=True` downloads the
+    backbone's weights through timm (needs internet); `weights=FILE` loads a local weights file
+    instead. Both only touch the backbone.
     """
     import timm
 
     if name not in MODEL_NAMES:
         raise UserError(f"model {name!r} is not one of {', '.join(MODEL_NAMES)}")
+    check_backbone(backbone)
     try:
         net = timm.create_model(backbone, pretrained=pretrained and weights is None, num_classes=0)
     except RuntimeError as exc:
-        if "Unknown model" in str(exc):
+        if "Unknown model" in str(exc) or "Invalid pretrained tag" in str(exc):
             raise UserError(f"backbone {backbone!r} is not a timm model name") from exc
         raise
     if weights is not None:
@@ -252,10 +270,31 @@ def create_model(
     return SequenceClassifier(encoder, rnn, num_classes=num_classes, drop_rate=drop_rate)
 
 
+def check_backbone(name: str) -> None:
+    """Refuse a backbone that is not a plain timm model name, in one line.
+
+    Plain: registered in timm (`timm.list_models()`), optionally with one of its pretrained tags. A
+    Hugging Face Hub name (`hf-hub:…`, `timm/…`), a local folder (`local-dir:…`) or a path is refused:
+    timm reaches the network or the file system for those even when no weights are asked for.
+    """
+    from timm.models import is_model, list_pretrained
+
+    arch, _, tag = name.partition(".")
+    if not (_PLAIN_TIMM_NAME.fullmatch(name) and is_model(arch) and (not tag or list_pretrained(name))):
+        raise UserError(
+            f"backbone {name!r} is not a timm model name (one of `timm.list_models()`, optionally "
+            "with a pretrained tag; no hf-hub: or path)"
+        )
+
+
 def load_model(
     checkpoint: str | Path, device: str | torch.device = "cpu"
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild a trained model from an `ich train` checkpoint (`best.pt` or `last.pt`).
+
+    The model is built from the checkpoint's `RECORDED_ARGS` (checked by `read_checkpoint`) with
+    `pretrained=False` and no weights file, then given the checkpoint's weights: loading reaches
+    neither the network nor any other file.
 
     Returns `(model, info)`: the model in eval mode on `device`, and the checkpoint's description
     without tensors: `model` (the `create_model` keyword arguments incl. `name`), `classes`,
@@ -265,14 +304,14 @@ def load_model(
     from ichmodel.checkpoint import checkpoint_info, read_checkpoint
 
     ckpt = read_checkpoint(checkpoint)
-    kwargs = dict(ckpt["model"])
+    kwargs = {k: v for k, v in ckpt["model"].items() if k in RECORDED_ARGS}
     name = kwargs.pop("name")
     try:
-        model = create_model(name, **kwargs)
+        model = create_model(name, **kwargs, pretrained=False, weights=None)
         model.load_state_dict(ckpt["state_dict"])
     except UserError as exc:  # an unknown model or backbone name
         raise UserError(f"checkpoint {checkpoint}: {exc}") from None
-    except (RuntimeError, TypeError) as exc:  # metadata and weights disagree (names or shapes)
+    except (RuntimeError, TypeError, ValueError) as exc:  # metadata and weights disagree (names or shapes)
         first = str(exc).replace("\n\t", " ").splitlines()[0][:300]
         raise UserError(
             f"checkpoint {checkpoint}: its weights do not fit model {name} on backbone "

@@ -8,6 +8,7 @@ whole, in slice order. What the three CSVs hold is `PredictResult`'s to say.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import tempfile
@@ -180,7 +181,6 @@ def predict_store(
         desc="predict",
     )
     out_path = Path(out)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
     studies_path, aside_path = _outputs(out_path)
     safe_table(submission_frame(st.image_id[rows], probs, classes)).to_csv(
         out_path, index=False, float_format="%.6g"
@@ -209,9 +209,12 @@ def _check_store_target(store: Path, source: Path) -> None:
     """Refuse a `--store` path holding anything but a store predict converted from `source`.
 
     Predict's conversion replaces what is at `store`; that may only be its own earlier result for
-    the same input: a finished store without labels whose provenance names `source`.
+    the same input: a finished store without labels made from `source` (`ichdata.resume.made_from`),
+    holding no file ich did not write (`ichdata.storefiles.check_replaceable`).
     """
+    from ichdata.resume import made_from
     from ichdata.store import open_store
+    from ichdata.storefiles import check_replaceable
 
     if not store.exists() and not store.is_symlink():
         return
@@ -221,22 +224,46 @@ def _check_store_target(store: Path, source: Path) -> None:
     if not any(store.iterdir()):
         return  # an empty folder: nothing to lose
     try:
-        prov = dict(open_store(store).attrs.get("provenance") or {})
+        attrs = open_store(store).attrs
     except UserError:
         raise UserError(refuse.format("holds something that is not a finished ich store")) from None
-    made_from = prov.get("source")
-    if made_from is None or Path(made_from).resolve() != source.resolve() or prov.get("labels") is not None:
-        labelled = "a labelled store" if prov.get("labels") is not None else "a store"
-        origin = f"converted from {made_from}" if made_from else "not converted from a DICOM folder"
-        raise UserError(refuse.format(f"holds {labelled} {origin}"))
+    prov = dict(attrs.get("provenance") or {})
+    # A store converted with a label CSV: its provenance names the CSV (`--keep-paths`) or counts labels.
+    labelled = prov.get("labels") is not None or bool(prov.get("n_labelled"))
+    if labelled or not made_from(store, source):
+        what = "a labelled store" if labelled else "a store"
+        origin = "converted from another folder" if attrs.get("plan") else "not converted from a DICOM folder"
+        raise UserError(refuse.format(f"holds {what} {origin}"))
+    check_replaceable(store, what="ich predict --store")
 
 
-def _convert(source: Path, store: Path, workers: int | None, progress: bool) -> None:
+def _check_paths(checkpoint: Path, src: Path, out: Path, store: Path | None, parents: bool) -> None:
+    """Outputs are never inputs: the checks on `--store` and the three CSVs, before any work.
+
+    `--store` lies inside no store, its folder exists (or `--parents`), and neither SOURCE nor the
+    checkpoint lies inside it; each CSV is not a folder, SOURCE, the checkpoint, nor inside a store
+    (`ichdata.outputs`).
+    """
+    from ichdata.outputs import check_output_file, check_store_target
+
+    inputs = {"SOURCE": src, "CHECKPOINT": checkpoint}
+    if store is not None:
+        check_store_target(store, what="--store", parents=parents, inputs=inputs)
+        _check_store_target(store, src)
+    for path, what in zip(
+        (out, *_outputs(out)), ("--out", "--out's studies CSV", "--out's set-aside CSV"), strict=True
+    ):
+        check_output_file(path, what=what, parents=parents, inputs=inputs, stores={"--store": store})
+
+
+def _convert(source: Path, store: Path, workers: int | None, progress: bool, parents: bool) -> None:
     """Convert `source` into `store` with the conversion `ich convert` runs (no labels)."""
     from ichdata.convert import ConvertConfig, convert
 
     convert(
-        ConvertConfig(source=source, store=store, labels=None, workers=workers, overwrite=True),
+        ConvertConfig(
+            source=source, store=store, labels=None, workers=workers, overwrite=True, parents=parents
+        ),
         progress=progress,
     )
 
@@ -251,25 +278,38 @@ def predict_folder(
     device: str | None = None,
     workers: int | None = None,
     progress: bool = True,
+    parents: bool = False,
     log: Callable[[str], None] | None = print,
 ) -> PredictResult:
-    """What `ich predict` runs: convert `source` (to `store`, or a temporary one), then `predict_store`."""
+    """What `ich predict` runs: convert `source` (to `store`, or a temporary one), then `predict_store`.
+
+    A kept `store` is locked (`ichdata.lock`) from the checks to the last read of it.
+    """
     src = Path(source)
     if not src.is_dir():
         raise UserError(f"{src}: no such folder; expected a folder of DICOM files")
     _check_threshold(threshold)
+    from ichdata.lock import store_lock
     from ichmodel.evaluate import _device
     from ichmodel.models import load_model
 
-    if store is not None:
-        _check_store_target(Path(store), src)
-    # the checkpoint is read and checked before any conversion work
-    loaded = load_model(Path(checkpoint), device=_device(device))
-    with tempfile.TemporaryDirectory(prefix="ich-predict-") as tmp:
-        st = Path(store) if store is not None else Path(tmp) / "store.zarr"
+    kept = Path(store) if store is not None else None
+    _check_paths(Path(checkpoint), src, Path(out), kept, parents)
+    if parents:
+        Path(out).absolute().parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.ExitStack() as stack:
+        if kept is not None:
+            if parents:
+                kept.absolute().parent.mkdir(parents=True, exist_ok=True)
+            stack.enter_context(store_lock(kept, command="ich predict"))
+            _check_store_target(kept, src)  # again, now that no other writer can change it
+        # the checkpoint is read and checked before any conversion work
+        loaded = load_model(Path(checkpoint), device=_device(device))
+        tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="ich-predict-"))
+        st = kept if kept is not None else Path(tmp) / "store.zarr"
         if log is not None:
             log(f"converting {src} -> {st}")
-        _convert(src, st, workers, progress)
+        _convert(src, st, workers, progress, parents)
         result = predict_store(
             checkpoint, st, out, threshold=threshold, device=device, progress=progress, loaded=loaded
         )
@@ -298,6 +338,9 @@ class PredictConfig:
     device: str | None = option(None, help="cpu or cuda (default: cuda when available)")
     workers: int | None = option(None, help="Dask worker processes for the conversion")
     progress: bool = option(True, flag="--quiet", help="no progress bars")
+    parents: bool = option(
+        False, help="create the parent folders of --out and --store when they do not exist"
+    )
 
 
 def predict_from_config(config: PredictConfig) -> PredictResult:
@@ -311,4 +354,5 @@ def predict_from_config(config: PredictConfig) -> PredictResult:
         device=config.device,
         workers=config.workers,
         progress=config.progress,
+        parents=config.parents,
     )

@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from ichdata.atomic import atomic_path
+from ichdata.paths import display_name
 from ichmodel.metrics import roc_auc, roc_curve
 
 __all__ = [
@@ -89,7 +91,8 @@ def plot_roc(
             if math.isnan(auc):
                 continue
             fpr, tpr, _ = roc_curve(yc, pc)
-            ax.plot(fpr, tpr, color=colours[k % len(colours)], lw=1.6, label=f"{name} (AUC {auc:.4f})")
+            label = f"{display_name(name)} (AUC {auc:.4f})"
+            ax.plot(fpr, tpr, color=colours[k % len(colours)], lw=1.6, label=label)
             drawn += 1
         ax.plot([0, 1], [0, 1], color="0.7", lw=0.8, ls="--")
         if not drawn:
@@ -110,12 +113,7 @@ def plot_roc(
     for ax in list(axes.flat)[len(panels) :]:
         ax.axis("off")
     fig.suptitle("ROC curves on the held-out patients", fontsize=12)
-    fig.tight_layout()
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return _save(plt, fig, path)
 
 
 @dataclass(frozen=True)
@@ -191,19 +189,36 @@ def plot_false_negatives(
             shown = [*truth, "any"] if "any" in classes else truth
             idx = {k: i for i, k in enumerate(classes)}
             probs = ", ".join(f"{k[:5]} {float(s.probs[idx[k]]):.2f}" for k in shown)
-            ax.set_title(f"{s.image_id}\ntrue: {', '.join(truth) or 'any'}\np: {probs}", fontsize=7)
+            ax.set_title(
+                f"{display_name(s.image_id)}\ntrue: {', '.join(truth) or 'any'}\np: {probs}", fontsize=7
+            )
         axes[r, 0].text(
-            -0.08, 0.5, m, transform=axes[r, 0].transAxes, rotation=90, ha="right", va="center", fontsize=9
+            -0.08,
+            0.5,
+            display_name(m),
+            transform=axes[r, 0].transAxes,
+            rotation=90,
+            ha="right",
+            va="center",
+            fontsize=9,
         )
     label = "RGB = brain / subdural / bone windows" if window == "rgb" else f"{window} window"
     fig.suptitle(
         f"Worst false negatives: true hemorrhages with the lowest predicted p(any)\n{label}", fontsize=10
     )
-    fig.tight_layout()
+    return _save(plt, fig, path)
+
+
+def _save(plt: ModuleType, fig: Any, path: str | os.PathLike[str]) -> Path:
+    """Lay out `fig`, write it as PNG to `path` whole or not at all (a full disk), and close it."""
     out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    try:
+        fig.tight_layout()
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(out) as tmp:
+            fig.savefig(tmp, dpi=110, format="png")
+    finally:
+        plt.close(fig)
     return out
 
 

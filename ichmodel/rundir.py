@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -119,13 +120,33 @@ def write_config(run: RunDir, config: TrainConfig, world_size: int, device: str)
 
 
 def append_log(path: Path, row: dict[str, Any]) -> None:
-    """Add one epoch's row to `log.csv` (with the header when the file is new)."""
-    new = not path.is_file()
-    with path.open("a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(LOG_COLUMNS))
-        if new:
-            w.writeheader()
-        w.writerow({k: row.get(k, "") for k in LOG_COLUMNS})
+    """Add one epoch's row to `log.csv` (with the header when the file is new).
+
+    The file is replaced whole (`write_text_atomic`, one row per epoch: small): a full disk leaves the
+    rows of the epochs before, never half a row that `--resume` could not read.
+    """
+    text = io.StringIO()
+    if path.is_file():
+        with path.open(newline="", encoding="utf-8") as f:  # the rows as written, `\r\n` and all
+            text.write(f.read())
+    w = csv.DictWriter(text, fieldnames=list(LOG_COLUMNS))
+    if not text.tell():
+        w.writeheader()
+    w.writerow({k: row.get(k, "") for k in LOG_COLUMNS})
+    write_text_atomic(path, text.getvalue())
+
+
+def truncate_log(path: Path, epochs: int) -> None:
+    """Keep the rows of `log.csv` up to epoch `epochs` (those after it are run again on `--resume`)."""
+    if not path.is_file():
+        return
+    with path.open(newline="", encoding="utf-8") as f:
+        rows = list(csv.reader(f))
+    kept = rows[:1] + [r for r in rows[1:] if r and int(r[0]) <= epochs]
+    if len(kept) < len(rows):
+        text = io.StringIO()
+        csv.writer(text).writerows(kept)
+        write_text_atomic(path, text.getvalue())
 
 
 def read_log(path: Path) -> list[dict[str, Any]]:
@@ -146,5 +167,6 @@ __all__ = [
     "prepare",
     "read_log",
     "resolve_split",
+    "truncate_log",
     "write_config",
 ]

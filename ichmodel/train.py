@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ichdata.errors import UserError
+from ichdata.errors import UserError, out_of_space
 from ichdata.store import open_store
 from ichmodel.augment import AugmentConfig
 from ichmodel.checkpoint import read_checkpoint, save_checkpoint
@@ -46,6 +46,7 @@ from ichmodel.rundir import (
     prepare,
     read_log,
     resolve_split,
+    truncate_log,
     write_config,
 )
 from ichmodel.runtime import (
@@ -87,6 +88,14 @@ def train(config: TrainConfig) -> RunResult:
     d, own_group = init_distributed(device.type)
     try:
         return _train(config, _setup_device(device, d, config.model), d, t_start)
+    except Exception as exc:
+        # Every file of the run is replaced whole or not at all: what the last epoch saved is intact.
+        last = RunDir(Path(config.out)).last
+        then = f"continue with --resume ({last} holds the last epoch saved)" if last.is_file() else None
+        error = out_of_space(exc, then or "run the same command again")
+        if error is None:
+            raise
+        raise error from exc
     finally:
         if own_group:
             dist.destroy_process_group()
@@ -191,7 +200,12 @@ def _init_from(model: nn.Module, ckpt: dict[str, Any], path: Path, backbone: str
         raise UserError(f"--init-backbone {path}: trained on backbone {theirs!r}, this run uses {backbone!r}")
     state = ckpt["state_dict"]
     encoder = {k[len("encoder.") :]: v for k, v in state.items() if k.startswith("encoder.")}
-    cast(nn.Module, model.encoder).load_state_dict(encoder)
+    try:
+        cast(nn.Module, model.encoder).load_state_dict(encoder)
+    except RuntimeError as exc:  # the same backbone name, other weight names or shapes
+        raise UserError(
+            f"--init-backbone {path}: its weights do not fit backbone {backbone!r} ({_first(exc)})"
+        ) from None
     own = model.state_dict()
     fc = {k: v for k, v in state.items() if k.startswith("fc.")}
     if fc and all(k in own and own[k].shape == v.shape for k, v in fc.items()):
@@ -267,7 +281,7 @@ def _train(config: TrainConfig, device: torch.device, d: Dist, t_start: float) -
     resume_ckpt: dict[str, Any] | None = None
     init_ckpt: dict[str, Any] | None = None
     if config.resume:
-        resume_ckpt = read_checkpoint(run.last, what="--resume:")
+        resume_ckpt = read_checkpoint(run.last, what="--resume:", training=True)
         check_resumable(resume_ckpt["config"], config, run.last)
     elif config.init_backbone is not None:
         init_ckpt = read_checkpoint(config.init_backbone, what="--init-backbone")
@@ -289,10 +303,12 @@ def _train(config: TrainConfig, device: torch.device, d: Dist, t_start: float) -
     t = _training(config, model, loaders, gen, device, d)
     start_epoch, best = 0, _Best()
     if resume_ckpt is not None:
-        start_epoch, best = _restore(t, resume_ckpt)
+        start_epoch, best = _restore(t, resume_ckpt, run.last)
         del resume_ckpt
 
-    history = read_log(run.log) if config.resume else []
+    history = [r for r in read_log(run.log) if r["epoch"] <= start_epoch] if config.resume else []
+    if config.resume and d.main:
+        truncate_log(run.log, start_epoch)  # an epoch whose last.pt was not written runs again
     seen: list[tuple[Window, ...]] = []
     end_epoch = (
         config.epochs if config.stop_after is None else min(config.epochs, start_epoch + config.stop_after)
@@ -313,12 +329,13 @@ def _train(config: TrainConfig, device: torch.device, d: Dist, t_start: float) -
             best = _Best(val_loss if not math.isnan(val_loss) else best.val_loss, epoch + 1)
         rng = gather_rng_states(t.generator, device, d)
         if d.main:
+            # last.pt last: it is what --resume continues from, so an epoch counts once it is written.
+            append_log(run.log, row)
             ckpt = _checkpoint(config, t, store, epoch, val_loss, best)
             if improved:
                 save_checkpoint(ckpt, run.best)
             training_state = {"optimizer": t.optimizer.state_dict(), "scheduler": t.scheduler.state_dict()}
             save_checkpoint({**ckpt, **training_state, "rng": rng}, run.last)
-            append_log(run.log, row)
             if config.progress:
                 _print_epoch(row, config.epochs)
         if d.world > 1:
@@ -335,14 +352,28 @@ def _train(config: TrainConfig, device: torch.device, d: Dist, t_start: float) -
     )
 
 
-def _restore(t: Training, ckpt: dict[str, Any]) -> tuple[int, _Best]:
-    """Load `last.pt`'s weights, optimizer, schedule and this rank's random state; returns where it stopped."""
-    t.model.load_state_dict(ckpt["state_dict"])
-    t.optimizer.load_state_dict(ckpt["optimizer"])
-    t.scheduler.load_state_dict(ckpt["scheduler"])
-    set_rng_state(ckpt["rng"][t.dist.rank], t.generator, t.device)
+def _restore(t: Training, ckpt: dict[str, Any], path: Path) -> tuple[int, _Best]:
+    """Load `last.pt`'s weights, optimizer, schedule and this rank's random state; returns where it stopped.
+
+    The entries' types are checked on reading (`read_checkpoint`); what torch makes of their contents
+    (names, shapes, a random state of another length) is one line naming the file too.
+    """
+    try:
+        t.model.load_state_dict(ckpt["state_dict"])
+        t.optimizer.load_state_dict(ckpt["optimizer"])
+        t.scheduler.load_state_dict(ckpt["scheduler"])
+        set_rng_state(ckpt["rng"][t.dist.rank], t.generator, t.device)
+    except (RuntimeError, ValueError, TypeError, KeyError, IndexError) as exc:
+        raise UserError(
+            f"--resume: {path}: its training state does not fit this run ({type(exc).__name__}: {_first(exc)})"
+        ) from None
     t.step = int(ckpt["step"])
     return int(ckpt["epoch"]), _Best(float(ckpt["best_val_loss"]), int(ckpt["best_epoch"]))
+
+
+def _first(exc: BaseException) -> str:
+    """The first line of torch's message (a load_state_dict error lists every key on lines of its own)."""
+    return (str(exc).replace("\n\t", " ").strip().splitlines() or [""])[0][:300]
 
 
 def _checkpoint(

@@ -1,11 +1,17 @@
 """Suite-wide settings and fixtures: `gpu` tests skip cleanly on machines without CUDA (CI has none).
 
-One in-process Dask cluster for the tests that need a cluster but not worker processes.
+One in-process Dask cluster for the tests that need a cluster but not worker processes; `full_disk`,
+a disk that fills up when a given file is written.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import builtins
+import errno
+import io
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
@@ -72,6 +78,136 @@ def slurm() -> Iterator[object]:
         pytest.skip(reason)
     with helpers.single_node_slurm() as running:
         yield running
+
+
+_LOCK_HOLDER = """
+import sys, time
+from pathlib import Path
+from ichdata.lock import store_lock
+
+store, command, ready, release = sys.argv[1:5]
+with store_lock(store, command=command):
+    Path(ready).write_text("held")
+    while not Path(release).exists():  # paused here, holding the lock, until the test says
+        time.sleep(0.01)
+"""
+
+
+class LockHolder:
+    """Another process that holds a store's lock (`ichdata.lock`) until `release()` or `kill()`."""
+
+    def __init__(self, store: Path, command: str, folder: Path) -> None:
+        import subprocess
+        import sys
+        import time
+        import uuid
+
+        tag = uuid.uuid4().hex[:8]
+        self.ready, self.release_file = folder / f"held-{tag}", folder / f"release-{tag}"
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                _LOCK_HOLDER,
+                str(store),
+                command,
+                str(self.ready),
+                str(self.release_file),
+            ],
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        deadline = time.monotonic() + 60
+        while not self.ready.exists():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.proc.kill()
+                raise RuntimeError(f"the lock holder did not take the lock: {self.proc.communicate()[1]}")
+            time.sleep(0.01)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def release(self) -> None:
+        """Let it leave its `store_lock` block normally, and wait for it."""
+        self.release_file.touch()
+        self.proc.communicate(timeout=60)
+
+    def kill(self) -> None:
+        """SIGKILL: it leaves its lock file behind. Not reaped (a zombie) until `reap()`."""
+        import os
+        import signal
+
+        os.kill(self.proc.pid, signal.SIGKILL)
+
+    def reap(self) -> None:
+        if self.proc.returncode is None:
+            self.proc.kill()
+            self.proc.communicate(timeout=60)
+
+
+@pytest.fixture
+def lock_holder(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., LockHolder]]:
+    """Start a process that takes the lock of a store and waits, paused, holding it.
+
+    `lock_holder(store, command="test holder")` returns once the other process holds the lock.
+    """
+    folder = tmp_path_factory.mktemp("lock-holders")
+    started: list[LockHolder] = []
+
+    def start(store: Path, command: str = "test holder") -> LockHolder:
+        holder = LockHolder(Path(store), command, folder)
+        started.append(holder)
+        return holder
+
+    yield start
+    for holder in started:
+        holder.reap()
+
+
+class _FileOnAFullDisk:
+    """A file that was created but whose first write fails as on a full disk (ENOSPC, no file name)."""
+
+    def __init__(self, file: io.IOBase) -> None:
+        self._file = file
+
+    def write(self, data: object) -> int:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def __enter__(self) -> _FileOnAFullDisk:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._file.close()
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._file, name)
+
+
+@pytest.fixture
+def full_disk(monkeypatch: pytest.MonkeyPatch) -> Callable[[str], None]:
+    """`full_disk(name)`: from then on, writing a file called `name` fails as on a full disk.
+
+    Also its temporary twin (`.name.<pid>.<thread>.tmp`, `ichdata.atomic`): the file is created and
+    the first write raises OSError(ENOSPC), whoever opens it (pathlib, pandas, matplotlib, PIL).
+    """
+    real_open = io.open
+    names: set[str] = set()
+
+    def full(file: object, mode: str = "r", *args: object, **kwargs: object) -> object:
+        f = real_open(file, mode, *args, **kwargs)  # type: ignore[call-overload]
+        if isinstance(file, str | os.PathLike) and any(c in mode for c in "wax+"):
+            base = os.path.basename(os.fspath(file))
+            if base in names or any(base.startswith(f".{n}.") and base.endswith(".tmp") for n in names):
+                return _FileOnAFullDisk(f)
+        return f
+
+    def fill_at(name: str) -> None:
+        names.add(name)
+        monkeypatch.setattr(builtins, "open", full)
+        monkeypatch.setattr(io, "open", full)
+
+    return fill_at
 
 
 @pytest.fixture

@@ -1,6 +1,7 @@
 """Fixtures of the Prefect tests: a private PREFECT_HOME and one test API server.
 
-The in-process Dask cluster, `dask_scheduler`, is the suite's: `tests/conftest.py`.
+The in-process Dask cluster, `dask_scheduler`, is the suite's (`tests/conftest.py`); `operator_scheduler`
+names it as the operator's scheduler of the flow's runs.
 Nothing here writes to ~/.prefect: PREFECT_HOME points into pytest's temporary folder for this process
 and for every subprocess the tests start, and Prefect's anonymous telemetry is off (these machines have
 no network; the server would log a failure to send it). Test modules import prefect and `flows.ingest`
@@ -60,3 +61,16 @@ def no_retry_delay(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setattr(
             ingest_module, name, getattr(ingest_module, name).with_options(retry_delay_seconds=0)
         )
+
+
+@pytest.fixture
+def operator_scheduler(dask_scheduler: str) -> Iterator[str]:
+    """The suite's in-process cluster as the scheduler the operator chose for the flow's runs.
+
+    Named in the dask config (`ich.scheduler`), as `ich serve --scheduler` names it for its runs; plain
+    tcp, so the test says insecure explicitly (the runs reach an existing scheduler over TLS otherwise).
+    """
+    import dask
+
+    with dask.config.set({"ich.scheduler": dask_scheduler, "ich.insecure-scheduler": True}):
+        yield dask_scheduler

@@ -1,12 +1,14 @@
 """The Prefect `ingest` flow under Prefect's test harness, on small synthetic archives.
 
-The flow runs against the session's test API server and an in-process Dask cluster (`conftest.py`);
+The flow runs against the session's test API server and an in-process Dask cluster, the operator's
+scheduler of the runs (`operator_scheduler`, `conftest.py`);
 stores are checked against the slices rendered straight from the DICOM files and the label CSV.
 """
 
 from __future__ import annotations
 
 import itertools
+import json
 import re
 import shutil
 import threading
@@ -16,6 +18,7 @@ from typing import Any
 from uuid import UUID
 
 import numpy as np
+import pandas as pd
 import pytest
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
@@ -102,19 +105,17 @@ def _assert_same_contents(a: dict[str, Any], b: dict[str, Any]) -> None:
 # ------------------------------------------------------------------------------- the flow, one shot
 
 
-def test_ingest_writes_the_store_and_reports_it(tmp_path: Path, dask_scheduler: str) -> None:
+def test_ingest_writes_the_store_and_reports_it(tmp_path: Path, operator_scheduler: str) -> None:
     from ichdata.dicom import read_rendered
     from ichdata.labels import read_labels
-    from ichdata.store import UNLABELLED, open_store
+    from ichdata.store import UNLABELLED, manifest_path, open_store
 
     folder, csv = _archive(tmp_path, studies=4, seed=11)
     n_dicom = len(list(folder.glob("*.dcm")))
     broken = _add_broken_files(folder)
     store = tmp_path / "rsna.zarr"
 
-    state = _run(
-        source=str(folder), store=str(store), labels=str(csv), scheduler=dask_scheduler, shard_size=16
-    )
+    state = _run(source=str(folder), store=str(store), labels=str(csv), shard_size=16)
 
     assert state.is_completed(), state.message
     summary = state.result()
@@ -156,14 +157,21 @@ def test_ingest_writes_the_store_and_reports_it(tmp_path: Path, dask_scheduler: 
     assert "| verify | OK:" in md
     for heading in ("| elapsed |", "| throughput |", "| store size |"):
         assert heading in md
-    table = arts["ingest-quarantine-rsna-zarr"].data
-    assert "copy_in_progress.dcm" in table
-    assert "truncated" in table
-    assert "README.txt" in table
+    # Nothing sent to Prefect names a file or folder under the source (issue 16 item 9): the table names
+    # files as the store does, by their keys into the manifest beside it.
+    table = json.loads(arts["ingest-quarantine-rsna-zarr"].data)
+    manifest = pd.read_parquet(manifest_path(store))
+    assert sorted((manifest["path"][int(r["path"][1:])], r["reason"]) for r in table) == sorted(
+        broken.items()
+    )
+    for sent in (md, arts["ingest-quarantine-rsna-zarr"].data, arts["ingest-summary-rsna-zarr"].description):
+        assert not any(name in sent for name in (str(folder), folder.name, str(csv), *broken)), sent
     assert float(arts["ingest-progress-rsna-zarr"].data) == 100.0
 
 
-def test_ingest_keeps_file_names_in_the_store_only_when_asked(tmp_path: Path, dask_scheduler: str) -> None:
+def test_ingest_keeps_file_names_in_the_store_only_when_asked(
+    tmp_path: Path, operator_scheduler: str
+) -> None:
     """`keep_paths` (issue 11 item 15): by default the store names files by manifest keys."""
     import zarr
 
@@ -171,20 +179,52 @@ def test_ingest_keeps_file_names_in_the_store_only_when_asked(tmp_path: Path, da
 
     folder, _ = _archive(tmp_path, studies=1, seed=16)
     names = sorted(p.name for p in folder.glob("*.dcm"))
+    (folder / "notes.txt").write_text("not DICOM")
     for keep in (False, True):
         store = tmp_path / f"keep-{keep}.zarr"
-        state = _run(source=str(folder), store=str(store), scheduler=dask_scheduler, keep_paths=keep)
+        state = _run(source=str(folder), store=str(store), keep_paths=keep)
         assert state.is_completed(), state.message
         held = sorted(str(v) for v in np.asarray(zarr.open_array(str(store / "source_path"), mode="r")[...]))
         assert (held == names) is keep, held
         assert sorted(open_store(store).source_path) == names  # the manifest beside it names them
+        arts = _artifacts(state.state_details.flow_run_id)
+        table = arts[f"ingest-quarantine-keep-{str(keep).lower()}-zarr"].data
+        summary = arts[f"ingest-summary-keep-{str(keep).lower()}-zarr"].data
+        assert ("notes.txt" in table) is keep, table
+        assert (str(folder) in summary) is keep, summary
+
+
+def test_with_allowed_roots_a_path_outside_is_refused_and_no_error_shows_a_file(
+    tmp_path: Path, operator_scheduler: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 16 item 5: `-p labels=/etc/shadow` put the file's first line into the run's state."""
+    allowed = tmp_path / "allowed"
+    folder, _ = _archive(allowed, studies=1, seed=19)
+    secret = "root:SECRET-77aa:19000:0:99999:7:::\n"
+    (tmp_path / "shadow").write_text(secret)
+    (allowed / "shadow").write_text(secret)
+    store = allowed / "s.zarr"
+    monkeypatch.setenv("ICH_ALLOWED_ROOTS", str(allowed))
+
+    state = _run(source=str(folder), store=str(store), labels=str(tmp_path / "shadow"))
+    assert state.is_failed()
+    assert state.message.startswith("Flow run encountered an exception: UserError: parameter labels: ")
+    assert "SECRET" not in state.message
+    assert not store.exists()
+    assert not list(allowed.glob("s.zarr*"))
+
+    # Inside the roots, a file that is no label CSV: named, with its line, never what it holds.
+    state = _run(source=str(folder), store=str(store), labels=str(allowed / "shadow"))
+    assert state.is_failed()
+    assert "shadow: line 1 names no column ID or Label" in state.message
+    assert "SECRET" not in state.message
 
 
 # ----------------------------------------------------------------------------------------- incremental
 
 
 def test_incremental_ingest_equals_one_shot_and_survives_a_failed_run(
-    tmp_path: Path, dask_scheduler: str, monkeypatch: pytest.MonkeyPatch, no_retry_delay: None
+    tmp_path: Path, operator_scheduler: str, monkeypatch: pytest.MonkeyPatch, no_retry_delay: None
 ) -> None:
     """Half the studies, then all (with a failed attempt in between) → the same store as one ingest of all.
 
@@ -197,9 +237,7 @@ def test_incremental_ingest_equals_one_shot_and_survives_a_failed_run(
     by_study = _files_by_study(folder)
     broken = _add_broken_files(folder)
     one_shot = tmp_path / "one_shot.zarr"
-    state = _run(
-        source=str(folder), store=str(one_shot), labels=str(csv), scheduler=dask_scheduler, shard_size=16
-    )
+    state = _run(source=str(folder), store=str(one_shot), labels=str(csv), shard_size=16)
     assert state.is_completed(), state.message
 
     # A landing folder receives half the studies (and the broken files), then the rest. The store
@@ -216,7 +254,7 @@ def test_incremental_ingest_equals_one_shot_and_survives_a_failed_run(
         for f in by_study[uid]:
             shutil.copy2(f, landing / f.name)
     store = tmp_path / "landing.zarr"
-    params = {"source": str(landing), "store": str(store), "labels": str(csv), "scheduler": dask_scheduler}
+    params = {"source": str(landing), "store": str(store), "labels": str(csv)}
     state = _run(**params)
     assert state.is_completed(), state.message
     n_first = sum(len(by_study[u]) for u in first)
@@ -282,14 +320,14 @@ def _failing_shard(store: str, index: int, *args: Any) -> Any:
 
 
 def test_a_killed_first_ingest_resumes_and_skips_finished_shards(
-    tmp_path: Path, dask_scheduler: str, monkeypatch: pytest.MonkeyPatch, no_retry_delay: None
+    tmp_path: Path, operator_scheduler: str, monkeypatch: pytest.MonkeyPatch, no_retry_delay: None
 ) -> None:
     import ichdata.shards
     from ichdata.store import open_store
 
     folder, csv = _archive(tmp_path, studies=3, seed=13)
     store = tmp_path / "s.zarr"
-    params = {"source": str(folder), "store": str(store), "labels": str(csv), "scheduler": dask_scheduler}
+    params = {"source": str(folder), "store": str(store), "labels": str(csv)}
     real = ichdata.shards.convert_shard
     monkeypatch.setattr(ichdata.shards, "convert_shard", _shard_failing_from(real, 2, []))
     failed = _run(**params, shard_size=8)
@@ -314,17 +352,33 @@ def test_a_killed_first_ingest_resumes_and_skips_finished_shards(
 
 
 def test_a_store_from_another_plan_fails_at_once_without_retries(
-    tmp_path: Path, dask_scheduler: str, no_retry_delay: None
+    tmp_path: Path, operator_scheduler: str, no_retry_delay: None
 ) -> None:
     folder, _ = _archive(tmp_path, studies=1, seed=14)
     store = tmp_path / "s.zarr"
-    assert _run(source=str(folder), store=str(store), scheduler=dask_scheduler, shard_size=8).is_completed()
+    assert _run(source=str(folder), store=str(store), shard_size=8).is_completed()
     t0 = time.perf_counter()
-    state = _run(source=str(folder), store=str(store), scheduler=dask_scheduler, shard_size=16)
+    state = _run(source=str(folder), store=str(store), shard_size=16)
     assert state.is_failed()
     assert "made from a different plan" in state.message
     assert "--overwrite" in state.message
     assert time.perf_counter() - t0 < 30  # no retries of a mistake a retry cannot fix
+
+
+def test_a_store_another_process_writes_fails_the_run_at_once_naming_it(
+    tmp_path: Path, operator_scheduler: str, lock_holder: Any
+) -> None:
+    """Issue 16 item 3: one writer per store, a second `ich serve` or a node of the cluster included."""
+    folder, _ = _archive(tmp_path, studies=1, seed=15)
+    store = tmp_path / "s.zarr"
+    holder = lock_holder(store, "ich convert")
+    state = _run(source=str(folder), store=str(store))
+    assert state.is_failed()
+    assert f"{store}: locked by ich convert (pid {holder.pid} on " in state.message
+    assert not store.exists()
+    holder.release()
+    assert _run(source=str(folder), store=str(store)).is_completed()
+    assert not (tmp_path / "s.zarr.lock").exists()
 
 
 _RELEASE = threading.Event()
@@ -336,7 +390,7 @@ def _stalled_shard(*args: Any) -> Any:
 
 
 def test_a_stalled_conversion_times_out_instead_of_hanging(
-    tmp_path: Path, dask_scheduler: str, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, operator_scheduler: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import flows.ingest
     import ichdata.shards
@@ -348,7 +402,7 @@ def test_a_stalled_conversion_times_out_instead_of_hanging(
     _RELEASE.clear()
     t0 = time.perf_counter()
     try:
-        state = _run(source=str(folder), store=str(tmp_path / "s.zarr"), scheduler=dask_scheduler)
+        state = _run(source=str(folder), store=str(tmp_path / "s.zarr"))
     finally:
         _RELEASE.set()  # free the worker threads for the next tests
     assert state.is_failed()
@@ -357,7 +411,7 @@ def test_a_stalled_conversion_times_out_instead_of_hanging(
 
 
 def test_a_store_that_fails_verification_fails_the_run_with_its_report(
-    tmp_path: Path, dask_scheduler: str, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, operator_scheduler: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import ichdata.verify
 
@@ -370,7 +424,7 @@ def test_a_store_that_fails_verification_fails_the_run_with_its_report(
 
     monkeypatch.setattr(ichdata.verify, "verify_store", corrupted)
     folder, _ = _archive(tmp_path, studies=1, seed=16)
-    state = _run(source=str(folder), store=str(tmp_path / "v.zarr"), scheduler=dask_scheduler)
+    state = _run(source=str(folder), store=str(tmp_path / "v.zarr"))
     assert state.is_failed()
     assert "failed verification" in state.message
     assert "shard 0 (rows 0–7): checksum" in state.message
@@ -427,7 +481,7 @@ def test_the_progress_artifact_and_the_log_are_throttled(monkeypatch: pytest.Mon
 
 
 def test_a_run_of_many_shards_logs_no_line_per_shard(
-    tmp_path: Path, dask_scheduler: str, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, operator_scheduler: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import flows.ingest
 
@@ -444,7 +498,6 @@ def test_a_run_of_many_shards_logs_no_line_per_shard(
         source=str(folder),
         store=str(tmp_path / "s.zarr"),
         labels=str(csv),
-        scheduler=dask_scheduler,
         shard_size=1,
     )
     assert state.is_completed(), state.message
@@ -452,6 +505,7 @@ def test_a_run_of_many_shards_logs_no_line_per_shard(
     assert n_shards >= 40
     messages = [m for r in recorders for m in r.messages]
     assert not [m for m in messages if m.startswith("shard ")]
+    assert not [m for m in messages if folder.name in m or str(csv) in m]  # issue 16 item 9
     assert len(messages) <= 10, messages
 
 

@@ -8,6 +8,7 @@ PREFECT_HOME is a temporary folder.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import os
@@ -16,6 +17,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -103,13 +105,22 @@ class Session:
             check=False,
         )
 
+    def _headers(self, auth: bool) -> dict[str, str]:
+        if not auth:
+            return {}
+        token = base64.b64encode(self.env["PREFECT_API_AUTH_STRING"].encode()).decode()
+        return {"Authorization": f"Basic {token}"}
+
     def get(self, path: str) -> Any:
-        with urllib.request.urlopen(f"{self.api}{path}", timeout=5) as r:
+        req = urllib.request.Request(f"{self.api}{path}", headers=self._headers(True))
+        with urllib.request.urlopen(req, timeout=5) as r:
             return json.loads(r.read())
 
-    def post(self, path: str, body: dict[str, Any]) -> Any:
+    def post(self, path: str, body: dict[str, Any], *, auth: bool = True) -> Any:
         req = urllib.request.Request(
-            f"{self.api}{path}", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+            f"{self.api}{path}",
+            data=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json", **self._headers(auth)},
         )
         with urllib.request.urlopen(req, timeout=5) as r:
             return json.loads(r.read())
@@ -130,15 +141,68 @@ class Session:
         pytest.fail(f"no {what} after {timeout} s:\n{self.log(name)}")
 
 
+def _readme_recipe() -> str:
+    """The shell block of the README's Prefect recipe (section "2. Ingest with Prefect")."""
+    section = (REPO / "README.md").read_text().split("### 2. Ingest with Prefect", 1)[1]
+    return section.split("```bash\n", 1)[1].split("\n```", 1)[0]
+
+
+def _readme_settings(home: Path) -> dict[str, str]:
+    """Run the README recipe's one-time step with `home` as HOME; the settings it exports.
+
+    Issue 16 item 13: the recipe ran `prefect config set`, which changes the user's default profile.
+    """
+    recipe = _readme_recipe()
+    assert "prefect config set" not in recipe
+    once = recipe.split("\n\n", 1)[0]
+    home.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    subprocess.run(["bash", "-euc", once], env={**env, "HOME": str(home)}, check=True, timeout=60)
+    written = home / ".config" / "ich" / "prefect.env"
+    assert [p.relative_to(home) for p in sorted(home.rglob("*"))] == [
+        Path(".config"),
+        Path(".config/ich"),
+        written.relative_to(home),
+    ]  # nothing else: no ~/.prefect profile touched
+    assert written.stat().st_mode & 0o777 == 0o600  # the auth string is the user's alone
+    settings = dict(
+        line.removeprefix("export ").split("=", 1) for line in written.read_text().splitlines() if line
+    )
+    assert settings["PREFECT_SERVER_API_AUTH_STRING"] == settings["PREFECT_API_AUTH_STRING"]
+    assert len(settings["PREFECT_API_AUTH_STRING"]) > 20
+    # Every terminal of the recipe starts from those settings.
+    steps = [line for line in recipe.split("\n\n", 1)[1].splitlines() if not line.startswith(" ")]
+    assert steps
+    assert all(line.startswith(". ~/.config/ich/prefect.env && ") for line in steps), steps
+    return settings
+
+
+def test_the_readme_recipe_keeps_its_prefect_settings_to_itself(tmp_path: Path) -> None:
+    """The one-time step writes one private settings file and touches no Prefect profile.
+
+    The `prefect_server` fixture starts the server from those settings.
+    """
+    settings = _readme_settings(tmp_path / "home")
+    assert settings["PREFECT_API_URL"] == "http://127.0.0.1:4200/api"
+    assert settings["PREFECT_HOME"] == str(tmp_path / "home" / ".config" / "ich" / "prefect")
+
+
 @pytest.fixture(scope="module")
 def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Session]:
-    """`prefect server start --host 127.0.0.1` on a free port, with a temporary PREFECT_HOME."""
+    """The README's recipe: `prefect server start --host 127.0.0.1` with authentication, a temporary PREFECT_HOME.
+
+    The server takes PREFECT_SERVER_API_AUTH_STRING; every client (the CLI, `ich serve`, workers and the
+    runs they start) PREFECT_API_AUTH_STRING, in their environment.
+    """
     tmp = tmp_path_factory.mktemp("prefect-server")
     port = _free_port()
+    settings = _readme_settings(tmp / "user-home")
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     env.update(
         PREFECT_HOME=str(tmp / "home"),
-        PREFECT_API_URL=f"http://127.0.0.1:{port}/api",
+        PREFECT_SERVER_API_AUTH_STRING=settings["PREFECT_SERVER_API_AUTH_STRING"],
+        PREFECT_API_AUTH_STRING=settings["PREFECT_API_AUTH_STRING"],
+        PREFECT_API_URL=settings["PREFECT_API_URL"].replace(":4200/", f":{port}/"),
         PREFECT_SERVER_API_HOST="127.0.0.1",
         PREFECT_SERVER_API_PORT=str(port),
         PREFECT_SERVER_ANALYTICS_ENABLED="false",
@@ -151,6 +215,8 @@ def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Session
     )
     try:
         session.wait_for("a healthy API", lambda: session.get("/health") is True, server, "server")
+        with pytest.raises(urllib.error.HTTPError, match="401"):  # without the auth string: nothing
+            session.post("/flow_runs/filter", {"limit": 1}, auth=False)
         yield session
     finally:
         for proc in reversed(session.procs):
@@ -206,7 +272,7 @@ def test_serve_and_deployment_run(prefect_server: Session, tmp_path: Path) -> No
     session = prefect_server
     folder, csv, n_slices = _archive(tmp_path)
     store = tmp_path / "rsna.zarr"
-    serve = session.start("serve", _executable("ich"), "serve")
+    serve = session.start("serve", _executable("ich"), "serve", "--allow-root", str(tmp_path))
     session.wait_for(
         "deployment ingest/default",
         lambda: session.get("/deployments/name/ingest/default")["name"] == "default",
@@ -237,8 +303,135 @@ def test_serve_and_deployment_run(prefect_server: Session, tmp_path: Path) -> No
 
     assert _listening_addresses(session.procs) <= {"127.0.0.1"}
     _stop(serve)
-    assert serve.poll() is not None
+    # SIGTERM ends `ich serve` as it ends every command (issue 16 item 10).
+    assert serve.returncode == 143, session.log("serve")
+    assert session.log("serve").rstrip().endswith("ich: terminated")
     print(f"deployment run of {n_slices} slices took {elapsed:.1f} s")
+
+
+class _Listener:
+    """A TCP listener on loopback that accepts and counts connections: an attacker's 'Dask scheduler'."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen()
+        self.sock.settimeout(0.2)
+        self.accepted = 0
+        self.stopped = False
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+        self.thread.start()
+
+    @property
+    def address(self) -> str:
+        return f"tcp://127.0.0.1:{self.sock.getsockname()[1]}"
+
+    def _accept(self) -> None:
+        while not self.stopped:
+            try:
+                conn, _ = self.sock.accept()
+            except TimeoutError:
+                continue
+            self.accepted += 1
+            conn.close()
+
+    def close(self) -> None:
+        self.stopped = True
+        self.thread.join(5)
+        self.sock.close()
+
+
+def _final_state(
+    session: Session, run_id: str, proc: subprocess.Popen[Any], name: str, timeout: float = 120
+) -> dict[str, Any]:
+    """The flow run `run_id` once it has reached a final state."""
+    final: dict[str, Any] = {}
+
+    def done() -> bool:
+        final.update(session.get(f"/flow_runs/{run_id}"))
+        return final["state_type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
+
+    session.wait_for(f"flow run {run_id} to end", done, proc, name, timeout)
+    return final
+
+
+def test_a_run_cannot_choose_the_scheduler_nor_use_paths_outside_the_allowed_roots(
+    prefect_server: Session, tmp_path: Path
+) -> None:
+    """Issue 16 item 5: what anyone who reaches the Prefect API could do with a run's parameters.
+
+    `-p scheduler=` named a scheduler of the attacker's (the client unpickles what it sends: code ran as
+    the serving user); `-p labels=/etc/shadow` put the file's first line into the run's state;
+    `-p source=/etc` put file names and bytes into an artifact. Each run is refused, the attacker's
+    scheduler never hears from us, and nothing of the files outside the allowed roots reaches Prefect.
+    """
+    session = prefect_server
+    allowed = tmp_path / "allowed"
+    folder, _, _ = _archive(allowed)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    secret = "root:SECRET-9c1e:19000:0:99999:7:::"
+    (outside / "shadow").write_text(secret + "\n")
+    (outside / "notes").mkdir()
+    (outside / "notes" / "patient-Jane-Doe.txt").write_text(secret * 10)
+    (allowed / "escape").symlink_to(outside)
+    store = allowed / "s.zarr"
+    attacker = _Listener()
+    serve = session.start("serve-roots", _executable("ich"), "serve", "--allow-root", str(allowed))
+    try:
+        session.wait_for(
+            "deployment ingest/default",
+            lambda: session.get("/deployments/name/ingest/default")["name"] == "default",
+            serve,
+            "serve-roots",
+        )
+        # Straight through the API, as an attacker would (the CLI itself refuses a parameter the
+        # deployment does not have): the run is created, and fails on the flow's own signature.
+        deployment = session.get("/deployments/name/ingest/default")
+        made = session.post(
+            f"/deployments/{deployment['id']}/create_flow_run",
+            {"parameters": {"source": str(folder), "store": str(store), "scheduler": attacker.address}},
+        )
+        final = _final_state(session, made["id"], serve, "serve-roots")
+        assert final["state_type"] in ("FAILED", "CRASHED"), final  # the flow has no such parameter
+
+        attempts = {
+            "labels": [f"source={folder}", f"store={store}", f"labels={outside / 'shadow'}"],
+            "source": [f"source={allowed / 'escape' / 'notes'}", f"store={store}"],  # a link out
+            "store": [f"source={folder}", f"store={allowed / '..' / 'outside' / 'x.zarr'}"],
+        }
+        for what, params in attempts.items():
+            run = session.run(
+                _executable("prefect"), "deployment", "run", "ingest/default",
+                *(a for p in params for a in ("-p", p)), "--watch", "--watch-timeout", "120",
+                timeout=180,
+            )  # fmt: skip
+            said = run.stdout + run.stderr
+            assert "Failed" in said, f"{what}: {said}\n--- serve log:\n{session.log('serve-roots')}"
+            assert "SECRET" not in said
+            state = _flow_runs(session)[0]
+            assert state["state_type"] == "FAILED", (what, state)
+            message = str(state["state"]["message"])
+            assert f"parameter {what}: " in message, (what, message)
+            assert "SECRET" not in message
+            found = session.post("/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [state["id"]]}}})
+            # The run's own artifacts (not Prefect's record of where the failed state is kept).
+            assert [a for a in found if a["type"] is not None] == [], (what, found)
+        assert attacker.accepted == 0
+        assert not store.exists()
+        assert sorted(p.name for p in outside.iterdir()) == ["notes", "shadow"]
+        logs = session.post("/logs/filter", {"limit": 200})
+        assert not [log for log in logs if "SECRET" in log["message"] or "Jane-Doe" in log["message"]]
+    finally:
+        attacker.close()
+        _stop(serve)
+
+
+def test_serve_refuses_to_serve_without_an_allowed_root(prefect_server: Session) -> None:
+    done = prefect_server.run(_executable("ich"), "serve")
+    assert done.returncode == 2
+    assert done.stderr.startswith("ich: error: --allow-root: none given; name the folders the runs may")
+    assert done.stderr.count("\n") == 1
 
 
 def test_prefect_yaml_deploys_to_a_process_work_pool(prefect_server: Session, tmp_path: Path) -> None:
@@ -247,15 +440,22 @@ def test_prefect_yaml_deploys_to_a_process_work_pool(prefect_server: Session, tm
     store = tmp_path / "pool.zarr"
     made = session.run(_executable("prefect"), "work-pool", "create", "ich-process", "--type", "process")
     assert made.returncode == 0, made.stdout + made.stderr
-    env_deploy = {"ICH_LANDING": str(folder), "ICH_STORE": str(store)}
+    env_deploy = {"ICH_LANDING": str(folder), "ICH_STORE": str(store), "ICH_ALLOWED_ROOTS": str(tmp_path)}
     session.env.update(env_deploy)
-    deployed = session.run(_executable("prefect"), "--no-prompt", "deploy", "--all", cwd=REPO, timeout=120)
+    try:
+        deployed = session.run(
+            _executable("prefect"), "--no-prompt", "deploy", "--all", cwd=REPO, timeout=120
+        )
+    finally:  # the deployment keeps what it needs; the next tests' processes must not inherit them
+        for name in env_deploy:
+            del session.env[name]
     assert deployed.returncode == 0, deployed.stdout + deployed.stderr
     dep = session.get("/deployments/name/ingest/default")
     assert dep["work_pool_name"] == "ich-process"
     assert dep["entrypoint"] == "flows.ingest.ingest"
     assert dep["schedules"][0]["active"] is False
     assert dep["schedules"][0]["parameters"] == {"source": str(folder), "store": str(store)}
+    assert dep["job_variables"]["env"]["ICH_ALLOWED_ROOTS"] == str(tmp_path)
 
     created = session.run(
         _executable("prefect"), "deployment", "run", "ingest/default",
@@ -283,6 +483,7 @@ def test_prefect_yaml_deploys_to_a_process_work_pool(prefect_server: Session, tm
 
 _KILLED_RUN = """
 import os, signal, sys
+import dask
 from distributed import LocalCluster
 import ichdata.shards
 from flows.ingest import ingest
@@ -300,7 +501,9 @@ with LocalCluster(
     n_workers=1, threads_per_worker=1, processes=False, protocol="tcp", host="127.0.0.1",
     dashboard_address=None, scheduler_kwargs={"dashboard": False, "dashboard_address": "127.0.0.1:0"},
 ) as cluster:
-    print(ingest(source=source, store=store, scheduler=cluster.scheduler_address, shard_size=8))
+    # The operator's scheduler of the runs (plain tcp: said insecure explicitly).
+    with dask.config.set({"ich.scheduler": cluster.scheduler_address, "ich.insecure-scheduler": True}):
+        print(ingest(source=source, store=store, shard_size=8))
 """
 
 

@@ -1,18 +1,24 @@
-"""Our local Dask clusters refuse strangers: issue 11 item 2, DESIGN.md's Trust.
+"""Our Dask clusters refuse strangers, and we refuse theirs: issue 11 item 2, issue 16 item 5, DESIGN.md's Trust.
 
 During a real `ich convert` on a local cluster, another process on the machine, without this run's
 credentials, can neither connect to the scheduler, a worker or a nanny nor submit a task; everything
-the cluster listens on is loopback, and the store is the one the tests' own cluster makes.
+the cluster listens on is loopback, and the store is the one the tests' own cluster makes. An existing
+scheduler is reached only over TLS with the site's credentials (`--insecure-scheduler` says otherwise).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import os
-from collections.abc import Callable
+import socket
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import dask
 import numpy as np
 import psutil
 import pytest
@@ -120,7 +126,8 @@ def test_a_local_conversion_refuses_strangers(
     source, labels = _archive(tmp_path)
     common = ["--labels", str(labels), "--shard-size", "8", "--quiet"]
     reference = tmp_path / "reference.zarr"
-    assert main(["convert", str(source), str(reference), "--scheduler", dask_scheduler, *common]) == 0
+    argv = ["convert", str(source), str(reference), "--scheduler", dask_scheduler, "--insecure-scheduler"]
+    assert main([*argv, *common]) == 0
 
     seen: dict[str, Any] = {}
     real = ichdata.convert.convert_shards
@@ -182,3 +189,161 @@ def _probe(client: Client) -> dict[str, Any]:
         "strangers": let_in,
         "listening": _listening(os.getpid()),
     }
+
+
+# ------------------------------------------------ an existing scheduler: TLS with the site's credentials
+
+
+class _Listener:
+    """A TCP listener on loopback that counts the connections it gets: a stranger's 'scheduler'."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.sock.settimeout(0.2)
+        self.accepted = 0
+        self.stopped = False
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+        self.thread.start()
+
+    @property
+    def port(self) -> int:
+        return int(self.sock.getsockname()[1])
+
+    def _accept(self) -> None:
+        while not self.stopped:
+            try:
+                conn, _ = self.sock.accept()
+            except TimeoutError:
+                continue
+            self.accepted += 1
+            conn.close()
+
+    def close(self) -> None:
+        self.stopped = True
+        self.thread.join(5)
+        self.sock.close()
+
+
+@pytest.fixture
+def stranger() -> Iterator[_Listener]:
+    listener = _Listener()
+    try:
+        yield listener
+    finally:
+        listener.close()
+
+
+def _site_credentials(folder: Path) -> tuple[Security, dict[str, str]]:
+    """A site's TLS credentials as files (one authority and certificate), and the dask config naming them."""
+    from distributed.security import Security
+
+    made = Security.temporary().get_tls_config_for_role("client")
+    folder.mkdir()
+    for name, pem in (("ca", made["ca_file"]), ("cert", made["cert"]), ("key", made["key"])):
+        (folder / f"{name}.pem").write_text(str(pem))
+    files = {k: str(folder / f"{k}.pem") for k in ("ca", "cert", "key")}
+    security = Security(
+        require_encryption=True,
+        tls_ca_file=files["ca"],
+        **{
+            f"tls_{role}_{kind}": files[kind]
+            for role in ("client", "scheduler", "worker")
+            for kind in ("cert", "key")
+        },
+    )
+    config = {
+        "distributed.comm.tls.ca-file": files["ca"],
+        "distributed.comm.tls.client.cert": files["cert"],
+        "distributed.comm.tls.client.key": files["key"],
+    }
+    return security, config
+
+
+@contextlib.contextmanager
+def _tls_cluster(security: Security) -> Iterator[str]:
+    """An in-process TLS cluster (one worker thread) speaking with `security`; yields its address."""
+    from distributed import LocalCluster
+
+    with LocalCluster(
+        n_workers=1, threads_per_worker=1, processes=False, host="127.0.0.1", protocol="tls://",
+        security=security, dashboard_address=None,
+        scheduler_kwargs={"dashboard": False, "dashboard_address": "127.0.0.1:0"},
+    ) as cluster:  # fmt: skip
+        yield cluster.scheduler_address
+
+
+@pytest.mark.parametrize("command", ["convert", "verify"])
+@pytest.mark.parametrize("how", ["address", "file"])
+def test_a_plain_tcp_scheduler_is_refused_before_any_connection(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], stranger: _Listener, command: str, how: str
+) -> None:
+    """Issue 16 item 5: a Dask client unpickles what its scheduler sends; one we cannot authenticate is refused."""
+    (tmp_path / "src").mkdir()
+    address = f"tcp://127.0.0.1:{stranger.port}"
+    if how == "file":
+        (tmp_path / "s.json").write_text(json.dumps({"address": address, "secret": "SECRET"}))
+        named = ["--scheduler-file", str(tmp_path / "s.json")]
+    else:
+        named = ["--scheduler", address]
+    store = tmp_path / "s.zarr"
+    argv = ["convert", str(tmp_path / "src"), str(store)] if command == "convert" else ["verify", str(store)]
+    assert main([*argv, *named]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"ich: error: {' '.join(named)}")
+    assert "does not speak TLS" in err
+    assert "--insecure-scheduler" in err
+    assert "SECRET" not in err
+    assert err.count("\n") == 1
+    assert stranger.accepted == 0
+    assert not store.exists()
+
+
+def test_a_tls_scheduler_needs_the_sites_credentials(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], stranger: _Listener
+) -> None:
+    (tmp_path / "src").mkdir()
+    unset = {
+        "distributed.comm.tls.ca-file": None,
+        "distributed.comm.tls.client.cert": None,
+        "distributed.comm.tls.client.key": None,
+    }
+    with dask.config.set(unset):
+        argv = ["convert", str(tmp_path / "src"), str(tmp_path / "s.zarr"), "--scheduler"]
+        assert main([*argv, f"tls://127.0.0.1:{stranger.port}"]) == 2
+    err = capsys.readouterr().err
+    assert "no distributed.comm.tls.ca-file in the dask config" in err
+    assert err.count("\n") == 1
+    assert stranger.accepted == 0
+
+
+@pytest.mark.slow
+def test_an_existing_scheduler_is_reached_over_tls_and_an_impostor_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the site's credentials `ich convert --scheduler tls://…` converts on that cluster.
+
+    A scheduler holding other credentials (an impostor on the same address space) fails the handshake:
+    the run stops in one line and not one of its tasks reaches the impostor.
+    """
+    import ichdata.cluster
+
+    source, labels = _archive(tmp_path)
+    site, config = _site_credentials(tmp_path / "site-tls")
+    impostor, _ = _site_credentials(tmp_path / "impostor-tls")
+    common = ["--labels", str(labels), "--shard-size", "8", "--quiet"]
+    reference = tmp_path / "reference.zarr"
+    assert main(["convert", str(source), str(reference), "--workers", "1", *common]) == 0
+    monkeypatch.setattr(ichdata.cluster, "CONNECT_TIMEOUT", "3s")
+    with dask.config.set(config):
+        with _tls_cluster(site) as address:
+            store = tmp_path / "tls.zarr"
+            assert main(["convert", str(source), str(store), "--scheduler", address, *common]) == 0
+            assert main(["verify", str(store), "--scheduler", address]) == 0
+        _assert_same_arrays(store, reference)
+        capsys.readouterr()
+        with _tls_cluster(impostor) as address:
+            store = tmp_path / "impostor.zarr"
+            assert main(["convert", str(source), str(store), "--scheduler", address, *common]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"ich: error: --scheduler {address}: cannot connect")
+    assert err.count("\n") == 1

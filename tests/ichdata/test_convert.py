@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -616,14 +617,13 @@ def test_convert_runs_on_an_existing_cluster_by_address_or_scheduler_file(many, 
         addr = cluster.scheduler_address
         assert addr.startswith("tcp://127.0.0.1:")
         a = tmp_path / "by_address.zarr"
-        assert main(["convert", str(many), str(a), "--scheduler", addr, "--shard-size", "2", "--quiet"]) == 0
+        # A plain tcp cluster of the test's own: said so (`--insecure-scheduler`); TLS is the default.
+        insecure = ["--insecure-scheduler", "--shard-size", "2", "--quiet"]
+        assert main(["convert", str(many), str(a), "--scheduler", addr, *insecure]) == 0
         sf = tmp_path / "scheduler.json"
         sf.write_text(json.dumps({"address": addr}))
         b = tmp_path / "by_file.zarr"
-        assert (
-            main(["convert", str(many), str(b), "--scheduler-file", str(sf), "--shard-size", "2", "--quiet"])
-            == 0
-        )
+        assert main(["convert", str(many), str(b), "--scheduler-file", str(sf), *insecure]) == 0
         assert len(cluster.scheduler.workers) == 2  # the cluster outlives the runs
     _assert_same_store(a, clean_run)
     _assert_same_store(b, clean_run)
@@ -784,3 +784,255 @@ def test_ctrl_c_prints_no_worker_tracebacks(many, tmp_path) -> None:
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
     assert err.strip() == "interrupted"
+
+
+# ----------------------------------------------------- nothing lost: inputs, foreign files, one writer
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory, convert_inputs) -> Path:
+    """Two series of three slices: a conversion in this process takes about a second."""
+    root = tmp_path_factory.mktemp("small")
+    rng = np.random.default_rng(5)
+    for case in ("axial", "coronal"):
+        convert_inputs.write_case(root, case, rng, n=3)
+    return root
+
+
+def _files(folder: Path) -> dict[str, int]:
+    """Every file under `folder` (relative path -> modification time): what a refused run must not touch."""
+    return {str(p.relative_to(folder)): p.stat().st_mtime_ns for p in folder.rglob("*") if p.is_file()}
+
+
+def _one_line_error(capsys) -> str:
+    err = capsys.readouterr().err
+    assert err.startswith("ich: error: "), err
+    assert len(err.strip().splitlines()) == 1, err
+    return err
+
+
+def test_a_source_or_labels_inside_the_store_are_refused_before_anything_is_removed(
+    small, tmp_path, capsys
+) -> None:
+    """Issue 16 item 1: SOURCE moved into STORE, then `--overwrite`, deleted SOURCE and exited 0."""
+    src = tmp_path / "src"
+    shutil.copytree(small, src)
+    store = tmp_path / "st.zarr"
+    convert(ConvertConfig(src, store, shard_size=2), progress=False, client=None)
+    incoming = store / "incoming"
+    shutil.move(src, incoming)
+    before = _files(tmp_path)
+    assert main(["convert", str(incoming), str(store), "--overwrite", "--quiet"]) == 2
+    err = _one_line_error(capsys)
+    assert f"SOURCE {incoming}: inside STORE {store}" in err
+    assert _files(tmp_path) == before
+    # The store itself as SOURCE, and a label CSV inside the store or beside it as one of its files.
+    assert main(["convert", str(store), str(store), "--overwrite", "--quiet"]) == 2
+    assert f"SOURCE {store}: inside STORE {store}" in _one_line_error(capsys)
+    csv = incoming / "labels.csv"
+    csv.write_text("ID,Label\n")
+    assert main(["convert", str(small), str(store), "--labels", str(csv), "--overwrite", "--quiet"]) == 2
+    assert f"--labels {csv}: inside STORE {store}" in _one_line_error(capsys)
+    side = manifest_path(store)
+    assert main(["convert", str(small), str(store), "--labels", str(side), "--overwrite", "--quiet"]) == 2
+    assert f"--labels {side}: the file {side} beside STORE" in _one_line_error(capsys)
+    # Through a link to the store's folder: the same store.
+    link = tmp_path / "link.zarr"
+    link.symlink_to(store)
+    assert main(["convert", str(incoming), str(link), "--quiet"]) == 2
+    assert "inside STORE" in _one_line_error(capsys)
+    assert _files(tmp_path) == {**before, "st.zarr/incoming/labels.csv": csv.stat().st_mtime_ns}
+
+
+def test_a_store_inside_another_store_is_refused(small, tmp_path, capsys) -> None:
+    """Issue 16 item 12: STORE inside an existing store's array made a group inside its chunks."""
+    store = tmp_path / "st.zarr"
+    convert(ConvertConfig(small, store, shard_size=2), progress=False, client=None)
+    before = _files(tmp_path)
+    for inner in (store / "images" / "x.zarr", store / "nested.zarr"):
+        assert main(["convert", str(small), str(inner), "--quiet"]) == 2
+        assert f"STORE {inner}: inside the ich store {store}; choose a path outside it" in _one_line_error(
+            capsys
+        )
+    assert _files(tmp_path) == before
+
+
+def test_a_missing_store_folder_is_refused_unless_parents(small, tmp_path, capsys) -> None:
+    """Issue 16 item 12: a mistyped parent (`/nonexistent/x.zarr`) was created silently."""
+    store = tmp_path / "typo" / "deeper" / "x.zarr"
+    assert main(["convert", str(small), str(store), "--quiet"]) == 2
+    err = _one_line_error(capsys)
+    assert f"the folder {store.parent} does not exist; create it, or pass --parents" in err
+    assert not (tmp_path / "typo").exists()
+    summary = convert(ConvertConfig(small, store, parents=True), progress=False, client=None)
+    assert open_store(store).n_slices == summary.n_slices == 6
+
+
+def test_overwrite_never_replaces_a_foreign_group_with_a_format_version(small, tmp_path) -> None:
+    """Issue 16 item 2: any Zarr group with a `format_version` attribute used to pass for an ich store."""
+    from ichdata.errors import UserError
+
+    foreign = tmp_path / "theirs.zarr"
+    g = zarr.open_group(str(foreign), mode="w", attributes={"format_version": 1, "classes": list(CLASSES)})
+    g.create_array("images", shape=(2, 3, 4, 4), dtype="uint8")
+    before = _files(tmp_path)
+    with pytest.raises(UserError, match=r"theirs\.zarr: exists and is not an ich store"):
+        convert(ConvertConfig(small, foreign, overwrite=True), progress=False, client=None)
+    assert _files(tmp_path) == before
+
+
+def test_a_store_of_an_earlier_ich_is_still_recognised_by_all_its_attributes_and_salt(
+    small, tmp_path
+) -> None:
+    """Stores written before the `ich` attribute namespace: every attribute they had, and the salt beside."""
+    from ichdata.errors import UserError
+    from ichdata.store import ICH_ATTR, is_ich_store
+
+    store = tmp_path / "old.zarr"
+    convert(ConvertConfig(small, store, shard_size=2), progress=False, client=None)
+    g = zarr.open_group(str(store), mode="r+")
+    attrs = dict(g.attrs)
+    assert attrs[ICH_ATTR] == {"kind": "store", "format_version": 1}
+    del attrs[ICH_ATTR]
+    g.attrs.put(attrs)  # as an earlier ich wrote it
+    assert is_ich_store(store)
+    salt = salt_path(store).read_bytes()
+    salt_path(store).unlink()
+    assert not is_ich_store(store)  # the attributes alone are not enough
+    with pytest.raises(UserError, match="exists and is not an ich store"):
+        convert(ConvertConfig(small, store, shard_size=4, overwrite=True), progress=False, client=None)
+    salt_path(store).write_bytes(salt)
+    replaced = convert(ConvertConfig(small, store, shard_size=4, overwrite=True), progress=False, client=None)
+    assert open_store(store).shard_size == 4
+    assert replaced.n_new == 6
+
+
+def test_overwrite_refuses_a_store_holding_a_users_file_and_replaces_only_ichs(
+    small, tmp_path, capsys
+) -> None:
+    """Issue 16 item 4: `--overwrite` deleted whatever a user had put inside the store."""
+    store = tmp_path / "st.zarr"
+    convert(ConvertConfig(small, store, shard_size=2), progress=False, client=None)
+    notes = store / "my-notes.txt"
+    notes.write_text("keep me\n")
+    before = _files(tmp_path)
+    assert main(["convert", str(small), str(store), "--overwrite", "--shard-size", "4", "--quiet"]) == 2
+    err = _one_line_error(capsys)
+    assert f"STORE {store}: holds my-notes.txt, which ich did not write; move it out" in err
+    assert _files(tmp_path) == before
+    notes.unlink()
+    # What ich wrote inside is replaced, down to a temporary file a killed write left behind.
+    (store / "images" / "c" / "0" / "0" / "0" / ".0.123.456.tmp").write_bytes(b"partial")
+    convert(ConvertConfig(small, store, shard_size=4, overwrite=True), progress=False, client=None)
+    assert open_store(store).shard_size == 4
+    assert not list(store.rglob("*.tmp"))
+
+
+def test_a_run_refuses_a_users_file_in_a_folder_it_rewrites(small, tmp_path, capsys) -> None:
+    """A commit rewrites the small arrays whole (their folders included): a file there would be lost."""
+    src = tmp_path / "src"
+    shutil.copytree(small, src)
+    store = tmp_path / "st.zarr"
+    convert(ConvertConfig(src, store, shard_size=2), progress=False, client=None)
+    (store / "README.txt").write_text("ours\n")  # at the top: no run touches it
+    kept = store / "labels" / "keep.txt"
+    kept.write_text("keep me\n")
+    shutil.copy(src / "axial" / "f00", src / "axial" / "f00_copy")  # something new to commit
+    assert main(["convert", str(src), str(store), "--quiet"]) == 2
+    assert f"STORE {store}: holds labels/keep.txt, which ich did not write" in _one_line_error(capsys)
+    kept.unlink()
+    convert(ConvertConfig(src, store), progress=False, client=None)
+    assert (store / "README.txt").read_text() == "ours\n"
+
+
+def test_a_resumed_run_removes_the_temporary_files_a_killed_one_left(small, tmp_path, convert_inputs) -> None:
+    """`ich verify` lists them; the next run with work to do (under the lock) deletes them."""
+    from ichdata.verify import verify_store
+
+    src = tmp_path / "src"
+    shutil.copytree(small, src)
+    store = tmp_path / "st.zarr"
+    convert(ConvertConfig(src, store, shard_size=2), progress=False, client=None)
+    leftovers = [
+        store / "images" / "c" / "1" / "0" / "0" / ".0.4242.1.tmp",  # ichdata.atomic's shard write
+        store / "conversion" / "shard_done" / "c" / f"0.{'a' * 32}.partial",  # zarr's
+    ]
+    for p in leftovers:
+        p.write_bytes(b"half")
+    problems = verify_store(store).problems
+    assert problems == [f"{p}: a temporary file a killed write left behind" for p in sorted(leftovers)]
+    convert_inputs.write_case(src, "axial", np.random.default_rng(1), n=2, prefix="new")
+    assert convert(ConvertConfig(src, store), progress=False, client=None).n_new == 2
+    assert not any(p.exists() for p in leftovers)
+    assert verify_store(store).ok
+
+
+_PAUSED_CONVERT = """
+import sys, time
+from pathlib import Path
+import ichdata.convert
+from ichdata.convert import ConvertConfig, convert
+
+source, store, signals = sys.argv[1], sys.argv[2], Path(sys.argv[3])
+real = ichdata.convert.finalize
+
+def paused(*args, **kwargs):
+    # Every shard written, nothing committed: paused mid-run in the driver, holding the lock.
+    (signals / "paused.tmp").write_text("paused")
+    (signals / "paused.tmp").rename(signals / "paused")
+    while not (signals / "go").exists():
+        time.sleep(0.01)
+    return real(*args, **kwargs)
+
+ichdata.convert.finalize = paused
+print(convert(ConvertConfig(source, store, shard_size=2, workers=2), progress=False))
+"""
+
+
+def test_a_second_run_on_a_store_being_written_is_refused_and_the_first_completes(
+    small, tmp_path, tmp_path_factory, capsys
+) -> None:
+    """Issue 16 item 3: two runs on one store reported each other's counts, or left stray shards."""
+    from ichdata.verify import verify_store
+
+    store = tmp_path / "st.zarr"
+    signals = tmp_path_factory.mktemp("signals")
+    run1 = subprocess.Popen(
+        [sys.executable, "-c", _PAUSED_CONVERT, str(small), str(store), str(signals)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not (signals / "paused").exists():
+            assert run1.poll() is None, run1.communicate()
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        before = _files(tmp_path)
+        for extra in ([], ["--overwrite"], ["--shard-size", "4", "--overwrite"]):
+            assert main(["convert", str(small), str(store), "--quiet", *extra]) == 2
+            err = _one_line_error(capsys)
+            assert f"{store}: locked by ich convert (pid {run1.pid} on " in err
+        assert _files(tmp_path) == before  # the refused runs wrote and removed nothing
+        (signals / "go").touch()
+        out, err = run1.communicate(timeout=120)
+    finally:
+        if run1.poll() is None:
+            run1.kill()
+            run1.communicate()
+    assert run1.returncode == 0, err
+    assert out.startswith(f"{store}: wrote 6 slices (6 in store,")
+    assert verify_store(store).ok
+    assert not (tmp_path / "st.zarr.lock").exists()
+
+
+def test_a_killed_run_leaves_its_lock_and_the_next_run_takes_it_over(small, tmp_path, lock_holder) -> None:
+    store = tmp_path / "st.zarr"
+    holder = lock_holder(store, "ich convert")
+    holder.kill()
+    holder.reap()
+    assert (tmp_path / "st.zarr.lock").exists()
+    summary = convert(ConvertConfig(small, store), progress=False, client=None)
+    assert summary.n_slices == 6
+    assert not (tmp_path / "st.zarr.lock").exists()

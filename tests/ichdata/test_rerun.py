@@ -9,6 +9,7 @@ import pytest
 import ichdata.convert
 import ichdata.finalize
 import ichdata.scan
+import ichdata.shards
 from ichdata.convert import ConvertConfig, convert
 from ichdata.testing import write_archive
 
@@ -39,7 +40,7 @@ def test_a_rerun_with_nothing_new_starts_no_cluster_and_reads_no_marker(
         return real_read(cls, *args)
 
     monkeypatch.setattr(ichdata.convert, "cluster_client", no_cluster)
-    monkeypatch.setattr(ichdata.convert, "read_markers", no_markers)
+    monkeypatch.setattr(ichdata.shards, "read_markers", no_markers)
     monkeypatch.setattr(ichdata.finalize, "_du", no_walk)
     monkeypatch.setattr(ichdata.scan.Manifest, "read", classmethod(counted_read))
     again = convert(ConvertConfig(src, store, workers=1), progress=False)

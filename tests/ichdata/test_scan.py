@@ -167,3 +167,48 @@ def test_is_in_answers_as_pandas_isin_for_arrow_and_object_strings() -> None:
             assert is_in(v, among).tolist() == expected
             assert v.isin(a).tolist() == expected  # the reference
     assert is_in([], ["a"]).tolist() == []
+
+
+def test_a_scan_while_the_cluster_starts_equals_the_serial_scan(tree, dask_scheduler) -> None:
+    """The driver reads the first files itself while the cluster starts; the cluster reads the rest.
+
+    The cluster's start is held until the driver has read two runs of files, and the driver is held
+    until the cluster is up: both parts are non-empty, and together they are the serial scan.
+    """
+    import contextlib
+    import threading
+    import time
+
+    from distributed import Client
+
+    from ichdata.cluster import SMALL_JOB, OnDemandClient
+
+    root, _ = tree
+    for i in range(SMALL_JOB + 200):
+        (root / f"junk_{i:04d}").write_bytes(b"not DICOM")
+    serial = scan(root)
+    driver_read = threading.Event()
+    read_before_up: list[int] = []
+    progress: list[int] = []
+
+    @contextlib.contextmanager
+    def slow_start():
+        assert driver_read.wait(60)
+        with Client(dask_scheduler) as client:
+            read_before_up.append(sum(progress))
+            yield client
+
+    def on_progress(n: int) -> None:
+        progress.append(n)
+        if sum(progress) >= 2 * scan_mod._WHILE_STARTING and not driver_read.is_set():
+            driver_read.set()
+            deadline = time.monotonic() + 60
+            while not runner.ready and time.monotonic() < deadline:
+                time.sleep(0.01)
+
+    with contextlib.ExitStack() as stack:
+        runner = OnDemandClient(slow_start, stack, small_job=SMALL_JOB, background=True)
+        overlapped = scan(root, runner, on_progress=on_progress)
+    assert 0 < read_before_up[0] < len(serial) - 1
+    assert sum(progress) == len(serial)
+    assert overlapped.table.drop(columns="mtime_ns").equals(serial.table.drop(columns="mtime_ns"))

@@ -7,10 +7,12 @@ others check what needs no scheduler (the options' mistakes, the walltime margin
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import ssl
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -455,3 +457,54 @@ def test_a_worker_job_slurm_refuses_is_one_line_before_any_work(site: Path) -> N
     ):
         pass
     _assert_nothing_left(site)
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("signum", "line", "status"),
+    [(signal.SIGINT, "ich: interrupted", 130), (signal.SIGTERM, "ich: terminated", 143)],
+)
+def test_a_signal_while_waiting_for_workers_cancels_the_jobs_and_removes_the_credentials(
+    slurm: Any, tmp_path: Path, signum: int, line: str, status: int
+) -> None:
+    """Issue 16 item 10: `scancel`/`kill` (SIGTERM) and Ctrl-C of `ich convert --cluster slurm`.
+
+    The known point: the worker job is in the queue, held there (`--begin` an hour from now), so the run
+    waits for its first worker. Without a site `shared-temp-directory` the run's credentials go under
+    HOME (a folder of the test's here), which must hold nothing of the run afterwards.
+    """
+    source, _ = _archive(tmp_path, studies=1, seed=24)
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {
+        **slurm.env(),
+        "HOME": str(home),
+        "DASK_JOBQUEUE__SLURM__INTERFACE": "lo",
+        "DASK_JOBQUEUE__SLURM__LOG_DIRECTORY": str(tmp_path / "logs"),
+        "DASK_JOBQUEUE__SLURM__JOB_EXTRA_DIRECTIVES": '["--begin=now+3600"]',
+    }
+    env.pop("DASK_JOBQUEUE__SLURM__SHARED_TEMP_DIRECTORY", None)
+    proc = subprocess.Popen(
+        [str(BIN / "ich"), "convert", str(source), str(tmp_path / "s.zarr"), "--cluster", "slurm",
+         "--cores", "1", "--memory", "1GB", "--quiet"],
+        env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        _wait(lambda: bool(_squeue("--states=PENDING")) or proc.poll() is not None, 120, "a queued job")
+        assert proc.poll() is None, proc.communicate()
+        credentials = list(home.glob(".ich-dask-tls-*"))
+        assert len(credentials) == 1
+        proc.send_signal(signum)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert (proc.returncode, err) == (status, line + "\n"), err
+    assert out == ""
+    assert _squeue() == []
+    assert not credentials[0].exists()
+    assert not (tmp_path / "s.zarr.lock").exists()
+    left = [p for where in (home, tmp_path, Path(tempfile.gettempdir())) for p in where.glob(".*dask*")]
+    assert left == []

@@ -31,7 +31,8 @@ from ichdata.verify import verify_store
 
 
 @pytest.fixture(scope="module")
-def good(tmp_path_factory, convert_inputs):
+def good_inputs(tmp_path_factory, convert_inputs) -> tuple[Path, Path]:
+    """A source folder (three series, a text file) and a label CSV for its images."""
     root = tmp_path_factory.mktemp("src")
     rng = np.random.default_rng(2)
     written = [
@@ -48,7 +49,13 @@ def good(tmp_path_factory, convert_inputs):
         for c, v in zip(CLASSES, rng.integers(0, 2, 6), strict=True)
     ]
     pd.DataFrame(rows, columns=["ID", "Label"]).to_csv(labels, index=False)
-    store = out / "v.zarr"
+    return root, labels
+
+
+@pytest.fixture(scope="module")
+def good(tmp_path_factory, good_inputs):
+    root, labels = good_inputs
+    store = tmp_path_factory.mktemp("out") / "v.zarr"
     convert(ConvertConfig(root, store, labels=labels, shard_size=2), progress=False, client=None)
     return store
 
@@ -140,6 +147,30 @@ def test_verify_without_a_cluster_reads_shards_on_every_core(good, monkeypatch) 
     assert threading.main_thread().name not in threads
 
 
+def test_files_that_no_array_accounts_for_are_listed(copy, tmp_path, capsys) -> None:
+    """Issue 16 item 3: stray shard files of a second writer passed as OK."""
+    (copy / "notes.txt").write_text("a user's\n")
+    past_the_end = copy / "images" / "c" / "5" / "0" / "0" / "0"  # 9 rows in shards of 2: shards 0-4
+    past_the_end.parent.mkdir(parents=True)
+    past_the_end.write_bytes(b"\x00" * 64)
+    not_a_chunk = copy / "images" / "c" / "0" / "0" / "0" / "x" / "0"
+    not_a_chunk.parent.mkdir()
+    not_a_chunk.write_bytes(b"")
+    leftover = copy / "labels" / "c" / "0" / ".0.77.88.tmp"
+    leftover.write_bytes(b"half")
+    (copy / "series" / "elsewhere").symlink_to(tmp_path)
+    assert main(["verify", str(copy)]) == 1
+    out = capsys.readouterr().out
+    listed = [line.strip() for line in out.splitlines()[1:]]
+    assert listed == [
+        f"{copy}/images/c/0/0/0/x/0: not written by ich",
+        f"{copy}/images/c/5/0/0/0: a chunk file outside its array's shape",
+        f"{copy}/labels/c/0/.0.77.88.tmp: a temporary file a killed write left behind",
+        f"{copy}/notes.txt: not written by ich",
+        f"{copy}/series/elsewhere: not written by ich",
+    ]
+
+
 # --- checksums of the small arrays, and what verify checks beyond them (issue 16, item 8) ---------------
 
 
@@ -189,7 +220,13 @@ def _positions_still_valid(good: bytes, out: bytes) -> bool:
     [("labels", "c/0/0", _labels_still_valid), ("slice_position", "c/0", _positions_still_valid)],
 )
 def test_a_flipped_bit_in_a_small_array_is_caught_and_a_rerun_rewrites_it(
-    copy: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], name: str, key: str, still_valid: Any
+    copy: Path,
+    good_inputs: tuple[Path, Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    name: str,
+    key: str,
+    still_valid: Any,
 ) -> None:
     _silent_flip(copy / name / key, still_valid)
     assert main(["verify", str(copy)]) == 1
@@ -207,9 +244,8 @@ def test_a_flipped_bit_in_a_small_array_is_caught_and_a_rerun_rewrites_it(
     assert "\n" not in err
     assert f"array {name} is damaged" in err
     # `ich convert` with the same arguments rewrites the small arrays from the manifest.
-    prov: dict[str, Any] = dict(zarr.open_group(str(copy), mode="r").attrs["provenance"])  # type: ignore[arg-type]
-    config = ConvertConfig(Path(prov["source"]), copy, labels=Path(prov["labels"]), shard_size=2)
-    convert(config, progress=False, client=None)
+    root, labels = good_inputs
+    convert(ConvertConfig(root, copy, labels=labels, shard_size=2), progress=False, client=None)
     rep = verify_store(copy)
     assert rep.ok, rep.problems
 
@@ -284,10 +320,10 @@ def test_a_store_of_an_earlier_release_verifies_with_notes_until_a_rerun_adds_ch
     convert(config, progress=False, client=None)  # written as the earlier release writes
     rep = verify_store(store)
     assert rep.ok, rep.problems
-    assert rep.notes[0].startswith("arrays image_id, labels, quarantine/detail, ")
+    assert rep.notes[0].startswith("arrays labels, image_id, study_offsets, ")
     assert "carry no checksum (written by an earlier ich)" in rep.notes[0]
     assert rep.notes[1].startswith("images: its slices carry no checksum of their own")
-    assert "note: arrays image_id" in str(rep)
+    assert "note: arrays labels, image_id" in str(rep)
     assert open_store(store).n_slices == 3  # it opens and trains as before
 
     monkeypatch.undo()  # this release

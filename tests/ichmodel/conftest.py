@@ -57,3 +57,9 @@ def store_factory(tmp_path: Path) -> Callable[..., Store]:
 @pytest.fixture
 def tiny_store(store_factory: Callable[..., Store]) -> Store:
     return store_factory()
+
+
+@pytest.fixture(scope="module")
+def module_store(tmp_path_factory: pytest.TempPathFactory) -> Store:
+    """The default tiny store, shared by the tests of one module that only read it."""
+    return make_store(tmp_path_factory.mktemp("store") / "store.zarr")

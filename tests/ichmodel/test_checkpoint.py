@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import pickle
+import shutil
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any, cast
 
 import pytest
 import torch
@@ -214,3 +216,253 @@ def test_predict_and_resume_refuse_a_damaged_checkpoint_before_any_work(
     last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
     with pytest.raises(UserError, match=rf"--resume: {last}: .*damaged"):
         train(_config(tiny_store, run, resume=True, epochs=2))
+
+
+# --- a valid checksum, a tree ich did not write ---------------------------------------------------
+
+
+class _NoNetwork:
+    """Every way loading could reach the network or a file a checkpoint names, made to fail loudly.
+
+    Each attempt is recorded (and raises), so a test asserts that none was made.
+    """
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        import socket
+
+        import timm.models
+        import timm.models._factory
+
+        self.calls: list[str] = []
+        for owner, name in (
+            (socket.socket, "connect"),
+            (socket, "create_connection"),
+            (socket, "getaddrinfo"),
+            (timm.models._factory, "load_model_config_from_hf"),
+            (timm.models._factory, "load_model_config_from_path"),
+            (timm.models, "load_state_dict"),  # what `--weights FILE` reads the file with
+        ):
+            monkeypatch.setattr(owner, name, self._recorder(f"{getattr(owner, '__name__', owner)}.{name}"))
+
+    def _recorder(self, what: str) -> Callable[..., object]:
+        def refuse(*args: object, **kwargs: object) -> object:
+            self.calls.append(what)
+            raise OSError(f"test: {what} is not allowed")
+
+        return refuse
+
+
+@pytest.fixture(scope="module")
+def trained(module_store: Store, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A store and a run directory after one of two epochs: the last.pt every case below alters."""
+    run = tmp_path_factory.mktemp("trained") / "run"
+    train(_config(module_store, run, stop_after=1, epochs=2))
+    return module_store.path, run
+
+
+def _train_args(store: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        "train",
+        str(store),
+        "--out",
+        str(out),
+        "--backbone",
+        BACKBONE,
+        "--epochs",
+        "2",
+        "--batch-size",
+        "2",
+        "--max-len",
+        "6",
+        "--workers",
+        "0",
+        "--val-fraction",
+        "0.25",
+        "--device",
+        "cpu",
+        "--rnn-hidden",
+        "8",
+        "--rnn-layers",
+        "1",
+        "--quiet",
+        *extra,
+    ]
+
+
+def _first_encoder_weight(tree: dict[str, Any]) -> str:
+    return next(k for k in tree["state_dict"] if k.startswith("encoder.") and tree["state_dict"][k].ndim)
+
+
+def _set(entry: str, value: object) -> Callable[[dict[str, Any]], None]:
+    """A change to the tree: `model.x` sets an entry of the model's arguments, `x` one of the tree."""
+
+    def change(tree: dict[str, Any]) -> None:
+        if entry.startswith("model."):
+            tree["model"][entry[len("model.") :]] = value
+        else:
+            tree[entry] = value
+
+    return change
+
+
+def _reshape_encoder_weight(tree: dict[str, Any]) -> None:
+    tree["state_dict"][_first_encoder_weight(tree)] = torch.zeros(3)
+
+
+def _list_for_a_weight(tree: dict[str, Any]) -> None:
+    tree["state_dict"][_first_encoder_weight(tree)] = [0.0, 1.0]
+
+
+def _drop(entry: str) -> Callable[[dict[str, Any]], None]:
+    return lambda tree: tree.pop(entry)
+
+
+#: (change, what the message says). Each is saved with `save_checkpoint`: the checksum is valid.
+MALFORMED = [
+    # the issue's item 6: metadata that would make timm download, or read a file the checkpoint names
+    pytest.param(
+        _set("model.backbone", "hf-hub:timm/test_efficientnet.r160_in1k"), "not a timm model name", id="hub"
+    ),
+    pytest.param(_set("model.backbone", "timm/test_efficientnet"), "not a timm model name", id="hub-repo"),
+    pytest.param(_set("model.backbone", "local-dir:/etc"), "not a timm model name", id="local-dir"),
+    pytest.param(_set("model.pretrained", True), "'pretrained' is not one ich records", id="pretrained"),
+    pytest.param(_set("model.weights", "/etc/passwd"), "'weights' is not one ich records", id="weights"),
+    # wrong types and values of what ich records
+    pytest.param(_set("model.rnn_hidden", "8"), "'rnn_hidden' is a str", id="rnn-hidden-str"),
+    pytest.param(_set("model.rnn_layers", 0), "'rnn_layers' is out of range", id="rnn-layers-0"),
+    pytest.param(_set("model.bidirectional", 1), "'bidirectional' is a int", id="bidirectional-int"),
+    pytest.param(_set("model.num_classes", True), "'num_classes' is a bool", id="num-classes-bool"),
+    pytest.param(_set("classes", "epidural"), "'classes' is a str", id="classes-str"),
+    pytest.param(_set("classes", [1, 2, 3, 4, 5, 6]), "'classes' is a list, expected", id="classes-ints"),
+    pytest.param(_set("classes", CLASSES[:5]), "5 classes for a model with 6 outputs", id="classes-count"),
+    pytest.param(_set("max_len", "6"), "'max_len' is a str", id="max-len-str"),
+    pytest.param(_set("max_len", 0), "'max_len' is a int, expected", id="max-len-0"),
+    pytest.param(_set("epoch", 1.5), "'epoch' is a float", id="epoch-float"),
+    pytest.param(_set("config", ["x"]), "'config' is a list", id="config-list"),
+    pytest.param(_list_for_a_weight, "not a tensor", id="weight-list"),
+    pytest.param(_reshape_encoder_weight, "do not fit", id="weight-shape"),
+]
+
+
+def _altered(trained: tuple[Path, Path], tmp_path: Path, change: Callable[[dict[str, Any]], None]) -> Path:
+    """A copy of the trained run whose last.pt (and best.pt) hold the changed tree."""
+    run = tmp_path / "run"
+    shutil.copytree(trained[1], run)
+    tree = read_checkpoint(run / "last.pt")
+    tree["config"]["out"] = str(run.absolute())  # the copy is the run being resumed
+    change(tree)
+    save_checkpoint(tree, run / "last.pt")
+    save_checkpoint(tree, run / "best.pt")
+    return run
+
+
+def _one_line_error(capsys: pytest.CaptureFixture[str], argv: list[str], names: Path) -> str:
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("ich: error: "), err
+    assert len(err.strip().splitlines()) == 1, err
+    assert str(names) in err
+    return err
+
+
+@pytest.mark.parametrize(("change", "message"), MALFORMED)
+def test_a_malformed_tree_is_one_line_at_every_entry_point(
+    tmp_path: Path,
+    trained: tuple[Path, Path],
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    change: Callable[[dict[str, Any]], None],
+    message: str,
+) -> None:
+    store, _ = trained
+    run = _altered(trained, tmp_path, change)
+    last, best = run / "last.pt", run / "best.pt"
+    guard = _NoNetwork(monkeypatch)
+
+    with pytest.raises(UserError, match=rf"checkpoint {best}: .*{message}") as exc:
+        load_model(best)
+    assert "\n" not in str(exc.value)
+
+    kept = tmp_path / "kept.zarr"
+    _one_line_error(capsys, _predict_args(best, tmp_path, kept), best)
+    assert not kept.exists()  # refused before converting anything
+
+    report = tmp_path / "report"
+    _one_line_error(capsys, ["evaluate", str(run), "--store", str(store), "--out", str(report)], best)
+    assert not report.exists()
+
+    init = tmp_path / "init"
+    err = _one_line_error(capsys, _train_args(store, init, "--init-backbone", str(best)), best)
+    assert "--init-backbone" in err
+    assert not (init / "last.pt").exists()
+
+    before = last.read_bytes()
+    err = _one_line_error(capsys, _train_args(store, run, "--resume"), last)
+    assert "--resume" in err
+    assert last.read_bytes() == before  # no epoch was trained over it
+
+    assert guard.calls == []
+
+
+def _drop_param_groups(tree: dict[str, Any]) -> None:
+    tree["optimizer"]["param_groups"] = []
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        pytest.param(_drop("optimizer"), "holds no optimizer", id="no-optimizer"),
+        pytest.param(_drop("config"), "holds no config", id="no-config"),
+        pytest.param(_set("rng", []), "training state does not fit", id="no-rng-of-this-rank"),
+        pytest.param(_set("rng", [{"python": 3}]), "training state does not fit", id="rng-malformed"),
+        pytest.param(_drop_param_groups, "training state does not fit", id="optimizer-groups"),
+        pytest.param(_set("scheduler", []), "'scheduler' is a list", id="scheduler-list"),
+    ],
+)
+def test_resume_refuses_a_malformed_training_state_in_one_line(
+    tmp_path: Path,
+    trained: tuple[Path, Path],
+    capsys: pytest.CaptureFixture[str],
+    change: Callable[[dict[str, Any]], None],
+    message: str,
+) -> None:
+    store, _ = trained
+    run = _altered(trained, tmp_path, change)
+    before = (run / "last.pt").read_bytes()
+    err = _one_line_error(capsys, _train_args(store, run, "--resume"), run / "last.pt")
+    assert message in err
+    assert (run / "last.pt").read_bytes() == before
+
+
+def test_a_plain_name_with_a_pretrained_tag_loads_without_the_network(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A tag selects the backbone's input normalisation; loading still builds it with pretrained=False."""
+    ckpt = _valid(tmp_path / "best.pt", backbone=f"{BACKBONE}.r160_in1k")
+    guard = _NoNetwork(monkeypatch)
+    model, info = load_model(ckpt)
+    assert info["model"]["backbone"] == f"{BACKBONE}.r160_in1k"
+    mean = cast(torch.Tensor, model.encoder.mean)
+    assert torch.allclose(mean.flatten(), torch.tensor([0.485, 0.456, 0.406]))
+    assert guard.calls == []
+
+
+def test_metadata_that_names_a_missing_tensor_is_one_line(tmp_path: Path) -> None:
+    """JSON that `save_checkpoint` never writes (a reference to no tensor), with a valid checksum."""
+    from safetensors.torch import save
+
+    from ichmodel.checkpoint import _digest
+
+    tree = {
+        "format": "ich-checkpoint",
+        "version": 2,
+        "model": {"name": "xception", "backbone": BACKBONE},
+        "state_dict": {"w": {"__tensor__": "nowhere"}},
+    }
+    tensors = {"/x": torch.zeros(1)}
+    tree_json = json.dumps(tree)
+    path = tmp_path / "odd.pt"
+    path.write_bytes(save(tensors, metadata={"ich": tree_json, "sha256": _digest(tree_json, tensors)}))
+    with pytest.raises(UserError, match=rf"checkpoint {path}: its metadata is malformed") as exc:
+        load_model(path)
+    assert "\n" not in str(exc.value)

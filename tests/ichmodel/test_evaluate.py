@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -234,3 +235,29 @@ def test_roc_and_false_negative_pictures(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="window must be"):
         plot_false_negatives(missed, tmp_path / "x.png", CLASSES, window="lung")
     assert math.isfinite(summarize(y, good, CLASSES)["overall"]["roc_auc"])
+
+
+@pytest.mark.parametrize(
+    "name", ["predictions_cnn.csv", "roc.png", "false_negatives.png", "report.md", "metrics.json"]
+)
+def test_a_full_disk_is_one_line_naming_the_file_and_keeps_the_earlier_report(
+    runs: tuple[Path, Path, Path],
+    tmp_path: Path,
+    full_disk: Callable[[str], None],
+    capsys: pytest.CaptureFixture[str],
+    name: str,
+) -> None:
+    store, a, _ = runs
+    out = tmp_path / "report"
+    argv = ["evaluate", str(a), "--store", str(store), "--out", str(out), "--quiet"]
+    assert main(argv) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    capsys.readouterr()
+    full_disk(name)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("ich: error: ")
+    assert len(err.strip().splitlines()) == 1
+    assert f"{out / name}: no space left on device; free some space, then run the same command again" in err
+    assert sorted(p.name for p in out.iterdir()) == sorted(before)  # no temporary file left behind
+    assert (out / name).read_bytes() == before[name]  # the earlier file, whole

@@ -103,6 +103,7 @@ def predicted(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Pat
     studies = _new_studies(src)
     ckpt = _checkpoint(root / "best.pt")
     out = root / "out" / "predictions.csv"
+    out.parent.mkdir()
     store = root / "kept.zarr"
     printed_out, printed_err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(printed_out), contextlib.redirect_stderr(printed_err):
@@ -184,7 +185,9 @@ def test_study_summary_is_the_max_over_slices(
 
 
 def test_cli_errors_name_the_missing_thing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["predict", str(tmp_path / "none.pt"), str(tmp_path), "--out", str(tmp_path / "p.csv")]) == 2
+    src = tmp_path / "src"  # (--out may not lie inside SOURCE)
+    src.mkdir()
+    assert main(["predict", str(tmp_path / "none.pt"), str(src), "--out", str(tmp_path / "p.csv")]) == 2
     assert "checkpoint" in capsys.readouterr().err
     assert main(["predict", str(tmp_path / "none.pt"), str(tmp_path / "nope"), "--out", "p.csv"]) == 2
     assert "no such folder" in capsys.readouterr().err
@@ -267,3 +270,119 @@ def test_csv_cells_from_the_input_never_run_as_spreadsheet_formulas(tmp_path: Pa
                 assert not str(cell).startswith(("=", "+", "@")), (path.name, cell)
     ids_written = pd.read_csv(out, dtype=str)["ID"].tolist()
     assert ids_written[0] == """'=HYPERLINK("http://x","y")_epidural"""
+
+
+def _files(folder: Path) -> dict[str, int]:
+    return {str(p.relative_to(folder)): p.stat().st_mtime_ns for p in folder.rglob("*") if p.is_file()}
+
+
+def test_outputs_that_are_inputs_or_inside_a_store_are_refused_before_any_work(
+    predicted: tuple[Path, Path, Path, dict[str, list[str]]],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Issue 16 items 4 and 12: each was refused only after the conversion, if at all.
+
+    `--out` on a source DICOM overwrote it; `--out` a folder and `--store` inside another store's
+    array were tracebacks after the whole conversion.
+    """
+    ckpt, _, store, _ = predicted
+    src = store.parent / "new"
+    a_dicom = sorted(src.glob("file*.dcm"))[0]
+    fresh = tmp_path / "fresh.zarr"
+    cases = {
+        "a source file": (["--out", str(a_dicom)], f"--out {a_dicom}: is SOURCE {src} or inside it"),
+        "the checkpoint": (["--out", str(ckpt)], f"--out {ckpt}: is CHECKPOINT {ckpt} or inside it"),
+        "a folder": (["--out", str(tmp_path)], f"--out {tmp_path}: a folder; expected the path of the file"),
+        "inside a store": (
+            ["--out", str(store / "p.csv")],
+            f"--out {store / 'p.csv'}: inside the ich store {store}",
+        ),
+        "a store's file": (
+            ["--out", f"{fresh}.manifest.parquet", "--store", str(fresh)],
+            f"--out {fresh}.manifest.parquet: inside --store {fresh} or beside it as one of its files",
+        ),
+        "a store in a store's array": (
+            ["--out", str(tmp_path / "p.csv"), "--store", str(store / "images" / "x.zarr")],
+            f"--store {store / 'images' / 'x.zarr'}: inside the ich store {store}",
+        ),
+        "the checkpoint inside the store": (
+            ["--out", str(tmp_path / "p.csv"), "--store", str(tmp_path / "runs")],
+            f"CHECKPOINT {tmp_path / 'runs' / 'best.pt'}: inside --store {tmp_path / 'runs'}",
+        ),
+        "a missing folder of --out": (
+            ["--out", str(tmp_path / "typo" / "p.csv")],
+            f"the folder {tmp_path / 'typo'} does not exist; create it, or pass --parents",
+        ),
+        "a missing folder of --store": (
+            ["--out", str(tmp_path / "p.csv"), "--store", str(tmp_path / "typo" / "s.zarr")],
+            f"the folder {tmp_path / 'typo'} does not exist; create it, or pass --parents",
+        ),
+    }
+    (tmp_path / "runs").mkdir()
+    in_store = tmp_path / "runs" / "best.pt"
+    in_store.write_bytes(ckpt.read_bytes())
+    before = _files(store.parent), _files(tmp_path)
+    for case, (args, expected) in cases.items():
+        model = in_store if case == "the checkpoint inside the store" else ckpt
+        assert main(["predict", str(model), str(src), "--workers", "1", "--quiet", *args]) == 2, case
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1, (case, err)
+        assert expected in err, (case, err)
+    assert (_files(store.parent), _files(tmp_path)) == before
+    assert not (tmp_path / "typo").exists()
+
+
+def test_a_kept_store_holding_a_users_file_is_not_replaced(
+    predicted: tuple[Path, Path, Path, dict[str, list[str]]],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Issue 16 item 4: `ich predict --store` onto its own earlier store deleted a user's file in it."""
+    ckpt, _, store, _ = predicted
+    src = store.parent / "new"
+    notes = store / "reading-notes.txt"
+    notes.write_text("keep me\n")
+    try:
+        before = _files(store)
+        args = ["predict", str(ckpt), str(src), "--out", str(tmp_path / "p.csv"), "--store", str(store)]
+        assert main([*args, "--workers", "1", "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert f"--store {store}: holds reading-notes.txt, which ich did not write" in err
+        assert len(err.strip().splitlines()) == 1
+        assert _files(store) == before
+    finally:
+        notes.unlink()
+
+
+def test_a_kept_store_another_process_writes_is_refused(
+    predicted: tuple[Path, Path, Path, dict[str, list[str]]],
+    tmp_path: Path,
+    lock_holder,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    ckpt, _, store, _ = predicted
+    src = store.parent / "new"
+    holder = lock_holder(store, "ich convert")
+    before = _files(store)
+    args = ["predict", str(ckpt), str(src), "--out", str(tmp_path / "p.csv"), "--store", str(store)]
+    assert main([*args, "--workers", "1", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert f"{store}: locked by ich convert (pid {holder.pid} on " in err
+    assert _files(store) == before
+    assert not (tmp_path / "p.csv").exists()
+    holder.release()
+
+
+def test_parents_creates_the_folders_of_out_and_store(
+    predicted: tuple[Path, Path, Path, dict[str, list[str]]], tmp_path: Path
+) -> None:
+    ckpt, _, store, _ = predicted
+    src = store.parent / "new"
+    out = tmp_path / "a" / "b" / "p.csv"
+    kept = tmp_path / "c" / "d" / "s.zarr"
+    args = ["predict", str(ckpt), str(src), "--out", str(out), "--store", str(kept), "--parents"]
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        assert main([*args, "--workers", "1", "--quiet"]) == 0
+    assert len(pd.read_csv(out)) == 9 * 6
+    assert open_store(kept).n_slices == 9

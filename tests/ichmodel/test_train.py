@@ -24,7 +24,7 @@ from ichmodel.data import StudyDataset, collate_studies, read_split
 from ichmodel.losses import val_loss_sums, weighted_bce_sums
 from ichmodel.metrics import weighted_log_loss
 from ichmodel.models import SequenceClassifier, load_model, predict_study
-from ichmodel.rundir import LOG_COLUMNS
+from ichmodel.rundir import LOG_COLUMNS, read_log
 from ichmodel.train import train
 
 BACKBONE = "test_efficientnet"
@@ -368,3 +368,64 @@ def test_torchrun_no_python_ich_train_is_ddp(tmp_path: Path, tiny_store: Store) 
     assert json.loads((out / "config.json").read_text())["world_size"] == 2
     assert (out / "best.pt").is_file()
     assert result.stdout.count("best epoch 1:") == 1  # rank 0 reports, once
+
+
+def _cli_args(store: Store, out: Path) -> list[str]:
+    args = ["train", str(store.path), "--out", str(out), "--backbone", BACKBONE, "--max-len", "6"]
+    args += ["--epochs", "2", "--workers", "0", "--device", "cpu", "--quiet", "--batch-size", "2"]
+    return [*args, "--rnn-hidden", "8", "--rnn-layers", "1"]
+
+
+def _one_line(err: str) -> str:
+    assert err.startswith("ich: error: "), err
+    assert len(err.strip().splitlines()) == 1, err
+    return err
+
+
+@pytest.mark.parametrize("name", ["split.json", "config.json", "log.csv", "best.pt", "last.pt"])
+def test_a_full_disk_in_a_new_run_is_one_line_naming_the_file(
+    tmp_path: Path,
+    tiny_store: Store,
+    full_disk: Callable[[str], None],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    name: str,
+) -> None:
+    out = tmp_path / "run"
+    args = _cli_args(tiny_store, out)
+    full_disk(name)
+    assert main([*args, "--stop-after", "1"]) == 2
+    err = _one_line(capsys.readouterr().err)
+    assert f"{out / name}: no space left on device; free some space, then run the same command again" in err
+    assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
+    assert not (out / "last.pt").exists()
+    monkeypatch.undo()  # space again: the same command runs
+    assert main([*args, "--stop-after", "1"]) == 0
+    assert [r["epoch"] for r in read_log(out / "log.csv")] == [1]
+
+
+@pytest.mark.parametrize("name", ["split.json", "config.json", "log.csv", "last.pt"])
+def test_a_full_disk_in_a_resumed_run_keeps_the_last_epoch_saved(
+    tmp_path: Path,
+    tiny_store: Store,
+    full_disk: Callable[[str], None],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    name: str,
+) -> None:
+    out = tmp_path / "run"
+    args = _cli_args(tiny_store, out)
+    assert main([*args, "--stop-after", "1"]) == 0
+    saved = {p.name: p.read_bytes() for p in out.iterdir()}
+    capsys.readouterr()
+    full_disk(name)
+    assert main([*args, "--resume"]) == 2
+    err = _one_line(capsys.readouterr().err)
+    assert f"{out / name}: no space left on device; free some space, then continue with --resume" in err
+    assert sorted(p.name for p in out.iterdir()) == sorted(saved)  # no temporary file left behind
+    assert (out / name).read_bytes() == saved[name]
+    assert (out / "last.pt").read_bytes() == saved["last.pt"]  # what --resume continues from
+    monkeypatch.undo()
+    assert main([*args, "--resume"]) == 0
+    assert [r["epoch"] for r in read_log(out / "log.csv")] == [1, 2]
+    assert read_checkpoint(out / "last.pt")["epoch"] == 2
