@@ -148,7 +148,9 @@ def _per_slice(files: list[Path], n: int) -> dict[str, float]:
 
     layouts = dict(
         zip(
-            files, (lay for _, lay in timed("ich: scan: read_header_layout", read_header_layout)), strict=True
+            files,
+            (lay for _, lay, _ in timed("ich: scan: read_header_layout", read_header_layout)),
+            strict=True,
         )
     )
     dest = np.empty((3, 256, 256), np.uint8)

@@ -120,11 +120,15 @@ class ConvertResult:
 
 
 def _record_failures(group: Group, failures: pd.DataFrame, p: Plan) -> None:
+    from ichdata.reasons import Reason
+
     info = p.rows.set_index("path")
     old: list[Any] = list(group.attrs.get("pixel_failures", []))  # type: ignore[arg-type]
     seen = {f["path"] for f in old}
     for path, reason, detail in zip(failures["path"], failures["reason"], failures["detail"], strict=True):
-        if path not in seen and path in info.index:
+        # A file that changed while it was converted is not set aside again by a resumed run: its scan
+        # reads the new version.
+        if path not in seen and path in info.index and reason != Reason.CHANGED_DURING_CONVERSION:
             old.append(
                 {
                     "path": path,
@@ -237,7 +241,17 @@ def _committed(group: Group, p: Plan) -> bool:
 def _shard_args(p: Plan, i: int) -> tuple[Any, ...]:
     a, _ = p.shard_rows(i)
     sources = p.shard_sources(i)
-    return (str(p.store), i, a, p.shard_key(i), sources, str(p.source), p.image_size, p.shard_layouts(i))
+    return (
+        str(p.store),
+        i,
+        a,
+        p.shard_key(i),
+        sources,
+        str(p.source),
+        p.image_size,
+        p.shard_layouts(i),
+        p.shard_identities(i),
+    )
 
 
 def _shard_failed(p: Plan, shards: int | list[int], exc: BaseException) -> Exception:

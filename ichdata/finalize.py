@@ -19,9 +19,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ichdata import pathkeys
+from ichdata.resume import load_salt, salt_check
 from ichdata.scan import Manifest
 from ichdata.store import (
     UNLABELLED,
+    check_small_arrays,
     manifest_path,
     now_utc,
     software_version,
@@ -99,7 +101,8 @@ def finalize(
     p = result.plan
     keep_paths = config is not None and config.keep_paths
     group = zarr.open_group(str(p.store), mode="r+")
-    if _already_committed(result, group, keep_paths):
+    salt = salt_check(load_salt(p.store, must_exist=False))  # the plan made it, when it was missing
+    if _already_committed(result, group, keep_paths, salt):
         # Nothing written: the size the commit recorded holds (walking a store of ~12k shard folders
         # is seconds, minutes on a cold shared file system, of a daily ingest that found nothing new).
         recorded = group.attrs.get("store_bytes")
@@ -147,6 +150,7 @@ def finalize(
             "provenance": _provenance(result, config, dict(group.attrs.get("provenance") or {}), keep_paths),  # type: ignore[arg-type]
             "plan": {"config": p.store_config, "plan_hash": p.plan_hash},
             "shard_checksums": "conversion/shard_done",
+            "salt_check": salt,
         }
     )
     store_bytes = _du(p.store)
@@ -191,14 +195,16 @@ def _n_labelled(labels: np.ndarray) -> int:
     return int((labels[:, -1] != UNLABELLED).sum())
 
 
-def _already_committed(result: ConvertResult, group: Group, keep_paths: bool) -> bool:
+def _already_committed(result: ConvertResult, group: Group, keep_paths: bool, salt: str) -> bool:
     """Whether the store already holds exactly this plan, committed: a re-run that found nothing new.
 
     Then there is nothing to write (the daily ingest of an unchanged landing folder): the same rows,
     series, labels and shard keys (the plan hash), nothing set aside by this run, the same label CSV
     (by name too, with `--keep-paths`), the same choice of `--keep-paths`, the plan settings recorded as
     this version records them (a store written before `source_id` is committed again, without its
-    source's path), and `images` no longer than the committed rows.
+    source's path), the salt's check value recorded, `images` no longer than the committed rows, and
+    every small array intact and with checksums (a damaged one, or one an earlier release wrote
+    without, is rewritten from the plan).
     """
     p = result.plan
     attrs = group.attrs
@@ -215,6 +221,7 @@ def _already_committed(result: ConvertResult, group: Group, keep_paths: bool) ->
         or prov.get("n_quarantined") != p.n_set_aside
         or (keep_paths and p.labels_source is not None and prov.get("labels") != p.labels_source)
         or attrs.get(pathkeys.ATTR, pathkeys.KEPT) != pathkeys.mode(keep_paths)
+        or attrs.get("salt_check") != salt
         or plan_attr.get("config") != p.store_config
         or "config_hash" in plan_attr
         or (not keep_paths and _names_paths(prov))
@@ -224,8 +231,11 @@ def _already_committed(result: ConvertResult, group: Group, keep_paths: bool) ->
     images = group.get("images")
     if images is None or getattr(images, "shape", (None,))[0] != p.n_slices:
         return False
-    # Last: the plan hash reads every shard key.
-    return bool(plan_attr.get("plan_hash") == p.plan_hash)
+    # Last: the plan hash reads every shard key, the check reads every chunk of the small arrays.
+    if plan_attr.get("plan_hash") != p.plan_hash:
+        return False
+    damaged, unchecked = check_small_arrays(p.store, group)
+    return not damaged and not unchecked
 
 
 def _names_paths(prov: dict[str, Any]) -> bool:

@@ -28,7 +28,7 @@ from ichdata.errors import UserError
 from ichdata.paths import fs_path
 from ichdata.reasons import KEPT_REASONS, Reason
 from ichdata.resume import load_salt, plan_config, previous_run, resolve_shard_size, stored_config
-from ichdata.scan import Manifest, is_in
+from ichdata.scan import Manifest, index_in, is_in
 from ichdata.setaside import (
     changed_since_conversion,
     duplicate_positions,
@@ -40,6 +40,8 @@ from ichdata.setaside import (
 from ichdata.store import CLASSES, IMAGE_SIZE, QUARANTINE_COLUMNS, UNLABELLED, manifest_path
 
 _RSNA_PATIENT = re.compile(r"^ID_[0-9a-fA-F]+$")
+#: A missing size, modification time or header CRC in `Plan._identities` (a time may be negative).
+_UNKNOWN = int(np.iinfo(np.int64).min)
 #: The columns of a plan's quarantine table: the store's, and what the plan needs to resume.
 _QUARANTINE = [*QUARANTINE_COLUMNS, "size", "mtime_ns", "new"]
 
@@ -176,6 +178,40 @@ class Plan:
         """
         a, b = self.shard_rows(i)
         return self._layouts[a:b]
+
+    @cached_property
+    def _identities(self) -> np.ndarray:
+        """(n_slices, 3) int64: each row's size, modification time and header CRC-32; `_UNKNOWN` where unknown.
+
+        Arrays, sliced per shard: the driver submits thousands of shards, and a tuple per row of a
+        752k-row plan would hold a hundred MB.
+        """
+        out = np.full((len(self.rows), 3), _UNKNOWN, dtype=np.int64)
+        for k, col in enumerate(("size", "mtime_ns")):
+            out[:, k] = self.rows[col].fillna(_UNKNOWN).to_numpy(dtype=np.int64)
+        table = self.manifest.table
+        if "header_crc32" in table.columns and len(self.rows):
+            found, at = index_in(self.rows["path"], table["path"])
+            crc = table["header_crc32"]
+            known = found & ~crc.isna().to_numpy()[at]
+            out[known, 2] = crc.fillna(_UNKNOWN).to_numpy(dtype=np.int64)[at[known]]
+        return out
+
+    def shard_identities(self, i: int) -> list[tuple[int | None, int | None, int | None]]:
+        """For each row of shard `i`: what the scan saw of its file (`ichdata.dicom.FileIdentity`).
+
+        Size, modification time and the CRC-32 of the header bytes; None where unknown (the header's
+        CRC in a manifest of an earlier release). The shard task refuses a file that differs.
+        """
+        a, b = self.shard_rows(i)
+        return [
+            (
+                None if size == _UNKNOWN else size,
+                None if mtime == _UNKNOWN else mtime,
+                None if crc == _UNKNOWN else crc,
+            )
+            for size, mtime, crc in self._identities[a:b].tolist()
+        ]
 
     @property
     def n_set_aside(self) -> int:
@@ -379,7 +415,10 @@ def _carry_over(
     # Files already in the store keep their previous row; everything else takes this scan's row.
     in_store = prev_t.loc[prev_t["row"] >= 0].sort_values("row")
     prev_q = prev_t.loc[prev_t["row"] < 0]
-    prev_q_unchanged = prev_q.merge(scanned[["path", "size", "mtime_ns"]], on=["path", "size", "mtime_ns"])
+    # A file set aside because it changed while it was converted is planned again from this scan.
+    prev_q_unchanged = prev_q.loc[prev_q["reason"] != Reason.CHANGED_DURING_CONVERSION].merge(
+        scanned[["path", "size", "mtime_ns"]], on=["path", "size", "mtime_ns"]
+    )
     prev_q_gone = prev_q.loc[~is_in(prev_q["path"], scanned["path"])]
     old_q = pd.concat([prev_q_unchanged, prev_q_gone], ignore_index=True)
     known = pd.concat([in_store["path"], old_q["path"]], ignore_index=True)

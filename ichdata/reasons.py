@@ -2,7 +2,7 @@
 
 A `StrEnum`, so a reason is its own string in every table and CSV we write (`Reason.EMPTY == "empty"`).
 The reader's reasons come first (`READER_REASONS`); the rest are decided by the scan, the plan or the
-conversion. The quarantine also reports a few files that stay in the store (`KEPT_REASONS`). What each
+conversion's shard tasks. The quarantine also reports a few files that stay in the store (`KEPT_REASONS`). What each
 means for a user is in the README's store section.
 """
 
@@ -43,6 +43,9 @@ class Reason(StrEnum):
     DUPLICATE = "duplicate"  # an image id seen before (in the store or earlier in this run)
     SERIES_IN_STORE = "series_in_store"  # a new file of a series the store already holds
     CONFLICTING_DUPLICATE = "conflicting_duplicate"  # an image id seen before, with other pixel data
+    # The shard task's: the file it was to render is not the one the scan read (size, modification
+    # time or header bytes differ); the store keeps nothing of it and a re-run reads it again.
+    CHANGED_DURING_CONVERSION = "changed_during_conversion"
     # The plan's reports on files that stay rows of `images` (`KEPT_REASONS`).
     DUPLICATE_POSITION = "duplicate_position"  # a second slice at the same position in its series
     CHANGED_SINCE_CONVERSION = (
@@ -53,7 +56,11 @@ class Reason(StrEnum):
 #: The reasons `ichdata.dicom` raises `SliceError` with, in the order the reader checks them.
 READER_REASONS: tuple[Reason, ...] = tuple(Reason)[: list(Reason).index(Reason.MISSING_UID) + 1]
 
+#: The reasons a `SliceError` may carry: the reader's, and the one it raises when asked to check that a
+#: file is still the one an earlier scan read (`ichdata.dicom.FileIdentity`).
+SLICE_ERROR_REASONS: tuple[Reason, ...] = (*READER_REASONS, Reason.CHANGED_DURING_CONVERSION)
+
 #: The reasons of quarantine rows that report a file still stored (a row of `images`), not one set aside.
 KEPT_REASONS: frozenset[Reason] = frozenset({Reason.DUPLICATE_POSITION, Reason.CHANGED_SINCE_CONVERSION})
 
-__all__ = ["KEPT_REASONS", "READER_REASONS", "Reason"]
+__all__ = ["KEPT_REASONS", "READER_REASONS", "SLICE_ERROR_REASONS", "Reason"]

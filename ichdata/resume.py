@@ -213,6 +213,14 @@ def resolve_shard_size(store: str | os.PathLike[str], shard_size: int | None, ov
     return DEFAULT_SHARD_SIZE
 
 
+def salt_check(salt: bytes) -> str:
+    """A check value of `salt` (the store's `salt_check` attribute): recognises the salt, reveals nothing.
+
+    The key of no patient, made with the salt: sharing it tells no more than one more patient key does.
+    """
+    return hashlib.blake2b(b"ich salt check", key=salt, digest_size=8).hexdigest()
+
+
 def load_salt(store: Path, *, must_exist: bool) -> bytes:
     """The salt of the store's patient keys, read from beside `store`, or made and saved for a new store.
 
@@ -250,6 +258,7 @@ __all__ = [
     "plan_config",
     "previous_run",
     "resolve_shard_size",
+    "salt_check",
     "source_id",
     "source_text",
     "stored_config",

@@ -40,6 +40,9 @@ if TYPE_CHECKING:
 #: `pixel_layout` is where the pixel data lies and how it is encoded (`ichdata.dicom.read_header_layout`;
 #: "" where only the full reader applies): the shard tasks read the pixels without parsing the header
 #: again. Manifests written before it existed lack the column; their files are read in full.
+#: `header_crc32` is the CRC-32 of the bytes before the file's Pixel Data tag
+#: (`ichdata.dicom.identity`): with size and mtime, how a shard task recognises the file the scan read.
+#: Manifests written before it existed lack it: size and mtime are checked alone for their rows.
 COLUMNS: tuple[str, ...] = (
     "path",
     "size",
@@ -55,6 +58,7 @@ COLUMNS: tuple[str, ...] = (
     "rows",
     "cols",
     "pixel_layout",
+    "header_crc32",
 )
 
 
@@ -100,6 +104,8 @@ class Manifest:
         """A manifest written by `write`, of the archive at `source` (raw patient ids are not kept)."""
         table = read_manifest(path)  # a damaged file is one line naming it
         table["patient_id"] = None
+        if "header_crc32" not in table.columns:  # written by an earlier release: unknown
+            table["header_crc32"] = pd.array([None] * len(table), dtype="Int64")
         return cls(Path(source), table)
 
 
@@ -239,14 +245,14 @@ def scan_files(root: str, paths: Sequence[str]) -> pd.DataFrame:
         try:
             st = os.stat(full)
             size, mtime = st.st_size, st.st_mtime_ns
-            m, layout = read_header_layout(full)
+            m, layout, header_crc = read_header_layout(full)
         except SliceError as exc:
-            rows.append((rel, size, mtime, exc.reason, exc.detail, *([None] * 9), None))
+            rows.append((rel, size, mtime, exc.reason, exc.detail, *([None] * 10), None))
         except OSError as exc:  # listed, but it cannot be statted or opened (permissions, too long)
-            rows.append((rel, size, mtime, *path_reason(exc, full), *([None] * 9), None))
+            rows.append((rel, size, mtime, *path_reason(exc, full), *([None] * 10), None))
         except Exception as exc:  # a file that breaks the reader must not stop 752k others
             rows.append(
-                (rel, size, mtime, Reason.READ_ERROR, f"{type(exc).__name__}: {exc}", *([None] * 9), None)
+                (rel, size, mtime, Reason.READ_ERROR, f"{type(exc).__name__}: {exc}", *([None] * 10), None)
             )
         else:
             rows.append(
@@ -265,6 +271,7 @@ def scan_files(root: str, paths: Sequence[str]) -> pd.DataFrame:
                     m.rows,
                     m.cols,
                     layout,
+                    header_crc,
                     m.patient_id,
                 )
             )
@@ -294,7 +301,7 @@ def table_from_records(records: Sequence[dict[str, Any] | tuple[Any, ...]]) -> p
         df[c] = df[c].astype(object).where(df[c].notna(), None)
     df["reason"] = df["reason"].fillna("")
     df["detail"] = df["detail"].fillna("")
-    for c in ("size", "mtime_ns", "rows", "cols"):
+    for c in ("size", "mtime_ns", "rows", "cols", "header_crc32"):
         df[c] = pd.array(df[c], dtype="Int64")
     df["instance_number"] = pd.array(df["instance_number"], dtype="Int64")
     df["slice_position"] = df["slice_position"].astype(np.float64)
@@ -451,14 +458,15 @@ def _odd_rows(root: str, odd: list[tuple[str, Reason, str]]) -> pd.DataFrame:
             size, mtime = st.st_size, st.st_mtime_ns
         except OSError:
             size = mtime = None
-        rows.append((rel, size, mtime, str(reason), detail, *([None] * 9), None))
+        rows.append((rel, size, mtime, str(reason), detail, *([None] * 10), None))
     return table_from_records(rows)
 
 
 def _unchanged(root: str, paths: list[str], previous: pd.DataFrame) -> tuple[pd.DataFrame, np.ndarray]:
     """The rows of `previous` whose file is unchanged, and for each of `paths` whether it is one of them.
 
-    Unchanged: listed again, with the same size and modification time (both missing counts as the same).
+    Unchanged: listed again, with the same size and modification time (both missing counts as the same),
+    and not set aside for changing while it was converted (such a file is read again whatever its time).
     The rows keep the previous manifest's order.
     """
     size = np.full(len(paths), -1, dtype=np.int64)
@@ -473,6 +481,7 @@ def _unchanged(root: str, paths: list[str], previous: pd.DataFrame) -> tuple[pd.
     # Matched by Arrow's hash of the paths and compared as arrays (a pandas merge on three columns of
     # nullable types took longer than the system calls). A missing size or time matches a missing one.
     prev = previous.drop_duplicates("path", keep="last")
+    prev = prev.loc[(prev["reason"] != Reason.CHANGED_DURING_CONVERSION).to_numpy()]
     same, at_np = index_in(paths, prev["path"])
     for now_v, col in ((size, "size"), (mtime, "mtime_ns")):
         was = prev[col]

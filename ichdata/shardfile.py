@@ -1,13 +1,16 @@
 """One shard file of `images`: its checksum, and writing and reading it whole, without zarr's pipeline.
 
 A shard task renders a shard's slices and writes the file once (`write_images`); `ich verify` and the
-training reader read it back (`read_shard`) and compare `shard_checksum` with the done-marker. On a
+training reader read it back (`read_shard`), each slice checked against its own CRC-32C (zarr's
+`crc32c` codec on the inner chunks, `inner_checksum`), and `ich verify` compares `shard_checksum` with
+the done-marker. On a
 local store with the layout `ichdata.store.create_images` makes, the file is encoded and decoded
 here, byte for byte what zarr writes and reads (tested); anywhere else zarr does it.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -46,7 +49,7 @@ def write_images(images: Array, start: int, block: np.ndarray) -> None:
 
     path = _local_shard_path(images, start, len(block))
     if path is not None and images.shards is not None and block.dtype == np.uint8:
-        data = _encode_shard(block, int(images.shards[0]))
+        data = _encode_shard(block, int(images.shards[0]), checksum=inner_checksum(images))
         path.parent.mkdir(parents=True, exist_ok=True)
         write_bytes_atomic(path, data)
         return
@@ -57,8 +60,8 @@ def write_images(images: Array, start: int, block: np.ndarray) -> None:
 def _local_shard_path(images: Array, start: int, n: int) -> Path | None:
     """The file of the shard at row `start`, or None where zarr must write it.
 
-    A file only when `images` has exactly the layout `create_images` makes on a local store and `n`
-    rows fill the shard.
+    A file only when `images` has exactly the layout `create_images` makes on a local store (or the one
+    of earlier releases, without the inner chunks' `crc32c`) and `n` rows fill the shard.
     """
     from zarr.codecs import BytesCodec, Crc32cCodec, ShardingCodec, ZstdCodec
     from zarr.core.metadata import ArrayV3Metadata
@@ -83,10 +86,11 @@ def _local_shard_path(images: Array, start: int, n: int) -> Path | None:
         and str(getattr(sc.index_location, "value", sc.index_location)) == "end"
     )
     expected_inner = (
-        len(inner) == 2
+        len(inner) in (2, 3)
         and isinstance(inner[0], BytesCodec)
         and isinstance(inner[1], ZstdCodec)
         and not inner[1].checksum
+        and (len(inner) == 2 or isinstance(inner[2], Crc32cCodec))
         and tuple(sc.chunk_shape) == (1, *images.shape[1:])
         and tuple(shards[1:]) == tuple(images.shape[1:])
     )
@@ -100,12 +104,33 @@ def _local_shard_path(images: Array, start: int, n: int) -> Path | None:
     return Path(store.root) / images.path / key
 
 
-def _encode_shard(block: np.ndarray, shard_size: int, level: int = ZSTD_LEVEL) -> bytes:
+def inner_checksum(images: Array) -> bool:
+    """Whether each inner chunk of `images` carries its CRC-32C (zarr's `crc32c` codec after zstd).
+
+    Stores of earlier releases do not: their shards are checked whole, against the done-marker.
+    """
+    from zarr.codecs import Crc32cCodec, ShardingCodec
+    from zarr.core.metadata import ArrayV3Metadata
+
+    meta = images.metadata
+    if (
+        not isinstance(meta, ArrayV3Metadata)
+        or not meta.codecs
+        or not isinstance(meta.codecs[0], ShardingCodec)
+    ):
+        return False
+    inner = meta.codecs[0].codecs
+    return bool(inner) and isinstance(inner[-1], Crc32cCodec)
+
+
+def _encode_shard(
+    block: np.ndarray, shard_size: int, level: int = ZSTD_LEVEL, *, checksum: bool = True
+) -> bytes:
     """A zarr v3 `sharding_indexed` shard of one-slice inner chunks.
 
-    Zstd frames, then the index ((offset, nbytes) little-endian uint64 per inner chunk; 2**64-1 for
-    an all-zero chunk, which reads back as the fill value, and for chunks past the array's end) and
-    its CRC-32C.
+    Zstd frames (each followed by its CRC-32C with `checksum`), then the index ((offset, nbytes)
+    little-endian uint64 per inner chunk; 2**64-1 for an all-zero chunk, which reads back as the fill
+    value, and for chunks past the array's end) and its CRC-32C.
     """
     import google_crc32c
     from numcodecs.zstd import Zstd
@@ -117,7 +142,9 @@ def _encode_shard(block: np.ndarray, shard_size: int, level: int = ZSTD_LEVEL) -
     for j in range(len(block)):
         if not block[j].any():  # all fill value: zarr leaves the inner chunk out, and so do we
             continue
-        p = zstd.encode(np.ascontiguousarray(block[j]))
+        p = bytes(zstd.encode(np.ascontiguousarray(block[j])))
+        if checksum:
+            p += google_crc32c.value(p).to_bytes(4, "little")
         parts.append(p)
         index[j] = (offset, len(p))
         offset += len(p)
@@ -129,60 +156,129 @@ def _encode_shard(block: np.ndarray, shard_size: int, level: int = ZSTD_LEVEL) -
     )
 
 
-def read_shard(images: Array, start: int, stop: int) -> np.ndarray:
+def read_shard(
+    images: Array,
+    start: int,
+    stop: int,
+    *,
+    checked: np.ndarray | None = None,
+    out: np.ndarray | None = None,
+) -> np.ndarray:
     """Rows `[start, stop)` of `images`, all in one shard (the one that holds row `start`).
 
     On a local store with the layout `create_images` makes, decoded straight from the shard file (the
-    inverse of `_encode_shard`: the index's CRC-32C checked, an absent inner chunk or file read as the
-    fill value, as zarr reads them); anywhere else through zarr. Same values as `images[start:stop]`
-    at a fraction of the CPU time (zarr's per-inner-chunk bookkeeping), and a damaged shard raises.
+    inverse of `_encode_shard`: the index's CRC-32C checked, each slice's too where the store has them,
+    an absent inner chunk or file read as the fill value, as zarr reads them), reading only the bytes
+    of these rows; anywhere else through zarr. Same values as `images[start:stop]` at a fraction of the
+    CPU time (zarr's per-inner-chunk bookkeeping), and a damaged shard raises.
+
+    `checked`, one flag per row of the range (the caller's, kept between calls), skips the CRC-32C of
+    the rows already flagged and flags those it checks: a reader checks each slice once per process.
+    `out` (uint8, the range's shape) receives the rows and is returned.
     """
     k = int(images.shards[0]) if images.shards is not None else 0
     first = start - start % k if k else 0
-    if k == 0 or not 0 <= start <= stop <= min(first + k, images.shape[0]):
-        return np.asarray(images[start:stop])
-    path = _local_shard_path(images, first, min(k, int(images.shape[0]) - first))
+    path = None
+    if k and 0 <= start <= stop <= min(first + k, images.shape[0]):
+        path = _local_shard_path(images, first, min(k, int(images.shape[0]) - first))
     if path is None or images.dtype != np.uint8 or images.fill_value != 0:
-        return np.asarray(images[start:stop])
-    return _decode_shard(path, start - first, stop - first, k, tuple(int(d) for d in images.shape[1:]))
+        rows = np.asarray(images[start:stop])
+        if out is None:
+            return rows
+        out[...] = rows
+        return out
+    return _decode_shard(
+        path,
+        start - first,
+        stop - first,
+        k,
+        tuple(int(d) for d in images.shape[1:]),
+        checksum=inner_checksum(images),
+        checked=checked,
+        out=out,
+    )
 
 
 def _decode_shard(
-    path: Path, first: int, n: int, shard_size: int, chunk_shape: tuple[int, ...]
+    path: Path,
+    first: int,
+    n: int,
+    shard_size: int,
+    chunk_shape: tuple[int, ...],
+    *,
+    checksum: bool,
+    checked: np.ndarray | None = None,
+    out: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Inner chunks `first` to `n` (exclusive) of the shard file at `path` (see `read_shard`)."""
+    """Inner chunks `first` to `n` (exclusive) of the shard file at `path` (see `read_shard`), into `out`.
+
+    Two positioned reads: the index at the end of the file, then the bytes of these chunks. With
+    `checksum`, each chunk's trailing CRC-32C is checked before it is decoded (unless `checked` flags
+    its row already).
+    """
     import google_crc32c
     from numcodecs.zstd import Zstd
 
-    out = np.zeros((n - first, *chunk_shape), dtype=np.uint8)
+    if out is None:
+        out = np.empty((n - first, *chunk_shape), dtype=np.uint8)
     try:
-        data = path.read_bytes()
+        fd = os.open(path, os.O_RDONLY)
     except FileNotFoundError:  # zarr reads a shard that was never written as the fill value
+        out[...] = 0
         return out
-    index_len = 16 * shard_size + 4
-    if len(data) < index_len:
-        raise ValueError(f"{path}: {len(data):,} bytes, shorter than its own index ({index_len:,})")
-    body = memoryview(data)[: len(data) - index_len]
-    index_bytes = data[len(data) - index_len : -4]
-    if google_crc32c.value(index_bytes) != int.from_bytes(data[-4:], "little"):
-        raise ValueError(f"{path}: the CRC-32C of the shard index does not match")
-    index = np.frombuffer(index_bytes, dtype="<u8").reshape(shard_size, 2)
-    empty = np.iinfo(np.uint64).max
+    try:
+        size = os.fstat(fd).st_size
+        index_len = 16 * shard_size + 4
+        if size < index_len:
+            raise ValueError(f"{path}: {size:,} bytes, shorter than its own index ({index_len:,})")
+        tail = os.pread(fd, index_len, size - index_len)
+        if google_crc32c.value(tail[:-4]) != int.from_bytes(tail[-4:], "little"):
+            raise ValueError(f"{path}: the CRC-32C of the shard index does not match")
+        index = np.frombuffer(tail[:-4], dtype="<u8").reshape(shard_size, 2)
+        empty = np.iinfo(np.uint64).max
+        spans = [
+            (j, int(index[j, 0]), int(index[j, 1]))
+            for j in range(first, n)
+            if not (index[j, 0] == empty and index[j, 1] == empty)
+        ]
+        for j, offset, nbytes in spans:
+            if offset + nbytes > size - index_len:
+                raise ValueError(
+                    f"{path}: inner chunk {j} lies past the end of the data ({offset + nbytes:,} bytes)"
+                )
+        lo = min((o for _, o, _ in spans), default=0)
+        hi = max((o + b for _, o, b in spans), default=0)
+        data = os.pread(fd, hi - lo, lo) if spans else b""
+    finally:
+        os.close(fd)
+    if len(data) != hi - lo:
+        raise ValueError(f"{path}: ends while it is read ({lo + len(data):,} of {hi:,} bytes)")
+    body = np.frombuffer(data, dtype=np.uint8)  # read-only views of `data`
+    if len(spans) < n - first:  # absent inner chunks read as the fill value
+        absent = sorted(set(range(first, n)) - {j for j, _, _ in spans})
+        out[[j - first for j in absent]] = 0
     zstd = Zstd()
     size = out[0].nbytes if len(out) else 0
-    for j in range(first, n):
-        offset, nbytes = int(index[j, 0]), int(index[j, 1])
-        if offset == empty and nbytes == empty:
+    for j, offset, nbytes in spans:
+        frame = body[offset - lo : offset - lo + nbytes]
+        if checksum:
+            frame, crc = frame[:-4], frame[-4:].tobytes()
+            if checked is None or not checked[j - first]:
+                if google_crc32c.value(frame) != int.from_bytes(crc, "little"):
+                    raise ValueError(
+                        f"{path}: inner chunk {j} (row {j} of the shard) fails its CRC-32C checksum"
+                    )
+                if checked is not None:
+                    checked[j - first] = True
+            # The bytes its writer wrote, so a whole slice: decoded in place (zstd would not say if a
+            # frame held fewer bytes than `out` has room for).
+            zstd.decode(frame, out=out[j - first])
             continue
-        if offset + nbytes > len(body):
-            raise ValueError(
-                f"{path}: inner chunk {j} lies past the end of the data ({offset + nbytes:,} bytes)"
-            )
-        chunk = zstd.decode(body[offset : offset + nbytes])
+        chunk = zstd.decode(frame)
         if len(chunk) != size:
             raise ValueError(f"{path}: inner chunk {j} decodes to {len(chunk):,} bytes, {size:,} expected")
         out[j - first] = np.frombuffer(chunk, dtype=np.uint8).reshape(chunk_shape)
     return out
 
 
-__all__ = ["ZSTD_LEVEL", "read_shard", "shard_checksum", "write_images"]
+__all__ = ["ZSTD_LEVEL", "inner_checksum", "read_shard", "shard_checksum", "write_images"]

@@ -61,16 +61,19 @@ def convert_shard(
     source_root: str,
     image_size: int,
     layouts: list[str] | None = None,
+    identities: list[tuple[int | None, int | None, int | None]] | None = None,
 ) -> ShardDone:
     """The work of one shard: render every row, write the whole shard, then its done-marker.
 
     `sources[j]` is the file of row `start + j`, or None for a row already in the store (copied from
     there: an append rewrites the last partial shard without re-reading its old DICOMs). `layouts[j]`
     is the scan's pixel layout of that file (`ichdata.dicom.read_header_layout`; "" when unknown): the
-    pixels are read without parsing the header a second time. A file that fails to render is reported
-    in `failures` and nothing is written.
+    pixels are read without parsing the header a second time. `identities[j]` is what the scan saw of
+    the file (`ichdata.dicom.FileIdentity`): a file replaced since fails as `changed_during_conversion`
+    rather than being stored under the header facts of the one scanned. A file that fails to render
+    is reported in `failures` and nothing is written.
     """
-    from ichdata.dicom import SliceError, read_rendered_layout
+    from ichdata.dicom import FileIdentity, SliceError, read_rendered_layout
 
     t0 = time.perf_counter()
     images, markers = _open_for_shards(store)
@@ -86,7 +89,8 @@ def convert_shard(
         path = sources[j]
         assert path is not None
         try:
-            read_rendered_layout(path, layouts[j] if layouts else "", image_size, out=block[j])
+            expect = FileIdentity(*identities[j]) if identities else None
+            read_rendered_layout(path, layouts[j] if layouts else "", image_size, out=block[j], expect=expect)
         except SliceError as exc:
             failures.append((os.path.relpath(path, source_root), exc.reason, exc.detail))
         except Exception as exc:  # a reader bug on one file must not stop a 752k-file run

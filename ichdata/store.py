@@ -47,6 +47,7 @@ STATES = ("converting", "finalizing", "complete")
 #: The group attribute only ich writes: `{"kind": "store", "format_version": 1}`.
 ICH_ATTR = "ich"
 _SMALL_CHUNK = 1 << 16  # rows per chunk of the small 1-D/2-D arrays
+_STRING_ZSTD_LEVEL = 0  # zstd's default, what zarr's "auto" compressor gives the string arrays
 _SALT_BYTES = 16  # `STORE.salt`: what `ichdata.resume.load_salt` makes
 
 
@@ -70,10 +71,15 @@ def _beside(store: str | os.PathLike[str], suffix: str) -> Path:
     return p.with_name(p.name.rstrip("/") + suffix)
 
 
-def _compressors() -> list[BytesBytesCodec]:
-    from zarr.codecs import ZstdCodec
+def _compressors(level: int = ZSTD_LEVEL) -> list[BytesBytesCodec]:
+    """zstd, then zarr's `crc32c` codec: every chunk carries the CRC-32C of its compressed bytes.
 
-    return [ZstdCodec(level=ZSTD_LEVEL)]
+    Each slice of `images` (an inner chunk of its shard) and each chunk of the small arrays: every zarr
+    reader (zarr-python, tensorstore, `ichdata.shardfile`) checks it as it decodes the chunk.
+    """
+    from zarr.codecs import Crc32cCodec, ZstdCodec
+
+    return [ZstdCodec(level=level), Crc32cCodec()]
 
 
 def create_images(group: Group, n_slices: int, shard_size: int, image_size: int = IMAGE_SIZE) -> Array:
@@ -96,7 +102,13 @@ def create_shard_done(group: Group, n_shards: int) -> Array:
     """Create (or replace) `conversion/shard_done`: one chunk per shard, so that tasks never share a file."""
     conv = group.require_group("conversion")
     return conv.create_array(
-        "shard_done", shape=(n_shards,), dtype=str, chunks=(1,), fill_value="", overwrite=True
+        "shard_done",
+        shape=(n_shards,),
+        dtype=str,
+        chunks=(1,),
+        fill_value="",
+        overwrite=True,
+        compressors=_compressors(_STRING_ZSTD_LEVEL),
     )
 
 
@@ -123,7 +135,10 @@ def write_array(group: Group, name: str, data: np.ndarray) -> None:
         chunks=chunks,
         fill_value=fill,
         overwrite=True,
-        compressors=_compressors() if dtype is not str else "auto",
+        compressors=_compressors() if dtype is not str else _compressors(_STRING_ZSTD_LEVEL),
+        # Every chunk is a file, even one of fill values: a chunk file that goes missing is then damage
+        # `check_small_arrays` sees, not a run of zeros (labels read as "no hemorrhage").
+        config={"write_empty_chunks": True},
     )
     if data.size:
         arr[...] = data
@@ -500,12 +515,11 @@ def _has(group: Group, name: str) -> bool:
     return True
 
 
-def _read_strings(group: Group, name: str) -> np.ndarray:
+def _read_strings(store: Path, group: Group, name: str) -> np.ndarray:
     try:
-        arr = array(group, name)
+        data = _read(store, group, name)
     except KeyError:
         return np.zeros(0, dtype=str)
-    data = np.asarray(arr[...])
     return np.asarray(data, dtype=object).astype(str) if len(data) else np.zeros(0, dtype=str)
 
 
@@ -541,12 +555,16 @@ def open_store(path: str | os.PathLike[str], *, allow_incomplete: bool = False) 
     # to a reader that accepts an incomplete store.
     if state != "complete" and (not allow_incomplete or state == "finalizing"):
         raise UserError(unfinished)
+    damaged, _ = check_small_arrays(p, group)
+    if damaged:
+        name, why = damaged[0]
+        raise UserError(_damaged_array(p, name, why))
     if _has(group, "labels"):
         try:
-            labels = np.asarray(array(group, "labels")[...], dtype=np.uint8)
-            offsets = np.asarray(array(group, "study_offsets")[...], dtype=np.int64)
-            positions = np.asarray(array(group, "slice_position")[...], dtype=np.float64)
-            n_slices = np.asarray(array(group, "series/n_slices")[...], dtype=np.int64)
+            labels = np.asarray(_read(p, group, "labels"), dtype=np.uint8)
+            offsets = np.asarray(_read(p, group, "study_offsets"), dtype=np.int64)
+            positions = np.asarray(_read(p, group, "slice_position"), dtype=np.float64)
+            n_slices = np.asarray(_read(p, group, "series/n_slices"), dtype=np.int64)
         except KeyError as exc:  # a committed array is missing: a commit that never finished
             raise UserError(f"{unfinished} ({exc.args[0]} is missing)") from None
     else:
@@ -556,27 +574,97 @@ def open_store(path: str | os.PathLike[str], *, allow_incomplete: bool = False) 
         n_slices = np.zeros(0, dtype=np.int64)
     series = pd.DataFrame(
         {
-            "study_uid": _read_strings(group, "series/study_uid"),
-            "series_uid": _read_strings(group, "series/series_uid"),
-            "patient_key": _read_strings(group, "series/patient_key"),
+            "study_uid": _read_strings(p, group, "series/study_uid"),
+            "series_uid": _read_strings(p, group, "series/series_uid"),
+            "patient_key": _read_strings(p, group, "series/patient_key"),
             "n_slices": n_slices,
         }
     )
-    quarantine = pd.DataFrame({c: _read_strings(group, f"quarantine/{c}") for c in QUARANTINE_COLUMNS})
+    quarantine = pd.DataFrame({c: _read_strings(p, group, f"quarantine/{c}") for c in QUARANTINE_COLUMNS})
     with contextlib.suppress(KeyError):  # the readers open the done-markers later: their metadata now
         array(group, "conversion/shard_done")
     return Store(
         path=p,
         images=images,
         labels=labels,
-        image_id=_read_strings(group, "image_id"),
+        image_id=_read_strings(p, group, "image_id"),
         study_offsets=offsets,
         series=series,
         slice_position=positions,
-        stored_source_path=_read_strings(group, "source_path"),
+        stored_source_path=_read_strings(p, group, "source_path"),
         stored_quarantine=quarantine,
         attrs=json.loads(json.dumps(attrs)),
     )
+
+
+def _damaged_array(store: Path, name: str, why: str) -> str:
+    return (
+        f"{store}: array {name} is damaged ({why}); run `ich verify {store}` to list what is damaged, then "
+        "`ich convert` with the same arguments to rewrite the store's small arrays from its manifest"
+    )
+
+
+def _read(store: Path, group: Group, name: str) -> np.ndarray:
+    """All of the array `name`, as NumPy; a chunk that fails its checksum or to decode is a `UserError`."""
+    arr = array(group, name)
+    try:
+        return np.asarray(arr[...])
+    except Exception as exc:  # zarr's checksum ValueError, or a decoder's own error
+        raise UserError(_damaged_array(store, name, f"{type(exc).__name__}: {_first_line(exc)}")) from None
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0][:200] if lines else ""
+
+
+def check_small_arrays(
+    store: str | os.PathLike[str], group: Group
+) -> tuple[list[tuple[str, str]], list[str]]:
+    """Check the chunk files of every array but `images` and `conversion/shard_done` against their CRC-32C.
+
+    Without decoding anything: each chunk of an array written with `crc32c` ends with the CRC-32C of
+    the bytes before it, and every chunk of such an array is a file (`write_array`). Returns the damaged
+    arrays as (name, why) and the names of those that carry no checksum (written by an earlier
+    release; `ichdata.finalize` rewrites them). Arrays not on a local file system are decoded instead.
+    """
+    import google_crc32c
+    from zarr.codecs import Crc32cCodec
+    from zarr.core.metadata import ArrayV3Metadata
+    from zarr.storage import LocalStore
+
+    from ichdata.storefiles import REWRITTEN  # (it reads this module's names)
+
+    damaged: list[tuple[str, str]] = []
+    unchecked: list[str] = []
+    for name in REWRITTEN:
+        try:
+            arr = array(group, name)
+        except KeyError:  # a store whose first commit has not written it yet
+            continue
+        meta = arr.metadata
+        if not isinstance(meta, ArrayV3Metadata) or not isinstance(meta.codecs[-1], Crc32cCodec):
+            unchecked.append(name)
+            continue
+        if not isinstance(arr.store, LocalStore):
+            try:
+                np.asarray(arr[...])
+            except Exception as exc:
+                damaged.append((name, f"{type(exc).__name__}: {_first_line(exc)}"))
+            continue
+        folder = Path(arr.store.root) / arr.path
+        grid = [-(-n // c) for n, c in zip(arr.shape, arr.chunks, strict=True)]
+        for index in np.ndindex(*grid):
+            key = meta.encode_chunk_key(tuple(int(i) for i in index))
+            try:
+                data = (folder / key).read_bytes()
+            except FileNotFoundError:
+                damaged.append((name, f"chunk {key} is missing"))
+                break
+            if len(data) < 4 or google_crc32c.value(data[:-4]) != int.from_bytes(data[-4:], "little"):
+                damaged.append((name, f"chunk {key} fails its CRC-32C checksum"))
+                break
+    return damaged, unchecked
 
 
 #: The attributes every store `ich convert` wrote from its start before the `ich` namespace existed,
@@ -632,6 +720,7 @@ __all__ = [
     "UNLABELLED",
     "Store",
     "array",
+    "check_small_arrays",
     "create_images",
     "is_ich_store",
     "manifest_path",

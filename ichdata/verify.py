@@ -1,17 +1,23 @@
 """`ich verify`: re-read a whole store and check it against what the conversion recorded.
 
-Each problem is one line naming the row, series, shard or file: structure (the store is complete,
-every array has one row per slice, `study_offsets` agrees with `series/n_slices`), content (unique
-image ids, labels 0/1/255, every series in ascending slice position), pixels (every shard decodes
-and its CRC-32 equals the one its writer recorded in `conversion/shard_done`) and accounting (every
-row of the manifest beside the store is in `images` or in the quarantine; without `--keep-paths`, no
-file named in the store; no file inside the store that no array accounts for: `ichdata.storefiles`).
+Each problem is one line naming the array, row, series, shard or file: checksums (every chunk of the
+small arrays against its CRC-32C), structure (the store is complete, every array has one row per
+slice, `study_offsets` agrees with `series/n_slices`, the `windows` attribute is this software's),
+content (unique image ids, labels 0/1/255, every series in ascending slice position), pixels (every
+shard decodes, each slice against its CRC-32C, and its CRC-32 equals the one its writer recorded in
+`conversion/shard_done`), accounting (every row of the manifest beside the store is in `images` or in
+the quarantine, at its row, with its labels and patient key; without `--keep-paths`, no file named in
+the store; no file inside the store that no array accounts for: `ichdata.storefiles`) and the salt
+beside the store (present where patient keys need it, well-formed, the one the keys were made with).
+Notes say what is not wrong but weaker than it could be: a store of an earlier release whose arrays
+carry no checksums.
 """
 
 from __future__ import annotations
 
 import functools
 import os
+import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -32,12 +38,25 @@ from ichdata.cluster import (
 )
 from ichdata.options import option
 from ichdata.reasons import KEPT_REASONS
-from ichdata.shardfile import read_shard, shard_checksum
-from ichdata.store import CLASSES, array, manifest_path, open_group, open_store, read_manifest
+from ichdata.resume import salt_check
+from ichdata.shardfile import inner_checksum, read_shard, shard_checksum
+from ichdata.store import (
+    CLASSES,
+    Store,
+    array,
+    base_attrs,
+    check_small_arrays,
+    manifest_path,
+    open_group,
+    open_store,
+    read_manifest,
+    salt_path,
+)
 from ichdata.storefiles import stray_files
 
 if TYPE_CHECKING:
     from distributed import Client
+    from zarr import Group
 
 __all__ = ["VerifyConfig", "VerifyReport", "verify_store"]
 
@@ -67,6 +86,7 @@ class VerifyReport:
     n_shards: int = 0
     n_manifest_rows: int = 0
     problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # not wrong, weaker than it could be
     elapsed_s: float = 0.0
 
     @property
@@ -79,9 +99,12 @@ class VerifyReport:
             f"{self.store}: {self.n_slices:,} slices, {self.n_series:,} series, {self.n_quarantined:,} quarantined, "
             f"{self.n_shards:,} shards re-read in {self.elapsed_s:.1f} s"
         )
+        notes = "".join(f"\n  note: {n}" for n in self.notes)
         if self.ok:
-            return f"{head}: OK"
-        return f"{head}: {len(self.problems)} problem(s)\n" + "\n".join(f"  {p}" for p in self.problems)
+            return f"{head}: OK{notes}"
+        return (
+            f"{head}: {len(self.problems)} problem(s)\n" + "\n".join(f"  {p}" for p in self.problems) + notes
+        )
 
 
 def _shard_checksums(store: str, ranges: list[tuple[int, int, int]]) -> list[tuple[int, str]]:
@@ -132,8 +155,15 @@ def verify_store(store: str | os.PathLike[str], client: Client | None = None) ->
     t0 = time.perf_counter()
     path = Path(store)
     rep = VerifyReport(path)
-    s = open_store(path, allow_incomplete=True)
     problems = rep.problems
+    if (path / "zarr.json").is_file():
+        # The small arrays first: a damaged one is listed (all of them), not the first one met.
+        damaged = _array_problems(path, open_group(path), rep.notes)
+        if damaged:
+            problems.extend(damaged)
+            rep.elapsed_s = time.perf_counter() - t0
+            return rep
+    s = open_store(path, allow_incomplete=True)
     if not s.complete:
         problems.append(f"state is {s.attrs.get('state')!r}, not 'complete': the conversion did not finish")
     n = s.n_slices
@@ -155,6 +185,12 @@ def verify_store(store: str | os.PathLike[str], client: Client | None = None) ->
         problems.append(f"attribute n_slices is {s.attrs.get('n_slices')}, the store holds {n:,} image ids")
     if tuple(s.attrs.get("classes", ())) != CLASSES:
         problems.append(f"attribute classes is {s.attrs.get('classes')}, expected {list(CLASSES)}")
+    ours = base_attrs()["windows"]
+    if s.attrs.get("windows") != ours:
+        problems.append(
+            f"attribute windows is {s.attrs.get('windows')}, expected this ich's "
+            + ", ".join(f"{w['name']} {w['level']:g}/{w['width']:g}" for w in ours)
+        )
     off = s.study_offsets
     if len(off) != s.n_series + 1 or (len(off) and off[0] != 0) or np.any(np.diff(off) <= 0):
         problems.append(
@@ -207,11 +243,13 @@ def verify_store(store: str | os.PathLike[str], client: Client | None = None) ->
         )
 
     # Pixels.
-    markers = (
-        [str(m) for m in np.asarray(array(group, "conversion/shard_done")[...])]
-        if "conversion" in group
-        else []
-    )
+    markers = _markers(group, problems)
+    if not inner_checksum(s.images):
+        rep.notes.append(
+            "images: its slices carry no checksum of their own (written by an earlier ich), so the "
+            "training reader reads each shard whole once to check it; `ich convert --overwrite` re-converts "
+            "the store with them"
+        )
     shard = s.shard_size
     n_shards = -(-min(n, n_images) // shard)
     rep.n_shards = n_shards
@@ -219,10 +257,13 @@ def verify_store(store: str | os.PathLike[str], client: Client | None = None) ->
     sums = _all_checksums(str(path), ranges, client)
     pix: list[str] = []
     for i, got in sums:
-        want = markers[i].split(":", 1)[1] if i < len(markers) and ":" in markers[i] else None
+        marker = markers[i] if i < len(markers) else ""
+        want = marker.split(":", 1)[1] if marker is not None and ":" in marker else None
         a, b = ranges[i][1], ranges[i][2]
         if got.startswith("error"):
             pix.append(f"shard {i} (rows {a}–{b - 1}): cannot be read: {got[7:]}")
+        elif marker is None:
+            pass  # its damaged done-marker is a problem already
         elif want is None:
             pix.append(f"shard {i} (rows {a}–{b - 1}): no checksum recorded (no done-marker)")
         elif got != want:
@@ -260,6 +301,7 @@ def verify_store(store: str | os.PathLike[str], client: Client | None = None) ->
         acc.extend(f"{p}: in the manifest but neither in images nor in the quarantine" for p in lost)
         unlisted = set(s.source_path) - set(stored["path"])
         acc.extend(f"{p}: in images but not in the manifest" for p in sorted(unlisted))
+        acc.extend(_against_manifest(s, ok_rows, r_ok))
         set_aside = int((~s.quarantine["reason"].isin(KEPT_REASONS)).sum())  # the rest report stored files
         if len(m) != n + set_aside:
             acc.append(
@@ -269,5 +311,119 @@ def verify_store(store: str | os.PathLike[str], client: Client | None = None) ->
 
     # Files in the store that no array accounts for: a user's, a killed write's, a chunk past the end.
     problems.extend(_limited([f"{path / s.path}: {s.kind}" for s in stray_files(path)], "stray files"))
+    problems.extend(_salt_problems(path, s))
     rep.elapsed_s = time.perf_counter() - t0
     return rep
+
+
+def _array_problems(path: Path, group: Group, notes: list[str]) -> list[str]:
+    """The damaged small arrays, a line each; those without checksums make one line of `notes`.
+
+    Arrays with checksums are checked chunk by chunk (`check_small_arrays`); those without, from an
+    earlier release, are decoded: a decoder's error is all there is to catch there.
+    """
+    damaged, unchecked = check_small_arrays(path, group)
+    lines = [
+        f"array {name}: {why}; `ich convert` with the same arguments rewrites it from the manifest"
+        for name, why in damaged
+    ]
+    for name in unchecked:
+        try:
+            np.asarray(array(group, name)[...])
+        except Exception as exc:
+            lines.append(f"array {name}: cannot be decoded ({type(exc).__name__}); `ich convert` rewrites it")
+    if unchecked:
+        notes.append(
+            f"arrays {', '.join(unchecked)} carry no checksum (written by an earlier ich): `ich convert` with "
+            "the same arguments rewrites them with checksums"
+        )
+    return lines
+
+
+def _markers(group: Group, problems: list[str]) -> list[str | None]:
+    """Every done-marker ("" where none); a marker whose chunk is damaged is a problem, and None here."""
+    if "conversion" not in group:
+        return []
+    arr = array(group, "conversion/shard_done")
+    try:
+        return [str(m) for m in np.asarray(arr[...])]
+    except Exception:  # which ones: read them one by one
+        out: list[str | None] = []
+        bad: list[str] = []
+        for i in range(arr.shape[0]):
+            try:
+                out.append(str(arr[i]))
+            except Exception as exc:
+                out.append(None)
+                bad.append(
+                    f"shard {i}: its done-marker (conversion/shard_done) is damaged ({type(exc).__name__})"
+                )
+        problems.extend(_limited(bad, "done-markers"))
+        return out
+
+
+def _against_manifest(s: Store, rows: pd.DataFrame, r: np.ndarray) -> list[str]:
+    """Stored rows whose labels or patient key differ from what the manifest (the commit record) holds.
+
+    `rows` are the manifest's rows of stored files, `r` their store rows (in range).
+    """
+    out: list[str] = []
+    if all(c in rows.columns for c in CLASSES):
+        want = rows[list(CLASSES)].to_numpy(dtype=np.int64)
+        differ = np.flatnonzero((s.labels[r].astype(np.int64) != want).any(axis=1))
+        out.extend(
+            f"row {r[k]} ({s.image_id[r[k]]}): labels {s.labels[r[k]].tolist()} differ from the manifest's "
+            f"{want[k].tolist()}"
+            for k in differ
+        )
+    if "patient_key" in rows.columns:
+        series_of = np.repeat(np.arange(s.n_series), s.series["n_slices"].to_numpy())
+        if len(series_of) == s.n_slices:
+            have = s.series["patient_key"].to_numpy(dtype=str)[series_of[r]]
+            want_key = rows["patient_key"].to_numpy(dtype=str)
+            for k in np.flatnonzero(have != want_key):
+                out.append(
+                    f"row {r[k]} ({s.image_id[r[k]]}): series {series_of[r[k]]} has another patient key than "
+                    "the manifest records for it"
+                )
+    return out
+
+
+_RSNA_KEY = re.compile(r"^ID_[0-9a-fA-F]+$")
+_SALTED_KEY = re.compile(r"^P[0-9a-f]{16}$")
+
+
+def _salt_problems(path: Path, s: Store) -> list[str]:
+    """The salt beside the store: present where its keys need it, well-formed, and the one that made them.
+
+    Keys are RSNA's `ID_…` patient ids kept as they are, or `P` + a salted hash (`ichdata.plan.patient_key`);
+    the store records a check value of its salt (`salt_check`) to recognise it.
+    """
+    keys = s.series["patient_key"].astype(str)
+    odd = keys[~keys.str.match(_RSNA_KEY) & ~keys.str.match(_SALTED_KEY)]
+    out = [
+        f"series {i}: patient key is neither an RSNA id nor a salted key (P + 16 hex digits)"
+        for i in odd.index[:_MAX_LISTED]
+    ]
+    sp = salt_path(path)
+    recorded = s.attrs.get("salt_check")
+    needs_salt = bool(keys.str.match(_SALTED_KEY).any()) or recorded is not None
+    if not sp.is_file():
+        if needs_salt:
+            out.append(
+                f"{sp}: missing; the store's patient keys were made with it, so series appended later "
+                "cannot be keyed consistently: put the salt file back beside the store"
+            )
+        return out
+    try:
+        salt = bytes.fromhex(sp.read_text().strip())
+    except (OSError, ValueError, UnicodeDecodeError):
+        salt = b""
+    if len(salt) != 16:
+        out.append(f"{sp}: not a salt `ich convert` wrote (32 hexadecimal digits expected)")
+    elif recorded is not None and recorded != salt_check(salt):
+        out.append(
+            f"{sp}: not the salt this store's patient keys were made with (the store's salt_check "
+            "attribute differs): put the store's own salt file back"
+        )
+    return out

@@ -1,9 +1,12 @@
 """Contiguous reads of a store's `images` for training, refusing missing or corrupt shards.
 
-`ImageReader` reads row ranges with tensorstore or zarr-python (`resolve_reader` says which and why)
-and checks each shard, the first time a process reads it, against the CRC-32 its writer recorded in
-`conversion/shard_done` (`ichdata.shardfile.shard_checksum`, what `ich verify` checks). A damaged shard
-stops training with a one-line `UserError` that names the shard and its rows.
+`ImageReader` reads row ranges with tensorstore or zarr-python (`resolve_reader` says which and why).
+Each slice of a store carries the CRC-32C of its compressed bytes (`ichdata.shardfile.inner_checksum`),
+checked in the read that decodes it: a shard is checked as it is read for use (one read, one CRC, one
+decode), each slice once per process with the default reader, every time with tensorstore. A store of an earlier release has no such checksums:
+each of its shards is read whole the first time a process reads it and checked against the CRC-32 its
+writer recorded in `conversion/shard_done` (`ichdata.shardfile.shard_checksum`, what `ich verify`
+checks). A damaged shard stops training with a one-line `UserError` that names the shard and its rows.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import numpy as np
 from torch.utils.data import get_worker_info
 
 from ichdata.errors import UserError
-from ichdata.shardfile import read_shard, shard_checksum
+from ichdata.shardfile import inner_checksum, read_shard, shard_checksum
 
 if TYPE_CHECKING:
     import tensorstore
@@ -30,12 +33,16 @@ READERS: tuple[str, ...] = ("auto", "tensorstore", "zarr")
 def resolve_reader(reader: str) -> str:
     """Check the reading backend of `images`: `"tensorstore"`, `"zarr"` or `"auto"`.
 
-    Both read the same bytes of the same shards; tensorstore decodes them faster (bench/loader.py)
-    because zarr-python spends more per chunk in its own machinery than zstd takes. But tensorstore
-    is not fork-safe: once its threads run in a process, a `fork` of that process aborts. So `"auto"`
-    uses tensorstore only inside DataLoader worker processes (leaves that never fork) and zarr in the
-    main process, which stays safe to fork. `"tensorstore"` forces it everywhere; `make_loader` then
-    starts its workers with `forkserver`.
+    Both read the same bytes of the same shards. `"zarr"` decodes a local store's shards straight
+    from their files (`ichdata.shardfile.read_shard`, zarr-python elsewhere) and checks each slice's
+    CRC-32C once per process; tensorstore checks it on every read, which costs it more than the
+    decoding it saves, so `"auto"` reads a store with per-slice checksums that way everywhere. A store
+    of an earlier release (none): tensorstore decodes faster (bench/loader.py) because zarr-python
+    spends more per chunk in its own machinery than zstd takes, but it is not fork-safe: once its
+    threads run in a process, a `fork` of that process aborts. So there `"auto"` uses tensorstore only
+    inside DataLoader worker processes (leaves that never fork) and zarr in the main process, which
+    stays safe to fork. `"tensorstore"` forces it everywhere; `make_loader` then starts its workers
+    with `forkserver`.
 
     Returns:
         `reader`, except that `"auto"` becomes `"zarr"` when tensorstore is not installed.
@@ -63,9 +70,12 @@ class ImageReader:
     """Contiguous reads of `STORE/images` that refuse a missing or corrupt shard.
 
     Opened lazily in the process that reads; picklable (only the path, backend and layout travel to
-    DataLoader workers). The first read of a shard in a process reads it whole and checks it against
-    the CRC-32 its writer recorded in `conversion/shard_done` (what `ich verify` checks); later reads
-    of it are plain reads. A missing shard or chunk is an error, never the fill value.
+    DataLoader workers). Every slice is checked against its own CRC-32C as it is decoded (the first
+    time in this process; every time with tensorstore), and the first read of a shard in a process
+    checks that its file exists. In a store of an earlier release
+    (no per-slice checksums) the first read of a shard in a process reads it whole and checks it
+    against the CRC-32 its writer recorded in `conversion/shard_done`; later reads of it are plain
+    reads. A missing shard is an error, never the fill value.
     """
 
     def __init__(self, store_path: Path, backend: str, n_rows: int) -> None:
@@ -76,6 +86,8 @@ class ImageReader:
         self._zarr: zarr.Array | None = None
         self._pid: int | None = None
         self._verified: set[int] = set()
+        self._self_checking = False  # whether each slice carries its CRC-32C (set when opened)
+        self._checked: np.ndarray | None = None  # per row: its CRC-32C checked in this process
         self._markers: zarr.Array | None = None  # conversion/shard_done, opened on first use
         self._held: tuple[int, np.ndarray] = (0, np.zeros((0,), dtype=np.uint8))  # (first row, rows)
 
@@ -86,6 +98,7 @@ class ImageReader:
             "_zarr": None,
             "_pid": None,
             "_markers": None,
+            "_checked": None,
             "_held": (0, np.zeros((0,), dtype=np.uint8)),
         }
 
@@ -93,15 +106,18 @@ class ImageReader:
         import zarr
 
         pid = os.getpid()
+        # zarr also in a tensorstore process: the shard layout and the markers (strings) come from it
+        self._zarr = zarr.open_array(str(self.path / "images"), mode="r")
+        self._self_checking = inner_checksum(self._zarr)
+        self._checked = np.zeros(int(self._zarr.shape[0]), dtype=bool) if self._self_checking else None
         kind = self.backend
         if kind == "auto":
-            kind = "tensorstore" if get_worker_info() is not None else "zarr"
+            in_worker = get_worker_info() is not None
+            kind = "tensorstore" if in_worker and not self._self_checking else "zarr"
         if self._pid is not None and self._pid != pid and self._ts is not None:
             kind = "zarr"  # inherited through fork from a process that had tensorstore running
         self._ts = None
         self._markers = None  # a zarr array does not survive a fork
-        # zarr also in a tensorstore process: the shard layout and the markers (strings) come from it
-        self._zarr = zarr.open_array(str(self.path / "images"), mode="r")
         if kind == "tensorstore":
             import tensorstore as ts
 
@@ -123,8 +139,12 @@ class ImageReader:
             return np.asarray(self._zarr[start:stop])
         k = self.shard_size
         cuts = [start, *range(start - start % k + k, stop, k), stop]
-        parts = [read_shard(self._zarr, a, b) for a, b in itertools.pairwise(cuts)]
-        return np.concatenate(parts) if len(parts) > 1 else parts[0]
+        checked = self._checked
+        out = np.empty((stop - start, *self._zarr.shape[1:]), dtype=self._zarr.dtype)
+        for a, b in itertools.pairwise(cuts):
+            rows = out[a - start : b - start]
+            read_shard(self._zarr, a, b, checked=None if checked is None else checked[a:b], out=rows)
+        return out
 
     @property
     def shard_size(self) -> int:
@@ -145,6 +165,11 @@ class ImageReader:
         held_from, held = self._held
         if held_from <= start and stop <= held_from + len(held):
             return held[start - held_from : stop - held_from].copy()  # a caller may write into it
+        if self._self_checking:  # every slice decoded is checked: the first pass reads what it uses
+            for i in shards:
+                if i not in self._verified:
+                    self._check_file(i)
+                    self._verified.add(i)
         if all(i in self._verified for i in shards):
             return self._read(start, stop, shards)
         a, b = shards[0] * k, min((shards[-1] + 1) * k, self.n_rows)
@@ -178,11 +203,17 @@ class ImageReader:
         chunk = (i,) + (0,) * (self._zarr.ndim - 1)
         return self.path / "images" / self._zarr.metadata.encode_chunk_key(chunk)
 
+    def _check_file(self, i: int) -> None:
+        """Refuse shard i when its file is missing (zarr would read it as the fill value)."""
+        if not self._shard_file(i).is_file():
+            a = i * self.shard_size
+            b = min(a + self.shard_size, self.n_rows)
+            raise _damaged(self.path, i, a, b, f"its file {self._shard_file(i)} is missing")
+
     def _verify(self, i: int, block: np.ndarray) -> None:
         """Check shard i's rows (`block`) against its recorded checksum; remember it when they match."""
         a, b = i * self.shard_size, i * self.shard_size + len(block)
-        if not self._shard_file(i).is_file():  # zarr reads a missing shard as the fill value
-            raise _damaged(self.path, i, a, b, f"its file {self._shard_file(i)} is missing")
+        self._check_file(i)
         want = self._recorded_checksum(i)
         got = shard_checksum(block)
         if want is not None and got != want and not self._appended_to(a, b, want):
@@ -211,7 +242,12 @@ class ImageReader:
             except FileNotFoundError:
                 return None
         markers = self._markers
-        marker = str(markers[i]) if i < markers.shape[0] else ""
+        try:
+            marker = str(markers[i]) if i < markers.shape[0] else ""
+        except Exception as exc:  # its chunk fails its checksum, or to decode
+            a = i * self.shard_size
+            why = f"its done-marker cannot be read ({type(exc).__name__})"
+            raise _damaged(self.path, i, a, min(a + self.shard_size, self.n_rows), why) from exc
         if ":" not in marker:
             a = i * self.shard_size
             raise _damaged(self.path, i, a, min(a + self.shard_size, self.n_rows), "no checksum recorded")

@@ -208,3 +208,17 @@ def full_disk(monkeypatch: pytest.MonkeyPatch) -> Callable[[str], None]:
         monkeypatch.setattr(io, "open", full)
 
     return fill_at
+
+
+@pytest.fixture
+def earlier_release_codecs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Stores written while the test runs get the codecs of ich before per-chunk checksums.
+
+    zstd alone on every array (no `crc32c`): what a store of the current release holds on disk, for
+    the tests that such stores still open, train and verify, and that a re-run adds the checksums.
+    """
+    from zarr.codecs import ZstdCodec
+
+    import ichdata.store
+
+    monkeypatch.setattr(ichdata.store, "_compressors", lambda level=1: [ZstdCodec(level=level)])

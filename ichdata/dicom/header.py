@@ -45,7 +45,7 @@ from ichdata.dicom.walk import walk_header
 from ichdata.order import slice_position
 from ichdata.reasons import Reason
 
-__all__ = ["parse_header"]
+__all__ = ["MAX_SIDE", "check_side", "parse_header"]
 
 _DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"  # Media Storage Directory Storage
 _NATIVE = {
@@ -54,9 +54,11 @@ _NATIVE = {
     ExplicitVRBigEndian,
     DeflatedExplicitVRLittleEndian,
 }
-# Compressed slices larger than this are refused before the decoder allocates their declared size:
-# head CT is at most 1024×1024 in practice.
-_MAX_COMPRESSED_SIDE = 4096
+#: The largest Rows and Columns read (the cap of the README's `size_mismatch`): a slice that declares
+#: more is set aside from its header, before its pixel data is read or a buffer of the declared size
+#: is allocated (compressed or not). Head CT is at most 1024×1024 in practice; the cap bounds a
+#: worker's memory per slice (4096×4096 at 32 bits is 64 MiB).
+MAX_SIDE = 4096
 #: Read headers with the walk where it applies (the tests turn it off to compare with pydicom).
 _FAST_HEADER = True
 
@@ -378,14 +380,8 @@ def _pixel_extent(
         length, value_offset = len(inline), -1
     else:
         length, value_offset = _pixel_element(path, f, stop, ts, size)
+    check_side(path, rows, cols)
     if ts not in _NATIVE:
-        if rows > _MAX_COMPRESSED_SIDE or cols > _MAX_COMPRESSED_SIDE:
-            raise SliceError(
-                path,
-                Reason.SIZE_MISMATCH,
-                f"Rows×Columns {rows:,}×{cols:,} is larger than {_MAX_COMPRESSED_SIDE:,}×{_MAX_COMPRESSED_SIDE:,}, "
-                "the largest compressed CT slice read",
-            )
         if length != UNDEFINED_LENGTH:
             raise SliceError(
                 path,
@@ -412,6 +408,17 @@ def _pixel_extent(
             f"file ends at {size:,} bytes, inside the pixel data ({value_offset + expected:,} bytes expected)",
         )
     return value_offset, expected
+
+
+def check_side(path: str | os.PathLike[str], rows: int, cols: int) -> None:
+    """Raise `SliceError` (`size_mismatch`) when Rows or Columns exceed `MAX_SIDE`."""
+    if rows > MAX_SIDE or cols > MAX_SIDE:
+        raise SliceError(
+            path,
+            Reason.SIZE_MISMATCH,
+            f"Rows×Columns {rows:,}×{cols:,} is larger than {MAX_SIDE:,}×{MAX_SIDE:,}, the largest CT slice "
+            "read (set aside before its pixel data is read)",
+        )
 
 
 def _pixel_element(

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pydicom.uid import UID
 
 from ichdata.dicom.hu import HuKey
-from ichdata.reasons import READER_REASONS, Reason
+from ichdata.reasons import SLICE_ERROR_REASONS, Reason
 
 __all__ = ["PixelLayout", "SliceError", "SliceMeta"]
 
@@ -20,13 +20,15 @@ __all__ = ["PixelLayout", "SliceError", "SliceMeta"]
 class SliceError(Exception):
     """A file that is not a usable CT slice: `reason` is one of `READER_REASONS`, `detail` says why.
 
+    Or `changed_during_conversion`: the file is not the one an earlier scan read (`FileIdentity`).
+
     `str(e)` is `"<file name>: <detail>"`, e.g.
     `ID_6431af929.dcm: pixel data is 261,684 bytes, 524,288 expected for 512×512×16 bit`.
     """
 
     def __init__(self, path: str | os.PathLike[str], reason: Reason | str, detail: str) -> None:
-        if reason not in READER_REASONS:
-            expected = ", ".join(READER_REASONS)
+        if reason not in SLICE_ERROR_REASONS:
+            expected = ", ".join(SLICE_ERROR_REASONS)
             raise ValueError(f"unknown reason {str(reason)!r}; expected one of {expected}")
         self.path = os.fspath(path)
         self.reason = Reason(reason)

@@ -14,6 +14,7 @@ import numpy as np
 
 from ichdata.dicom.header import parse_header
 from ichdata.dicom.hu import hu_from_stored, hu_of_code
+from ichdata.dicom.identity import FileIdentity, check_header, check_stat, read_header_crc32
 from ichdata.dicom.meta import PixelLayout, SliceMeta
 from ichdata.dicom.pixels import read_codes, render
 
@@ -56,10 +57,16 @@ def read_header(path: str | os.PathLike[str]) -> SliceMeta:
     return meta
 
 
-def _read(path: str | os.PathLike[str]) -> tuple[np.ndarray, SliceMeta, PixelLayout]:
+def _read(
+    path: str | os.PathLike[str], expect: FileIdentity | None = None
+) -> tuple[np.ndarray, SliceMeta, PixelLayout]:
     f, size = _open(path)
     try:
+        if expect is not None:
+            check_stat(path, expect, os.fstat(f.fileno()))
         meta, layout = parse_header(path, f, size)
+        if expect is not None and expect.header_crc32 is not None:
+            check_header(path, expect, read_header_crc32(f.fileno(), layout.element_offset))
         codes = read_codes(path, f, layout)
     finally:
         f.close()
@@ -80,7 +87,9 @@ def read_slice(path: str | os.PathLike[str]) -> tuple[np.ndarray, SliceMeta]:
     return hu32[codes], meta
 
 
-def read_rendered(path: str | os.PathLike[str], size: int = 256) -> tuple[np.ndarray, SliceMeta]:
+def read_rendered(
+    path: str | os.PathLike[str], size: int = 256, *, expect: FileIdentity | None = None
+) -> tuple[np.ndarray, SliceMeta]:
     """The three windows of one CT slice as uint8 (3, size, size), and its `SliceMeta`.
 
     Equal within ±1 to `window_hu(read_slice(path)[0], size)`: the stored values index a cached table
@@ -88,7 +97,8 @@ def read_rendered(path: str | os.PathLike[str], size: int = 256) -> tuple[np.nda
     windows, so the HU image is never built (the fast path of conversion and prediction).
 
     Raises:
-        SliceError: as `read_slice` does.
+        SliceError: as `read_slice` does; `changed_during_conversion` when `expect` (what a scan saw of
+            the file) is given and the file is no longer that one.
     """
-    codes, meta, layout = _read(path)
+    codes, meta, layout = _read(path, expect)
     return render(codes, layout.hu_key, size), meta

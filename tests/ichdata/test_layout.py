@@ -71,7 +71,7 @@ def test_layout_renders_exactly_what_read_rendered_does(
     tmp_path: Path, shape: tuple[int, int], size: int, header: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     path = _write(tmp_path / "ID_a.dcm", shape, **header)
-    meta, layout = read_header_layout(path)
+    meta, layout, _ = read_header_layout(path)
     assert meta == read_header(path)
     assert layout.startswith("ichpx1;")
     expected, _ = read_rendered(path, size)
@@ -90,7 +90,7 @@ def test_layout_of_other_native_syntaxes(
     tmp_path: Path, transfer_syntax: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     path = _write(tmp_path / "ID_a.dcm", transfer_syntax=transfer_syntax)
-    _, layout = read_header_layout(path)
+    _, layout, _ = read_header_layout(path)
     assert layout != ""
     expected = read_rendered(path, 32)[0]
     _no_full_reader(monkeypatch)
@@ -100,14 +100,14 @@ def test_layout_of_other_native_syntaxes(
 @pytest.mark.parametrize("transfer_syntax", [DeflatedExplicitVRLittleEndian, RLELossless])
 def test_no_layout_where_only_the_full_reader_decodes(tmp_path: Path, transfer_syntax: str) -> None:
     path = _write(tmp_path / "ID_a.dcm", transfer_syntax=transfer_syntax)
-    _, layout = read_header_layout(path)
+    _, layout, _ = read_header_layout(path)
     assert layout == ""
     assert np.array_equal(read_rendered_layout(path, layout, 32), read_rendered(path, 32)[0])
 
 
 def test_a_changed_file_is_read_in_full(tmp_path: Path) -> None:
     path = _write(tmp_path / "ID_a.dcm", seed=1)
-    _, layout = read_header_layout(path)
+    _, layout, _ = read_header_layout(path)
     st = path.stat()
     # Same size, same place, other pixels and another intercept: the layout's mtime no longer matches.
     _write(path, seed=2, intercept=-1000.0)
@@ -124,7 +124,7 @@ def test_a_changed_file_is_read_in_full(tmp_path: Path) -> None:
 
 def test_a_layout_pointing_elsewhere_is_not_trusted(tmp_path: Path) -> None:
     path = _write(tmp_path / "ID_a.dcm")
-    _, layout = read_header_layout(path)
+    _, layout, _ = read_header_layout(path)
     parts = layout.split(";")
     parts[3] = str(int(parts[3]) + 2)  # the Pixel Data tag is not at this offset
     parts[4] = str(int(parts[4]) + 2)
@@ -150,8 +150,40 @@ def test_without_preadv_the_layout_reads_with_seek(tmp_path: Path, monkeypatch: 
     import ichdata.dicom.layout
 
     path = _write(tmp_path / "ID_a.dcm", (512, 512))
-    _, layout = read_header_layout(path)
+    _, layout, _ = read_header_layout(path)
     expected = read_rendered(path)[0]
     monkeypatch.setattr(ichdata.dicom.layout, "_HAS_PREADV", False)
     _no_full_reader(monkeypatch)
     assert np.array_equal(read_rendered_layout(path, layout), expected)
+
+
+def test_a_layout_of_a_slice_over_the_size_cap_reads_no_pixels(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A manifest from a scan without the cap hands the shard task a huge slice: set aside, no buffer."""
+    import ichdata.dicom.header
+    import ichdata.dicom.layout
+    import ichdata.dicom.pixels
+
+    path = _write(tmp_path / "ID_huge.dcm", extra={"Rows": 40000, "Columns": 40000})
+    data = bytearray(path.read_bytes())
+    pixel = data.rindex(b"\xe0\x7f\x10\x00OW")
+    data[pixel + 8 : pixel + 12] = (40000 * 40000 * 2).to_bytes(4, "little")
+    path.write_bytes(bytes(data[: pixel + 12]))
+    with path.open("r+b") as f:
+        f.truncate(pixel + 12 + 40000 * 40000 * 2)  # sparse: 3.2 GB declared, a few kB on disk
+    monkeypatch.setattr(ichdata.dicom.header, "MAX_SIDE", 65535)  # the scan of an earlier release
+    _, layout, _ = read_header_layout(path)
+    assert layout.startswith("ichpx1;")
+    monkeypatch.undo()
+
+    def small_buffers_only(name: str, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+        assert int(np.prod(shape)) * np.dtype(dtype).itemsize <= 64 << 20, f"a {shape} buffer"
+        return np.empty(shape, dtype)
+
+    monkeypatch.setattr(ichdata.dicom.layout, "_scratch", small_buffers_only)
+    monkeypatch.setattr(ichdata.dicom.pixels, "_scratch", small_buffers_only)
+    with pytest.raises(SliceError) as e:
+        read_rendered_layout(path, layout, 32)
+    assert e.value.reason == "size_mismatch"
+    assert "40,000×40,000 is larger than 4,096×4,096" in e.value.detail

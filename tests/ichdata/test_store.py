@@ -207,3 +207,36 @@ def test_read_shard_on_damaged_files(tmp_path) -> None:
         read_shard(s.images, 3, 6)
     with pytest.raises(Exception):  # noqa: B017, PT011 (zarr's own error type and words)
         np.asarray(s.images[3:6])
+
+
+def test_every_array_carries_a_checksum_per_chunk(tmp_path) -> None:
+    """A CRC-32C on every chunk (zarr's crc32c codec): each slice of `images`, each small array's chunks."""
+    from zarr.codecs import Crc32cCodec, ShardingCodec
+
+    from ichdata.storefiles import ARRAYS
+
+    path = tmp_path / "s.zarr"
+    images = np.random.default_rng(0).integers(0, 256, (5, 3, 16, 16), dtype=np.uint8)
+    write_store_from_arrays(path, images, np.zeros((5, 6), np.uint8), list("abcde"), [0, 2, 5], _series(2))
+    group = zarr.open_group(str(path), mode="r")
+    for name in ARRAYS:
+        codecs = group[name].metadata.codecs  # type: ignore[union-attr]
+        if name == "images":
+            assert isinstance(codecs[0], ShardingCodec)
+            codecs = codecs[0].codecs
+        assert isinstance(codecs[-1], Crc32cCodec), name
+
+
+def test_a_missing_chunk_of_a_small_array_is_refused_not_read_as_zeros(tmp_path) -> None:
+    """A chunk file that goes missing would read as the fill value: labels of 0, "no hemorrhage"."""
+    path = tmp_path / "s.zarr"
+    labels = np.ones((5, 6), np.uint8)
+    write_store_from_arrays(
+        path, np.ones((5, 3, 8, 8), np.uint8), labels, list("abcde"), [0, 2, 5], _series(2), shard_size=4
+    )
+    (path / "labels" / "c" / "0" / "0").unlink()
+    with pytest.raises(
+        UserError, match=r"array labels is damaged \(chunk c/0/0 is missing\); run `ich verify "
+    ) as e:
+        open_store(path)
+    assert "\n" not in str(e.value)

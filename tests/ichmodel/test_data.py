@@ -6,7 +6,9 @@ import json
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+import google_crc32c
 import numpy as np
 import pandas as pd
 import pytest
@@ -26,6 +28,7 @@ from ichmodel.data import (
     split_by_patient,
     write_split,
 )
+from ichmodel.reader import ImageReader
 
 #: slices per series of the `tiny_store` fixture (tests/ichmodel/conftest.py)
 LENGTHS = (5, 9, 3, 12, 7, 4, 6, 8)
@@ -260,9 +263,63 @@ def test_a_damaged_shard_stops_the_loader_with_one_line(
         assert "missing" in message
 
 
-def test_each_shard_is_verified_once_per_process(tiny_store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+def _two_epochs(store: Store, images: np.ndarray | None = None) -> None:
+    """Read every window of `store` twice (two epochs, one process), checking each against `images`.
+
+    `images` defaults to the store's, read through zarr first.
+    """
+    images = np.asarray(store.images[...]) if images is None else images
+    ds = StudyDataset(store, max_len=4, reader="zarr")
+    sampler = StudyBatchSampler(len(ds), 3, seed=0)
+    loader = make_loader(ds, sampler, workers=0)
+    for epoch in range(2):
+        sampler.set_epoch(epoch)
+        for batch in loader:
+            for k, (s, a) in enumerate(zip(batch["series"].tolist(), batch["start"].tolist(), strict=True)):
+                n = int(batch["lengths"][k])
+                row = int(store.study_offsets[s]) + a
+                assert np.array_equal(batch["images"][k, :n].numpy(), images[row : row + n])
+
+
+def test_the_first_epoch_decodes_only_what_it_uses(
+    tiny_store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each slice carries its CRC-32C: the first pass checks what it reads, with no whole-shard reads."""
+    import ichdata.shardfile
     from ichmodel import reader
 
+    images = np.asarray(tiny_store.images[...])  # before counting: zarr checks each CRC-32C too
+    decoded: list[int] = []
+    real = ichdata.shardfile._decode_shard
+
+    def counting(path: Path, first: int, n: int, *args: Any, **kwargs: Any) -> np.ndarray:
+        decoded.append(n - first)
+        return real(path, first, n, *args, **kwargs)
+
+    monkeypatch.setattr(ichdata.shardfile, "_decode_shard", counting)
+    monkeypatch.setattr(reader, "shard_checksum", lambda block: pytest.fail("a whole shard was checked"))
+    crc_of = google_crc32c.value
+    slices_checked: list[int] = []
+
+    def counting_crc(data: Any) -> int:
+        if len(data) != 16 * tiny_store.shard_size:  # a slice's frame, not a shard's index
+            slices_checked.append(len(data))
+        return int(crc_of(data))
+
+    monkeypatch.setattr(google_crc32c, "value", counting_crc)
+    _two_epochs(tiny_store, images)
+    assert sum(decoded) == 2 * tiny_store.n_slices  # every row decoded once per epoch, and no more
+    assert len(slices_checked) == tiny_store.n_slices  # each slice's CRC-32C once in this process
+
+
+def test_a_store_of_an_earlier_release_checks_each_shard_once_per_process(
+    store_factory: Callable[..., Store], monkeypatch: pytest.MonkeyPatch, earlier_release_codecs: None
+) -> None:
+    """Without per-slice checksums, each shard is read whole once and checked against its done-marker."""
+    from ichmodel import reader
+
+    store = store_factory("old.zarr")
+    assert not reader.inner_checksum(store.images)
     calls: list[int] = []
     real = reader.shard_checksum
 
@@ -271,16 +328,11 @@ def test_each_shard_is_verified_once_per_process(tiny_store: Store, monkeypatch:
         return real(block)
 
     monkeypatch.setattr(reader, "shard_checksum", counting)
-    ds = StudyDataset(tiny_store, max_len=4, reader="zarr")
-    sampler = StudyBatchSampler(len(ds), 3, seed=0)
-    loader = make_loader(ds, sampler, workers=0)
-    for epoch in range(2):
-        sampler.set_epoch(epoch)
-        for batch in loader:
-            for k, (s, a) in enumerate(zip(batch["series"].tolist(), batch["start"].tolist(), strict=True)):
-                n = int(batch["lengths"][k])
-                assert np.array_equal(batch["images"][k, :n].numpy(), tiny_store.read_series(s, a, a + n))
+    _two_epochs(store)
     assert sorted(calls) == [6] + [8] * 6  # 54 rows in shards of 8: each of the 7 checked once
+    _damage(store, 1, "frame")
+    with pytest.raises(UserError, match=r"shard 1 \(rows 8–15\) is damaged"):
+        ImageReader(store.path, "zarr", store.n_slices).read(8, 12)
 
 
 def test_a_store_that_an_append_is_growing_stays_readable(tiny_store: Store) -> None:
