@@ -39,6 +39,7 @@ from ichdata.cluster import (
 )
 from ichdata.errors import UserError
 from ichdata.finalize import ConvertSummary, finalize
+from ichdata.landing import incoming_dir
 from ichdata.options import option
 from ichdata.plan import Plan, load_labels, plan
 from ichdata.resume import check_store
@@ -399,7 +400,8 @@ def scan_source(
 
     Incremental against the manifest kept beside the store (`previous_manifest`; not with `overwrite`):
     unchanged files are not read again. The store, its side files and the label CSV are left out of the
-    scan when they live under the source (`excluded_paths`). `on_total(n)` is called once the tree is
+    scan when they live under the source (`excluded_paths`), and so is a landing folder's incoming folder
+    (`ichdata.landing`: studies still being fetched). `on_total(n)` is called once the tree is
     listed, `on_progress(n)` as batches of `n` files finish.
     """
     check_inputs(config)
@@ -409,7 +411,8 @@ def scan_source(
         source,
         client,
         previous=previous,
-        exclude=excluded_paths(store, config.labels),
+        # A landing folder's incoming studies are not whole yet (`ichdata.landing`).
+        exclude=[*excluded_paths(store, config.labels), incoming_dir(source)],
         on_progress=on_progress,
         on_total=on_total,
     )
