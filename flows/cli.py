@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from flows.deploy import ServeConfig
     from ichdata.convert import ConvertConfig
     from ichdata.preview import PreviewConfig
-    from ichdata.pull import PullConfig
+    from ichdata.pull import ArchiveQuery, PullConfig
     from ichdata.testing import SynthConfig
     from ichdata.verify import VerifyConfig
     from ichmodel.config import TrainConfig
@@ -84,10 +84,12 @@ def _convert(config: ConvertConfig, display: Display) -> int:
     return 0
 
 
-def _pull(config: PullConfig, display: Display) -> int:
+def _pull(config: PullConfig, query: ArchiveQuery, display: Display) -> int:
+    from dataclasses import replace
+
     from ichdata.pull import pull
 
-    result = pull(config, progress=display.bars())
+    result = pull(replace(config, query=query), progress=display.bars())
     print(result)
     failures = result.failure_line()
     if failures is not None:
@@ -157,10 +159,10 @@ def _evaluate(config: EvaluateConfig) -> int:
     return 0
 
 
-def _predict(config: PredictConfig) -> int:
+def _predict(config: PredictConfig, query: ArchiveQuery) -> int:
     from ichmodel.predict import predict_from_config
 
-    predict_from_config(config)
+    predict_from_config(config, query)
     return 0
 
 
@@ -212,7 +214,7 @@ COMMANDS: tuple[Command, ...] = (
     Command(
         "pull",
         "copy CT studies from a DICOMweb archive (PACS) into a landing folder, one whole study at a time",
-        ("ichdata.pull:PullConfig", "flows.cli:Display"),
+        ("ichdata.pull:PullConfig", "ichdata.pull:ArchiveQuery", "flows.cli:Display"),
         _pull,
         "List the studies at URL that match the filters (QIDO-RS, every page) and fetch what LANDING does not "
         "hold yet (WADO-RS, in the transfer syntax the archive stored) into LANDING/<study>/<series>/; a study "
@@ -265,7 +267,7 @@ COMMANDS: tuple[Command, ...] = (
     Command(
         "predict",
         "run a checkpoint on a folder of new DICOM studies: Kaggle submission CSV + per-study summary",
-        ("ichmodel.predict:PredictConfig",),
+        ("ichmodel.predict:PredictConfig", "ichdata.pull:ArchiveQuery"),
         _predict,
         "Convert SOURCE exactly as `ich convert` does (same reading, set-aside rules and slice order), "
         "run the model over every study, and write OUT (Kaggle `ID,Label`, six rows per image), "

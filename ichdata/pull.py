@@ -25,7 +25,7 @@ from ichdata.dicomweb import Archive, Retry, Transient, part_uids
 from ichdata.errors import UserError
 from ichdata.options import option
 
-__all__ = ["PullConfig", "PullResult", "pull", "study_date_range"]
+__all__ = ["ArchiveQuery", "PullConfig", "PullResult", "pull", "study_date_range"]
 
 _DATE_RANGE = re.compile(r"(\d{8})?-(\d{8})?|\d{8}")
 
@@ -46,15 +46,9 @@ def study_date_range(value: str) -> str:
 
 
 @dataclass(frozen=True)
-class PullConfig:
-    """The options of `ich pull`."""
+class ArchiveQuery:
+    """Which studies of a DICOMweb archive, and how to trust it: options of `ich pull` and `ich predict`."""
 
-    url: str = option(
-        positional=True, metavar="URL", help="root of the DICOMweb service, e.g. https://pacs/dicom-web"
-    )
-    landing: Path = option(
-        positional=True, metavar="LANDING", help="landing folder: one folder per complete study (created)"
-    )
     study_date: str | None = option(
         None, metavar="FROM-TO", help="studies of these dates: YYYYMMDD, YYYYMMDD-YYYYMMDD, FROM- or -TO"
     )
@@ -65,10 +59,6 @@ class PullConfig:
     )
     ca_bundle: Path | None = option(
         None, metavar="PEM", help="CA certificates to verify https with (default: the system's)"
-    )
-    connections: int = option(4, metavar="N", help="studies fetched at once (default 4)")
-    retries: int = option(
-        4, metavar="N", help="tries per study on network errors and 5xx answers (default 4)"
     )
 
     def filters(self) -> dict[str, str]:
@@ -87,18 +77,39 @@ class PullConfig:
         """The checks made before any request, each a one-line `UserError`."""
         if self.limit is not None and self.limit < 1:
             raise UserError(f"--limit {self.limit}: expected at least 1 study")
-        if self.connections < 1:
-            raise UserError(f"--connections {self.connections}: expected at least 1")
-        if self.retries < 1:
-            raise UserError(f"--retries {self.retries}: expected at least 1 try")
-        if self.landing.exists() and not self.landing.is_dir():
-            raise UserError(f"LANDING {self.landing}: is a file; expected a folder (created if missing)")
         for uid in self.study or ():
             try:
                 _landing.check_uid(uid, "--study")
             except ValueError as exc:
                 raise UserError(str(exc)) from None
         self.filters()
+
+
+@dataclass(frozen=True)
+class PullConfig:
+    """The options of `ich pull` besides the `ArchiveQuery` (which `query` holds)."""
+
+    url: str = option(
+        positional=True, metavar="URL", help="root of the DICOMweb service, e.g. https://pacs/dicom-web"
+    )
+    landing: Path = option(
+        positional=True, metavar="LANDING", help="landing folder: one folder per complete study (created)"
+    )
+    connections: int = option(4, metavar="N", help="studies fetched at once (default 4)")
+    retries: int = option(
+        4, metavar="N", help="tries per request on network errors and 5xx answers (default 4)"
+    )
+    query: ArchiveQuery = field(default_factory=ArchiveQuery)
+
+    def check(self) -> None:
+        """The checks made before any request, each a one-line `UserError`."""
+        self.query.check()
+        if self.connections < 1:
+            raise UserError(f"--connections {self.connections}: expected at least 1")
+        if self.retries < 1:
+            raise UserError(f"--retries {self.retries}: expected at least 1 try")
+        if self.landing.exists() and not self.landing.is_dir():
+            raise UserError(f"LANDING {self.landing}: is a file; expected a folder (created if missing)")
 
 
 @dataclass
@@ -198,20 +209,22 @@ def pull(
     t0 = time.perf_counter()
     config.check()
     retry = retry or Retry(attempts=config.retries)
-    archive = Archive(config.url, ca_bundle=config.ca_bundle)
+    archive = Archive(config.url, ca_bundle=config.query.ca_bundle)
     landing = Path(config.landing)
     result = PullResult(landing=landing)
     try:
-        if config.study:
+        if config.query.study:
             listed = [
                 uid
-                for study in dict.fromkeys(config.study)
+                for study in dict.fromkeys(config.query.study)
                 for uid in retry.call(
-                    lambda study=study: archive.find_studies({**config.filters(), "StudyInstanceUID": study})
+                    lambda study=study: archive.find_studies(
+                        {**config.query.filters(), "StudyInstanceUID": study}
+                    )
                 )
             ]
         else:
-            listed = retry.call(lambda: archive.find_studies(config.filters()))
+            listed = retry.call(lambda: archive.find_studies(config.query.filters()))
     except Transient as exc:
         raise UserError(
             f"{archive.url}: cannot be reached ({exc}) after {retry.attempts} tries; is the archive up and "
@@ -226,7 +239,7 @@ def pull(
         written = [0, 0]
         try:
             _landing.check_uid(study_uid, "Study Instance UID")
-            expected = _expected(archive, study_uid, config.modality, retry)
+            expected = _expected(archive, study_uid, config.query.modality, retry)
             if not expected:
                 return  # no series of the modality: not one of the studies asked for
             with lock:
@@ -237,7 +250,7 @@ def pull(
                     result.skipped += 1
                 return
             with lock:
-                if config.limit is not None and started[0] >= config.limit:
+                if config.query.limit is not None and started[0] >= config.query.limit:
                     result.deferred += 1
                     return
                 started[0] += 1

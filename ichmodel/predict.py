@@ -12,7 +12,7 @@ import os
 import sys
 import tempfile
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -22,6 +22,7 @@ import pandas as pd
 if TYPE_CHECKING:
     from torch import nn
 
+    from ichdata.pull import ArchiveQuery
     from ichdata.store import Store
 
 from ichdata.csvsafe import safe_table
@@ -131,6 +132,8 @@ class PredictResult:
     n_studies: int
     n_set_aside: int
     set_aside_by_reason: dict[str, int]
+    #: The per-study table as written to `studies` (unrounded), for the SRs of `ich predict --sr`.
+    summary: pd.DataFrame | None = field(default=None, repr=False, compare=False)
 
     def __str__(self) -> str:
         reasons = ", ".join(f"{k} {v}" for k, v in sorted(self.set_aside_by_reason.items()))
@@ -197,6 +200,7 @@ def predict_store(
         n_studies=len(summary),
         n_set_aside=len(aside),
         set_aside_by_reason={str(k): int(v) for k, v in aside["reason"].value_counts().items()},
+        summary=summary,
     )
 
 
@@ -241,6 +245,10 @@ def _convert(source: Path, store: Path, workers: int | None, progress: bool) -> 
     )
 
 
+def _is_url(source: str | os.PathLike[str]) -> bool:
+    return isinstance(source, str) and source.startswith(("http://", "https://"))
+
+
 def predict_folder(
     checkpoint: str | os.PathLike[str],
     source: str | os.PathLike[str],
@@ -252,20 +260,41 @@ def predict_folder(
     workers: int | None = None,
     progress: bool = True,
     log: Callable[[str], None] | None = print,
+    sr: str | os.PathLike[str] | None = None,
+    send: bool = False,
+    landing: str | os.PathLike[str] | None = None,
+    query: ArchiveQuery | None = None,
 ) -> PredictResult:
-    """What `ich predict` runs: convert `source` (to `store`, or a temporary one), then `predict_store`."""
-    src = Path(source)
-    if not src.is_dir():
-        raise UserError(f"{src}: no such folder; expected a folder of DICOM files")
+    """What `ich predict` runs: convert `source` (to `store`, or a temporary one), then `predict_store`.
+
+    `source` may be a DICOMweb URL: its studies (`query`) are pulled first (`ichdata.pull`) into
+    `landing` or a temporary folder. With `sr`, one DICOM SR per study is written there
+    (`ichmodel.sr`); `send` stores them back into the archive at `source` with STOW-RS.
+    """
+    from ichdata.pull import ArchiveQuery
+
+    url = str(source) if _is_url(source) else None
+    query = query or ArchiveQuery()
+    if url is None:
+        src = Path(source)
+        if send or landing is not None or query != ArchiveQuery():
+            raise UserError(
+                f"{src}: --send, --landing and the archive filters need SOURCE to be a DICOMweb URL"
+            )
+        if not src.is_dir():
+            raise UserError(f"{src}: no such folder; expected a folder of DICOM files or a DICOMweb URL")
     _check_threshold(threshold)
     from ichmodel.evaluate import _device
     from ichmodel.models import load_model
 
-    if store is not None:
-        _check_store_target(Path(store), src)
     # the checkpoint is read and checked before any conversion work
     loaded = load_model(Path(checkpoint), device=_device(device))
     with tempfile.TemporaryDirectory(prefix="ich-predict-") as tmp:
+        if url is not None:
+            src = Path(landing) if landing is not None else Path(tmp) / "landing"
+            _pull(url, src, query, progress, log)
+        if store is not None:
+            _check_store_target(Path(store), src)
         st = Path(store) if store is not None else Path(tmp) / "store.zarr"
         if log is not None:
             log(f"converting {src} -> {st}")
@@ -273,6 +302,11 @@ def predict_folder(
         result = predict_store(
             checkpoint, st, out, threshold=threshold, device=device, progress=progress, loaded=loaded
         )
+        if sr is not None or send:
+            _write_and_send_srs(
+                st, src, result, checkpoint, Path(sr) if sr is not None else Path(tmp) / "sr", loaded[1],
+                url if send else None, query, log,
+            )  # fmt: skip
     if log is not None:
         log(str(result))
         if result.n_set_aside:
@@ -284,13 +318,69 @@ def predict_folder(
     return result
 
 
+def _pull(
+    url: str, landing: Path, query: ArchiveQuery, progress: bool, log: Callable[[str], None] | None
+) -> None:
+    """`ich pull URL LANDING` with `query`; failed studies are named on stderr and left out."""
+    from ichdata.pull import PullConfig, pull
+
+    pulled = pull(PullConfig(url, landing, query=query), progress=progress)
+    if log is not None:
+        log(str(pulled))
+    failures = pulled.failure_line()
+    if failures is not None:
+        print(f"ich predict: {failures}", file=sys.stderr)
+
+
+def _write_and_send_srs(
+    store: Path,
+    source: Path,
+    result: PredictResult,
+    checkpoint: str | os.PathLike[str],
+    sr_dir: Path,
+    info: dict[str, Any],
+    send_to: str | None,
+    query: ArchiveQuery,
+    log: Callable[[str], None] | None,
+) -> None:
+    """`ich predict --sr` and `--send`: one SR per study, stored back with STOW-RS when asked."""
+    from ichdata.dicomweb import Archive, Retry, Transient
+    from ichdata.store import open_store
+    from ichmodel.sr import write_study_srs
+
+    assert result.summary is not None
+    name = f"ich {(info.get('model') or {}).get('name', 'model')}"
+    srs = write_study_srs(open_store(store), source, result.summary, checkpoint, sr_dir, name)
+    if srs.not_written:
+        print(f"ich predict: {srs}; their predictions are in {result.predictions}", file=sys.stderr)
+    elif log is not None:
+        log(f"{srs} -> {sr_dir}")
+    if send_to is None or not srs.written:
+        return
+    from pydicom import dcmread
+
+    archive = Archive(send_to, ca_bundle=query.ca_bundle)
+    for path in srs.written.values():
+        ds = dcmread(path)
+        try:
+            Retry().call(lambda ds=ds: archive.store([ds]))
+        except Transient as exc:
+            raise UserError(
+                f"{send_to}: storing {path.name} failed ({exc}), after {Retry().attempts} tries"
+            ) from None
+    if log is not None:
+        log(f"sent {len(srs.written)} SRs to {send_to} (STOW-RS)")
+
+
 @dataclass(frozen=True)
 class PredictConfig:
     """The options of `ich predict`."""
 
     checkpoint: Path = option(positional=True, metavar="CHECKPOINT", help="best.pt of an `ich train` run")
-    source: Path = option(
-        positional=True, metavar="SOURCE", help="folder of DICOM files (searched recursively)"
+    source: str = option(
+        positional=True,
+        metavar="SOURCE",
+        help="folder of DICOM files (searched recursively), or a DICOMweb URL (then the archive filters apply)",
     )
     out: Path = option(help="predictions CSV to write")
     store: Path | None = option(None, help="keep the converted store here (default: a temporary one)")
@@ -298,9 +388,16 @@ class PredictConfig:
     device: str | None = option(None, help="cpu or cuda (default: cuda when available)")
     workers: int | None = option(None, help="Dask worker processes for the conversion")
     progress: bool = option(True, flag="--quiet", help="no progress bars")
+    sr: Path | None = option(
+        None, metavar="OUT_DIR", help="also write one DICOM SR per study here (Comprehensive 3D SR, TID 1500)"
+    )
+    send: bool = option(False, help="store the SRs back into SOURCE's archive with STOW-RS (SOURCE a URL)")
+    landing: Path | None = option(
+        None, help="SOURCE a URL: pull into this landing folder, kept (default: a temporary one)"
+    )
 
 
-def predict_from_config(config: PredictConfig) -> PredictResult:
+def predict_from_config(config: PredictConfig, query: ArchiveQuery | None = None) -> PredictResult:
     """What `ich predict` runs: `predict_folder` with the command line's options."""
     return predict_folder(
         config.checkpoint,
@@ -311,4 +408,8 @@ def predict_from_config(config: PredictConfig) -> PredictResult:
         device=config.device,
         workers=config.workers,
         progress=config.progress,
+        sr=config.sr,
+        send=config.send,
+        landing=config.landing,
+        query=query,
     )

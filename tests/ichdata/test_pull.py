@@ -23,7 +23,7 @@ from ichdata import landing
 from ichdata.convert import ConvertConfig, convert
 from ichdata.dicomweb import PASSWORD_ENV, TOKEN_ENV, USER_ENV, Retry, Transient, credentials, multipart_parts
 from ichdata.errors import UserError
-from ichdata.pull import PullConfig, study_date_range
+from ichdata.pull import ArchiveQuery, PullConfig, study_date_range
 from ichdata.store import manifest_path, open_store
 from ichdata.testing import HospitalStudy, write_hospital_studies
 
@@ -72,7 +72,7 @@ def test_study_dates_and_options_are_checked(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="is a file"):
         PullConfig("http://x/dicom-web", tmp_path / "file").check()
     with pytest.raises(UserError, match="--limit 0"):
-        PullConfig("http://x/dicom-web", tmp_path, limit=0).check()
+        PullConfig("http://x/dicom-web", tmp_path, query=ArchiveQuery(limit=0)).check()
 
 
 def test_credentials_come_from_the_environment_or_netrc(
