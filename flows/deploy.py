@@ -1,4 +1,4 @@
-"""Deploying the `ingest` flow: `ich serve` serves it as the deployment `ingest/default`.
+"""Deploying the flows: `ich serve` serves `ingest/default` and `pull/default` (`flows.pull`).
 
 `flow.serve` registers the deployment with the Prefect API named by `PREFECT_API_URL` and then polls
 it for runs, executing each in a subprocess of this process; `prefect.yaml` at the repo root is the
@@ -56,7 +56,7 @@ def serve(
     interval_s: float | None = None,
     limit: int = 1,
 ) -> None:
-    """Serve the `ingest` flow as deployment `ingest/<name>` until interrupted (Ctrl-C or SIGTERM).
+    """Serve `ingest/<name>` and `pull/<name>` until interrupted (Ctrl-C or SIGTERM).
 
     `parameters` are the deployment's defaults (e.g. a landing folder and its store; a run's `-p`
     values override them); `interval_s` adds a schedule that re-ingests every so many seconds, which is
@@ -65,16 +65,23 @@ def serve(
     ingests into the same store must not run side by side.
     """
     require_api_url()
+    from prefect import serve as serve_deployments
     from prefect.types.entrypoint import EntrypointType
 
     from flows.ingest import ingest
+    from flows.pull import pull_flow
 
-    ingest.serve(
-        name=name,
-        parameters=parameters or {},
-        interval=interval_s,
+    # `pull` shares the defaults that mean the same there (the store, labels, workers), not the schedule.
+    shared = {k: v for k, v in (parameters or {}).items() if k in ("store", "labels", "workers")}
+    serve_deployments(
+        ingest.to_deployment(
+            name=name,
+            parameters=parameters or {},
+            interval=interval_s,
+            entrypoint_type=EntrypointType.MODULE_PATH,
+        ),
+        pull_flow.to_deployment(name=name, parameters=shared, entrypoint_type=EntrypointType.MODULE_PATH),
         limit=limit,
-        entrypoint_type=EntrypointType.MODULE_PATH,
     )
 
 

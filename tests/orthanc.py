@@ -204,7 +204,7 @@ _WAIT = (
     + """
 import sys, time, urllib.error, urllib.request
 url, auth = sys.argv[1], sys.argv[2]
-deadline = time.monotonic() + 30
+deadline = time.monotonic() + 60
 while True:
     try:
         req = urllib.request.Request(url, headers={"Authorization": AUTH} if auth else {})
@@ -252,7 +252,7 @@ def _stop(proc: subprocess.Popen[Any], grace_s: float = 10.0) -> None:
 
 
 @contextlib.contextmanager
-def running_orthanc(timeout: float = 30.0) -> Iterator[Orthanc]:
+def running_orthanc(timeout: float = 90.0) -> Iterator[Orthanc]:
     """Start Orthanc in a new network namespace; stop it and everything started beside it on exit.
 
     Raises:
@@ -286,6 +286,13 @@ def running_orthanc(timeout: float = 30.0) -> Iterator[Orthanc]:
     orthanc = Orthanc(root, server.pid, user, password)
     try:
         deadline = time.monotonic() + timeout
+        # Until unshare has made the namespace, /proc/PID/ns/net is still ours: nsenter would join the
+        # host's network, where nothing answers.
+        ours = os.readlink("/proc/self/ns/net")
+        while server.poll() is None and os.readlink(f"/proc/{server.pid}/ns/net") == ours:
+            if time.monotonic() > deadline:
+                raise RuntimeError("unshare --net made no namespace in time")
+            time.sleep(0.01)
         while True:
             if server.poll() is not None:
                 raise RuntimeError(f"Orthanc exited ({server.returncode}):\n{_tail(root / 'orthanc.log')}")

@@ -213,6 +213,7 @@ def test_serve_and_deployment_run(prefect_server: Session, tmp_path: Path) -> No
         serve,
         "serve",
     )
+    assert session.get("/deployments/name/pull/default")["entrypoint"] == "flows.pull.pull_flow"
 
     t0 = time.monotonic()
     run = session.run(
