@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from ichdata.errors import UserError
 from ichdata.options import option
@@ -66,6 +66,7 @@ def serve(
     """
     require_api_url()
     from prefect import serve as serve_deployments
+    from prefect.deployments.runner import RunnerDeployment
     from prefect.types.entrypoint import EntrypointType
 
     from flows.ingest import ingest
@@ -73,7 +74,7 @@ def serve(
 
     # `pull` shares the defaults that mean the same there (the store, labels, workers), not the schedule.
     shared = {k: v for k, v in (parameters or {}).items() if k in ("store", "labels", "workers")}
-    serve_deployments(
+    deployments = [
         ingest.to_deployment(
             name=name,
             parameters=parameters or {},
@@ -81,8 +82,9 @@ def serve(
             entrypoint_type=EntrypointType.MODULE_PATH,
         ),
         pull_flow.to_deployment(name=name, parameters=shared, entrypoint_type=EntrypointType.MODULE_PATH),
-        limit=limit,
-    )
+    ]
+    # `to_deployment` is sync-compatible: called outside an event loop it returns the deployment itself.
+    serve_deployments(*cast("list[RunnerDeployment]", deployments), limit=limit)
 
 
 __all__ = ["DEFAULT_DEPLOYMENT", "require_api_url", "serve"]

@@ -17,6 +17,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from io import BytesIO
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -272,7 +273,8 @@ class Archive:
         offset = 0
         while True:
             page = self._call(
-                lambda offset=offset: self.client.search_for_studies(
+                partial(
+                    self.client.search_for_studies,
                     search_filters=dict(filters),
                     fields=["StudyInstanceUID"],
                     limit=page_size,

@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 from ichdata import landing as _landing
@@ -150,9 +151,7 @@ def _expected(archive: Archive, study_uid: str, modality: str | None, retry: Ret
     """SOP Instance UID -> Series Instance UID of the study's series of `modality`, as QIDO-RS lists them."""
     expected = {}
     for series_uid in retry.call(lambda: archive.find_series(study_uid, modality)):
-        for sop_uid in retry.call(
-            lambda series_uid=series_uid: archive.find_instances(study_uid, series_uid)
-        ):
+        for sop_uid in retry.call(partial(archive.find_instances, study_uid, series_uid)):
             expected[sop_uid] = series_uid
     return expected
 
@@ -188,7 +187,7 @@ def _fetch_missing(
             seen[0] = count[0]
             return moved
 
-        retry.call(lambda series_uid=series_uid: fetch_series(series_uid), progressed=progressed)
+        retry.call(partial(fetch_series, series_uid), progressed=progressed)
 
 
 def pull(
@@ -218,9 +217,7 @@ def pull(
                 uid
                 for study in dict.fromkeys(config.query.study)
                 for uid in retry.call(
-                    lambda study=study: archive.find_studies(
-                        {**config.query.filters(), "StudyInstanceUID": study}
-                    )
+                    partial(archive.find_studies, {**config.query.filters(), "StudyInstanceUID": study})
                 )
             ]
         else:

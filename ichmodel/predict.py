@@ -13,6 +13,7 @@ import sys
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -363,7 +364,7 @@ def _write_and_send_srs(
     for path in srs.written.values():
         ds = dcmread(path)
         try:
-            Retry().call(lambda ds=ds: archive.store([ds]))
+            Retry().call(partial(archive.store, [ds]))
         except Transient as exc:
             raise UserError(
                 f"{send_to}: storing {path.name} failed ({exc}), after {Retry().attempts} tries"

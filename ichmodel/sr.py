@@ -247,7 +247,7 @@ def write_study_srs(
     for row in studies.itertuples(index=False):
         study_uid = str(row.study_uid)
         rows = np.concatenate(
-            [np.arange(*store.series_rows(s)) for s in np.flatnonzero(study_of_series == study_uid)]
+            [np.arange(*store.series_rows(int(s))) for s in np.flatnonzero(study_of_series == study_uid)]
         )
         evidence = [
             dcmread(Path(source) / fs_path(str(p)), stop_before_pixels=True) for p in store.source_path[rows]

@@ -78,11 +78,10 @@ def _handler(upstream: str, state: _State) -> type[BaseHTTPRequestHandler]:
                 self.close_connection = True
                 return
             path = self.path
-            if state.page_cap:
-                path = re.sub(
-                    r"([?&]limit=)(\d+)", lambda m: m[1] + str(min(int(m[2]), state.page_cap)), path
-                )
-            conn = http.client.HTTPConnection(target.hostname, target.port, timeout=120)
+            cap = state.page_cap
+            if cap:
+                path = re.sub(r"([?&]limit=)(\d+)", lambda m: m[1] + str(min(int(m[2]), cap)), path)
+            conn = http.client.HTTPConnection(target.hostname or "127.0.0.1", target.port, timeout=120)
             headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "connection")}
             headers["Accept-Encoding"] = "identity"
             conn.request(self.command, path, body=data, headers=headers)

@@ -41,7 +41,7 @@ def test_multipart_parts_yields_whole_parts_only() -> None:
         chunks = [body[i : i + size] for i in range(0, len(body), size)]
         assert list(multipart_parts(chunks, b"b")) == [b"FIRST", b"SEC\r\n--bOND", b"THIRD"]
     cut = body[: body.index(b"SEC") + 2]  # the connection dropped inside the second part
-    got = []
+    got: list[bytes] = []
     with pytest.raises(Transient, match="ended before its last part"):
         got.extend(multipart_parts([cut], b"b"))
     assert got == [b"FIRST"]
@@ -100,7 +100,8 @@ def test_credentials_come_from_the_environment_or_netrc(
 
 
 def test_retry_backs_off_and_gives_up() -> None:
-    calls, waits = [], []
+    calls: list[int] = []
+    waits: list[float] = []
 
     def flaky() -> str:
         calls.append(1)

@@ -58,7 +58,8 @@ def check_sr(path: Path, study: HospitalStudy, summary_row: pd.Series, checkpoin
     refs = {(i.ReferencedSOPClassUID, i.ReferencedSOPInstanceUID) for i in series.ReferencedSOPSequence}
     assert refs == {("1.2.840.10008.5.1.4.1.1.2", uid) for uid in study.sop_uids}
     # one group per class: the probability, the key slice, the algorithm and its version
-    groups = sr.content.get_image_measurement_groups()
+    report: Any = sr.content  # the MeasurementReport (TID 1500) srread rebuilt
+    groups = report.get_image_measurement_groups()
     assert [g.tracking_identifier for g in groups] == list(CLASSES)
     sha = checkpoint_sha256(checkpoint)
     for group, name in zip(groups, CLASSES, strict=True):
@@ -73,7 +74,7 @@ def check_sr(path: Path, study: HospitalStudy, summary_row: pd.Series, checkpoin
             for i in find_content_items(group[0], value_type=ValueTypeValues.TEXT, recursive=True)
         }
         assert (texts["111001"], texts["111003"]) == ("ich xception_gru", sha)  # algorithm name, version
-    (observer,) = sr.content.get_observer_contexts()
+    (observer,) = report.get_observer_contexts()
     assert observer.observer_type.value == "121007"  # a device
 
 
