@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from flows.deploy import ServeConfig
     from ichdata.convert import ConvertConfig
     from ichdata.preview import PreviewConfig
+    from ichdata.pull import ArchiveQuery, PullConfig
     from ichdata.testing import SynthConfig
     from ichdata.verify import VerifyConfig
     from ichmodel.config import TrainConfig
@@ -84,6 +85,20 @@ def _convert(config: ConvertConfig, display: Display) -> int:
     from ichdata.convert import convert
 
     print(convert(config, progress=display.bars()))
+    return 0
+
+
+def _pull(config: PullConfig, query: ArchiveQuery, display: Display) -> int:
+    from dataclasses import replace
+
+    from ichdata.pull import pull
+
+    result = pull(replace(config, query=query), progress=display.bars())
+    print(result)
+    failures = result.failure_line()
+    if failures is not None:
+        print(f"ich pull: {failures}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -158,10 +173,10 @@ def _evaluate(config: EvaluateConfig) -> int:
     return 0
 
 
-def _predict(config: PredictConfig) -> int:
+def _predict(config: PredictConfig, query: ArchiveQuery) -> int:
     from ichmodel.predict import predict_from_config
 
-    predict_from_config(config)
+    predict_from_config(config, query)
     return 0
 
 
@@ -211,6 +226,18 @@ COMMANDS: tuple[Command, ...] = (
         "Re-running resumes a killed run and appends studies added to SOURCE since.",
     ),
     Command(
+        "pull",
+        "copy CT studies from a DICOMweb archive (PACS) into a landing folder, one whole study at a time",
+        ("ichdata.pull:PullConfig", "ichdata.pull:ArchiveQuery", "flows.cli:Display"),
+        _pull,
+        "List the studies at URL that match the filters (QIDO-RS, every page) and fetch what LANDING does not "
+        "hold yet (WADO-RS, in the transfer syntax the archive stored) into LANDING/<study>/<series>/; a study "
+        "appears there only when whole, so `ich convert LANDING` never meets half a study. Network errors "
+        "and 5xx answers are retried with back-off; studies that still fail are named at the end (exit 1) "
+        "and a re-run fetches what is missing. Credentials: ICH_DICOMWEB_TOKEN (bearer), or "
+        "ICH_DICOMWEB_USER and ICH_DICOMWEB_PASSWORD, or ~/.netrc; never on the command line.",
+    ),
+    Command(
         "verify",
         "re-read a store: counts, order, shard checksums, every input file accounted for",
         ("ichdata.verify:VerifyConfig",),
@@ -255,7 +282,7 @@ COMMANDS: tuple[Command, ...] = (
     Command(
         "predict",
         "run a checkpoint on a folder of new DICOM studies: Kaggle submission CSV + per-study summary",
-        ("ichmodel.predict:PredictConfig",),
+        ("ichmodel.predict:PredictConfig", "ichdata.pull:ArchiveQuery"),
         _predict,
         "Convert SOURCE exactly as `ich convert` does (same reading, set-aside rules and slice order), "
         "run the model over every study, and write OUT (Kaggle `ID,Label`, six rows per image), "
@@ -369,10 +396,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("ich: terminated" if signum == signal.SIGTERM else "ich: interrupted", file=sys.stderr)
         return 128 + signum
     except ModuleNotFoundError as exc:
-        if exc.name and exc.name.split(".")[0] in _HEAVY:
+        root = exc.name.split(".")[0] if exc.name else ""
+        extra = "dicomweb" if root == "dicomweb_client" else "all" if root in _HEAVY else None
+        if extra is not None:
             name = argv[0] if argv else "ich"
             print(
-                f"ich: error: `ich {name}` needs {exc.name}, which is not installed: pip install 'ich[all]'",
+                f"ich: error: `ich {name}` needs {exc.name}, which is not installed: pip install 'ich[{extra}]'",
                 file=sys.stderr,
             )
             return 2

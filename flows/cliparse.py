@@ -1,7 +1,7 @@
 """Command-line parsers generated from config dataclasses whose fields are declared with `option()`.
 
 A field's type gives the argparse type (`Path`, `int`, `float`, `str`, `X | None`, `list[X]`, `Literal`
-choices), a `bool` field a flag, a field without a default a required option; help, flag name, metavar,
+choices; a list option may be repeated), a `bool` field a flag, a field without a default a required option; help, flag name, metavar,
 positional, nargs and mutually exclusive groups come from `ichdata.options.option`. Kept on argparse (no
 typer or cyclopts) so that `ich convert` needs nothing beyond the lean core and user mistakes keep
 argparse's one-line messages and exit code 2.

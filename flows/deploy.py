@@ -1,4 +1,4 @@
-"""Deploying the `ingest` flow: `ich serve` serves it as the deployment `ingest/default`.
+"""Deploying the flows: `ich serve` serves `ingest/default` and `pull/default` (`flows.pull`).
 
 `flow.serve` registers the deployment with the Prefect API named by `PREFECT_API_URL` and then polls
 it for runs, executing each in a subprocess of this process; `prefect.yaml` at the repo root is the
@@ -22,7 +22,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from ichdata.cluster import CLUSTER_GROUP, existing_security, insecure_scheduler_option
 from ichdata.errors import UserError
@@ -133,7 +133,7 @@ def serve(
     limit: int = 1,
     env: dict[str, str] | None = None,
 ) -> None:
-    """Serve the `ingest` flow as deployment `ingest/<name>` until interrupted (Ctrl-C or SIGTERM).
+    """Serve `ingest/<name>` and `pull/<name>` until interrupted (Ctrl-C or SIGTERM).
 
     `parameters` are the deployment's defaults (e.g. a landing folder and its store; a run's `-p`
     values override them); `interval_s` adds a schedule that re-ingests every so many seconds, which is
@@ -143,19 +143,28 @@ def serve(
     which each run's subprocess inherits (the allowed roots, the operator's scheduler).
     """
     require_api_url()
+    from prefect import serve as serve_deployments
+    from prefect.deployments.runner import RunnerDeployment
     from prefect.types.entrypoint import EntrypointType
 
     from flows.ingest import ingest
+    from flows.pull import pull_flow
 
     os.environ.update(env or {})
 
-    ingest.serve(
-        name=name,
-        parameters=parameters or {},
-        interval=interval_s,
-        limit=limit,
-        entrypoint_type=EntrypointType.MODULE_PATH,
-    )
+    # `pull` shares the defaults that mean the same there (the store, labels, workers), not the schedule.
+    shared = {k: v for k, v in (parameters or {}).items() if k in ("store", "labels", "workers")}
+    deployments = [
+        ingest.to_deployment(
+            name=name,
+            parameters=parameters or {},
+            interval=interval_s,
+            entrypoint_type=EntrypointType.MODULE_PATH,
+        ),
+        pull_flow.to_deployment(name=name, parameters=shared, entrypoint_type=EntrypointType.MODULE_PATH),
+    ]
+    # `to_deployment` is sync-compatible: called outside an event loop it returns the deployment itself.
+    serve_deployments(*cast("list[RunnerDeployment]", deployments), limit=limit)
 
 
 __all__ = [

@@ -35,6 +35,7 @@ from ichdata.cluster import (
     workers_option,
 )
 from ichdata.errors import UserError, out_of_space
+from ichdata.landing import incoming_dir
 from ichdata.lock import lock_path, store_lock
 from ichdata.options import option
 from ichdata.slurm import cores_option, jobs_option, memory_option, queue_option, walltime_option
@@ -450,7 +451,8 @@ def scan_source(
 
     Incremental against the manifest kept beside the store (`previous_manifest`; not with `overwrite`):
     unchanged files are not read again. The store, its side files and the label CSV are left out of the
-    scan when they live under the source (`excluded_paths`). `on_total(n)` is called once the tree is
+    scan when they live under the source (`excluded_paths`), and so is a landing folder's incoming folder
+    (`ichdata.landing`: studies still being fetched). `on_total(n)` is called once the tree is
     listed, `on_progress(n)` as batches of `n` files finish.
     """
     from ichdata.scan import scan
@@ -462,7 +464,8 @@ def scan_source(
         source,
         client,
         previous=previous,
-        exclude=excluded_paths(store, config.labels),
+        # A landing folder's incoming studies are not whole yet (`ichdata.landing`).
+        exclude=[*excluded_paths(store, config.labels), incoming_dir(source)],
         on_progress=on_progress,
         on_total=on_total,
     )

@@ -13,7 +13,8 @@ import os
 import sys
 import tempfile
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -23,6 +24,7 @@ import pandas as pd
 if TYPE_CHECKING:
     from torch import nn
 
+    from ichdata.pull import ArchiveQuery
     from ichdata.store import Store
 
 from ichdata.csvsafe import safe_table
@@ -132,6 +134,8 @@ class PredictResult:
     n_studies: int
     n_set_aside: int
     set_aside_by_reason: dict[str, int]
+    #: The per-study table as written to `studies` (unrounded), for the SRs of `ich predict --sr`.
+    summary: pd.DataFrame | None = field(default=None, repr=False, compare=False)
 
     def __str__(self) -> str:
         reasons = ", ".join(f"{k} {v}" for k, v in sorted(self.set_aside_by_reason.items()))
@@ -197,6 +201,7 @@ def predict_store(
         n_studies=len(summary),
         n_set_aside=len(aside),
         set_aside_by_reason={str(k): int(v) for k, v in aside["reason"].value_counts().items()},
+        summary=summary,
     )
 
 
@@ -237,7 +242,7 @@ def _check_store_target(store: Path, source: Path) -> None:
     check_replaceable(store, what="ich predict --store")
 
 
-def _check_paths(checkpoint: Path, src: Path, out: Path, store: Path | None, parents: bool) -> None:
+def _check_paths(checkpoint: Path, src: Path | None, out: Path, store: Path | None, parents: bool) -> None:
     """Outputs are never inputs: the checks on `--store` and the three CSVs, before any work.
 
     `--store` lies inside no store, its folder exists (or `--parents`), and neither SOURCE nor the
@@ -249,7 +254,8 @@ def _check_paths(checkpoint: Path, src: Path, out: Path, store: Path | None, par
     inputs = {"SOURCE": src, "CHECKPOINT": checkpoint}
     if store is not None:
         check_store_target(store, what="--store", parents=parents, inputs=inputs)
-        _check_store_target(store, src)
+        if src is not None:  # None: a DICOMweb SOURCE pulled into a temporary folder, checked once there
+            _check_store_target(store, src)
     for path, what in zip(
         (out, *_outputs(out)), ("--out", "--out's studies CSV", "--out's set-aside CSV"), strict=True
     ):
@@ -268,6 +274,10 @@ def _convert(source: Path, store: Path, workers: int | None, progress: bool, par
     )
 
 
+def _is_url(source: str | os.PathLike[str]) -> bool:
+    return isinstance(source, str) and source.startswith(("http://", "https://"))
+
+
 def predict_folder(
     checkpoint: str | os.PathLike[str],
     source: str | os.PathLike[str],
@@ -280,14 +290,33 @@ def predict_folder(
     progress: bool = True,
     parents: bool = False,
     log: Callable[[str], None] | None = print,
+    sr: str | os.PathLike[str] | None = None,
+    send: bool = False,
+    landing: str | os.PathLike[str] | None = None,
+    query: ArchiveQuery | None = None,
 ) -> PredictResult:
     """What `ich predict` runs: convert `source` (to `store`, or a temporary one), then `predict_store`.
 
-    A kept `store` is locked (`ichdata.lock`) from the checks to the last read of it.
+    `source` may be a DICOMweb URL: its studies (`query`) are pulled first (`ichdata.pull`) into
+    `landing` or a temporary folder. With `sr`, one DICOM SR per study is written there
+    (`ichmodel.sr`); `send` stores them back into the archive at `source` with STOW-RS. A kept
+    `store` is locked (`ichdata.lock`) from the checks to the last read of it.
     """
-    src = Path(source)
-    if not src.is_dir():
-        raise UserError(f"{src}: no such folder; expected a folder of DICOM files")
+    from ichdata.pull import ArchiveQuery
+
+    url = str(source) if _is_url(source) else None
+    query = query or ArchiveQuery()
+    src: Path | None
+    if url is None:
+        src = Path(source)
+        if send or landing is not None or query != ArchiveQuery():
+            raise UserError(
+                f"{src}: --send, --landing and the archive filters need SOURCE to be a DICOMweb URL"
+            )
+        if not src.is_dir():
+            raise UserError(f"{src}: no such folder; expected a folder of DICOM files or a DICOMweb URL")
+    else:
+        src = Path(landing) if landing is not None else None  # None: a temporary landing folder
     _check_threshold(threshold)
     from ichdata.lock import store_lock
     from ichmodel.evaluate import _device
@@ -298,14 +327,18 @@ def predict_folder(
     if parents:
         Path(out).absolute().parent.mkdir(parents=True, exist_ok=True)
     with contextlib.ExitStack() as stack:
+        # the checkpoint is read and checked before any work on the archive or the store
+        loaded = load_model(Path(checkpoint), device=_device(device))
+        tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="ich-predict-"))
+        if src is None:
+            src = Path(tmp) / "landing"
         if kept is not None:
             if parents:
                 kept.absolute().parent.mkdir(parents=True, exist_ok=True)
             stack.enter_context(store_lock(kept, command="ich predict"))
             _check_store_target(kept, src)  # again, now that no other writer can change it
-        # the checkpoint is read and checked before any conversion work
-        loaded = load_model(Path(checkpoint), device=_device(device))
-        tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="ich-predict-"))
+        if url is not None:
+            _pull(url, src, query, progress, log)
         st = kept if kept is not None else Path(tmp) / "store.zarr"
         if log is not None:
             log(f"converting {src} -> {st}")
@@ -313,6 +346,11 @@ def predict_folder(
         result = predict_store(
             checkpoint, st, out, threshold=threshold, device=device, progress=progress, loaded=loaded
         )
+        if sr is not None or send:
+            _write_and_send_srs(
+                st, src, result, checkpoint, Path(sr) if sr is not None else Path(tmp) / "sr", loaded[1],
+                url if send else None, query, log,
+            )  # fmt: skip
     if log is not None:
         log(str(result))
         if result.n_set_aside:
@@ -324,13 +362,69 @@ def predict_folder(
     return result
 
 
+def _pull(
+    url: str, landing: Path, query: ArchiveQuery, progress: bool, log: Callable[[str], None] | None
+) -> None:
+    """`ich pull URL LANDING` with `query`; failed studies are named on stderr and left out."""
+    from ichdata.pull import PullConfig, pull
+
+    pulled = pull(PullConfig(url, landing, query=query), progress=progress)
+    if log is not None:
+        log(str(pulled))
+    failures = pulled.failure_line()
+    if failures is not None:
+        print(f"ich predict: {failures}", file=sys.stderr)
+
+
+def _write_and_send_srs(
+    store: Path,
+    source: Path,
+    result: PredictResult,
+    checkpoint: str | os.PathLike[str],
+    sr_dir: Path,
+    info: dict[str, Any],
+    send_to: str | None,
+    query: ArchiveQuery,
+    log: Callable[[str], None] | None,
+) -> None:
+    """`ich predict --sr` and `--send`: one SR per study, stored back with STOW-RS when asked."""
+    from ichdata.dicomweb import Archive, Retry, Transient
+    from ichdata.store import open_store
+    from ichmodel.sr import write_study_srs
+
+    assert result.summary is not None
+    name = f"ich {(info.get('model') or {}).get('name', 'model')}"
+    srs = write_study_srs(open_store(store), source, result.summary, checkpoint, sr_dir, name)
+    if srs.not_written:
+        print(f"ich predict: {srs}; their predictions are in {result.predictions}", file=sys.stderr)
+    elif log is not None:
+        log(f"{srs} -> {sr_dir}")
+    if send_to is None or not srs.written:
+        return
+    from pydicom import dcmread
+
+    archive = Archive(send_to, ca_bundle=query.ca_bundle)
+    for path in srs.written.values():
+        ds = dcmread(path)
+        try:
+            Retry().call(partial(archive.store, [ds]))
+        except Transient as exc:
+            raise UserError(
+                f"{send_to}: storing {path.name} failed ({exc}), after {Retry().attempts} tries"
+            ) from None
+    if log is not None:
+        log(f"sent {len(srs.written)} SRs to {send_to} (STOW-RS)")
+
+
 @dataclass(frozen=True)
 class PredictConfig:
     """The options of `ich predict`."""
 
     checkpoint: Path = option(positional=True, metavar="CHECKPOINT", help="best.pt of an `ich train` run")
-    source: Path = option(
-        positional=True, metavar="SOURCE", help="folder of DICOM files (searched recursively)"
+    source: str = option(
+        positional=True,
+        metavar="SOURCE",
+        help="folder of DICOM files (searched recursively), or a DICOMweb URL (then the archive filters apply)",
     )
     out: Path = option(help="predictions CSV to write")
     store: Path | None = option(None, help="keep the converted store here (default: a temporary one)")
@@ -341,9 +435,16 @@ class PredictConfig:
     parents: bool = option(
         False, help="create the parent folders of --out and --store when they do not exist"
     )
+    sr: Path | None = option(
+        None, metavar="OUT_DIR", help="also write one DICOM SR per study here (Comprehensive 3D SR, TID 1500)"
+    )
+    send: bool = option(False, help="store the SRs back into SOURCE's archive with STOW-RS (SOURCE a URL)")
+    landing: Path | None = option(
+        None, help="SOURCE a URL: pull into this landing folder, kept (default: a temporary one)"
+    )
 
 
-def predict_from_config(config: PredictConfig) -> PredictResult:
+def predict_from_config(config: PredictConfig, query: ArchiveQuery | None = None) -> PredictResult:
     """What `ich predict` runs: `predict_folder` with the command line's options."""
     return predict_folder(
         config.checkpoint,
@@ -355,4 +456,8 @@ def predict_from_config(config: PredictConfig) -> PredictResult:
         workers=config.workers,
         progress=config.progress,
         parents=config.parents,
+        sr=config.sr,
+        send=config.send,
+        landing=config.landing,
+        query=query,
     )

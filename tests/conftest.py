@@ -222,3 +222,32 @@ def earlier_release_codecs(monkeypatch: pytest.MonkeyPatch) -> None:
     import ichdata.store
 
     monkeypatch.setattr(ichdata.store, "_compressors", lambda level=1: [ZstdCodec(level=level)])
+
+
+def _load_helpers(name: str) -> object:
+    """A helper module of the tests (`tests/NAME.py`), loaded by path like `slurm.py`."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(f"ich_tests_{name}", Path(__file__).with_name(f"{name}.py"))
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def orthanc() -> Iterator[object]:
+    """A real Orthanc with DICOMweb in a network namespace of its own (`tests/orthanc.py`), or a skip.
+
+    One per session, emptied by the tests that need it empty (`Orthanc.clear`).
+    """
+    helpers = _load_helpers("orthanc")
+    reason = helpers.orthanc_unavailable()  # type: ignore[attr-defined]
+    if reason is not None:
+        pytest.skip(reason)
+    with helpers.running_orthanc() as running:  # type: ignore[attr-defined]
+        yield running

@@ -5,12 +5,14 @@
 - `study`, `grid` and `render`: a phantom study drawn in millimetres, then rendered into HU.
 - `phantom`: `phantom_series`, one series as NumPy arrays with per-slice labels.
 - `archive`: `write_archive` (`ich synth`, configured by `SynthConfig`), an RSNA-format archive.
+- `hospital`: `write_hospital_studies`, studies as a PACS holds them (valid UIDs, patient names).
 """
 
 from __future__ import annotations
 
 from ichdata.testing.archive import ArchiveKwargs, ArchiveSummary, SynthConfig, write_archive
 from ichdata.testing.dicom_writer import add_reference_sequence, stored_from_hu, write_ct_slice
+from ichdata.testing.hospital import HospitalStudy, write_hospital_studies
 from ichdata.testing.phantom import Phantom, phantom_series
 from ichdata.testing.study import SUBTYPES
 
@@ -18,6 +20,7 @@ __all__ = [
     "SUBTYPES",
     "ArchiveKwargs",
     "ArchiveSummary",
+    "HospitalStudy",
     "Phantom",
     "SynthConfig",
     "add_reference_sequence",
@@ -25,4 +28,5 @@ __all__ = [
     "stored_from_hu",
     "write_archive",
     "write_ct_slice",
+    "write_hospital_studies",
 ]

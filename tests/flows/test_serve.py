@@ -279,6 +279,12 @@ def test_serve_and_deployment_run(prefect_server: Session, tmp_path: Path) -> No
         serve,
         "serve",
     )
+    session.wait_for(
+        "deployment pull/default",
+        lambda: session.get("/deployments/name/pull/default")["entrypoint"] == "flows.pull.pull_flow",
+        serve,
+        "serve",
+    )
 
     t0 = time.monotonic()
     run = session.run(

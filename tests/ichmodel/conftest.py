@@ -63,3 +63,30 @@ def tiny_store(store_factory: Callable[..., Store]) -> Store:
 def module_store(tmp_path_factory: pytest.TempPathFactory) -> Store:
     """The default tiny store, shared by the tests of one module that only read it."""
     return make_store(tmp_path_factory.mktemp("store") / "store.zarr")
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An untrained xception_gru checkpoint on timm's `test_efficientnet` (seeded): small and CPU-fast."""
+    import torch
+
+    from ichmodel.checkpoint import save_checkpoint
+    from ichmodel.models import create_model
+
+    torch.manual_seed(0)
+    kwargs = {"name": "xception_gru", "backbone": "test_efficientnet", "rnn_hidden": 16, "rnn_layers": 1}
+    model = create_model("xception_gru", backbone="test_efficientnet", rnn_hidden=16, rnn_layers=1)
+    path = tmp_path_factory.mktemp("checkpoint") / "best.pt"
+    classes = ["epidural", "intraparenchymal", "intraventricular", "subarachnoid", "subdural", "any"]
+    save_checkpoint(
+        {
+            "model": kwargs,
+            "state_dict": model.state_dict(),
+            "classes": classes,
+            "max_len": 3,
+            "epoch": 1,
+            "val_loss": 0.6,
+        },
+        path,
+    )
+    return path
