@@ -9,6 +9,9 @@ touch is the operator's decision, made when serving and handed to the runs in th
 (which a run's parameters cannot change; a work pool's job variables set the same variables):
 - the folders a run's paths must lie under, `ich serve --allow-root DIR` (`ICH_ALLOWED_ROOTS`, checked
   by `allowed_path` whenever the flow runs as a deployment, or wherever that variable is set);
+- the DICOMweb archives the `pull` flow may fetch from, `ich serve --allow-archive URL`
+  (`ICH_ALLOWED_ARCHIVES`, checked by `allowed_archive`): a run's URL receives the serving user's
+  DICOMweb credentials, so it is the operator's choice, never any URL a caller names;
 - an existing Dask cluster for the runs, `ich serve --scheduler/--scheduler-file` (dask config keys
   `ich.scheduler`, `ich.scheduler-file`, `ich.insecure-scheduler`, so a site's dask config may name it
   too): never a run parameter, since a Dask client runs what its scheduler sends.
@@ -32,6 +35,8 @@ from ichdata.options import option
 DEFAULT_DEPLOYMENT = "default"
 #: The environment variable that names the folders a deployment run may use (`os.pathsep`-separated).
 ROOTS_ENV = "ICH_ALLOWED_ROOTS"
+#: The environment variable that names the DICOMweb archives a `pull` deployment run may fetch from.
+ARCHIVES_ENV = "ICH_ALLOWED_ARCHIVES"
 #: The dask config keys of the operator's existing Dask cluster for the runs (env: `DASK_ICH__SCHEDULER`, ...).
 SCHEDULER_KEY, SCHEDULER_FILE_KEY, INSECURE_SCHEDULER_KEY = (
     "ich.scheduler",
@@ -76,6 +81,53 @@ def allowed_path(name: str, value: str, roots: tuple[Path, ...] | None, *, store
             f"({', '.join(map(str, roots))}); {how}"
         )
     return resolved
+
+
+def run_archives(as_deployment: bool) -> tuple[str, ...] | None:
+    """The DICOMweb archives a `pull` run may fetch from; None when the run's URL is not checked.
+
+    Read from `ICH_ALLOWED_ARCHIVES` (archive URLs separated by whitespace) when called, as
+    `run_roots` reads the roots: a deployment run is always checked, a direct call only where it is set.
+    """
+    text = os.environ.get(ARCHIVES_ENV)
+    if text is None and not as_deployment:
+        return None
+    return tuple(_archive_root(u) for u in (text or "").split())
+
+
+def _archive_root(url: str) -> str:
+    """`url` without a trailing slash, its scheme and host in lower case (how URLs are compared)."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url.strip())
+    return urlunsplit((parts.scheme.lower(), parts.netloc.lower(), parts.path.rstrip("/"), "", ""))
+
+
+def allowed_archive(name: str, value: str, archives: tuple[str, ...] | None) -> str:
+    """Run parameter `name`'s DICOMweb URL when it is one of `archives` (or below one), else a `UserError`.
+
+    The URL is where the run sends the serving user's DICOMweb credentials and what it fetches, so a
+    caller of the API may only pick among the archives the operator named. A query string, a fragment
+    or a `..` segment is refused outright. With `archives` None the URL is taken as given.
+    """
+    if archives is None:
+        return value
+    how = (
+        "the operator who serves it names them (`ich serve --allow-archive URL`, or "
+        f"{ARCHIVES_ENV} in a work pool's job variables)"
+    )
+    if not archives:
+        raise UserError(f"parameter {name}: this deployment may pull from no archive: {how}")
+    root = _archive_root(value)
+    dots = ".." in root.split("/")
+    if (
+        dots
+        or "?" in value
+        or "#" in value
+        or not any(root == a or root.startswith(a + "/") for a in archives)
+    ):
+        raise UserError(f"parameter {name}: {value} is not an archive this deployment may pull from; {how}")
+    return value
 
 
 def run_scheduler() -> tuple[str | None, Path | None, bool]:
@@ -168,14 +220,17 @@ def serve(
 
 
 __all__ = [
+    "ARCHIVES_ENV",
     "DEFAULT_DEPLOYMENT",
     "INSECURE_SCHEDULER_KEY",
     "ROOTS_ENV",
     "SCHEDULER_FILE_KEY",
     "SCHEDULER_KEY",
     "ServeConfig",
+    "allowed_archive",
     "allowed_path",
     "require_api_url",
+    "run_archives",
     "run_roots",
     "run_scheduler",
     "serve",
@@ -193,6 +248,12 @@ class ServeConfig:
         metavar="DIR",
         help="a folder the runs may read and write (repeatable; needed): every path a run is given "
         "(source, store, labels) must lie under one",
+    )
+    allow_archive: tuple[str, ...] = option(
+        (),
+        metavar="URL",
+        help="a DICOMweb archive the `pull` runs may fetch from, with the DICOMweb credentials of this "
+        "process's environment (repeatable; without one, pull runs are refused)",
     )
     scheduler: str | None = option(
         None,
@@ -236,6 +297,10 @@ def serve_from_config(config: ServeConfig) -> None:
             raise UserError(f"--allow-root {root}: no such folder")
     roots = tuple(Path(os.path.realpath(Path(r).expanduser())) for r in config.allow_root)
     env = {ROOTS_ENV: os.pathsep.join(map(str, roots))}
+    for url in config.allow_archive:
+        if not url.startswith(("http://", "https://")) or "?" in url or "#" in url:
+            raise UserError(f"--allow-archive {url}: expected the http(s) URL of a DICOMweb service")
+    env[ARCHIVES_ENV] = " ".join(_archive_root(u) for u in config.allow_archive)
     if config.scheduler or config.scheduler_file:
         if config.workers is not None:
             raise UserError("--workers and --scheduler: give one, not both")

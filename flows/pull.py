@@ -16,7 +16,8 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from flows.ingest import _path, _slug, ingest
+from flows.deploy import allowed_archive, run_archives
+from flows.ingest import _path, _run_roots, _slug, ingest
 from ichdata.pull import ArchiveQuery, PullConfig, PullResult, pull
 
 __all__ = ["pull_flow", "pull_markdown"]
@@ -64,6 +65,13 @@ def pull_markdown(result: PullResult, url: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _run_archives() -> tuple[str, ...] | None:
+    """The archives this run may pull from (`flows.deploy.run_archives`); a deployment run always has some."""
+    from prefect.runtime import deployment
+
+    return run_archives(as_deployment=deployment.id is not None)
+
+
 @flow(name="pull", log_prints=False)
 def pull_flow(
     url: str,
@@ -99,9 +107,12 @@ def pull_flow(
         connections: Studies fetched at once.
         retries: Tries per request on network errors and 5xx answers.
     """
-    landing_path = _path("landing", landing, "the landing folder to pull into")
+    roots = _run_roots()
+    landing_path = _path("landing", landing, "the landing folder to pull into", roots, store=True)
+    store_path = _path("store", store, "the path of the Zarr store to write", roots, store=True)
+    labels_path = _path("labels", labels, "a label CSV", roots) if labels is not None else None
     config = PullConfig(
-        url=url,
+        url=allowed_archive("url", url, _run_archives()),
         landing=landing_path,
         connections=connections,
         retries=retries,
@@ -110,7 +121,9 @@ def pull_flow(
             modality=modality,
             study=study,
             limit=limit,
-            ca_bundle=_path("ca_bundle", ca_bundle, "a PEM file of CA certificates") if ca_bundle else None,
+            ca_bundle=_path("ca_bundle", ca_bundle, "a PEM file of CA certificates", roots)
+            if ca_bundle
+            else None,
         ),
     )
     result = pull_task(config)
@@ -122,8 +135,8 @@ def pull_flow(
     # Always: a no-op ingest is cheap, and it finishes one an earlier run left undone.
     ingest(
         source=str(landing_path),
-        store=str(_path("store", store, "the path of the Zarr store to write")),
-        labels=str(_path("labels", labels, "a label CSV")) if labels is not None else None,
+        store=str(store_path),
+        labels=None if labels_path is None else str(labels_path),
         workers=workers,
         keep_paths=keep_paths,
         verify=verify,

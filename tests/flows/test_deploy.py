@@ -1,4 +1,4 @@
-"""What a served deployment's runs may use: the allowed roots and the operator's Dask scheduler (issue 16 item 5).
+"""What a served deployment's runs may use: the allowed roots, archives and the operator's Dask scheduler.
 
 `flows.deploy.run_roots` and `allowed_path` decide which paths a run may touch, `run_scheduler` which
 existing cluster it uses; none of it can be a run's parameter. The end-to-end attack (a real server, a
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from flows.deploy import ROOTS_ENV, allowed_path, run_roots
+from flows.deploy import ARCHIVES_ENV, ROOTS_ENV, allowed_archive, allowed_path, run_archives, run_roots
 from ichdata.errors import UserError
 
 
@@ -73,3 +73,28 @@ def test_paths_inside_the_roots_are_resolved(tree: Path) -> None:
     got = allowed_path("store", str(tree / "allowed" / "dicom" / ".." / "s.zarr"), roots, store=True)
     assert got == tree.resolve() / "allowed" / "s.zarr"
     assert allowed_path("source", str(tree / "allowed"), roots) == roots[0]
+
+
+def test_a_pull_run_may_fetch_only_from_the_archives_the_operator_named(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A pull run sends the serving user's DICOMweb credentials to its URL: never one a caller picks."""
+    monkeypatch.delenv(ARCHIVES_ENV, raising=False)
+    assert run_archives(as_deployment=False) is None  # a direct call from Python: the caller is trusted
+    with pytest.raises(UserError, match=r"^parameter url: this deployment may pull from no archive: "):
+        allowed_archive("url", "https://pacs.example.org/dicom-web", run_archives(as_deployment=True))
+    monkeypatch.setenv(ARCHIVES_ENV, "https://PACS.example.org/dicom-web/ http://127.0.0.1:8042/dicom-web")
+    archives = run_archives(as_deployment=True)
+    assert archives == ("https://pacs.example.org/dicom-web", "http://127.0.0.1:8042/dicom-web")
+    for ok in ("https://pacs.example.org/dicom-web", "HTTPS://pacs.example.org/dicom-web/"):
+        assert allowed_archive("url", ok, archives) == ok
+    for refused in (
+        "https://attacker.example.org/dicom-web",
+        "https://pacs.example.org/dicom-web-evil",  # a prefix of the path is not the archive
+        "https://pacs.example.org/dicom-web/../admin",
+        "https://pacs.example.org.attacker.org/dicom-web",
+        "https://pacs.example.org/dicom-web?redirect=https://attacker.example.org",
+        "http://pacs.example.org/dicom-web",  # the scheme is part of the archive
+    ):
+        with pytest.raises(UserError, match=r"is not an archive this deployment may pull from; the operator"):
+            allowed_archive("url", refused, archives)
