@@ -116,6 +116,7 @@ def test_serve_passes_absolute_default_parameters_and_the_schedule(
     argv = [
         "serve", "--allow-root", "data", "--allow-root", "scratch", "--source", "data/landing",
         "--store", "scratch/s.zarr", "--workers", "2", "--interval", "900",
+        "--allow-archive", "https://PACS.example.org/dicom-web/",
     ]  # fmt: skip
     assert main(argv) == 143  # serving ends only on a signal (here: the stand-in returned)
     data = tmp_path.resolve() / "data"
@@ -130,8 +131,11 @@ def test_serve_passes_absolute_default_parameters_and_the_schedule(
                 },
                 "interval_s": 900.0,
                 "limit": 1,
-                # What the runs' subprocesses inherit: the roots, resolved.
-                "env": {"ICH_ALLOWED_ROOTS": f"{data}{os.pathsep}{data}"},
+                # What the runs' subprocesses inherit: the roots, resolved, and the archives.
+                "env": {
+                    "ICH_ALLOWED_ROOTS": f"{data}{os.pathsep}{data}",
+                    "ICH_ALLOWED_ARCHIVES": "https://pacs.example.org/dicom-web",
+                },
             },
         )
     ]
