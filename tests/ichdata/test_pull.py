@@ -184,8 +184,8 @@ def test_pull_gives_the_archives_files_and_the_same_store(
     assert set(_digests(land)) == set(_digests(tmp_path / "src"))
 
     a, b = tmp_path / "pulled.zarr", tmp_path / "files.zarr"
-    convert(ConvertConfig(land, a, scheduler=dask_scheduler), progress=False)
-    convert(ConvertConfig(tmp_path / "src", b, scheduler=dask_scheduler), progress=False)
+    convert(ConvertConfig(land, a, scheduler=dask_scheduler, insecure_scheduler=True), progress=False)
+    convert(ConvertConfig(tmp_path / "src", b, scheduler=dask_scheduler, insecure_scheduler=True), progress=False)
     pulled, files = _store_arrays(a), _store_arrays(b)
     for name in files:
         np.testing.assert_array_equal(pulled[name], files[name], err_msg=name)
@@ -279,7 +279,7 @@ def test_failing_requests_are_retried_and_a_study_that_keeps_failing_is_named(
     assert 0 < len(held) < len(bad.sop_uids)  # whole instances of the half-sent answers are kept
     # nothing half-fetched is converted
     store = tmp_path / "broken.zarr"
-    convert(ConvertConfig(broken, store, scheduler=dask_scheduler), progress=False)
+    convert(ConvertConfig(broken, store, scheduler=dask_scheduler, insecure_scheduler=True), progress=False)
     assert bad.study_uid not in set(open_store(store).series["study_uid"])
     assert open_store(store).n_series == 3
 
