@@ -1,11 +1,11 @@
-"""Deploying the `ingest` flow: `ich serve` serves it as the deployment `ingest/default`.
+"""Deploying the flows: `ich serve` serves `ingest` as `ingest/default` and `train` as `train/default`.
 
-`flow.serve` registers the deployment with the Prefect API named by `PREFECT_API_URL` and then polls
-it for runs, executing each in a subprocess of this process; `prefect.yaml` at the repo root is the
-same deployment for a process work pool. The README's ingest section shows how runs are started.
+`prefect.serve` registers the deployments with the Prefect API named by `PREFECT_API_URL` and then
+polls it for runs, executing each in a subprocess of this process; `prefect.yaml` at the repo root is
+the same deployments for a process work pool. The README says how runs are started.
 
-The deployment's entrypoint is the module path `flows.ingest.ingest`, not a file path relative to the
-current directory, so runs work wherever `ich serve` was started as long as `ich` is installed.
+The entrypoints are module paths (`flows.ingest.ingest`, `flows.train.train`), not file paths relative
+to the current directory, so runs work wherever `ich serve` was started as long as `ich` is installed.
 """
 
 from __future__ import annotations
@@ -56,25 +56,32 @@ def serve(
     interval_s: float | None = None,
     limit: int = 1,
 ) -> None:
-    """Serve the `ingest` flow as deployment `ingest/<name>` until interrupted (Ctrl-C or SIGTERM).
+    """Serve `ingest/<name>` and `train/<name>` until interrupted (Ctrl-C or SIGTERM).
 
-    `parameters` are the deployment's defaults (e.g. a landing folder and its store; a run's `-p`
-    values override them); `interval_s` adds a schedule that re-ingests every so many seconds, which is
-    how a landing folder that keeps receiving studies is kept converted (each run appends only the new
-    series). `limit` is the number of runs this process executes at once: 1 by default, because two
-    ingests into the same store must not run side by side.
+    `parameters` are the ingest deployment's defaults (e.g. a landing folder and its store; a run's
+    `-p` values override them); `interval_s` adds a schedule that re-ingests every so many seconds,
+    which is how a landing folder that keeps receiving studies is kept converted (each run appends
+    only the new series). `limit` is the number of ingest runs executed at once: 1 by default,
+    because two ingests into the same store must not run side by side. One training run at a time
+    runs beside them (it holds the machine's GPU).
     """
     require_api_url()
+    from prefect import serve as serve_deployments
     from prefect.types.entrypoint import EntrypointType
 
     from flows.ingest import ingest
+    from flows.train import train
 
-    ingest.serve(
-        name=name,
-        parameters=parameters or {},
-        interval=interval_s,
-        limit=limit,
-        entrypoint_type=EntrypointType.MODULE_PATH,
+    serve_deployments(
+        ingest.to_deployment(
+            name=name,
+            parameters=parameters or {},
+            interval=interval_s,
+            concurrency_limit=limit,
+            entrypoint_type=EntrypointType.MODULE_PATH,
+        ),
+        train.to_deployment(name=name, concurrency_limit=1, entrypoint_type=EntrypointType.MODULE_PATH),
+        limit=limit + 1,
     )
 
 
@@ -85,7 +92,9 @@ __all__ = ["DEFAULT_DEPLOYMENT", "require_api_url", "serve"]
 class ServeConfig:
     """What `ich serve` was asked: the deployment's name, its runs' default parameters and schedule."""
 
-    name: str = option(DEFAULT_DEPLOYMENT, help="deployment name (default: default → ingest/default)")
+    name: str = option(
+        DEFAULT_DEPLOYMENT, help="deployment name (default: default → ingest/default, train/default)"
+    )
     source: str | None = option(None, help="default `source` of runs: a DICOM folder or landing folder")
     store: str | None = option(None, help="default `store` of runs: the Zarr store to create or append to")
     labels: str | None = option(
@@ -97,7 +106,7 @@ class ServeConfig:
         metavar="SECONDS",
         help="also ingest on this schedule (needs --source and --store): keeps a landing folder converted",
     )
-    limit: int = option(1, help="runs executed at once (default 1: one writer per store)")
+    limit: int = option(1, help="ingest runs executed at once (default 1: one writer per store)")
 
 
 def serve_from_config(config: ServeConfig) -> None:

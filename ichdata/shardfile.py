@@ -3,13 +3,16 @@
 A shard task renders a shard's slices and writes the file once (`write_images`); `ich verify` and the
 training reader read it back (`read_shard`) and compare `shard_checksum` with the done-marker. On a
 local store with the layout `ichdata.store.create_images` makes, the file is encoded and decoded
-here, byte for byte what zarr writes and reads (tested); anywhere else zarr does it.
+here, byte for byte what zarr writes and reads (tested); anywhere else zarr does it. A features
+group's `features` (`ichdata.features`) has the same layout (one row per inner chunk, zstd) in
+float16, and goes through the same functions.
 """
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -22,14 +25,14 @@ ZSTD_LEVEL = 1
 
 
 def shard_checksum(block: np.ndarray) -> str:
-    """CRC-32 of a shard's pixels (uint8, C order), as 8 hex digits.
+    """CRC-32 of a shard's values (their bytes in C order), as 8 hex digits.
 
     What the done-marker records and `ich verify` checks. A checksum against accidents (a truncated or
     damaged shard file), not an adversary: CRC-32 is far cheaper than a cryptographic hash.
     """
     import zlib
 
-    return f"{zlib.crc32(np.ascontiguousarray(block, dtype=np.uint8).data):08x}"
+    return f"{zlib.crc32(np.ascontiguousarray(block).reshape(-1).view(np.uint8).data):08x}"
 
 
 def write_images(images: Array, start: int, block: np.ndarray) -> None:
@@ -45,7 +48,7 @@ def write_images(images: Array, start: int, block: np.ndarray) -> None:
     import zarr
 
     path = _local_shard_path(images, start, len(block))
-    if path is not None and images.shards is not None and block.dtype == np.uint8:
+    if path is not None and images.shards is not None and block.dtype == images.dtype:
         data = _encode_shard(block, int(images.shards[0]))
         path.parent.mkdir(parents=True, exist_ok=True)
         write_bytes_atomic(path, data)
@@ -75,6 +78,8 @@ def _local_shard_path(images: Array, start: int, n: int) -> Path | None:
     sc = codecs[0]
     inner = sc.codecs
     k = int(shards[0])
+    endian = getattr(inner[0], "endian", None) if inner else None
+    native = endian is None or str(getattr(endian, "value", endian)) == sys.byteorder
     expected_index = (
         len(sc.index_codecs) == 2
         and isinstance(sc.index_codecs[0], BytesCodec)
@@ -85,6 +90,7 @@ def _local_shard_path(images: Array, start: int, n: int) -> Path | None:
     expected_inner = (
         len(inner) == 2
         and isinstance(inner[0], BytesCodec)
+        and native
         and isinstance(inner[1], ZstdCodec)
         and not inner[1].checksum
         and tuple(sc.chunk_shape) == (1, *images.shape[1:])
@@ -101,11 +107,11 @@ def _local_shard_path(images: Array, start: int, n: int) -> Path | None:
 
 
 def _encode_shard(block: np.ndarray, shard_size: int, level: int = ZSTD_LEVEL) -> bytes:
-    """A zarr v3 `sharding_indexed` shard of one-slice inner chunks.
+    """A zarr v3 `sharding_indexed` shard of one-row inner chunks.
 
     Zstd frames, then the index ((offset, nbytes) little-endian uint64 per inner chunk; 2**64-1 for
-    an all-zero chunk, which reads back as the fill value, and for chunks past the array's end) and
-    its CRC-32C.
+    a chunk whose bytes are all zero, which reads back as the fill value 0, and for chunks past the
+    array's end) and its CRC-32C.
     """
     import google_crc32c
     from numcodecs.zstd import Zstd
@@ -115,7 +121,9 @@ def _encode_shard(block: np.ndarray, shard_size: int, level: int = ZSTD_LEVEL) -
     parts = []
     offset = 0
     for j in range(len(block)):
-        if not block[j].any():  # all fill value: zarr leaves the inner chunk out, and so do we
+        # All fill value: zarr leaves the inner chunk out, and so do we. Bytes, not values: a float
+        # -0.0 must come back as written.
+        if not block[j].reshape(-1).view(np.uint8).any():
             continue
         p = zstd.encode(np.ascontiguousarray(block[j]))
         parts.append(p)
@@ -142,19 +150,25 @@ def read_shard(images: Array, start: int, stop: int) -> np.ndarray:
     if k == 0 or not 0 <= start <= stop <= min(first + k, images.shape[0]):
         return np.asarray(images[start:stop])
     path = _local_shard_path(images, first, min(k, int(images.shape[0]) - first))
-    if path is None or images.dtype != np.uint8 or images.fill_value != 0:
+    if path is None or images.fill_value != 0:
         return np.asarray(images[start:stop])
-    return _decode_shard(path, start - first, stop - first, k, tuple(int(d) for d in images.shape[1:]))
+    shape = tuple(int(d) for d in images.shape[1:])
+    return _decode_shard(path, start - first, stop - first, k, shape, np.dtype(images.dtype))
 
 
 def _decode_shard(
-    path: Path, first: int, n: int, shard_size: int, chunk_shape: tuple[int, ...]
+    path: Path,
+    first: int,
+    n: int,
+    shard_size: int,
+    chunk_shape: tuple[int, ...],
+    dtype: np.dtype[Any],
 ) -> np.ndarray:
     """Inner chunks `first` to `n` (exclusive) of the shard file at `path` (see `read_shard`)."""
     import google_crc32c
     from numcodecs.zstd import Zstd
 
-    out = np.zeros((n - first, *chunk_shape), dtype=np.uint8)
+    out = np.zeros((n - first, *chunk_shape), dtype=dtype)
     try:
         data = path.read_bytes()
     except FileNotFoundError:  # zarr reads a shard that was never written as the fill value
@@ -181,7 +195,7 @@ def _decode_shard(
         chunk = zstd.decode(body[offset : offset + nbytes])
         if len(chunk) != size:
             raise ValueError(f"{path}: inner chunk {j} decodes to {len(chunk):,} bytes, {size:,} expected")
-        out[j - first] = np.frombuffer(chunk, dtype=np.uint8).reshape(chunk_shape)
+        out[j - first] = np.frombuffer(chunk, dtype=dtype).reshape(chunk_shape)
     return out
 
 
