@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from ichdata.errors import UserError
 from ichdata.options import option
@@ -67,21 +67,25 @@ def serve(
     """
     require_api_url()
     from prefect import serve as serve_deployments
+    from prefect.deployments.runner import RunnerDeployment
     from prefect.types.entrypoint import EntrypointType
 
     from flows.ingest import ingest
     from flows.train import train
 
+    # `to_deployment` returns a coroutine only when called from one; here it is the deployment
+    ingest_deployment = ingest.to_deployment(
+        name=name,
+        parameters=parameters or {},
+        interval=interval_s,
+        concurrency_limit=limit,
+        entrypoint_type=EntrypointType.MODULE_PATH,
+    )
+    train_deployment = train.to_deployment(
+        name=name, concurrency_limit=1, entrypoint_type=EntrypointType.MODULE_PATH
+    )
     serve_deployments(
-        ingest.to_deployment(
-            name=name,
-            parameters=parameters or {},
-            interval=interval_s,
-            concurrency_limit=limit,
-            entrypoint_type=EntrypointType.MODULE_PATH,
-        ),
-        train.to_deployment(name=name, concurrency_limit=1, entrypoint_type=EntrypointType.MODULE_PATH),
-        limit=limit + 1,
+        cast(RunnerDeployment, ingest_deployment), cast(RunnerDeployment, train_deployment), limit=limit + 1
     )
 
 

@@ -20,7 +20,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
@@ -390,10 +390,11 @@ def _encoders(plan: FeaturesPlan, device: torch.device) -> tuple[list[nn.Module]
     encoders: list[nn.Module] = []
     for s in plan.sources:
         model, _ = load_model(s.path, device=device)
+        encoder = cast(Any, model).encoder
         if device.type == "cuda":
-            model = model.to(memory_format=torch.channels_last)
-            model.encoder.channels_last = True
-        encoders.append(model.encoder.eval())
+            encoder.to(memory_format=torch.channels_last)
+            encoder.channels_last = True
+        encoders.append(encoder.eval())
     return encoders, (mean_encoder(encoders).eval() if len(encoders) > 1 else None)
 
 
@@ -452,16 +453,16 @@ def _output_group(plan: FeaturesPlan) -> Group | None:
             f"--out {out}: exists and is not a features group; choose another path (nothing was changed)"
         )
     group = zarr.open_group(str(out), mode="r+")
-    attrs = dict(group.attrs)
+    attrs: dict[str, Any] = dict(group.attrs)
     why = None
     if attrs.get("config_hash") != plan.config_hash:
-        made = ", ".join(str(c.get("path")) for c in attrs.get("checkpoints") or []) or "other settings"  # type: ignore[union-attr]
+        made = ", ".join(str(c.get("path")) for c in attrs.get("checkpoints") or []) or "other settings"
         why = f"made from other checkpoints or TTA ({made}, TTA {attrs.get('tta')})"
     elif (
         attrs.get("state") == "complete"
         and fgroup.store_relation(attrs.get("store") or {}, plan.store) == "other"
-    ):  # type: ignore[arg-type]
-        why = f"made from another store ({(attrs.get('store') or {}).get('path')})"  # type: ignore[union-attr]
+    ):
+        why = f"made from another store ({(attrs.get('store') or {}).get('path')})"
     if why is None:
         return group
     if not plan.overwrite:
@@ -533,12 +534,10 @@ def write_features(plan: FeaturesPlan, *, progress: bool = True) -> FeaturesSumm
     t0 = time.perf_counter()
     store = plan.store
     group = _output_group(plan)
-    if group is not None:  # a group keeps the shard size it was made with
-        plan.shard_size = int(group.attrs.get("shard_size") or plan.shard_size)  # type: ignore[call-overload]
-    if group is not None and group.attrs.get("state") == "complete":
-        rec = dict(group.attrs.get("store") or {})  # type: ignore[call-overload]
-        if fgroup.store_relation(rec, store) == "same":
-            return _summary(plan, 0, 0, -(-store.n_slices // plan.shard_size), t0)
+    found: dict[str, Any] = dict(group.attrs) if group is not None else {}
+    plan.shard_size = int(found.get("shard_size") or plan.shard_size)  # a group keeps its shard size
+    if found.get("state") == "complete" and fgroup.store_relation(found.get("store") or {}, store) == "same":
+        return _summary(plan, 0, 0, -(-store.n_slices // plan.shard_size), t0)
     if group is None:
         plan.out.parent.mkdir(parents=True, exist_ok=True)
         group = fgroup.create_features(plan.out, store.n_slices, plan.dim, plan.shard_size)
@@ -573,7 +572,7 @@ def write_features(plan: FeaturesPlan, *, progress: bool = True) -> FeaturesSumm
                 fgroup.write_shard(group, i, block, keys[i])
                 bar.update(b - c)
     else:
-        meta["normalisation"] = dict(group.attrs.get("normalisation") or {})  # type: ignore[call-overload]
+        meta["normalisation"] = dict(found.get("normalisation") or {})
     fgroup.commit(
         group,
         checkpoint=plan.assignment,
@@ -593,8 +592,13 @@ def _loader(
     ds = _ShardImages(plan.store, jobs)
     workers = min(plan.workers, len(jobs))
     kwargs: dict[str, Any] = {"prefetch_factor": 2} if workers else {}
-    loader = DataLoader(
-        ds, batch_size=None, shuffle=False, num_workers=workers, pin_memory=device.type == "cuda", **kwargs
+    loader: DataLoader[Any] = DataLoader(
+        cast(Any, ds),
+        batch_size=None,
+        shuffle=False,
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+        **kwargs,
     )
     for k, images in loader:
         yield jobs[int(k)], images

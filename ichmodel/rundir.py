@@ -107,7 +107,9 @@ def resolve_split(config: TrainConfig, store: Store, run: RunDir, main: bool) ->
     elif config.resume and run.split.is_file():
         split = read_split(run.split, store.series)
     elif config.folds is not None:
-        split = split_folds(store.series, config.folds, int(config.fold or 0), config.val_fraction, config.seed)
+        split = split_folds(
+            store.series, config.folds, int(config.fold or 0), config.val_fraction, config.seed
+        )
     else:
         split = split_by_patient(store.series, config.val_fraction, config.seed)
     if main:

@@ -11,7 +11,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pandas as pd
@@ -25,7 +25,7 @@ from ichdata.store import Store, open_store, write_store_from_arrays
 from ichmodel.config import TrainConfig
 from ichmodel.data import split_by_patient
 from ichmodel.extract import FeaturesConfig, embed, extract_features
-from ichmodel.models import load_model
+from ichmodel.models import SequenceClassifier, SliceClassifier, load_model
 from ichmodel.rundir import LOG_COLUMNS, read_log
 from ichmodel.train import train
 
@@ -105,7 +105,7 @@ def _extract(checkpoints: list[Path], store: Path, out: Path, **kw: Any) -> Any:
 
 def _expected(checkpoint: Path, images: np.ndarray, tta: tuple[str, ...] = ("none",)) -> np.ndarray:
     model, _ = load_model(checkpoint)
-    return embed(model.encoder, torch.from_numpy(images), tta).numpy()
+    return embed(cast(Any, model).encoder, torch.from_numpy(images), tta).numpy()
 
 
 # --- the group ---------------------------------------------------------------------------------------
@@ -125,10 +125,10 @@ def test_features_read_with_plain_zarr_have_the_store_rows_and_their_provenance(
     store = open_store(base["store"])
 
     group = zarr.open_group(str(out), mode="r")
-    feats = np.asarray(group["features"][...])
+    feats = np.asarray(zarr.open_array(str(out / "features"), mode="r")[...])
     assert feats.dtype == np.float16
     assert feats.shape[0] == store.n_slices == group.attrs["n_slices"]
-    attrs = dict(group.attrs)
+    attrs: dict[str, Any] = dict(group.attrs)
     ckpt = attrs["checkpoints"]
     assert len(ckpt) == 1
     assert ckpt[0]["sha256"] == file_sha256(base["cnn"] / "best.pt")
@@ -142,12 +142,12 @@ def test_features_read_with_plain_zarr_have_the_store_rows_and_their_provenance(
     assert attrs["store"]["n_slices"] == store.n_slices
     assert attrs["normalisation"]["scale"] == "uint8 / 255"
     assert len(attrs["normalisation"]["mean"]) == 3
-    assert (np.asarray(group["checkpoint"][...]) == 0).all()
+    assert (np.asarray(zarr.open_array(str(out / "checkpoint"), mode="r")[...]) == 0).all()
     # in-sample: the rows of series the CNN trained on, as its split file lists them
     split = json.loads((base["cnn"] / "split.json").read_text())
     series_of_row = np.repeat(np.arange(store.n_series), np.diff(store.study_offsets))
     trained = np.isin(store.series["series_uid"].to_numpy()[series_of_row], split["train_series"])
-    np.testing.assert_array_equal(np.asarray(group["in_sample"][...]), trained)
+    np.testing.assert_array_equal(np.asarray(zarr.open_array(str(out / "in_sample"), mode="r")[...]), trained)
 
     # row i is the embedding of store row i: the mean over the TTA variants
     images = store.read_rows(0, store.n_slices)
@@ -292,9 +292,10 @@ def test_composed_checkpoint_equals_the_head_on_fresh_features(base: dict[str, P
     assert list(row)[: len(LOG_COLUMNS)] == list(LOG_COLUMNS)
     assert row["train_slices_per_s"] > 0
     store = open_store(base["store"])
-    composed, info = load_model(result.best_checkpoint)
+    loaded, info = load_model(result.best_checkpoint)
+    composed = cast(SequenceClassifier, loaded)
     assert info["model"]["neighbour_diff"] is True
-    cnn, _ = load_model(base["cnn"] / "best.pt")
+    cnn = cast(SliceClassifier, load_model(base["cnn"] / "best.pt")[0])
     for k, v in cnn.state_dict().items():  # the CNN is the features' own, unchanged
         if k.startswith("encoder."):
             assert torch.equal(composed.state_dict()[k], v), k
@@ -454,7 +455,8 @@ def test_fold_runs_give_out_of_fold_features_and_compose_as_their_mean(
 
     # the sequence model validates on the test patients and composes with the mean of the fold CNNs
     result = train(_gru(base["store"], tmp_path / "gru", features))
-    composed, info = load_model(result.best_checkpoint)
+    loaded, info = load_model(result.best_checkpoint)
+    composed = cast(SequenceClassifier, loaded)
     assert info["model"]["ensemble"] == 2
     seq_split = json.loads((tmp_path / "gru" / "split.json").read_text())
     assert seq_split["val_patients"] == splits[0]["test_patients"]
