@@ -1,10 +1,11 @@
 """Two-stage training: the sequence stage on cached features against the frozen-backbone route.
 
-    .venv/bin/python bench/features.py speed [--studies 16] [--image-size 128] [--backbone legacy_xception]
+    .venv/bin/python bench/features.py speed [--studies 12] [--image-size 256] [--backbone legacy_xception]
     .venv/bin/python bench/features.py quality [--folds 3]
 
-speed: one synthetic store (bench/_synthetic.py; slices of `--image-size`², so that the default
-backbone runs on 2 cores in minutes), one CNN (`ich train --model xception`, one epoch), then the
+speed: one synthetic store (bench/_synthetic.py: `--studies` studies of 24–48 slices of
+`--image-size`², few enough that the default backbone runs on 2 cores in minutes), one CNN run (a
+randomly initialised `xception` and a patient split: speed does not depend on the weights), then the
 same sequence model (`xception_gru`, the paper's 2 × 512 GRU, 4 windows of up to 64 slices a step)
 trained one epoch two ways, both through `ichmodel.train.train` on the CNN's split:
 `--init-backbone CNN --freeze-backbone` (the frozen CNN runs over every slice in every epoch) and
@@ -36,7 +37,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _synthetic import synthetic_store
+from _synthetic import random_cnn_run, synthetic_store
 
 from ichmodel.config import TrainConfig
 from ichmodel.extract import FeaturesConfig, extract_features
@@ -55,7 +56,6 @@ def _train_time(result: RunResult) -> tuple[float, float]:
 
 def speed(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     """Epoch time of the sequence stage, frozen-backbone route vs cached features, on one store."""
-    t0 = time.perf_counter()
     store = synthetic_store(work / "bench.zarr", args.studies, size=args.image_size, shard_size=64)
     print(f"store: {store.n_slices} slices of {args.image_size}² in {store.n_series} studies", flush=True)
     common: dict[str, Any] = {
@@ -67,8 +67,7 @@ def speed(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         "epochs": 1,
         "val_fraction": 0.2,
     }
-    cnn = train(TrainConfig(**common, out=str(work / "cnn"), model="xception", batch_size=16))
-    print(f"CNN trained in {time.perf_counter() - t0:.0f} s", flush=True)
+    best = random_cnn_run(work / "cnn", store, args.backbone, val_fraction=0.2)
     split = str(work / "cnn" / "split.json")
     gru: dict[str, Any] = {**common, "model": "xception_gru", "split": split}
 
@@ -76,7 +75,7 @@ def speed(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         TrainConfig(
             **gru,
             out=str(work / "frozen"),
-            init_backbone=str(cnn.best_checkpoint),
+            init_backbone=str(best),
             freeze_backbone=True,
         )
     )
@@ -89,7 +88,7 @@ def speed(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     features = work / "features.zarr"
     summary = extract_features(
         FeaturesConfig(
-            checkpoints=[cnn.best_checkpoint],
+            checkpoints=[best],
             store=store.path,
             out=features,
             device="cpu",
@@ -112,6 +111,7 @@ def speed(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         "slices": store.n_slices,
         "studies": store.n_series,
         "threads": os.cpu_count(),
+        "load_average": os.getloadavg(),
         "frozen_train_s": frozen_train,
         "frozen_epoch_s": frozen_epoch,
         "cached_train_s": cached_train,
@@ -260,8 +260,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("part", choices=("speed", "quality"))
     p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "bench/_work")))
-    p.add_argument("--studies", type=int, default=16, help="speed: synthetic studies (24–48 slices each)")
-    p.add_argument("--image-size", type=int, default=128, help="speed: rows and columns of the slices")
+    p.add_argument("--studies", type=int, default=12, help="speed: synthetic studies (24–48 slices each)")
+    p.add_argument("--image-size", type=int, default=256, help="speed: rows and columns of the slices")
     p.add_argument("--backbone", default="legacy_xception", help="speed: the CNN's timm backbone")
     p.add_argument("--workers", type=int, default=2, help="speed: DataLoader workers")
     p.add_argument("--folds", type=int, default=3, help="quality: fold CNNs of the out-of-fold features")

@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch
-from _synthetic import synthetic_store
+from _synthetic import random_cnn_run, synthetic_store
 
 from ichmodel.augment import AugmentConfig
 from ichmodel.data import SliceDataset, StudyBatchSampler, StudyDataset, make_loader
@@ -161,24 +161,6 @@ def measure(
     }
 
 
-def _random_checkpoint(path: Path, backbone: str, image_size: int) -> Path:
-    """A checkpoint of a randomly initialised `xception` CNN (throughput does not depend on the weights)."""
-    from ichdata.labels import CLASSES
-    from ichmodel.checkpoint import save_checkpoint
-
-    torch.manual_seed(0)
-    model = create_model("xception", backbone=backbone)
-    tree = {
-        "model": {"name": "xception", "backbone": backbone},
-        "state_dict": model.state_dict(),
-        "classes": list(CLASSES),
-        "image_size": image_size,
-        "config": {},
-    }
-    save_checkpoint(tree, path)
-    return path
-
-
 def measure_extract(
     store_path: Path, work: Path, args: argparse.Namespace, device: torch.device
 ) -> dict[str, Any]:
@@ -188,7 +170,7 @@ def measure_extract(
     from ichmodel.models import load_model
 
     store = open_store(store_path)
-    ckpt = _random_checkpoint(work / "cnn.pt", args.backbone, store.image_size)
+    ckpt = random_cnn_run(work / "cnn", store, args.backbone)
     summary = extract_features(
         FeaturesConfig(
             checkpoints=[ckpt],

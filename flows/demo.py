@@ -74,6 +74,9 @@ class DemoConfig:
     #: a small GRU (units, layers): a few dozen training studies cannot fit the paper's 2 × 512
     rnn_hidden: int = 64
     rnn_layers: int = 1
+    #: the 2nd place's sequence input: each slice's features with their differences to its neighbours'
+    #: (on this archive it beats the stage-wise GRU on images: bench/RESULTS.md, "Two-stage training")
+    neighbour_diff: bool = True
     #: two-stage, like the RSNA winners: the CNN-only run's best CNN embeds every slice once
     #: (`ich features`), and the CNN-GRU learns only the GRU and the head (started from the CNN's
     #: classifier) on those vectors; its checkpoint composes them with that CNN
@@ -282,6 +285,7 @@ def _train(
         bidirectional=config.bidirectional and sequence,
         rnn_hidden=config.rnn_hidden,
         rnn_layers=config.rnn_layers,
+        neighbour_diff=config.neighbour_diff and sequence,
         features=None if features is None else str(features),
         lr=config.lr,
         device="cpu",
@@ -308,7 +312,8 @@ def _report_intro(config: DemoConfig, stages: dict[str, float]) -> list[str]:
         "How each model trained: `xception` end to end on the images; `xception_gru` in two stages, as the "
         "RSNA competition's winners did: the CNN-only run's best CNN embedded every slice once "
         "(`ich features`), and the GRU "
-        f"({'bidirectional, ' if config.bidirectional else ''}{config.rnn_layers} × {config.rnn_hidden} units) "
+        f"({'bidirectional, ' if config.bidirectional else ''}{config.rnn_layers} × {config.rnn_hidden} units"
+        f"{', reading each slice with its differences to its neighbours' if config.neighbour_diff else ''}) "
         "and the head, started from the CNN's classifier, trained on those cached vectors; its checkpoint "
         "composes them with that CNN, so it is evaluated here on the images like the CNN-only model.",
         "",

@@ -477,7 +477,8 @@ def _jobs(plan: FeaturesPlan, group: Group, keys: list[str]) -> tuple[list[tuple
     """Shards to write as (shard, first row, first row to compute, end row), and how many are done.
 
     A marked shard whose key holds is done; a shard whose marker covers its first rows (the last
-    shard before the store grew) keeps those rows and computes the rest.
+    shard before the store grew) keeps those rows, when they still match their checksum, and
+    computes the rest.
     """
     ids = plan.store.image_id
     markers = fgroup.read_markers(group)
@@ -493,11 +494,22 @@ def _jobs(plan: FeaturesPlan, group: Group, keys: list[str]) -> tuple[list[tuple
             m is not None
             and 0 < m.rows < b - a
             and m.key == fgroup.shard_key(plan.config_hash, ids[a : a + m.rows].tolist())
+            and _intact(group, a, m)
         ):
             jobs.append((i, a, a + m.rows, b))
         else:
             jobs.append((i, a, a, b))
     return jobs, done
+
+
+def _intact(group: Group, start: int, marker: fgroup.Marker) -> bool:
+    """Whether the first `marker.rows` rows of the shard at `start` still match the marker's checksum."""
+    from ichdata.shardfile import shard_checksum
+
+    try:
+        return shard_checksum(fgroup.read_rows(group, start, start + marker.rows)) == marker.checksum
+    except Exception:  # an unreadable shard file: computed again
+        return False
 
 
 def _commit_attrs(plan: FeaturesPlan, encoders_meta: dict[str, Any]) -> dict[str, Any]:
@@ -552,7 +564,7 @@ def write_features(plan: FeaturesPlan, *, progress: bool = True) -> FeaturesSumm
     batch = plan.batch_size or (_BATCH_GPU if device.type == "cuda" else _BATCH_CPU)
     n_rows = sum(b - c for _, _, c, b in jobs)
     meta: dict[str, Any] = {"extraction": {"device": device.type, "batch_size": batch}}
-    if jobs:
+    if jobs or "normalisation" not in found:  # (a run killed just before its commit has no job left)
         encoders, mean = _encoders(plan, device)
         first = encoders[0]
         meta["normalisation"] = {
@@ -572,7 +584,7 @@ def write_features(plan: FeaturesPlan, *, progress: bool = True) -> FeaturesSumm
                 fgroup.write_shard(group, i, block, keys[i])
                 bar.update(b - c)
     else:
-        meta["normalisation"] = dict(found.get("normalisation") or {})
+        meta["normalisation"] = found["normalisation"]
     fgroup.commit(
         group,
         checkpoint=plan.assignment,

@@ -60,6 +60,7 @@ from ichmodel.runtime import (
     Dist,
     gather_rng_states,
     init_distributed,
+    intra_op_threads,
     seed_everything,
     select_device,
     set_rng_state,
@@ -92,8 +93,11 @@ def train(config: TrainConfig) -> RunResult:
     config = config.resolve()
     device = select_device(config.device)
     d, own_group = init_distributed(device.type)
+    # On the CPU the sequence stage on cached features runs on one intra-op thread (`intra_op_threads`).
+    threads = 1 if config.features is not None and device.type == "cpu" else None
     try:
-        return _train(config, _setup_device(device, d, config.model), d, t_start)
+        with intra_op_threads(threads):
+            return _train(config, _setup_device(device, d, config.model), d, t_start)
     finally:
         if own_group:
             dist.destroy_process_group()

@@ -114,7 +114,6 @@ def _expected(checkpoint: Path, images: np.ndarray, tta: tuple[str, ...] = ("non
 def test_features_read_with_plain_zarr_have_the_store_rows_and_their_provenance(
     base: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    import tensorstore as ts
     import zarr
 
     out = tmp_path / "f.zarr"
@@ -153,9 +152,15 @@ def test_features_read_with_plain_zarr_have_the_store_rows_and_their_provenance(
     images = store.read_rows(0, store.n_slices)
     want = _expected(base["cnn"] / "best.pt", images, ("none", "hflip"))
     np.testing.assert_allclose(feats.astype(np.float32), want, rtol=2e-3, atol=2e-3)
-    # ... and tensorstore reads the same array
-    arr = ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": str(out / "features")}}).result()
-    np.testing.assert_array_equal(arr.read().result(), feats)
+    # ... and tensorstore reads the same array (in a process of its own: tensorstore's threads make
+    # this one unsafe to fork, and later tests fork DataLoader workers)
+    code = (
+        "import sys, numpy as np, tensorstore as ts; "
+        "spec = {'driver': 'zarr3', 'kvstore': {'driver': 'file', 'path': sys.argv[1]}}; "
+        "np.save(sys.argv[2], ts.open(spec).result().read().result())"
+    )
+    subprocess.run([sys.executable, "-c", code, str(out / "features"), str(tmp_path / "ts.npy")], check=True)
+    np.testing.assert_array_equal(np.load(tmp_path / "ts.npy"), feats)
 
     assert main(["verify", str(out)]) == 0
     assert ": OK" in capsys.readouterr().out
@@ -321,6 +326,7 @@ def test_composed_checkpoint_equals_the_head_on_fresh_features(base: dict[str, P
 def test_resume_on_features_equals_uninterrupted_training(base: dict[str, Path], tmp_path: Path) -> None:
     features = tmp_path / "f.zarr"
     _extract([base["cnn"]], base["store"], features)
+    threads = torch.get_num_threads()
     kw: dict[str, Any] = {
         "epochs": 3,
         "seq_crop": 4,
@@ -339,6 +345,7 @@ def test_resume_on_features_equals_uninterrupted_training(base: dict[str, Path],
     assert (full["epoch"], full["step"]) == (part["epoch"], part["step"])
     for k, v in full["state_dict"].items():
         assert torch.equal(v, part["state_dict"][k]), k
+    assert torch.get_num_threads() == threads  # the sequence stage's one CPU thread is given back
     assert [r["val_loss"] for r in read_log(tmp_path / "full" / "log.csv")] == [
         r["val_loss"] for r in read_log(tmp_path / "part" / "log.csv")
     ]
