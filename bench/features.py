@@ -15,10 +15,11 @@ extraction's throughput in slices/s and the features' bytes per slice on disk.
 
 quality: the demo's synthetic archive and settings (`flows.demo.DemoConfig`: 60 studies, test_resnet,
 4 epochs, seed 0), converted with `ich convert`; a CNN, then the CNN-GRU trained (a) stage-wise on
-the CNN's frozen backbone (the demo's previous route), (b) on the CNN's in-sample features, (c) on
+the CNN's frozen backbone (the demo's previous route), (b) on the CNN's in-sample features, (a) and
+(b) with and without neighbour differences (`--neighbour-diff`, the demo's GRU now), (c) on
 out-of-fold features of `--folds` fold CNNs (`ich train --folds K --fold i`, their test patients the
-CNN's held-out patients): every model scored by `ich evaluate` (weighted log loss on the same
-held-out patients, the composed checkpoints on the images). One table.
+CNN's held-out patients), with them: every model scored by `ich evaluate` (weighted log loss on the
+same held-out patients, the composed checkpoints on the images). One table.
 
 Results go to OUT/features_<part>.json; figures and commands in bench/RESULTS.md.
 """
@@ -197,45 +198,53 @@ def quality(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     timed("cnn", TrainConfig(**cnn_kw, out=str(work / "cnn")))
     best = str(work / "cnn" / "best.pt")
     split = str(work / "cnn" / "split.json")
-    timed(
-        "gru_stagewise",
-        TrainConfig(
-            **gru_kw, backbone=demo.backbone, out=str(work / "gru_stagewise"), split=split,
-            init_backbone=best, freeze_backbone=True,
-        ),
-    )  # fmt: skip
+    for nd in (False, True):
+        name = "gru_stagewise" + ("_ndiff" if nd else "")
+        timed(
+            name,
+            TrainConfig(
+                **gru_kw, backbone=demo.backbone, out=str(work / name), split=split,
+                init_backbone=best, freeze_backbone=True, neighbour_diff=nd,
+            ),
+        )  # fmt: skip
     t = time.perf_counter()
-    extract_features(
-        FeaturesConfig([Path(best)], store, work / "in_sample.zarr", device="cpu", workers=0, progress=False)
-    )
+    in_sample = work / "in_sample.zarr"
+    extract_features(FeaturesConfig([Path(best)], store, in_sample, device="cpu", workers=0, progress=False))
     seconds["features_in_sample"] = time.perf_counter() - t
-    timed(
-        "gru_features",
-        TrainConfig(
-            **gru_kw, out=str(work / "gru_features"), split=split, features=str(work / "in_sample.zarr")
-        ),
-    )
+    for nd in (False, True):
+        name = "gru_features" + ("_ndiff" if nd else "")
+        timed(
+            name,
+            TrainConfig(
+                **gru_kw, out=str(work / name), split=split, features=str(in_sample), neighbour_diff=nd
+            ),
+        )
     folds = [work / f"fold{i}" for i in range(args.folds)]
     t = time.perf_counter()
     for i, run in enumerate(folds):
         train(TrainConfig(**cnn_kw, out=str(run), folds=args.folds, fold=i))
     seconds["fold_cnns"] = time.perf_counter() - t
     t = time.perf_counter()
-    extract_features(
-        FeaturesConfig(list(folds), store, work / "oof.zarr", device="cpu", workers=0, progress=False)
-    )
+    oof = work / "oof.zarr"
+    extract_features(FeaturesConfig(list(folds), store, oof, device="cpu", workers=0, progress=False))
     seconds["features_oof"] = time.perf_counter() - t
     # no --split: the same seed and fraction hold out the CNN's patients, the fold runs' test patients
-    timed("gru_oof", TrainConfig(**gru_kw, out=str(work / "gru_oof"), features=str(work / "oof.zarr")))
+    timed(
+        "gru_oof_ndiff",
+        TrainConfig(**gru_kw, out=str(work / "gru_oof_ndiff"), features=str(oof), neighbour_diff=True),
+    )
     held = [json.loads((runs[k] / "split.json").read_text())["val_patients"] for k in runs]
     assert all(h == held[0] for h in held), "the runs must hold out the same patients"
 
     losses = _evaluate(runs, store, work / "report")
     labels = {
         "cnn": "CNN only (xception)",
-        "gru_stagewise": "CNN-GRU stage-wise on the frozen backbone (images every epoch)",
+        "gru_stagewise": "CNN-GRU stage-wise on the frozen backbone (images every epoch; the demo's previous route)",
+        "gru_stagewise_ndiff": "… the same with neighbour differences",
         "gru_features": "CNN-GRU on cached in-sample features",
-        "gru_oof": f"CNN-GRU on cached out-of-fold features ({args.folds} fold CNNs, composed as their mean)",
+        "gru_features_ndiff": "… the same with neighbour differences (the demo's route)",
+        "gru_oof_ndiff": f"CNN-GRU on cached out-of-fold features ({args.folds} fold CNNs, composed as their "
+        "mean), neighbour differences",
     }
     print()
     print(
