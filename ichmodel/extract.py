@@ -18,7 +18,7 @@ import os
 import sys
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
@@ -149,7 +149,6 @@ class FeaturesSummary:
     n_in_sample: int
     n_mean: int
     elapsed_s: float = 0.0
-    stages_s: dict[str, float] = field(default_factory=dict)
 
     @property
     def slices_per_s(self) -> float:

@@ -351,6 +351,50 @@ def test_resume_on_features_equals_uninterrupted_training(base: dict[str, Path],
     ]
 
 
+_DDP_SCRIPT = """
+import json, os, sys
+from ichmodel.config import TrainConfig
+from ichmodel.train import train
+
+config = TrainConfig(**json.loads(sys.argv[1]))
+result = train(config)
+out = {"seen": [list(map(list, e)) for e in result.seen_windows], "history": list(result.history)}
+with open(os.path.join(config.out, f"rank{os.environ['RANK']}.json"), "w") as f:
+    json.dump(out, f)
+"""
+
+
+def test_two_process_ddp_on_features(base: dict[str, Path], tmp_path: Path) -> None:
+    """torchrun, 2 processes, gloo: every window once per epoch across ranks, one validation loss."""
+    import dataclasses
+
+    from ichmodel.data import FeatureStudies, read_split
+
+    features = tmp_path / "f.zarr"
+    _extract([base["cnn"]], base["store"], features)
+    out = tmp_path / "ddp"
+    config = _gru(base["store"], out, features, epochs=2, max_len=4, split=str(base["cnn"] / "split.json"))
+    script = tmp_path / "ddp_train.py"
+    script.write_text(_DDP_SCRIPT)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(script)]
+    proc = subprocess.run(
+        [*cmd, json.dumps(dataclasses.asdict(config))], capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+    store = open_store(base["store"])
+    split = read_split(out / "split.json", store.series)
+    windows = FeatureStudies(
+        torch.zeros(1, 1), torch.zeros(1, 6), store.study_offsets, split.train_series, max_len=4
+    )
+    expected = sorted(map(tuple, windows.windows.tolist()))
+    for epoch in range(2):
+        seen = [tuple(w) for r in ranks for w in r["seen"][epoch]]
+        assert sorted(seen) == expected  # every window once, across ranks
+        assert ranks[0]["history"][epoch]["val_loss"] == ranks[1]["history"][epoch]["val_loss"]
+    assert json.loads((out / "config.json").read_text())["world_size"] == 2
+
+
 def test_train_refuses_features_that_do_not_belong_before_any_epoch(
     base: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -375,6 +419,15 @@ def test_train_refuses_features_that_do_not_belong_before_any_epoch(
         g, checkpoint=np.zeros(n), in_sample=np.zeros(n), trained_on=np.zeros(n), attrs={**attrs, "dim": 7}
     )
 
+    # features of a CNN whose checkpoint changed since
+    moved = tmp_path / "cnn_copy"
+    moved.mkdir()
+    for f in ("best.pt", "split.json"):
+        (moved / f).write_bytes((base["cnn"] / f).read_bytes())
+    stale = tmp_path / "stale.zarr"
+    _extract([moved], base["store"], stale)
+    (moved / "best.pt").write_bytes((moved / "best.pt").read_bytes()[:-10])
+
     split = ["--split", str(base["cnn"] / "split.json")]
     cnn_val = json.loads((base["cnn"] / "split.json").read_text())["val_patients"]
     series = open_store(base["store"]).series
@@ -392,6 +445,7 @@ def test_train_refuses_features_that_do_not_belong_before_any_epoch(
             "not the --backbone 'test_resnet' asked for",
         ),
         (base["store"], features, ["--model", "xception"], "classifies single slices"),
+        (base["store"], stale, [], "changed since the features were made; run `ich features` again"),
         (base["store"], features, ["--seed", str(seed)], "validation slices are of series the features' CNN"),
     ]
     for k, (store, feats, extra, message) in enumerate(cases):
