@@ -66,3 +66,33 @@ def synthetic_store(
     ids = [f"ID_{i:09x}" for i in range(n)]
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     return write_store_from_arrays(path, images, labels, ids, offsets, series, shard_size=shard_size)
+
+
+def random_cnn_run(
+    run_dir: str | os.PathLike[str], store: Store, backbone: str, val_fraction: float = 0.2
+) -> Path:
+    """A run directory holding a randomly initialised `xception` CNN as `best.pt`, and a patient split.
+
+    For benchmarks whose speed does not depend on the weights (extraction, the sequence stage): the
+    split is the one `ich train --val-fraction` would make, as if the CNN had trained on it.
+    """
+    import torch
+
+    from ichmodel.checkpoint import save_checkpoint
+    from ichmodel.data import split_by_patient, write_split
+    from ichmodel.models import create_model
+
+    run = Path(run_dir)
+    run.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    model = create_model("xception", backbone=backbone, num_classes=len(store.classes))
+    tree = {
+        "model": {"name": "xception", "backbone": backbone, "num_classes": len(store.classes)},
+        "state_dict": model.state_dict(),
+        "classes": list(store.classes),
+        "image_size": store.image_size,
+        "config": {"val_fraction": val_fraction, "seed": 0},
+    }
+    save_checkpoint(tree, run / "best.pt")
+    write_split(run / "split.json", split_by_patient(store.series, val_fraction, 0), store.series)
+    return run / "best.pt"

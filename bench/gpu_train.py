@@ -2,6 +2,7 @@
 
     python bench/gpu_train.py [--out DIR] [--workers 12]     # one H100/H200
     python bench/gpu_train.py --smoke                        # CPU, tiny backbone
+    python bench/gpu_train.py --plan extract,sequence        # the two-stage rows only
 
 On a synthetic store (bench/_synthetic.py), for each model and each of eager / `torch.compile`:
 compute (steps on one batch already on the GPU: its ceiling), train (the same steps fed by the real
@@ -9,6 +10,14 @@ loader: what `ich train` gets), loader wait (share of train time blocked in `nex
 (train / compute, with the loader's variable batch shapes: see `_Encoder.slice_bucket`) and the
 loader alone, each step as `ichmodel.train` does it (uint8 batch to the device, GPU augmentation,
 bf16 autocast, channels_last, weighted BCE, fused AdamW). Prints a table; numbers to OUT/gpu_train.json.
+
+Two rows measure two-stage training: `extract` is `ich features` itself (`ichmodel.extract`: bf16,
+channels_last, deterministic cuDNN, batches of `--extract-batch`, DataLoader workers reading the
+store) with a randomly initialised CNN of `--backbone` over the synthetic store, in slices/s (model
+loading included) and the CNN's ceiling on a batch already on the GPU; `sequence` is one epoch of the
+sequence stage (`ichmodel.loop.train_epoch` on `ichmodel.data.FeatureStudies`, the model's head
+alone) over `--sequence-slices` slices' worth of random float16 features of the backbone's width in
+studies of 24–48 slices, `--sequence-batch` windows a step: its seconds per epoch.
 """
 
 from __future__ import annotations
@@ -26,14 +35,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch
-from _synthetic import synthetic_store
+from _synthetic import random_cnn_run, synthetic_store
 
 from ichmodel.augment import AugmentConfig
 from ichmodel.data import SliceDataset, StudyBatchSampler, StudyDataset, make_loader
 from ichmodel.loop import prepare_images as _prepare_images
 from ichmodel.loop import to_device as _to_device_only
 from ichmodel.losses import weighted_bce_sums
-from ichmodel.models import create_model
+from ichmodel.models import create_model, variant
 
 
 def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
@@ -41,6 +50,8 @@ def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
 
 
 MODELS = ("xception", "xception_lstm", "xception_gru")
+#: Rows of the two-stage route: `ich features`, and one epoch of the sequence stage on cached features.
+TWO_STAGE = ("extract", "sequence")
 
 
 def _sync(device: torch.device) -> None:
@@ -73,14 +84,14 @@ def measure(
 ) -> dict[str, Any]:
     # Long: compute, train and loader-wait share one model and optimizer, measured back to back.
     torch.manual_seed(0)
-    torch.backends.cudnn.benchmark = name == "xception"
+    torch.backends.cudnn.benchmark = not variant(name).sequence
     model = create_model(name, backbone=args.backbone).to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
         model.encoder.channels_last = True
         torch.cuda.reset_peak_memory_stats(device)
     if compiled:
-        model.encoder.backbone.compile(dynamic=name != "xception")
+        model.encoder.backbone.compile(dynamic=variant(name).sequence)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
     gen = torch.Generator(device=device)
@@ -150,6 +161,108 @@ def measure(
     }
 
 
+def measure_extract(
+    store_path: Path, work: Path, args: argparse.Namespace, device: torch.device
+) -> dict[str, Any]:
+    """`ich features` over the store, and the CNN's ceiling on one batch already on the device."""
+    from ichdata.store import open_store
+    from ichmodel.extract import FeaturesConfig, embed, extract_features
+    from ichmodel.models import load_model
+
+    store = open_store(store_path)
+    ckpt = random_cnn_run(work / "cnn", store, args.backbone)
+    summary = extract_features(
+        FeaturesConfig(
+            checkpoints=[ckpt],
+            store=store_path,
+            out=work / "features.zarr",
+            batch_size=args.extract_batch,
+            device=device.type,
+            workers=args.workers,
+            progress=False,
+        )
+    )
+    model, _ = load_model(ckpt, device=device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+        model.encoder.channels_last = True
+    n = min(args.extract_batch, store.n_slices)
+    x = torch.from_numpy(store.read_rows(0, n)).to(device)
+    for _ in range(3):
+        embed(model.encoder, x)
+    _sync(device)
+    t0 = time.perf_counter()
+    steps = max(1, args.steps // 4)
+    for _ in range(steps):
+        embed(model.encoder, x)
+    _sync(device)
+    return {
+        "model": "extract",
+        "compile": False,
+        "slices_per_batch": n,
+        "extract_slices_per_s": summary.slices_per_s,
+        "extract_s": summary.elapsed_s,
+        "compute_slices_per_s": n * steps / (time.perf_counter() - t0),
+        "feature_dim": summary.dim,
+    }
+
+
+def measure_sequence(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    """One epoch of the sequence stage on `--sequence-slices` slices' worth of cached features."""
+    import numpy as np
+
+    from ichmodel.data import FeatureLoader, FeatureStudies
+    from ichmodel.loop import Training, train_epoch
+    from ichmodel.runtime import Dist
+    from ichmodel.train import _HeadOnly
+
+    torch.manual_seed(0)
+    model = create_model("xception_gru", backbone=args.backbone).to(device)
+    model.encoder.requires_grad_(False)
+    dim = model.encoder.num_features
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(24, 49, args.sequence_slices // 36 + 1)
+    lengths = lengths[: int(np.searchsorted(np.cumsum(lengths), args.sequence_slices)) + 1]
+    offsets = np.r_[0, np.cumsum(lengths)]
+    n = int(offsets[-1])
+    t0 = time.perf_counter()
+    feats = torch.randn(n, dim, device=device, dtype=torch.float16)
+    labels = (torch.rand(n, 6, device=device) < 0.1).to(torch.uint8)
+    setup_s = time.perf_counter() - t0
+    ds = FeatureStudies(feats, labels, offsets, np.arange(len(lengths)), max_len=args.max_len)
+    sampler = StudyBatchSampler(len(ds), args.sequence_batch, seed=0)
+    net = _HeadOnly(model)
+    opt = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=device.type == "cuda"
+    )
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+    gen = torch.Generator(device=device)
+    t = Training(model, net, opt, sched, gen, None, device, Dist(0, 1, 0), 1, True)
+    sampler.set_epoch(0)  # a warm-up epoch's first steps: cuDNN's RNN plans, the optimizer state
+    it = iter(FeatureLoader(ds, sampler, augment=False))
+    warm = [next(it) for _ in range(3)]
+    train_epoch(t, warm, None)
+    _sync(device)
+    sampler.set_epoch(1)
+    t0 = time.perf_counter()
+    stats = train_epoch(t, FeatureLoader(ds, sampler, augment=False), None)
+    _sync(device)
+    epoch_s = time.perf_counter() - t0
+    return {
+        "model": "sequence",
+        "compile": False,
+        "slices_per_batch": args.sequence_batch,
+        "sequence_slices": stats.train_slices,
+        "sequence_epoch_s": epoch_s,
+        "train_slices_per_s": stats.train_slices / epoch_s,
+        "features_gib": feats.numel() * 2 / 2**30,
+        "setup_s": setup_s,
+        "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30
+        if device.type == "cuda"
+        else float("nan"),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     # Long: the options, the store, the plan of runs and the table, in the order the run goes.
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -168,7 +281,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=40)
     p.add_argument(
         "--plan",
-        default="xception,xception_lstm,xception_gru,xception_gru+compile,xception+compile,xception_lstm+compile",
+        default="extract,sequence,xception,xception_lstm,xception_gru,xception_gru+compile,xception+compile,"
+        "xception_lstm+compile",
         help="comma-separated MODEL or MODEL+compile, measured in this order",
     )
     p.add_argument("--no-compile", action="store_true")
@@ -181,12 +295,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--budget-s", type=float, default=330.0, help="skip what would start after this many seconds"
     )
+    p.add_argument("--extract-batch", type=int, default=256, help="extract: slices per CNN call")
+    p.add_argument(
+        "--sequence-slices", type=int, default=752_803, help="sequence: slices' worth of features (RSNA's)"
+    )
+    p.add_argument("--sequence-batch", type=int, default=64, help="sequence: study windows per step")
     args = p.parse_args(argv)
     t_start = time.perf_counter()
     if args.smoke:
         args.studies, args.backbone, args.workers = 12, "test_efficientnet", 2
         args.study_batch, args.slice_batch, args.warmup, args.steps = 2, 16, 2, 3
         args.max_len = 16
+        args.extract_batch, args.sequence_slices, args.sequence_batch = 16, 3000, 16
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -213,60 +333,91 @@ def main(argv: list[str] | None = None) -> int:
         )
     else:
         store_path = args.store
-    studies = StudyDataset(store_path, max_len=args.max_len)
-    slices = SliceDataset(store_path)
-    study_sampler = StudyBatchSampler(len(studies), args.study_batch, seed=1)
-    slice_sampler = StudyBatchSampler(len(slices), args.slice_batch, seed=1)
-    pin = device.type == "cuda"
-    study_loader = make_loader(studies, study_sampler, workers=args.workers, pin_memory=pin)
-    slice_loader = make_loader(slices, slice_sampler, workers=args.workers, pin_memory=pin)
-
-    results: list[dict[str, Any]] = []
-    alone = {
-        "study_loader_slices_per_s": loader_alone(study_loader, study_sampler, 3 if args.smoke else 6, 0),
-        "slice_loader_slices_per_s": float("nan")
-        if args.skip_slice_loader
-        else loader_alone(slice_loader, slice_sampler, 3 if args.smoke else 6, 0),
-    }
-    print(json.dumps(alone), flush=True)
     plan = [(m.removesuffix("+compile"), m.endswith("+compile")) for m in args.plan.split(",")]
     if args.no_compile or (args.smoke and not args.compile_smoke):
         plan = [(m, c) for m, c in plan if not c]
-    for epoch, (name, compiled) in enumerate(plan, start=1):
-        elapsed = time.perf_counter() - t_start
-        if elapsed > args.budget_s:
-            print(f"skipped {name} compile={compiled}: {elapsed:.0f} s elapsed", flush=True)
-            continue
-        loader, sampler = (
-            (slice_loader, slice_sampler) if name == "xception" else (study_loader, study_sampler)
-        )
+    results: list[dict[str, Any]] = []
+    for name in [m for m, _ in plan if m in TWO_STAGE]:
         try:
-            r = measure(name, compiled, loader, sampler, epoch, args, device)
-        except Exception as exc:  # keep going: one failing variant should not lose the others' numbers
-            print(f"FAILED {name} compile={compiled}: {type(exc).__name__}: {str(exc)[:400]}", flush=True)
+            if name == "extract":
+                r = measure_extract(store_path, Path(tmp.name), args, device)
+            else:
+                r = measure_sequence(args, device)
+        except Exception as exc:  # keep going: the other rows' numbers are worth having
+            print(f"FAILED {name}: {type(exc).__name__}: {str(exc)[:400]}", flush=True)
             continue
         results.append(r)
         print(json.dumps(r), flush=True)
-        (args.out / "gpu_train.json").write_text(json.dumps({**info, **alone, "runs": results}, indent=1))
+        (args.out / "gpu_train.json").write_text(json.dumps({**info, "runs": results}, indent=1))
+    plan = [(m, c) for m, c in plan if m not in TWO_STAGE]
+
+    alone: dict[str, float] = {}
+    if plan:  # the image models: their loaders, alone and feeding the GPU
+        studies = StudyDataset(store_path, max_len=args.max_len)
+        slices = SliceDataset(store_path)
+        study_sampler = StudyBatchSampler(len(studies), args.study_batch, seed=1)
+        slice_sampler = StudyBatchSampler(len(slices), args.slice_batch, seed=1)
+        pin = device.type == "cuda"
+        study_loader = make_loader(studies, study_sampler, workers=args.workers, pin_memory=pin)
+        slice_loader = make_loader(slices, slice_sampler, workers=args.workers, pin_memory=pin)
+
+        alone = {
+            "study_loader_slices_per_s": loader_alone(study_loader, study_sampler, 3 if args.smoke else 6, 0),
+            "slice_loader_slices_per_s": float("nan")
+            if args.skip_slice_loader
+            else loader_alone(slice_loader, slice_sampler, 3 if args.smoke else 6, 0),
+        }
+        print(json.dumps(alone), flush=True)
+        for epoch, (name, compiled) in enumerate(plan, start=1):
+            elapsed = time.perf_counter() - t_start
+            if elapsed > args.budget_s:
+                print(f"skipped {name} compile={compiled}: {elapsed:.0f} s elapsed", flush=True)
+                continue
+            loader, sampler = (
+                (study_loader, study_sampler) if variant(name).sequence else (slice_loader, slice_sampler)
+            )
+            try:
+                r = measure(name, compiled, loader, sampler, epoch, args, device)
+            except Exception as exc:  # keep going: one failing variant should not lose the others' numbers
+                print(f"FAILED {name} compile={compiled}: {type(exc).__name__}: {str(exc)[:400]}", flush=True)
+                continue
+            results.append(r)
+            print(json.dumps(r), flush=True)
+            (args.out / "gpu_train.json").write_text(json.dumps({**info, **alone, "runs": results}, indent=1))
 
     print()
     print(
         f"device: {info['device']}, torch {info['torch']}, {args.workers} loader workers, backbone {args.backbone}"
     )
-    print(
-        f"loader alone: study windows {alone['study_loader_slices_per_s']:.0f} slices/s, "
-        f"single slices {alone['slice_loader_slices_per_s']:.0f} slices/s"
-    )
+    if alone:
+        print(
+            f"loader alone: study windows {alone['study_loader_slices_per_s']:.0f} slices/s, "
+            f"single slices {alone['slice_loader_slices_per_s']:.0f} slices/s"
+        )
     print(
         "| model | compile | slices/batch | compute slices/s | train slices/s | loader wait | GPU busy | peak GiB | warm-up s |"
     )
     print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in results:
+        if r["model"] in TWO_STAGE:
+            continue
         print(
             f"| {r['model']} | {'yes' if r['compile'] else 'no'} | {r['slices_per_batch']} | "
             f"{r['compute_slices_per_s']:.0f} | {r['train_slices_per_s']:.0f} | {r['loader_wait_frac']:.0%} | "
             f"{r['gpu_busy_frac']:.0%} | {r['peak_mem_gib']:.1f} | {r['warmup_s']:.0f} |"
         )
+    for r in results:
+        if r["model"] == "extract":
+            print(
+                f"extract (`ich features`, batch {r['slices_per_batch']}): {r['extract_slices_per_s']:.0f} slices/s "
+                f"end to end, CNN ceiling {r['compute_slices_per_s']:.0f} slices/s, {r['feature_dim']} features"
+            )
+        elif r["model"] == "sequence":
+            print(
+                f"sequence stage on cached features: one epoch over {r['sequence_slices']:,} slices in "
+                f"{r['sequence_epoch_s']:.1f} s ({r['train_slices_per_s']:.0f} slices/s, "
+                f"{r['slices_per_batch']} windows a step, {r['features_gib']:.1f} GiB of features)"
+            )
     print(f"total {time.perf_counter() - t_start:.0f} s")
     tmp.cleanup()
     return 0 if results else 1

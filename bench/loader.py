@@ -170,7 +170,7 @@ def _earlier_release_store(path: Path, studies: int, shard_size: int) -> Store:
 
     from zarr.codecs import ZstdCodec
 
-    with mock.patch("ichdata.store._compressors", lambda level=1: [ZstdCodec(level=level)]):
+    with mock.patch("ichdata.store.compressors", lambda level=1: [ZstdCodec(level=level)]):
         return synthetic_store(path, studies, shard_size=shard_size)
 
 

@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from ichdata.verify import VerifyConfig
     from ichmodel.config import TrainConfig
     from ichmodel.evaluate import EvaluateConfig
+    from ichmodel.extract import FeaturesConfig
     from ichmodel.predict import PredictConfig
 
 from flows.cliparse import add_options, build_config
@@ -103,12 +104,17 @@ def _pull(config: PullConfig, query: ArchiveQuery, display: Display) -> int:
 
 
 def _verify(config: VerifyConfig) -> int:
+    from ichdata.features import is_features_group, verify_features
     from ichdata.verify import verify_store
 
     if config.insecure_scheduler and not (config.scheduler or config.scheduler_file):
         raise UserError(
             "--insecure-scheduler: only with --scheduler or --scheduler-file (an existing cluster)"
         )
+    if is_features_group(config.store):
+        features = verify_features(config.store)
+        print(features)
+        return 0 if features.ok else 1
     if config.workers or config.scheduler or config.scheduler_file:
         from ichdata.cluster import dask_client
 
@@ -163,6 +169,13 @@ def _train(config: TrainConfig) -> int:
             f"best epoch {result.best_epoch}: val loss {result.best_val_loss:.4f}; "
             f"checkpoint {result.best_checkpoint}"
         )
+    return 0
+
+
+def _features(config: FeaturesConfig) -> int:
+    from ichmodel.extract import extract_features
+
+    print(extract_features(config))
     return 0
 
 
@@ -239,7 +252,7 @@ COMMANDS: tuple[Command, ...] = (
     ),
     Command(
         "verify",
-        "re-read a store: counts, order, shard checksums, every input file accounted for",
+        "re-read a store (or a features group): counts, order, shard checksums, every input file accounted for",
         ("ichdata.verify:VerifyConfig",),
         _verify,
     ),
@@ -251,14 +264,16 @@ COMMANDS: tuple[Command, ...] = (
     ),
     Command(
         "serve",
-        "serve the Prefect `ingest` flow as deployment ingest/default (needs PREFECT_API_URL, --allow-root)",
+        "serve the Prefect flows as deployments ingest/default, pull/default and train/default "
+        "(needs PREFECT_API_URL, --allow-root)",
         ("flows.deploy:ServeConfig",),
         _serve,
-        "Register the deployment `ingest/NAME` with the Prefect server at PREFECT_API_URL and run "
-        "what it is asked to, until Ctrl-C. Start a run from any shell with "
+        "Register the deployments `ingest/NAME`, `pull/NAME` and `train/NAME` with the Prefect server at "
+        "PREFECT_API_URL and run what they are asked to, until Ctrl-C. Start a run from any shell with "
         "`prefect deployment run 'ingest/default' -p source=DICOM_DIR -p store=STORE.zarr "
-        "[-p labels=CSV] [-p workers=N]`. Every path a run is given must lie under an --allow-root "
-        "folder; an existing Dask cluster for the runs is yours to name (--scheduler), never a run's.",
+        "[-p labels=CSV] [-p workers=N]`, or `prefect deployment run 'train/default' -p store=STORE.zarr "
+        "-p out=RUNS_DIR`. Every path a run is given must lie under an --allow-root folder; an existing "
+        "Dask cluster for the runs is yours to name (--scheduler), never a run's.",
     ),
     Command(
         "train",
@@ -269,6 +284,17 @@ COMMANDS: tuple[Command, ...] = (
         "RSNA weighted log loss, AdamW + warm-up + cosine, bf16 on GPU. Writes RUN_DIR/config.json, "
         "split.json (patients held out), log.csv, last.pt (resumable) and best.pt (lowest validation loss). "
         "Under `torchrun --no-python ich train` each process trains on its share of the studies (DDP).",
+    ),
+    Command(
+        "features",
+        "run trained CNNs once over every slice of a store: a features group for `ich train --features`",
+        ("ichmodel.extract:FeaturesConfig",),
+        _features,
+        "Embed every slice of STORE with the CNN of CHECKPOINT (best.pt or its run directory) and write "
+        "FEATURES, a Zarr v3 group whose array `features` (N, D) float16 has row i = store row i. "
+        "Given the K run directories of `ich train --folds K`, each row comes from the fold model that "
+        "did not train on it (out-of-fold features). Resumable; a re-run after an append computes only "
+        "the new rows, and one with nothing new computes nothing.",
     ),
     Command(
         "evaluate",

@@ -1,8 +1,9 @@
 """`ich demo`: the whole system on a synthetic archive, in one command, on a CPU.
 
 A synthetic archive (`ichdata.testing.write_archive`) goes through the Prefect `ingest` flow into a
-Zarr store; a CNN-only model (`xception`) and a CNN-GRU (`xception_gru`) train briefly on the same
-patient split, stage-wise (the CNN-GRU starts from the CNN's best backbone, frozen); both are
+Zarr store; a CNN-only model (`xception`) trains briefly, then the CNN-GRU (`xception_gru`) is trained
+through cached features on the same patient split (the two-stage route: the CNN's best checkpoint
+runs once over the store, `ich features`, and the GRU and head train on those vectors); both are
 evaluated on the held-out patients into DIR/report.md. Prefect runs in ephemeral mode with its home
 in DIR/prefect, so nothing reaches `~/.prefect` or a configured server. `DemoConfig` declares the
 command's options; the README says how to run it and what to expect.
@@ -27,6 +28,7 @@ from ichdata.options import option
 if TYPE_CHECKING:
     from ichdata.convert import ConvertSummary
     from ichdata.testing import ArchiveSummary
+    from ichmodel.extract import FeaturesSummary
     from ichmodel.train import RunResult
 
 __all__ = ["DemoConfig", "DemoResult", "main_demo", "prefect_home", "run_demo"]
@@ -72,9 +74,12 @@ class DemoConfig:
     #: a small GRU (units, layers): a few dozen training studies cannot fit the paper's 2 × 512
     rnn_hidden: int = 64
     rnn_layers: int = 1
-    #: stage-wise, like the RSNA winners: the CNN-GRU starts from the CNN-only run's best backbone
-    #: and classifier, with the backbone frozen, and learns only the GRU (and the head) on top of it
-    freeze_backbone: bool = True
+    #: the 2nd place's sequence input: each slice's features with their differences to its neighbours'
+    #: (on this archive it beats the stage-wise GRU on images: bench/RESULTS.md, "Two-stage training")
+    neighbour_diff: bool = True
+    #: two-stage, like the RSNA winners: the CNN-only run's best CNN embeds every slice once
+    #: (`ich features`), and the CNN-GRU learns only the GRU and the head (started from the CNN's
+    #: classifier) on those vectors; its checkpoint composes them with that CNN
     lr: float = 1e-3
     val_fraction: float = 0.3
 
@@ -250,26 +255,38 @@ def _ingest(config: DemoConfig, archive: Path, labels: Path, store: Path) -> Con
         return ingest(source=str(archive), store=str(store), labels=str(labels), workers=config.workers)
 
 
+def _features(config: DemoConfig, checkpoint: Path, store: Path, out: Path) -> FeaturesSummary:
+    """`ich features`: the CNN of `checkpoint` once over every slice of the store, on the CPU."""
+    from ichmodel.extract import FeaturesConfig, extract_features
+
+    fc = FeaturesConfig(
+        checkpoints=[checkpoint], store=store, out=out, device="cpu", workers=0, progress=config.progress
+    )
+    return extract_features(fc)
+
+
 def _train(
-    config: DemoConfig, store: Path, model: str, out: Path, split: Path | None, init: Path | None = None
+    config: DemoConfig, store: Path, model: str, out: Path, split: Path | None, features: Path | None = None
 ) -> RunResult:
-    """Train one model on the CPU; `split` holds out the same patients, `init` starts from a checkpoint."""
+    """Train one model on the CPU; `split` holds out the same patients, `features` are cached CNN features."""
     from ichmodel.config import TrainConfig
+    from ichmodel.models import variant
     from ichmodel.train import train
 
+    sequence = variant(model).sequence
     tc = TrainConfig(
         store=str(store),
         out=str(out),
         model=model,
-        backbone=config.backbone,
+        backbone=None if features is not None else config.backbone,
         epochs=config.epochs,
-        batch_size=config.batch_size_slices if model == "xception" else config.batch_size_studies,
+        batch_size=config.batch_size_studies if sequence else config.batch_size_slices,
         max_len=config.max_len,
-        bidirectional=config.bidirectional and model != "xception",
+        bidirectional=config.bidirectional and sequence,
         rnn_hidden=config.rnn_hidden,
         rnn_layers=config.rnn_layers,
-        init_backbone=None if init is None else str(init),
-        freeze_backbone=config.freeze_backbone and init is not None,
+        neighbour_diff=config.neighbour_diff and sequence,
+        features=None if features is None else str(features),
         lr=config.lr,
         device="cpu",
         workers=0,
@@ -292,11 +309,13 @@ def _report_intro(config: DemoConfig, stages: dict[str, float]) -> list[str]:
         f"seed {config.seed}. The held-out patients also chose each run's best epoch (`best.pt`), "
         "as `ich train`'s validation split does.",
         "",
-        "Stage-wise training, as the RSNA competition's winners did: the CNN-GRU "
-        f"({'bidirectional, ' if config.bidirectional else ''}{config.rnn_layers} × {config.rnn_hidden} units) "
-        "starts from the CNN-only run's best backbone and classifier"
-        + (", with the backbone frozen," if config.freeze_backbone else ",")
-        + " and learns the GRU that gates each slice's features with its neighbours' context.",
+        "How each model trained: `xception` end to end on the images; `xception_gru` in two stages, as the "
+        "RSNA competition's winners did: the CNN-only run's best CNN embedded every slice once "
+        "(`ich features`), and the GRU "
+        f"({'bidirectional, ' if config.bidirectional else ''}{config.rnn_layers} × {config.rnn_hidden} units"
+        f"{', reading each slice with its differences to its neighbours' if config.neighbour_diff else ''}) "
+        "and the head, started from the CNN's classifier, trained on those cached vectors; its checkpoint "
+        "composes them with that CNN, so it is evaluated here on the images like the CNN-only model.",
         "",
         "Stage times: " + ", ".join(f"{k} {v:.0f} s" for k, v in stages.items()) + ".",
         "",
@@ -321,7 +340,8 @@ def run_demo(config: DemoConfig, log: Callable[[str], None] | None = None) -> De
     """Run the whole demo into `config.out`, printing one line per stage through `log`.
 
     DIR then holds `archive/` (the DICOM archive and its label CSV), `store.zarr` (with its manifest
-    and quarantine), `runs/xception/` and `runs/xception_gru/` (the two `ich train` runs), the
+    and quarantine), `features.zarr` (the CNN's features of every slice), `runs/xception/` and
+    `runs/xception_gru/` (the two `ich train` runs), the
     evaluation (`report.md`, `metrics.json`, `roc.png`, `false_negatives.png`, `predictions_*.csv`),
     `prefect/` (the ingest run's Prefect home) and `demo.json`.
     """
@@ -352,16 +372,23 @@ def run_demo(config: DemoConfig, log: Callable[[str], None] | None = None) -> De
     say(f"      {ingest_result}")
 
     runs: dict[str, Path] = {}
-    split: Path | None = None
-    for k, model in enumerate(MODELS, start=3):
-        t = stage(k, f"training {model} on {config.backbone}, {config.epochs} epochs on the CPU")
-        run_dir = out / "runs" / model
-        init = None if model == "xception" else runs["xception"] / "best.pt"
-        result = _train(config, store, model, run_dir, split, init)
-        split = run_dir / "split.json"  # the second model holds out the same patients
-        runs[model] = run_dir
-        stages[f"train {model}"] = time.perf_counter() - t
-        say(f"      best epoch {result.best_epoch}, validation weighted log loss {result.best_val_loss:.4f}")
+    cnn, gru = MODELS
+    t = stage(3, f"training {cnn} on {config.backbone}, {config.epochs} epochs on the CPU")
+    result = _train(config, store, cnn, out / "runs" / cnn, None)
+    runs[cnn] = out / "runs" / cnn
+    stages[f"train {cnn}"] = time.perf_counter() - t
+    say(f"      best epoch {result.best_epoch}, validation weighted log loss {result.best_val_loss:.4f}")
+
+    t = stage(4, f"{gru} in two stages: `ich features` with {cnn}'s best CNN, then the GRU on those features")
+    features = out / "features.zarr"
+    say(f"      {_features(config, runs[cnn] / 'best.pt', store, features)}")
+    stages["features"] = time.perf_counter() - t
+    t = time.perf_counter()
+    # the same held-out patients as the CNN: none of them was seen by the CNN the features came from
+    result = _train(config, store, gru, out / "runs" / gru, runs[cnn] / "split.json", features)
+    runs[gru] = out / "runs" / gru
+    stages[f"train {gru} on features"] = time.perf_counter() - t
+    say(f"      best epoch {result.best_epoch}, validation weighted log loss {result.best_val_loss:.4f}")
 
     from ichmodel.evaluate import evaluate_runs
 

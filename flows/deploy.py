@@ -1,8 +1,8 @@
-"""Deploying the flows: `ich serve` serves `ingest/default` and `pull/default` (`flows.pull`).
+"""Deploying the flows: `ich serve` serves `ingest/default`, `pull/default` and `train/default`.
 
-`flow.serve` registers the deployment with the Prefect API named by `PREFECT_API_URL` and then polls
-it for runs, executing each in a subprocess of this process; `prefect.yaml` at the repo root is the
-same deployment for a process work pool. The README's ingest section shows how runs are started.
+`prefect.serve` registers the deployments with the Prefect API named by `PREFECT_API_URL` and then
+polls it for runs, executing each in a subprocess of this process; `prefect.yaml` at the repo root is
+the same deployments for a process work pool. The README says how runs are started.
 
 Whoever reaches the Prefect API can start runs with parameters of their choosing, so what a run may
 touch is the operator's decision, made when serving and handed to the runs in their environment
@@ -16,8 +16,9 @@ touch is the operator's decision, made when serving and handed to the runs in th
   `ich.scheduler`, `ich.scheduler-file`, `ich.insecure-scheduler`, so a site's dask config may name it
   too): never a run parameter, since a Dask client runs what its scheduler sends.
 
-The deployment's entrypoint is the module path `flows.ingest.ingest`, not a file path relative to the
-current directory, so runs work wherever `ich serve` was started as long as `ich` is installed.
+The entrypoints are module paths (`flows.ingest.ingest`, `flows.pull.pull_flow`, `flows.train.train`),
+not file paths relative to the current directory, so runs work wherever `ich serve` was started as
+long as `ich` is installed.
 """
 
 from __future__ import annotations
@@ -185,14 +186,15 @@ def serve(
     limit: int = 1,
     env: dict[str, str] | None = None,
 ) -> None:
-    """Serve `ingest/<name>` and `pull/<name>` until interrupted (Ctrl-C or SIGTERM).
+    """Serve `ingest/<name>`, `pull/<name>` and `train/<name>` until interrupted (Ctrl-C or SIGTERM).
 
-    `parameters` are the deployment's defaults (e.g. a landing folder and its store; a run's `-p`
-    values override them); `interval_s` adds a schedule that re-ingests every so many seconds, which is
-    how a landing folder that keeps receiving studies is kept converted (each run appends only the new
-    series). `limit` is the number of runs this process executes at once: 1 by default, because two
-    ingests into the same store must not run side by side. `env` is set in this process's environment,
-    which each run's subprocess inherits (the allowed roots, the operator's scheduler).
+    `parameters` are the ingest deployment's defaults (e.g. a landing folder and its store; a run's
+    `-p` values override them); `interval_s` adds a schedule that re-ingests every so many seconds,
+    which is how a landing folder that keeps receiving studies is kept converted (each run appends
+    only the new series). `limit` is the number of ingest runs executed at once: 1 by default,
+    because two ingests into the same store must not run side by side. One training run at a time
+    runs beside them (it holds the machine's GPU). `env` is set in this process's environment, which
+    each run's subprocess inherits (the allowed roots, the operator's scheduler).
     """
     require_api_url()
     from prefect import serve as serve_deployments
@@ -201,6 +203,7 @@ def serve(
 
     from flows.ingest import ingest
     from flows.pull import pull_flow
+    from flows.train import train
 
     os.environ.update(env or {})
 
@@ -211,12 +214,16 @@ def serve(
             name=name,
             parameters=parameters or {},
             interval=interval_s,
+            concurrency_limit=limit,
             entrypoint_type=EntrypointType.MODULE_PATH,
         ),
-        pull_flow.to_deployment(name=name, parameters=shared, entrypoint_type=EntrypointType.MODULE_PATH),
+        pull_flow.to_deployment(
+            name=name, parameters=shared, concurrency_limit=limit, entrypoint_type=EntrypointType.MODULE_PATH
+        ),
+        train.to_deployment(name=name, concurrency_limit=1, entrypoint_type=EntrypointType.MODULE_PATH),
     ]
     # `to_deployment` is sync-compatible: called outside an event loop it returns the deployment itself.
-    serve_deployments(*cast("list[RunnerDeployment]", deployments), limit=limit)
+    serve_deployments(*cast("list[RunnerDeployment]", deployments), limit=limit + 1)
 
 
 __all__ = [
@@ -242,7 +249,9 @@ __all__ = [
 class ServeConfig:
     """What `ich serve` was asked: the deployment's name, what its runs may use, their defaults and schedule."""
 
-    name: str = option(DEFAULT_DEPLOYMENT, help="deployment name (default: default → ingest/default)")
+    name: str = option(
+        DEFAULT_DEPLOYMENT, help="deployment name (default: default → ingest/default, train/default, …)"
+    )
     allow_root: tuple[Path, ...] = option(
         (),
         metavar="DIR",
@@ -277,7 +286,7 @@ class ServeConfig:
         metavar="SECONDS",
         help="also ingest on this schedule (needs --source and --store): keeps a landing folder converted",
     )
-    limit: int = option(1, help="runs executed at once (default 1: one writer per store)")
+    limit: int = option(1, help="ingest runs executed at once (default 1: one writer per store)")
 
 
 def serve_from_config(config: ServeConfig) -> None:

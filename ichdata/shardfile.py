@@ -5,14 +5,17 @@ training reader read it back (`read_shard`), each slice checked against its own 
 `crc32c` codec on the inner chunks, `inner_checksum`), and `ich verify` compares `shard_checksum` with
 the done-marker. On a
 local store with the layout `ichdata.store.create_images` makes, the file is encoded and decoded
-here, byte for byte what zarr writes and reads (tested); anywhere else zarr does it.
+here, byte for byte what zarr writes and reads (tested); anywhere else zarr does it. A features
+group's `features` (`ichdata.features`) has the same layout (one row per inner chunk, zstd) in
+float16, and goes through the same functions.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -25,14 +28,14 @@ ZSTD_LEVEL = 1
 
 
 def shard_checksum(block: np.ndarray) -> str:
-    """CRC-32 of a shard's pixels (uint8, C order), as 8 hex digits.
+    """CRC-32 of a shard's values (their bytes in C order), as 8 hex digits.
 
     What the done-marker records and `ich verify` checks. A checksum against accidents (a truncated or
     damaged shard file), not an adversary: CRC-32 is far cheaper than a cryptographic hash.
     """
     import zlib
 
-    return f"{zlib.crc32(np.ascontiguousarray(block, dtype=np.uint8).data):08x}"
+    return f"{zlib.crc32(np.ascontiguousarray(block).reshape(-1).view(np.uint8).data):08x}"
 
 
 def write_images(images: Array, start: int, block: np.ndarray) -> None:
@@ -48,7 +51,7 @@ def write_images(images: Array, start: int, block: np.ndarray) -> None:
     import zarr
 
     path = _local_shard_path(images, start, len(block))
-    if path is not None and images.shards is not None and block.dtype == np.uint8:
+    if path is not None and images.shards is not None and block.dtype == images.dtype:
         data = _encode_shard(block, int(images.shards[0]), checksum=inner_checksum(images))
         path.parent.mkdir(parents=True, exist_ok=True)
         write_bytes_atomic(path, data)
@@ -78,6 +81,8 @@ def _local_shard_path(images: Array, start: int, n: int) -> Path | None:
     sc = codecs[0]
     inner = sc.codecs
     k = int(shards[0])
+    endian = getattr(inner[0], "endian", None) if inner else None
+    native = endian is None or str(getattr(endian, "value", endian)) == sys.byteorder
     expected_index = (
         len(sc.index_codecs) == 2
         and isinstance(sc.index_codecs[0], BytesCodec)
@@ -88,6 +93,7 @@ def _local_shard_path(images: Array, start: int, n: int) -> Path | None:
     expected_inner = (
         len(inner) in (2, 3)
         and isinstance(inner[0], BytesCodec)
+        and native
         and isinstance(inner[1], ZstdCodec)
         and not inner[1].checksum
         and (len(inner) == 2 or isinstance(inner[2], Crc32cCodec))
@@ -126,11 +132,11 @@ def inner_checksum(images: Array) -> bool:
 def _encode_shard(
     block: np.ndarray, shard_size: int, level: int = ZSTD_LEVEL, *, checksum: bool = True
 ) -> bytes:
-    """A zarr v3 `sharding_indexed` shard of one-slice inner chunks.
+    """A zarr v3 `sharding_indexed` shard of one-row inner chunks.
 
     Zstd frames (each followed by its CRC-32C with `checksum`), then the index ((offset, nbytes)
-    little-endian uint64 per inner chunk; 2**64-1 for an all-zero chunk, which reads back as the fill
-    value, and for chunks past the array's end) and its CRC-32C.
+    little-endian uint64 per inner chunk; 2**64-1 for a chunk whose bytes are all zero, which reads back as
+    the fill value 0, and for chunks past the array's end) and its CRC-32C.
     """
     import google_crc32c
     from numcodecs.zstd import Zstd
@@ -140,7 +146,9 @@ def _encode_shard(
     parts = []
     offset = 0
     for j in range(len(block)):
-        if not block[j].any():  # all fill value: zarr leaves the inner chunk out, and so do we
+        # All fill value: zarr leaves the inner chunk out, and so do we. Bytes, not values: a float
+        # -0.0 must come back as written.
+        if not block[j].reshape(-1).view(np.uint8).any():
             continue
         p = bytes(zstd.encode(np.ascontiguousarray(block[j])))
         if checksum:
@@ -181,7 +189,7 @@ def read_shard(
     path = None
     if k and 0 <= start <= stop <= min(first + k, images.shape[0]):
         path = _local_shard_path(images, first, min(k, int(images.shape[0]) - first))
-    if path is None or images.dtype != np.uint8 or images.fill_value != 0:
+    if path is None or images.fill_value != 0:
         rows = np.asarray(images[start:stop])
         if out is None:
             return rows
@@ -193,6 +201,7 @@ def read_shard(
         stop - first,
         k,
         tuple(int(d) for d in images.shape[1:]),
+        np.dtype(images.dtype),
         checksum=inner_checksum(images),
         checked=checked,
         out=out,
@@ -205,6 +214,7 @@ def _decode_shard(
     n: int,
     shard_size: int,
     chunk_shape: tuple[int, ...],
+    dtype: np.dtype[Any],
     *,
     checksum: bool,
     checked: np.ndarray | None = None,
@@ -220,7 +230,7 @@ def _decode_shard(
     from numcodecs.zstd import Zstd
 
     if out is None:
-        out = np.empty((n - first, *chunk_shape), dtype=np.uint8)
+        out = np.empty((n - first, *chunk_shape), dtype=dtype)
     try:
         fd = os.open(path, os.O_RDONLY)
     except FileNotFoundError:  # zarr reads a shard that was never written as the fill value
@@ -277,7 +287,7 @@ def _decode_shard(
         chunk = zstd.decode(frame)
         if len(chunk) != size:
             raise ValueError(f"{path}: inner chunk {j} decodes to {len(chunk):,} bytes, {size:,} expected")
-        out[j - first] = np.frombuffer(chunk, dtype=np.uint8).reshape(chunk_shape)
+        out[j - first] = np.frombuffer(chunk, dtype=dtype).reshape(chunk_shape)
     return out
 
 

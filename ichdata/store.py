@@ -71,7 +71,7 @@ def _beside(store: str | os.PathLike[str], suffix: str) -> Path:
     return p.with_name(p.name.rstrip("/") + suffix)
 
 
-def _compressors(level: int = ZSTD_LEVEL) -> list[BytesBytesCodec]:
+def compressors(level: int = ZSTD_LEVEL) -> list[BytesBytesCodec]:
     """zstd, then zarr's `crc32c` codec: every chunk carries the CRC-32C of its compressed bytes.
 
     Each slice of `images` (an inner chunk of its shard) and each chunk of the small arrays: every zarr
@@ -91,7 +91,7 @@ def create_images(group: Group, n_slices: int, shard_size: int, image_size: int 
         dtype="uint8",
         chunks=(1, N_CHANNELS, image_size, image_size),
         shards=(shard_size, N_CHANNELS, image_size, image_size),
-        compressors=_compressors(),
+        compressors=compressors(),
         fill_value=0,
         overwrite=True,
         dimension_names=("slice", "window", "y", "x"),
@@ -108,7 +108,7 @@ def create_shard_done(group: Group, n_shards: int) -> Array:
         chunks=(1,),
         fill_value="",
         overwrite=True,
-        compressors=_compressors(_STRING_ZSTD_LEVEL),
+        compressors=compressors(_STRING_ZSTD_LEVEL),
     )
 
 
@@ -135,7 +135,7 @@ def write_array(group: Group, name: str, data: np.ndarray) -> None:
         chunks=chunks,
         fill_value=fill,
         overwrite=True,
-        compressors=_compressors() if dtype is not str else _compressors(_STRING_ZSTD_LEVEL),
+        compressors=compressors() if dtype is not str else compressors(_STRING_ZSTD_LEVEL),
         # Every chunk is a file, even one of fill values: a chunk file that goes missing is then damage
         # `check_small_arrays` sees, not a run of zeros (labels read as "no hemorrhage").
         config={"write_empty_chunks": True},

@@ -144,32 +144,45 @@ def _walk(root: Path, within: Iterable[str]) -> Iterator[tuple[str, bool]]:
             dirnames.sort()
 
 
-def stray_files(store: str | os.PathLike[str], *, within: Iterable[str] = ("",)) -> list[Stray]:
+def stray_files(
+    store: str | os.PathLike[str],
+    *,
+    within: Iterable[str] = ("",),
+    arrays: tuple[str, ...] = ARRAYS,
+    groups: tuple[str, ...] = GROUPS,
+) -> list[Stray]:
     """The files inside the store at `store` that ich's layout does not account for, sorted by path.
 
-    `within`: the folders of the store to look in (default: all of it).
+    `within`: the folders of the store to look in (default: all of it). `arrays`, `groups`: the
+    layout (a store's by default; a features group's is `ichdata.features.ARRAYS`, `.GROUPS`).
     """
     root = Path(store)
     grids: dict[str, _Grid] = {}
-    metadata = {f"{g}/zarr.json".lstrip("/") for g in GROUPS}
-    folders = {*GROUPS, *ARRAYS}
+    metadata = {f"{g}/zarr.json".lstrip("/") for g in groups}
+    folders = {*groups, *arrays}
     out: list[Stray] = []
     for rel, plain in _walk(root, within):
-        kind = _kind(root, rel, plain, metadata, folders, grids)
+        kind = _kind(root, rel, plain, metadata, folders, grids, arrays)
         if kind is not None:
             out.append(Stray(rel, kind))
     return sorted(out, key=lambda s: s.path)
 
 
 def _kind(
-    root: Path, rel: str, plain: bool, metadata: set[str], folders: set[str], grids: dict[str, _Grid]
+    root: Path,
+    rel: str,
+    plain: bool,
+    metadata: set[str],
+    folders: set[str],
+    grids: dict[str, _Grid],
+    arrays: tuple[str, ...],
 ) -> StrayKind | None:
     if not plain:
         return StrayKind.FOREIGN
     if rel in metadata:
         return None
     folder, _, name = rel.rpartition("/")
-    array = next((a for a in ARRAYS if rel.startswith(a + "/")), None)
+    array = next((a for a in arrays if rel.startswith(a + "/")), None)
     in_ours = folder in folders or (array is not None and folder.startswith(array + "/c"))
     if in_ours and (_OUR_TMP.match(name) or _ZARR_TMP.match(name)):
         return StrayKind.LEFTOVER
@@ -217,14 +230,17 @@ def check_replaceable(store: str | os.PathLike[str], *, what: str = "STORE") -> 
         )
 
 
-def remove_ich_files(store: str | os.PathLike[str]) -> None:
+def remove_ich_files(
+    store: str | os.PathLike[str], *, arrays: tuple[str, ...] = ARRAYS, groups: tuple[str, ...] = GROUPS
+) -> None:
     """Delete what ich wrote inside `store` (strays of its own included), then every folder left empty.
 
     A file ich did not write stays, with the folders that lead to it (`check_replaceable` refuses such
-    a store first; this is what keeps a file that appears meanwhile).
+    a store first; this is what keeps a file that appears meanwhile). `arrays`, `groups`: the layout,
+    as for `stray_files`.
     """
     root = Path(store)
-    foreign = {s.path for s in stray_files(root) if s.kind is StrayKind.FOREIGN}
+    foreign = {s.path for s in stray_files(root, arrays=arrays, groups=groups) if s.kind is StrayKind.FOREIGN}
     for dirpath, dirnames, filenames in os.walk(root, topdown=False):
         here = Path(dirpath)
         for f in filenames:

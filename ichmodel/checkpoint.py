@@ -83,10 +83,11 @@ def save_checkpoint(checkpoint: Mapping[str, object], path: str | os.PathLike[st
     | key | content |
     | --- | --- |
     | `format`, `version` | `"ich-checkpoint"`, 2 |
-    | `model`, `state_dict` | `create_model` keyword arguments (`name`, `backbone`, `bidirectional`, `num_classes`, `drop_rate`, `rnn_hidden`, `rnn_layers`); the plain module's weights |
+    | `model`, `state_dict` | `create_model` keyword arguments (`name`, `backbone`, `bidirectional`, `num_classes`, `drop_rate`, `rnn_hidden`, `rnn_layers`, `neighbour_diff`, `ensemble`); the plain module's weights |
     | `classes`, `image_size`, `windows`, `max_len` | label columns in output order; what inputs look like; the training window length |
     | `config`, `store` | the resolved `TrainConfig` as a dict; the training store's `path`, `n_slices`, `n_series` |
     | `epoch`, `step`, `val_loss`, `best_val_loss`, `best_epoch` | epochs and optimizer steps done; validation losses |
+    | `features` | trained on cached features: the group's `path`, `config_hash`, `n_slices`, `route`, `tta`; else None |
     | `optimizer`, `scheduler`, `rng` | `last.pt` only (`TRAINING_STATE`): what `--resume` restores, RNG states of every rank |
 
     Args:
@@ -185,6 +186,7 @@ _ENTRIES: dict[str, tuple[Callable[[object], bool], str]] = {
     "optimizer": (lambda v: isinstance(v, dict), "an optimizer state"),
     "scheduler": (lambda v: isinstance(v, dict), "a schedule state"),
     "rng": (_dicts, "a list of random states"),
+    "features": (lambda v: v is None or isinstance(v, dict), "the cached features' description"),
 }
 #: The entries `--resume` needs besides the model (`read_checkpoint(training=True)`).
 _RESUME_ENTRIES = ("config", "epoch", "step", "best_val_loss", "best_epoch", *sorted(TRAINING_STATE))

@@ -15,10 +15,12 @@ from pathlib import Path
 from ichdata.errors import UserError
 from ichdata.options import option
 from ichmodel.data import DEFAULT_MAX_LEN
-from ichmodel.models import DEFAULT_BACKBONE, MODEL_NAMES
+from ichmodel.models import DEFAULT_BACKBONE, MODEL_NAMES, variant
 
 #: Config fields that may change between a run and its resumption (they do not change the result).
 RESUMABLE_CHANGES = frozenset({"resume", "progress", "workers", "stop_after", "compile", "device", "split"})
+#: Options of training on images that mean nothing with `--features` (the CNN is the features' own).
+_IMAGE_ONLY = ("init_backbone", "weights", "pretrained", "compile", "grad_checkpointing", "window_jitter")
 
 
 @dataclass(frozen=True)
@@ -28,7 +30,10 @@ class TrainConfig:
     store: str = option(positional=True, metavar="STORE", help="the store written by `ich convert`")
     out: str = option(metavar="RUN_DIR", help="run directory (created)")
     model: str = option("xception_gru", choices=MODEL_NAMES, help="the detector to train")
-    backbone: str = option(DEFAULT_BACKBONE, help="timm model name of the per-slice CNN")
+    backbone: str | None = option(
+        None,
+        help=f"timm model name of the per-slice CNN (default {DEFAULT_BACKBONE}; with --features, theirs)",
+    )
     pretrained: bool = option(False, help="start from timm's pretrained weights (downloads)")
     weights: str | None = option(None, help="local weights file for the backbone (.pth/.safetensors)")
     bidirectional: bool = option(False, help="bidirectional LSTM/GRU")
@@ -43,6 +48,27 @@ class TrainConfig:
         help="start from the backbone (and classifier) of an earlier run's best.pt: stage-wise training",
     )
     freeze_backbone: bool = option(False, help="train only the LSTM/GRU and the head on a fixed backbone")
+    # The two-stage route: the CNN ran once over the store (`ich features`); the sequence model and
+    # the head train on its cached vectors and compose with that CNN into an ordinary checkpoint.
+    features: str | None = option(
+        None,
+        metavar="FEATURES",
+        help="train only the LSTM/GRU and the head on the cached CNN features of `ich features` "
+        "(no image is read); the checkpoint composes them with the features' CNN",
+    )
+    seq_crop: int | None = option(
+        None, metavar="T", help="with --features: each training window becomes a random run of T slices of it"
+    )
+    seq_reverse: bool = option(
+        False, help="with --features: reverse a training window's slice order with probability 1/2"
+    )
+    neighbour_diff: bool = option(
+        False, help="the LSTM/GRU reads each slice's features with their differences to its neighbours'"
+    )
+    folds: int | None = option(
+        None, metavar="K", help="K patient-grouped folds (with --fold), for out-of-fold features"
+    )
+    fold: int | None = option(None, metavar="I", help="the fold (0 to K-1) this run validates on")
     epochs: int = option(10, help="epochs to train")
     batch_size: int | None = option(None, help="studies per step (slices for xception); default 4 (64)")
     max_len: int = option(DEFAULT_MAX_LEN, help="longest study window in slices (longer studies are cut)")
@@ -65,12 +91,18 @@ class TrainConfig:
     stop_after: int | None = option(None, help="stop after this many epochs in this invocation")
 
     def resolve(self) -> TrainConfig:
-        """Fill in defaults that depend on the model or the machine, and check values."""
+        """Fill in defaults that depend on the model, the features or the machine, and check values."""
         if self.model not in MODEL_NAMES:
             raise UserError(f"--model {self.model!r}: expected one of {', '.join(MODEL_NAMES)}")
         for name in ("epochs", "accum", "max_len", "rnn_hidden", "rnn_layers"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be at least 1")
+        if self.seq_crop is not None and self.seq_crop < 1:
+            raise UserError(f"--seq-crop {self.seq_crop}: must be at least 1")
+        if (self.folds is None) != (self.fold is None):
+            raise UserError("--folds and --fold go together: --folds K --fold I trains fold I of K")
+        if self.folds is not None and self.split is not None:
+            raise UserError("--folds makes its own split; --split cannot be given with it")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise UserError(f"--device {self.device!r}: expected cpu, cuda or auto")
         init = self.init_backbone
@@ -78,16 +110,50 @@ class TrainConfig:
             if not Path(init).is_file():
                 raise UserError(f"--init-backbone {init}: no such file")
             init = str(Path(init).absolute())
-        batch = self.batch_size or (64 if self.model == "xception" else 4)
+        backbone = self.backbone or DEFAULT_BACKBONE
+        features = None
+        if self.features is not None:
+            features = str(Path(self.features).absolute())
+            backbone = self._check_features_route(features)
+        elif self.seq_crop is not None or self.seq_reverse:
+            raise UserError("--seq-crop and --seq-reverse augment cached features: they go with --features")
+        batch = self.batch_size or variant(self.model).batch_size
         workers = self.workers if self.workers is not None else min(8, os.cpu_count() or 1)
         return dataclasses.replace(
             self,
             store=str(Path(self.store).absolute()),
             out=str(Path(self.out).absolute()),
+            backbone=backbone,
             batch_size=batch,
             workers=workers,
             init_backbone=init,
+            features=features,
+            freeze_backbone=self.freeze_backbone or features is not None,
         )
+
+    def _check_features_route(self, features: str) -> str:
+        """Refuse what training on cached features cannot do; returns the features' backbone."""
+        from ichdata.features import open_features
+
+        if not variant(self.model).sequence:
+            raise UserError(
+                f"--features trains a sequence model on cached features; --model {self.model} "
+                "classifies single slices (use xception_lstm or xception_gru)"
+            )
+        given = [f"--{k.replace('_', '-')}" for k in _IMAGE_ONLY if getattr(self, k) not in (None, False)]
+        if given:
+            raise UserError(
+                f"{', '.join(given)}: options of training on images; with --features the CNN is the one "
+                "the features came from"
+            )
+        made = open_features(features).attrs.get("checkpoints") or []
+        theirs = str(made[0].get("backbone")) if made else None
+        if self.backbone is not None and self.backbone != theirs:
+            raise UserError(
+                f"--features {features}: made by a CNN on backbone {theirs!r}, not the --backbone "
+                f"{self.backbone!r} asked for"
+            )
+        return theirs or DEFAULT_BACKBONE
 
 
 __all__ = ["RESUMABLE_CHANGES", "TrainConfig"]

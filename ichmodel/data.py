@@ -17,7 +17,7 @@ import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypedDict
+from typing import Any, TypedDict
 
 import numpy as np
 import pandas as pd
@@ -331,18 +331,139 @@ def make_loader(
     )
 
 
+# --- cached features: the sequence stage of two-stage training ------------------------------------
+
+
+class FeatureStudies:
+    """Study windows of cached per-slice features, batched from memory (`ich train --features`).
+
+    The features (N, D) and labels (N, C) of every store row sit on `device` (the GPU when there is
+    one) and a batch is gathered there from the rows of its windows: no DataLoader, no image read.
+    The windows are `StudyDataset`'s (each series cut at `max_len`), so the split, the sampler and the
+    loss apply unchanged. `batch(..., epoch=e)` applies the 1st place's sequence augmentation when
+    asked: `crop` makes each window a random run of that many consecutive slices of it, `reverse`
+    reverses its slice order with probability 1/2; the draws are a function of (seed, epoch, window),
+    so a resumed run draws what an uninterrupted one did.
+    """
+
+    def __init__(
+        self,
+        features: torch.Tensor,
+        labels: torch.Tensor,
+        study_offsets: np.ndarray,
+        series: Sequence[int] | np.ndarray,
+        *,
+        max_len: int | None = DEFAULT_MAX_LEN,
+        crop: int | None = None,
+        reverse: bool = False,
+        seed: int = 0,
+    ) -> None:
+        self.features = features
+        self.labels = labels
+        self.offsets = np.asarray(study_offsets, dtype=np.int64)
+        rows: list[tuple[int, int, int]] = []
+        for s in np.asarray(series, dtype=np.int64).tolist():
+            n = int(self.offsets[s + 1] - self.offsets[s])
+            rows.extend((s, a, b) for a, b in study_windows(n, max_len) if b > a)
+        #: (n_windows, 3) int64: series, first and last+1 slice within the series
+        self.windows = np.asarray(rows, dtype=np.int64).reshape(-1, 3)
+        self.crop = crop
+        self.reverse = reverse
+        self.seed = seed
+        self._draws: tuple[int, np.ndarray] | None = None
+
+    def __len__(self) -> int:
+        return len(self.windows)
+
+    def _uniform(self, epoch: int) -> np.ndarray:
+        """(n_windows, 2) uniform draws of `epoch`: the crop's start and the reversal of each window."""
+        if self._draws is None or self._draws[0] != epoch:
+            self._draws = (epoch, np.random.default_rng([self.seed, epoch, 1]).random((len(self.windows), 2)))
+        return self._draws[1]
+
+    def batch(self, items: Sequence[tuple[int, float]], epoch: int | None = None) -> dict[str, Any]:
+        """The windows `items` ((window, weight) pairs) as a batch; augmented when `epoch` is given.
+
+        `features` (B, T, D) and `labels` (B, T, C) on the features' device, zeros and 255 on padding;
+        `mask` (B, T) on the CPU; `lengths`, `series`, `start` (first slice within its series) and
+        `weight` as `collate_studies` gives them.
+        """
+        u = self._uniform(epoch) if epoch is not None and (self.crop or self.reverse) else None
+        parts: list[np.ndarray] = []
+        series, starts = [], []
+        for w, _ in items:
+            s, a, b = (int(v) for v in self.windows[w])
+            if u is not None and self.crop and b - a > self.crop:
+                a += int(u[w, 0] * (b - a - self.crop + 1))
+                b = a + self.crop
+            r = np.arange(self.offsets[s] + a, self.offsets[s] + b)
+            if u is not None and self.reverse and u[w, 1] < 0.5:
+                r = r[::-1]
+            parts.append(r)
+            series.append(s)
+            starts.append(a)
+        lengths = [len(r) for r in parts]
+        t = max(lengths)
+        idx = np.zeros((len(parts), t), dtype=np.int64)
+        mask = np.zeros((len(parts), t), dtype=bool)
+        for k, r in enumerate(parts):
+            idx[k, : len(r)] = r
+            mask[k, : len(r)] = True
+        device = self.features.device
+        where = torch.from_numpy(idx).to(device, non_blocking=True)
+        on_device = torch.from_numpy(mask).to(device, non_blocking=True)
+        labels = self.labels[where]
+        labels[~on_device] = UNLABELLED
+        return {
+            "features": self.features[where] * on_device[..., None],
+            "labels": labels,
+            "mask": torch.from_numpy(mask),
+            "lengths": torch.tensor(lengths, dtype=torch.int64),
+            "series": torch.tensor(series, dtype=torch.int64),
+            "start": torch.tensor(starts, dtype=torch.int64),
+            "weight": torch.tensor([float(wt) for _, wt in items], dtype=torch.float32),
+        }
+
+
+class FeatureLoader:
+    """`FeatureStudies` batches in a `StudyBatchSampler`'s order: what a DataLoader of windows yields.
+
+    `augment` applies the dataset's crop and reversal, drawn for the sampler's current epoch.
+    """
+
+    def __init__(self, dataset: FeatureStudies, sampler: StudyBatchSampler, *, augment: bool) -> None:
+        self.dataset = dataset
+        self.sampler = sampler
+        self.augment = augment
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        epoch = self.sampler.epoch if self.augment else None
+        for items in self.sampler:
+            yield self.dataset.batch(items, epoch)
+
+
 # --- the split by patient --------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class Split:
-    """Which store series train and which validate, and the patients behind them."""
+    """Which store series train and which validate, and the patients behind them.
+
+    A fold run (`split_folds`) also holds `test_patients` out altogether: neither trained nor
+    validated on, they are the patients no fold model has seen.
+    """
 
     train_series: np.ndarray
     val_series: np.ndarray
     val_patients: tuple[str, ...]
     seed: int | None = None
     val_fraction: float | None = None
+    test_patients: tuple[str, ...] = ()
+    fold: int | None = None
+    folds: int | None = None
 
 
 def split_by_patient(series: pd.DataFrame, val_fraction: float = 0.1, seed: int = 0) -> Split:
@@ -368,23 +489,75 @@ def split_by_patient(series: pd.DataFrame, val_fraction: float = 0.1, seed: int 
     return _split_from_patients(series, chosen, seed=seed, val_fraction=val_fraction)
 
 
+def split_folds(
+    series: pd.DataFrame, folds: int, fold: int, val_fraction: float = 0.1, seed: int = 0
+) -> Split:
+    """Fold `fold` of `folds` patient-grouped folds, for out-of-fold features (`ich train --folds K --fold i`).
+
+    The patients `split_by_patient(series, val_fraction, seed)` would hold out are test patients of
+    every fold run: no fold model trains or validates on them, and a sequence model trained on the
+    out-of-fold features with the same `seed` and `val_fraction` validates on them. The other
+    patients are dealt into `folds` folds of about equal slices (largest patient first, each to the
+    fold with the fewest slices so far; ties in an order drawn from `seed`): fold `fold` validates
+    this run, the rest train it. The K runs with the same arguments hold out disjoint folds.
+    """
+    if folds < 2:
+        raise UserError(f"--folds {folds}: expected at least 2")
+    if not 0 <= fold < folds:
+        raise UserError(f"--fold {fold}: expected 0 to {folds - 1} (one of the {folds} folds)")
+    test = split_by_patient(series, val_fraction, seed).val_patients
+    per_patient = series.groupby("patient_key", sort=True)["n_slices"].sum()
+    per_patient = per_patient[~per_patient.index.isin(set(test))]
+    if len(per_patient) < folds:
+        raise UserError(
+            f"--folds {folds}: only {len(per_patient)} patients are left for the folds "
+            f"after {len(test)} test patients are held out"
+        )
+    tie = np.random.default_rng([seed, folds]).permutation(len(per_patient))
+    order = sorted(range(len(per_patient)), key=lambda k: (-int(per_patient.iloc[k]), int(tie[k])))
+    totals = [0] * folds
+    mine: list[str] = []
+    for k in order:
+        f = min(range(folds), key=lambda j: (totals[j], j))
+        totals[f] += int(per_patient.iloc[k])
+        if f == fold:
+            mine.append(str(per_patient.index[k]))
+    return _split_from_patients(
+        series, mine, seed=seed, val_fraction=val_fraction, test_patients=test, fold=fold, folds=folds
+    )
+
+
 def _split_from_patients(
-    series: pd.DataFrame, val_patients: Sequence[str], *, seed: int | None, val_fraction: float | None
+    series: pd.DataFrame,
+    val_patients: Sequence[str],
+    *,
+    seed: int | None,
+    val_fraction: float | None,
+    test_patients: Sequence[str] = (),
+    fold: int | None = None,
+    folds: int | None = None,
 ) -> Split:
     is_val = series["patient_key"].isin(set(val_patients)).to_numpy()
+    is_test = series["patient_key"].isin(set(test_patients)).to_numpy()
     return Split(
-        train_series=np.flatnonzero(~is_val).astype(np.int64),
+        train_series=np.flatnonzero(~is_val & ~is_test).astype(np.int64),
         val_series=np.flatnonzero(is_val).astype(np.int64),
         val_patients=tuple(sorted(val_patients)),
         seed=seed,
         val_fraction=val_fraction,
+        test_patients=tuple(sorted(test_patients)),
+        fold=fold,
+        folds=folds,
     )
 
 
 def write_split(path: str | os.PathLike[str], split: Split, series: pd.DataFrame) -> Path:
-    """Write the split as JSON: held-out patient keys (what defines it) and the series UIDs of each side."""
+    """Write the split as JSON: held-out patient keys (what defines it) and the series UIDs of each side.
+
+    A fold run's file also names its fold (`fold`, `folds`) and the test patients no fold run sees.
+    """
     out = Path(path)
-    doc = {
+    doc: dict[str, object] = {
         "by": "patient_key",
         "seed": split.seed,
         "val_fraction": split.val_fraction,
@@ -392,8 +565,28 @@ def write_split(path: str | os.PathLike[str], split: Split, series: pd.DataFrame
         "train_series": series["series_uid"].to_numpy()[split.train_series].tolist(),
         "val_series": series["series_uid"].to_numpy()[split.val_series].tolist(),
     }
+    if split.folds is not None:
+        doc.update(fold=split.fold, folds=split.folds, test_patients=list(split.test_patients))
     write_text_atomic(out, json.dumps(doc, indent=1) + "\n")
     return out
+
+
+def split_document(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The JSON of a split file `ich train` wrote, checked for the keys every split has.
+
+    Raises:
+        UserError: no such file, or not a split file.
+    """
+    p = Path(path)
+    try:
+        doc = json.loads(p.read_text())
+        doc["val_patients"] = [str(k) for k in doc["val_patients"]]
+        doc["test_patients"] = [str(k) for k in doc.get("test_patients", [])]
+    except FileNotFoundError as exc:
+        raise UserError(f"split file {p}: no such file") from exc
+    except (ValueError, KeyError, TypeError) as exc:
+        raise UserError(f"split file {p}: not a split written by `ich train` ({exc})") from exc
+    return dict(doc)
 
 
 def read_split(path: str | os.PathLike[str], series: pd.DataFrame) -> Split:
@@ -403,13 +596,7 @@ def read_split(path: str | os.PathLike[str], series: pd.DataFrame) -> Split:
     patient-disjoint on a grown store; a series the file lists that the store lacks is an error.
     """
     p = Path(path)
-    try:
-        doc = json.loads(p.read_text())
-        val_patients = [str(k) for k in doc["val_patients"]]
-    except FileNotFoundError as exc:
-        raise UserError(f"split file {p}: no such file") from exc
-    except (ValueError, KeyError, TypeError) as exc:
-        raise UserError(f"split file {p}: not a split written by `ich train` ({exc})") from exc
+    doc = split_document(p)
     known = set(series["series_uid"].tolist())
     missing = [u for u in doc.get("train_series", []) + doc.get("val_series", []) if u not in known]
     if missing:
@@ -418,7 +605,13 @@ def read_split(path: str | os.PathLike[str], series: pd.DataFrame) -> Split:
             "expected a split made for this store or an earlier state of it"
         )
     return _split_from_patients(
-        series, val_patients, seed=doc.get("seed"), val_fraction=doc.get("val_fraction")
+        series,
+        doc["val_patients"],
+        seed=doc.get("seed"),
+        val_fraction=doc.get("val_fraction"),
+        test_patients=doc["test_patients"],
+        fold=doc.get("fold"),
+        folds=doc.get("folds"),
     )
 
 
@@ -468,6 +661,8 @@ def check_trainable(store: Store, split: Split) -> list[str]:
 
 __all__ = [
     "DEFAULT_MAX_LEN",
+    "FeatureLoader",
+    "FeatureStudies",
     "SliceDataset",
     "Split",
     "StudyBatch",
@@ -479,5 +674,7 @@ __all__ = [
     "make_loader",
     "read_split",
     "split_by_patient",
+    "split_document",
+    "split_folds",
     "write_split",
 ]

@@ -42,6 +42,7 @@ __all__ = [
     "evaluate_run",
     "evaluate_runs",
     "predict_series",
+    "training_route",
     "write_report",
 ]
 
@@ -240,10 +241,27 @@ def _round(x: Any, digits: int = 4) -> Any:
     return round(float(x), digits) if isinstance(x, float | int) and not isinstance(x, bool) else x
 
 
+def training_route(info: dict[str, Any]) -> str:
+    """How a checkpoint's model was trained, in words (from its recorded config)."""
+    config = info.get("config") or {}
+    features = info.get("features") or {}
+    if config.get("features"):
+        cnns = "the mean of its fold CNNs" if (info.get("model") or {}).get("ensemble", 1) > 1 else "its CNN"
+        return (
+            f"two-stage: sequence model on cached {features.get('route', '')} features "
+            f"(`ich features`), composed with {cnns}"
+        )
+    if config.get("init_backbone"):
+        frozen = "a frozen" if config.get("freeze_backbone") else "a"
+        return f"stage-wise on images: from {frozen} backbone of an earlier run"
+    return "end to end on images"
+
+
 def _run_info(r: RunEvaluation, store: Store) -> dict[str, Any]:
     model = r.info.get("model", {})
     return {
         "model": model.get("name", "?"),
+        "trained": training_route(r.info),
         "backbone": model.get("backbone", "?"),
         "bidirectional": bool(model.get("bidirectional", False)),
         "checkpoint": str(r.checkpoint),

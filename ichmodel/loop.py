@@ -3,7 +3,8 @@
 The loss is the RSNA weighted log loss (`ichmodel.losses`), normalised over the whole optimizer step
 (all micro-batches of an accumulation group, all ranks), so `P` ranks × `B` × `accum` trains like one
 batch of `P·B·accum` windows. Augmentation runs on the device (`ichmodel.augment`), bf16 autocast on
-GPU.
+GPU. A batch holds images, or the cached features of `ich features` (`inputs` says which the network
+reads).
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ if TYPE_CHECKING:
 
     from tqdm import tqdm
 
-#: A collated batch of `ichmodel.data.collate_studies` (images, labels, mask, weight, series, ...).
+#: A collated batch of `ichmodel.data.collate_studies` (images, labels, mask, weight, series, ...), or
+#: of `ichmodel.data.FeatureStudies` (features instead of images).
 Batch = dict[str, Any]
 #: A study window a rank trained on: (series, first row, end row) within the series.
 Window = tuple[int, int, int]
@@ -43,9 +45,21 @@ def autocast(device: torch.device) -> AbstractContextManager[Any]:
 def to_device(batch: Batch, device: torch.device) -> Batch:
     """A copy of `batch` whose tensors the model reads are on `device` (the rest stay on the CPU)."""
     out = dict(batch)
-    for k in ("images", "labels", "mask", "weight"):
-        out[k] = batch[k].to(device, non_blocking=True)
+    for k in ("images", "features", "labels", "mask", "weight"):
+        if k in batch:
+            out[k] = batch[k].to(device, non_blocking=True)
     return out
+
+
+def inputs(batch: Batch) -> torch.Tensor:
+    """What the network reads from a batch on the device, without augmentation.
+
+    Cached features (B, T, D) as float (the sequence stage on `ichmodel.data.FeatureStudies`), else
+    the images as float in [0, 1].
+    """
+    if "features" in batch:
+        return batch["features"].float()
+    return to_float(batch["images"])
 
 
 def prepare_images(
@@ -89,7 +103,7 @@ class Training:
     """What the epoch loop works on; `step` counts optimizer steps taken."""
 
     model: SliceClassifier | SequenceClassifier  # the plain module (what checkpoints hold)
-    net: nn.Module  # what runs forward: the model, or its DDP wrapper
+    net: nn.Module  # what runs forward: the model (its head alone on cached features), or its DDP wrapper
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     generator: torch.Generator  # the augmentation's random stream
@@ -132,7 +146,7 @@ def _accumulate(t: Training, group: list[Batch], sums: torch.Tensor, seen: list[
         sync = k == len(group) - 1 or d.world == 1
         no_sync = getattr(t.net, "no_sync", None)
         with contextlib.nullcontext() if sync or no_sync is None else no_sync():
-            x = prepare_images(b, batch["mask"], t.augment, t.generator)
+            x = inputs(b) if "features" in b else prepare_images(b, batch["mask"], t.augment, t.generator)
             with autocast(t.device):
                 logits = t.net(x, batch["mask"])
             s, w = weighted_bce_sums(logits, b["labels"], b["mask"], b["weight"])
@@ -185,7 +199,7 @@ def validate(
     for batch in loader:
         b = to_device(batch, device)
         with autocast(device):
-            logits = net(to_float(b["images"]), batch["mask"])
+            logits = net(inputs(b), batch["mask"])
         s, c = val_loss_sums(logits, b["labels"], b["mask"], b["weight"])
         sums += s
         counts += c
@@ -202,6 +216,7 @@ __all__ = [
     "Training",
     "Window",
     "autocast",
+    "inputs",
     "prepare_images",
     "to_device",
     "train_epoch",

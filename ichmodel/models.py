@@ -3,10 +3,13 @@
 All three run every slice of a study through one 2D CNN, a timm model created with `num_classes=0`
 (pooled features per slice; `legacy_xception` is the paper's Xception). `SliceClassifier`
 (`xception`) classifies each slice on its own; `SequenceClassifier` (`xception_lstm`,
-`xception_gru`) gates each slice's features with an RNN over the study's slices. Inputs are float
-images in [0, 1] shaped (B, T, 3, H, W) with a (B, T) bool mask whose True entries come first in each
-row (`ichmodel.data.collate_studies`); outputs are logits (B, T, 6). `predict_study` turns a uint8
-study into probabilities; `load_model` rebuilds a model from a checkpoint (`ichmodel.checkpoint`).
+`xception_gru`) gates each slice's features with an RNN over the study's slices. What tells the
+variants apart is `VARIANTS`, beside their names: every stage reads it. Inputs are float images in
+[0, 1] shaped (B, T, 3, H, W) with a (B, T) bool mask whose True entries come first in each row
+(`ichmodel.data.collate_studies`); outputs are logits (B, T, 6). `forward_head` takes the per-slice
+features (B, T, F) instead, which is how the sequence stage trains on cached features
+(`ich train --features`). `predict_study` turns a uint8 study into probabilities; `load_model`
+rebuilds a model from a checkpoint (`ichmodel.checkpoint`).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import itertools
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
@@ -25,7 +29,6 @@ from torch.utils.checkpoint import checkpoint
 
 from ichdata.errors import UserError
 
-MODEL_NAMES: tuple[str, ...] = ("xception", "xception_lstm", "xception_gru")
 DEFAULT_BACKBONE = "legacy_xception"
 #: The `create_model` arguments a checkpoint records (`ichmodel.checkpoint`), with their types. A model
 #: is rebuilt from these alone, never with `pretrained` or a weights file, whatever else a file holds.
@@ -37,11 +40,50 @@ RECORDED_ARGS: dict[str, type] = {
     "drop_rate": float,
     "rnn_hidden": int,
     "rnn_layers": int,
+    "neighbour_diff": bool,
+    "ensemble": int,
 }
 # A name in timm's registry, with an optional pretrained tag (`resnet50.a1_in1k`): no source prefix
 # (`hf-hub:`, `local-dir:`) and no path, for which timm fetches or reads a configuration even
 # without pretrained weights.
 _PLAIN_TIMM_NAME = re.compile(r"[A-Za-z0-9_]+(?:\.[A-Za-z0-9_]+)?")
+
+
+@dataclass(frozen=True)
+class Variant:
+    """What tells one detector from the others: a row of `VARIANTS`.
+
+    Attributes:
+        rnn: the recurrent layer over a study's slices, or None for the model that classifies each
+            slice on its own.
+        batch_size: the default `ich train --batch-size`: study windows per step for a sequence
+            model, single slices for the slice model.
+    """
+
+    rnn: type[nn.LSTM] | type[nn.GRU] | None
+    batch_size: int
+
+    @property
+    def sequence(self) -> bool:
+        """Whether the model reads study windows: trains on them, and on cached features (`--features`)."""
+        return self.rnn is not None
+
+
+#: The detectors by name (`ich train --model`), with their traits.
+VARIANTS: dict[str, Variant] = {
+    "xception": Variant(rnn=None, batch_size=64),
+    "xception_lstm": Variant(rnn=nn.LSTM, batch_size=4),
+    "xception_gru": Variant(rnn=nn.GRU, batch_size=4),
+}
+MODEL_NAMES: tuple[str, ...] = tuple(VARIANTS)
+
+
+def variant(name: str) -> Variant:
+    """The traits of model `name`; a `UserError` naming the choices for an unknown one."""
+    try:
+        return VARIANTS[name]
+    except KeyError:
+        raise UserError(f"model {name!r} is not one of {', '.join(MODEL_NAMES)}") from None
 
 
 class _Encoder(nn.Module):
@@ -89,6 +131,55 @@ class _Encoder(nn.Module):
             chunks = x.split(self.checkpoint_chunk)
             return torch.cat([checkpoint(self.backbone, c, use_reentrant=False) for c in chunks])
         return self.backbone(x)
+
+
+class _MeanOfBackbones(nn.Module):
+    """K backbones of one architecture whose pooled features are averaged, slice by slice.
+
+    The per-slice CNN of a sequence model trained on out-of-fold features (`ich features RUN_0 …
+    RUN_{K-1}`): patients that no fold model trained on got the mean of the K models' features, and
+    so does every study this model sees later.
+    """
+
+    def __init__(self, members: Sequence[nn.Module]) -> None:
+        super().__init__()
+        self.members = nn.ModuleList(members)
+        first = cast(Any, members[0])
+        self.num_features = int(getattr(first, "head_hidden_size", None) or first.num_features)
+        self.pretrained_cfg = getattr(first, "pretrained_cfg", {})
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, 3, H, W) normalised images -> (N, F), the mean of the members' pooled features."""
+        return torch.stack([m(x) for m in self.members]).mean(0)
+
+
+def mean_encoder(encoders: Sequence[nn.Module]) -> nn.Module:
+    """One per-slice CNN whose features are the mean of `encoders`' (their weights shared, not copied).
+
+    `encoders` are the `.encoder` of models on one backbone (one input normalisation): what
+    `create_model(..., ensemble=K)` builds, for the rows of out-of-fold features that no fold model
+    trained on.
+    """
+    first = cast(_Encoder, encoders[0])
+    mean = first.mean.reshape(-1).tolist()
+    std = first.std.reshape(-1).tolist()
+    encoder = _Encoder(_MeanOfBackbones([cast(_Encoder, e).backbone for e in encoders]), mean, std)
+    encoder.channels_last = first.channels_last
+    return encoder.to(first.mean.device)
+
+
+def neighbour_differences(features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B, T, F) -> (B, T, 3F): each slice's features, minus the previous slice's, minus the next's.
+
+    The 2nd place's sequence input (embedding ‖ Δprevious ‖ Δnext). A study's first and last real
+    slices have no neighbour on one side: that difference is zero. `mask` (B, T) marks the real
+    slices, True first.
+    """
+    prev = torch.cat([features[:, :1], features[:, :-1]], 1)
+    nxt = torch.cat([features[:, 1:], features[:, -1:]], 1)
+    has_next = torch.cat([mask[:, 1:], mask.new_zeros(mask.shape[0], 1)], 1)
+    d_next = (features - nxt) * has_next.to(features.device, non_blocking=True)[..., None]
+    return torch.cat([features, features - prev, d_next], -1)
 
 
 def real_index(mask: torch.Tensor, device: torch.device | str) -> torch.Tensor:
@@ -142,7 +233,9 @@ class SequenceClassifier(nn.Module):
     """`xception_lstm` / `xception_gru`: CNN features gated by an RNN over the study's slices.
 
     `rnn` is an `nn.LSTM` or `nn.GRU` with `batch_first=True` whose input size is the encoder's
-    feature width; `proj` maps its output (hidden size, doubled when bidirectional) to that width.
+    feature width (three times it with `neighbour_diff`: the RNN then reads each slice's features
+    with their differences to its neighbours, `neighbour_differences`); `proj` maps its output
+    (hidden size, doubled when bidirectional) to the feature width.
 
     Our reading of the paper (section IV.B.2.c and its Fig. 3), which says only that "the output of
     these [RNN] layers is then multiplied with the output of the CNN network", then a 6-node sigmoid
@@ -158,13 +251,22 @@ class SequenceClassifier(nn.Module):
     """
 
     def __init__(
-        self, encoder: _Encoder, rnn: nn.RNNBase, num_classes: int = 6, drop_rate: float = 0.2
+        self,
+        encoder: _Encoder,
+        rnn: nn.RNNBase,
+        num_classes: int = 6,
+        drop_rate: float = 0.2,
+        neighbour_diff: bool = False,
     ) -> None:
         super().__init__()
         if not rnn.batch_first:
             raise ValueError("the RNN must be batch_first")
+        width = encoder.num_features * (3 if neighbour_diff else 1)
+        if rnn.input_size != width:
+            raise ValueError(f"the RNN reads {rnn.input_size} features per slice, {width} expected")
         self.encoder = encoder
         self.rnn = rnn
+        self.neighbour_diff = neighbour_diff
         self.num_classes = num_classes
         rnn_width = rnn.hidden_size * (2 if rnn.bidirectional else 1)
         self.proj = nn.Linear(rnn_width, encoder.num_features)
@@ -180,8 +282,9 @@ class SequenceClassifier(nn.Module):
         lengths = mask.sum(1).cpu()
         # The RNN runs in float32 even under bf16 autocast: it is a small part of the cost, and
         # cuDNN's reduced-precision RNN paths differ between versions.
+        seq = neighbour_differences(features, mask) if self.neighbour_diff else features
         with torch.autocast(features.device.type, enabled=False):
-            packed = pack_padded_sequence(features.float(), lengths, batch_first=True, enforce_sorted=False)
+            packed = pack_padded_sequence(seq.float(), lengths, batch_first=True, enforce_sorted=False)
             out, _ = self.rnn(packed)
             context, _ = pad_packed_sequence(out, batch_first=True, total_length=mask.shape[1])
         gated = features * self.proj(context).to(features.dtype)
@@ -238,36 +341,47 @@ def create_model(
     rnn_hidden: int = 512,
     rnn_layers: int = 2,
     grad_checkpointing: bool = False,
+    neighbour_diff: bool = False,
+    ensemble: int = 1,
 ) -> SliceClassifier | SequenceClassifier:
     """Build `xception`, `xception_lstm` or `xception_gru` on the timm backbone `backbone`.
 
     `backbone` is a name in timm's registry (`check_backbone`). `pretrained=True` downloads the
     backbone's weights through timm (needs internet); `weights=FILE` loads a local weights file
     instead. Both only touch the backbone.
+    `neighbour_diff` feeds the RNN each slice's features with their differences to its neighbours;
+    `ensemble=K` makes the per-slice CNN the mean of K backbones (a sequence model trained on
+    out-of-fold features composed with its K fold CNNs).
     """
     import timm
 
-    if name not in MODEL_NAMES:
-        raise UserError(f"model {name!r} is not one of {', '.join(MODEL_NAMES)}")
+    kind = variant(name)
     check_backbone(backbone)
+    if ensemble < 1:
+        raise ValueError(f"ensemble {ensemble}: expected at least one backbone")
     try:
-        net = timm.create_model(backbone, pretrained=pretrained and weights is None, num_classes=0)
+        nets = [
+            timm.create_model(backbone, pretrained=pretrained and weights is None, num_classes=0)
+            for _ in range(ensemble)
+        ]
     except RuntimeError as exc:
         if "Unknown model" in str(exc) or "Invalid pretrained tag" in str(exc):
             raise UserError(f"backbone {backbone!r} is not a timm model name") from exc
         raise
     if weights is not None:
-        _load_backbone_weights(net, Path(weights))
+        for net in nets:
+            _load_backbone_weights(net, Path(weights))
+    net = nets[0] if ensemble == 1 else _MeanOfBackbones(nets)
     cfg = getattr(net, "pretrained_cfg", {}) or {}
     encoder = _Encoder(net, cfg.get("mean", (0.5, 0.5, 0.5)), cfg.get("std", (0.5, 0.5, 0.5)))
     encoder.grad_checkpointing = grad_checkpointing
-    if name == "xception":
+    if kind.rnn is None:
         return SliceClassifier(encoder, num_classes=num_classes, drop_rate=drop_rate)
-    rnn_cls = nn.LSTM if name == "xception_lstm" else nn.GRU
-    rnn = rnn_cls(
-        encoder.num_features, rnn_hidden, num_layers=rnn_layers, batch_first=True, bidirectional=bidirectional
+    width = encoder.num_features * (3 if neighbour_diff else 1)
+    rnn = kind.rnn(width, rnn_hidden, num_layers=rnn_layers, batch_first=True, bidirectional=bidirectional)
+    return SequenceClassifier(
+        encoder, rnn, num_classes=num_classes, drop_rate=drop_rate, neighbour_diff=neighbour_diff
     )
-    return SequenceClassifier(encoder, rnn, num_classes=num_classes, drop_rate=drop_rate)
 
 
 def check_backbone(name: str) -> None:

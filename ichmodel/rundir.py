@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from ichdata.atomic import write_text_atomic
 from ichdata.errors import UserError
 from ichmodel.config import RESUMABLE_CHANGES, TrainConfig
-from ichmodel.data import Split, read_split, split_by_patient, write_split
+from ichmodel.data import Split, read_split, split_by_patient, split_folds, write_split
 
 if TYPE_CHECKING:
     from ichdata.store import Store
@@ -99,11 +99,18 @@ def check_resumable(saved: dict[str, Any], config: TrainConfig, path: Path) -> N
 
 
 def resolve_split(config: TrainConfig, store: Store, run: RunDir, main: bool) -> Split:
-    """The split of `--split`, of the run being resumed, or a new one; rank 0 writes it to the run."""
+    """The split of `--split`, of the run being resumed, or a new one; rank 0 writes it to the run.
+
+    A new one is a patient fold with `--folds K --fold I` (`split_folds`), else `split_by_patient`.
+    """
     if config.split is not None:
         split = read_split(config.split, store.series)
     elif config.resume and run.split.is_file():
         split = read_split(run.split, store.series)
+    elif config.folds is not None:
+        split = split_folds(
+            store.series, config.folds, int(config.fold or 0), config.val_fraction, config.seed
+        )
     else:
         split = split_by_patient(store.series, config.val_fraction, config.seed)
     if main:

@@ -7,8 +7,10 @@ checkpoint's `rng` entry holds, one per rank, so that `--resume` continues the s
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,6 +53,24 @@ def select_device(name: str) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {name}: no CUDA device is available")
     return torch.device(name)
+
+
+@contextlib.contextmanager
+def intra_op_threads(n: int | None) -> Iterator[None]:
+    """Set torch's CPU intra-op threads to `n` for the block (None: leave them), then restore them.
+
+    The sequence stage on cached features is a chain of small products (RNN steps over a few
+    windows): on the CPU more threads add a synchronisation per op and no speed, and on a machine
+    whose cores are busy with other work each of those waits for a descheduled thread (several
+    times slower: bench/RESULTS.md, "Two-stage training").
+    """
+    before = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def all_reduce(t: torch.Tensor, d: Dist) -> torch.Tensor:
@@ -105,6 +125,7 @@ __all__ = [
     "all_reduce",
     "gather_rng_states",
     "init_distributed",
+    "intra_op_threads",
     "rng_state",
     "seed_everything",
     "select_device",

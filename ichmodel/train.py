@@ -5,8 +5,11 @@ One process per device; under `torchrun` each reads its own share of the study w
 optional `torch.compile` of the backbone and gradient checkpointing; the epoch loop is
 `ichmodel.loop`, the run directory `ichmodel.rundir`, the checkpoint format `ichmodel.checkpoint`.
 Stage-wise training (the RSNA winners' schedule): `init_backbone=` a CNN run's `best.pt` and
-`freeze_backbone=True` train only the RNN and the head. A resumed run replays the same data order (a
-function of seed and epoch) and random streams, so it ends with the weights of an uninterrupted run.
+`freeze_backbone=True` train only the RNN and the head; `features=` a features group of `ich features`
+does the same on cached vectors, batched from memory (`ichmodel.data.FeatureStudies`) without reading
+an image, and the checkpoint composes the trained head with the features' CNN. A resumed run replays
+the same data order (a function of seed and epoch) and random streams, so it ends with the weights of
+an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -15,20 +18,25 @@ import dataclasses
 import math
 import sys
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from ichdata.errors import UserError, out_of_space
+from ichdata.features import Features, check_store, file_sha256, open_features
 from ichdata.store import open_store
 from ichmodel.augment import AugmentConfig
 from ichmodel.checkpoint import read_checkpoint, save_checkpoint
 from ichmodel.config import TrainConfig
 from ichmodel.data import (
+    FeatureLoader,
+    FeatureStudies,
     SliceDataset,
     Split,
     StudyBatchSampler,
@@ -37,7 +45,7 @@ from ichmodel.data import (
     make_loader,
 )
 from ichmodel.loop import EpochStats, Training, Window, train_epoch, validate
-from ichmodel.models import SequenceClassifier, SliceClassifier, create_model
+from ichmodel.models import SequenceClassifier, SliceClassifier, create_model, variant
 from ichmodel.rundir import (
     RunDir,
     append_log,
@@ -53,13 +61,13 @@ from ichmodel.runtime import (
     Dist,
     gather_rng_states,
     init_distributed,
+    intra_op_threads,
     seed_everything,
     select_device,
     set_rng_state,
 )
 
 if TYPE_CHECKING:
-    from torch.utils.data import DataLoader
     from tqdm import tqdm
 
     from ichdata.store import Store
@@ -86,8 +94,11 @@ def train(config: TrainConfig) -> RunResult:
     config = config.resolve()
     device = select_device(config.device)
     d, own_group = init_distributed(device.type)
+    # On the CPU the sequence stage on cached features runs on one intra-op thread (`intra_op_threads`).
+    threads = 1 if config.features is not None and device.type == "cpu" else None
     try:
-        return _train(config, _setup_device(device, d, config.model), d, t_start)
+        with intra_op_threads(threads):
+            return _train(config, _setup_device(device, d, config.model), d, t_start)
     except Exception as exc:
         # Every file of the run is replaced whole or not at all: what the last epoch saved is intact.
         last = RunDir(Path(config.out)).last
@@ -108,7 +119,7 @@ def _setup_device(device: torch.device, d: Dist, model_name: str) -> torch.devic
     if device.type == "cuda":
         torch.cuda.set_device(device)
         # cuDNN autotuning pays off for a fixed batch shape (slices); study batches vary in size.
-        torch.backends.cudnn.benchmark = model_name == "xception"
+        torch.backends.cudnn.benchmark = not variant(model_name).sequence
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     return device
@@ -119,24 +130,25 @@ def _setup_device(device: torch.device, d: Dist, model_name: str) -> torch.devic
 
 @dataclass(frozen=True)
 class _Loaders:
-    train: DataLoader[Any]
+    train: Iterable[Any]
     train_sampler: StudyBatchSampler
-    val: DataLoader[Any] | None
+    val: Iterable[Any] | None
 
 
 def _loaders(config: TrainConfig, store: Store, split: Split, d: Dist, device: torch.device) -> _Loaders:
     """Study windows (slices for `xception`) of the training split; whole windows for validation."""
     assert config.batch_size is not None  # set by resolve()
     assert config.workers is not None
-    if config.model == "xception":
-        train_ds: StudyDataset = SliceDataset(store, split.train_series, reader=config.reader)
-    else:
+    if variant(config.model).sequence:
         train_ds = StudyDataset(store, split.train_series, max_len=config.max_len, reader=config.reader)
+    else:
+        train_ds = SliceDataset(store, split.train_series, reader=config.reader)
     val_ds = StudyDataset(store, split.val_series, max_len=config.max_len, reader=config.reader)
     sampler = StudyBatchSampler(
         len(train_ds), config.batch_size, shuffle=True, seed=config.seed, rank=d.rank, world_size=d.world
     )
-    val_batch = config.batch_size if config.model != "xception" else max(1, config.batch_size // 16)
+    # slice batches are far larger than study-window batches: validation reads whole windows
+    val_batch = config.batch_size if variant(config.model).sequence else max(1, config.batch_size // 16)
     val_sampler = StudyBatchSampler(len(val_ds), val_batch, shuffle=False, rank=d.rank, world_size=d.world)
     pin = device.type == "cuda"
     loader = make_loader(train_ds, sampler, workers=config.workers, pin_memory=pin)
@@ -155,11 +167,105 @@ def _loaders(config: TrainConfig, store: Store, split: Split, d: Dist, device: t
     return _Loaders(loader, sampler, val)
 
 
+def _feature_loaders(
+    config: TrainConfig, features: Features, store: Store, split: Split, d: Dist, device: torch.device
+) -> _Loaders:
+    """Study windows of cached features, read once into memory on `device` (no DataLoader, no images)."""
+    assert config.batch_size is not None  # set by resolve()
+    vectors = torch.from_numpy(features.read_all()).to(device)
+    labels = torch.from_numpy(np.ascontiguousarray(store.labels)).to(device)
+    offsets = store.study_offsets
+    train_ds = FeatureStudies(
+        vectors,
+        labels,
+        offsets,
+        split.train_series,
+        max_len=config.max_len,
+        crop=config.seq_crop,
+        reverse=config.seq_reverse,
+        seed=config.seed,
+    )
+    val_ds = FeatureStudies(vectors, labels, offsets, split.val_series, max_len=config.max_len)
+    sampler = StudyBatchSampler(
+        len(train_ds), config.batch_size, shuffle=True, seed=config.seed, rank=d.rank, world_size=d.world
+    )
+    val_sampler = StudyBatchSampler(
+        len(val_ds), config.batch_size, shuffle=False, rank=d.rank, world_size=d.world
+    )
+    val = FeatureLoader(val_ds, val_sampler, augment=False) if len(val_ds) else None
+    return _Loaders(FeatureLoader(train_ds, sampler, augment=True), sampler, val)
+
+
+@dataclass(frozen=True)
+class _Cached:
+    """The features group a `--features` run trains on, and the checkpoints of the CNNs that made it."""
+
+    features: Features
+    cnns: list[dict[str, Any]]
+
+    @property
+    def record(self) -> dict[str, Any]:
+        """What a checkpoint records of the features it was trained on."""
+        a = self.features.attrs
+        return {
+            "path": str(self.features.path),
+            "config_hash": a.get("config_hash"),
+            "n_slices": self.features.n_slices,
+            "route": a.get("route"),
+            "tta": a.get("tta"),
+        }
+
+
+def _open_cached(config: TrainConfig, store: Store) -> _Cached:
+    """Open `--features` and refuse, in one line, features that do not belong to this store or model."""
+    name = f"--features {config.features}"
+    features = open_features(cast(str, config.features))
+    check_store(features, store)
+    cnns = []
+    for rec in features.attrs.get("checkpoints") or []:
+        path = Path(str(rec.get("path")))
+        if not path.is_file():
+            raise UserError(
+                f"{name}: made by checkpoint {path}, which is not there; the trained head is composed with its CNN"
+            )
+        if file_sha256(path) != rec.get("sha256"):
+            raise UserError(
+                f"{name}: checkpoint {path} changed since the features were made; run `ich features` again"
+            )
+        cnns.append(read_checkpoint(path, what=f"{name}: checkpoint"))
+    if not cnns:
+        raise UserError(f"{name}: names no checkpoint it was made from")
+    width = int(cnns[0]["state_dict"]["fc.weight"].shape[1])
+    if width != features.dim:
+        raise UserError(
+            f"{name}: {features.dim} features per slice, but the model on backbone {config.backbone!r} "
+            f"of {cnns[0]['model']['name']} reads {width}; run `ich features` again"
+        )
+    return _Cached(features, cnns)
+
+
+def _check_unseen_validation(cached: _Cached, store: Store, split: Split) -> None:
+    """Refuse validation slices that a CNN of the features trained on: the composed model has seen them."""
+    offsets = store.study_offsets
+    rows = [np.arange(offsets[s], offsets[s + 1]) for s in split.val_series.tolist()]
+    seen = cached.features.trained_on[np.concatenate(rows)] if rows else np.zeros(0, dtype=bool)
+    if seen.any():
+        raise UserError(
+            f"--features {cached.features.path}: {int(seen.sum()):,} of the {len(seen):,} validation slices are "
+            "of series the features' CNN trained on, so the validation loss and the composed model's "
+            "evaluation would be optimistic; use the CNN run's split (--split RUN/split.json), or, for "
+            "out-of-fold features, the fold runs' --seed and --val-fraction"
+        )
+
+
 # --- model and optimisation ------------------------------------------------------------------------
 
 
-def _model_kwargs(config: TrainConfig, store: Store) -> dict[str, Any]:
-    """The `create_model` arguments a checkpoint records (the state dict holds the weights)."""
+def _model_kwargs(config: TrainConfig, store: Store, ensemble: int = 1) -> dict[str, Any]:
+    """The `create_model` arguments a checkpoint records (the state dict holds the weights).
+
+    `ensemble`: the number of CNNs composed (the fold models of out-of-fold features).
+    """
     return {
         "name": config.model,
         "backbone": config.backbone,
@@ -168,46 +274,63 @@ def _model_kwargs(config: TrainConfig, store: Store) -> dict[str, Any]:
         "drop_rate": 0.2,
         "rnn_hidden": config.rnn_hidden,
         "rnn_layers": config.rnn_layers,
+        "neighbour_diff": config.neighbour_diff,
+        "ensemble": ensemble,
     }
 
 
 def _build_model(
-    config: TrainConfig, kwargs: dict[str, Any], device: torch.device, init: dict[str, Any] | None
+    config: TrainConfig, kwargs: dict[str, Any], device: torch.device, init: list[dict[str, Any]]
 ) -> SliceClassifier | SequenceClassifier:
-    """The model on `device`, started from `init` (the `--init-backbone` checkpoint) when given."""
+    """The model on `device`, its CNN(s) from `init` (`--init-backbone`, or the features' CNNs) when given."""
     model = create_model(
         **kwargs,
         pretrained=config.pretrained,
         weights=config.weights,
         grad_checkpointing=config.grad_checkpointing,
     ).to(device)
-    if init is not None:
-        _init_from(model, init, Path(cast(str, config.init_backbone)), config.backbone)
+    if init:
+        what = (
+            f"--features {config.features}" if config.features else f"--init-backbone {config.init_backbone}"
+        )
+        _init_from(model, init, what, str(config.backbone))
     if config.freeze_backbone:
         model.encoder.requires_grad_(False)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
         model.encoder.channels_last = True
     if config.compile:
-        model.encoder.backbone.compile(dynamic=config.model != "xception")
+        model.encoder.backbone.compile(dynamic=variant(config.model).sequence)
     return model
 
 
-def _init_from(model: nn.Module, ckpt: dict[str, Any], path: Path, backbone: str) -> None:
-    """Copy the per-slice CNN of checkpoint `ckpt` into `model` (see `TrainConfig.init_backbone`)."""
-    theirs = ckpt["model"].get("backbone")
-    if theirs != backbone:
-        raise UserError(f"--init-backbone {path}: trained on backbone {theirs!r}, this run uses {backbone!r}")
-    state = ckpt["state_dict"]
-    encoder = {k[len("encoder.") :]: v for k, v in state.items() if k.startswith("encoder.")}
+def _init_from(model: nn.Module, ckpts: list[dict[str, Any]], what: str, backbone: str) -> None:
+    """Copy the per-slice CNN of checkpoints `ckpts` into `model` (see `TrainConfig.init_backbone`).
+
+    Several checkpoints are the members of an ensemble CNN (`create_model(ensemble=K)`) in order; the
+    classifier starts as the mean of theirs.
+    """
+    for ckpt in ckpts:
+        theirs = ckpt["model"].get("backbone")
+        if theirs != backbone:
+            raise UserError(f"{what}: trained on backbone {theirs!r}, this run uses {backbone!r}")
+    states = [ckpt["state_dict"] for ckpt in ckpts]
+    if len(states) == 1:
+        encoder = {k[len("encoder.") :]: v for k, v in states[0].items() if k.startswith("encoder.")}
+    else:
+        prefix = "encoder.backbone."
+        encoder = {
+            f"backbone.members.{m}.{k[len(prefix) :]}": v
+            for m, state in enumerate(states)
+            for k, v in state.items()
+            if k.startswith(prefix)
+        }
     try:
         cast(nn.Module, model.encoder).load_state_dict(encoder)
     except RuntimeError as exc:  # the same backbone name, other weight names or shapes
-        raise UserError(
-            f"--init-backbone {path}: its weights do not fit backbone {backbone!r} ({_first(exc)})"
-        ) from None
+        raise UserError(f"{what}: its weights do not fit backbone {backbone!r} ({_first(exc)})") from None
     own = model.state_dict()
-    fc = {k: v for k, v in state.items() if k.startswith("fc.")}
+    fc = {k: torch.stack([s[k] for s in states]).mean(0) for k in states[0] if k.startswith("fc.")}
     if fc and all(k in own and own[k].shape == v.shape for k, v in fc.items()):
         cast(nn.Module, model.fc).load_state_dict({k[len("fc.") :]: v for k, v in fc.items()})
         proj = getattr(model, "proj", None)
@@ -243,6 +366,18 @@ def _schedule(
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+class _HeadOnly(nn.Module):
+    """A model's sequence head alone: what trains on cached features (`forward` = `forward_head`)."""
+
+    def __init__(self, model: SequenceClassifier) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Logits (B, T, C) of cached features (B, T, D) and mask (B, T)."""
+        return self.model.forward_head(features, mask)
+
+
 def _training(
     config: TrainConfig,
     model: SliceClassifier | SequenceClassifier,
@@ -253,14 +388,18 @@ def _training(
 ) -> Training:
     """The model wrapped for DDP, its optimizer and schedule; `gen` is the augmentation's stream."""
     net: nn.Module = model
+    if config.features is not None:
+        net = _HeadOnly(cast(SequenceClassifier, model))
     if d.world > 1:
         net = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None
+            net, device_ids=[device.index] if device.type == "cuda" else None
         )
     optimizer = _optimizer(model, config, device)
     steps_per_epoch = -(-len(loaders.train_sampler) // config.accum)
     scheduler = _schedule(optimizer, steps_per_epoch * config.epochs, config.warmup)
-    aug = AugmentConfig(window_jitter=config.window_jitter) if config.augment else None
+    aug = (
+        AugmentConfig(window_jitter=config.window_jitter) if config.augment and not config.features else None
+    )
     return Training(
         model, net, optimizer, scheduler, gen, aug, device, d, config.accum, config.freeze_backbone
     )
@@ -278,28 +417,42 @@ class _Best:
 def _train(config: TrainConfig, device: torch.device, d: Dist, t_start: float) -> RunResult:
     run = RunDir(Path(config.out))
     check_fresh(run, config, d.main)
+    store = open_store(config.store)
+    cached = _open_cached(config, store) if config.features is not None else None
     resume_ckpt: dict[str, Any] | None = None
-    init_ckpt: dict[str, Any] | None = None
+    init: list[dict[str, Any]] = []
     if config.resume:
         resume_ckpt = read_checkpoint(run.last, what="--resume:", training=True)
         check_resumable(resume_ckpt["config"], config, run.last)
+        if cached is not None and resume_ckpt.get("features") != cached.record:
+            raise UserError(
+                f"--resume from {run.last}: trained on other features than {config.features} holds now "
+                f"({resume_ckpt.get('features')})"
+            )
+    elif cached is not None:
+        init = cached.cnns
     elif config.init_backbone is not None:
-        init_ckpt = read_checkpoint(config.init_backbone, what="--init-backbone")
+        init = [read_checkpoint(config.init_backbone, what="--init-backbone")]
     if d.main:
         prepare(run, config)
     if d.world > 1:
         dist.barrier()
 
-    store = open_store(config.store)
     split = resolve_split(config, store, run, d.main)
     for warning in check_trainable(store, split):
         if d.main:
             print(f"ich train: {warning}", file=sys.stderr)
+    if cached is not None:
+        _check_unseen_validation(cached, store, split)
     if d.main:
         write_config(run, config, d.world, str(device))
-    loaders = _loaders(config, store, split, d, device)
+    if cached is not None:
+        loaders = _feature_loaders(config, cached.features, store, split, d, device)
+    else:
+        loaders = _loaders(config, store, split, d, device)
     gen = seed_everything(config.seed, d.rank, device)  # before the model: its initial weights
-    model = _build_model(config, _model_kwargs(config, store), device, init_ckpt)
+    ensemble = len(cached.cnns) if cached is not None else 1
+    model = _build_model(config, _model_kwargs(config, store, ensemble), device, init)
     t = _training(config, model, loaders, gen, device, d)
     start_epoch, best = 0, _Best()
     if resume_ckpt is not None:
@@ -331,7 +484,7 @@ def _train(config: TrainConfig, device: torch.device, d: Dist, t_start: float) -
         if d.main:
             # last.pt last: it is what --resume continues from, so an epoch counts once it is written.
             append_log(run.log, row)
-            ckpt = _checkpoint(config, t, store, epoch, val_loss, best)
+            ckpt = _checkpoint(config, t, store, epoch, val_loss, best, cached)
             if improved:
                 save_checkpoint(ckpt, run.best)
             training_state = {"optimizer": t.optimizer.state_dict(), "scheduler": t.scheduler.state_dict()}
@@ -377,11 +530,17 @@ def _first(exc: BaseException) -> str:
 
 
 def _checkpoint(
-    config: TrainConfig, t: Training, store: Store, epoch: int, val_loss: float, best: _Best
+    config: TrainConfig,
+    t: Training,
+    store: Store,
+    epoch: int,
+    val_loss: float,
+    best: _Best,
+    cached: _Cached | None,
 ) -> dict[str, Any]:
     """`best.pt`'s tree after `epoch` (`last.pt` adds the training state)."""
     return {
-        "model": _model_kwargs(config, store),
+        "model": _model_kwargs(config, store, len(cached.cnns) if cached is not None else 1),
         "state_dict": t.model.state_dict(),
         "classes": list(store.classes),
         "image_size": store.image_size,
@@ -394,6 +553,7 @@ def _checkpoint(
         "val_loss": val_loss,
         "best_val_loss": best.val_loss,
         "best_epoch": best.epoch,
+        "features": cached.record if cached is not None else None,
     }
 
 

@@ -221,7 +221,7 @@ def earlier_release_codecs(monkeypatch: pytest.MonkeyPatch) -> None:
 
     import ichdata.store
 
-    monkeypatch.setattr(ichdata.store, "_compressors", lambda level=1: [ZstdCodec(level=level)])
+    monkeypatch.setattr(ichdata.store, "compressors", lambda level=1: [ZstdCodec(level=level)])
 
 
 def _load_helpers(name: str) -> object:

@@ -55,6 +55,7 @@ def test_help_lists_every_stage_without_importing_heavy_stages() -> None:
         "quarantine",
         "serve",
         "train",
+        "features",
         "evaluate",
         "predict",
         "demo",

@@ -40,11 +40,18 @@ def test_quick_demo_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str
     s2 = json.loads((out / "runs" / "xception_gru" / "split.json").read_text())
     assert s1["val_patients"] == s2["val_patients"]
     assert s1["val_patients"]
-    # stage-wise: the CNN-GRU started from the CNN-only run's best checkpoint, its backbone frozen
+    # two-stage: the CNN-GRU trained on the CNN-only run's cached features of every slice
     gru_config = json.loads((out / "runs" / "xception_gru" / "config.json").read_text())
-    assert gru_config["init_backbone"] == str(out / "runs" / "xception" / "best.pt")
-    assert gru_config["freeze_backbone"] is True
+    assert gru_config["features"] == str(out / "features.zarr")
+    assert gru_config["backbone"] == "test_resnet"
+    assert gru_config["init_backbone"] is None
     assert (gru_config["rnn_hidden"], gru_config["rnn_layers"]) == (64, 1)
+    from ichdata.features import open_features
+
+    features = open_features(out / "features.zarr")
+    assert features.n_slices == st.n_slices
+    assert features.attrs["checkpoints"][0]["path"] == str(out / "runs" / "xception" / "best.pt")
+    assert "features" in demo["stages_s"]
     metrics = json.loads((out / "metrics.json").read_text())
     assert list(metrics["runs"]) == ["xception", "xception_gru"]
     assert metrics["same_held_out_patients"] is True
@@ -59,6 +66,9 @@ def test_quick_demo_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert report.startswith("# ich demo: CNN-only vs CNN-GRU")
     assert "| Loss |" in report
     assert "| model | xception | xception_gru |" in report
+    assert (
+        "| trained | end to end on images | two-stage: sequence model on cached in-sample features" in report
+    )
     assert "](roc.png)" in report
     import matplotlib.image as mpimg
 

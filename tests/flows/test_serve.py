@@ -285,6 +285,13 @@ def test_serve_and_deployment_run(prefect_server: Session, tmp_path: Path) -> No
         serve,
         "serve",
     )
+    # the training flow is served beside it, from its module path
+    session.wait_for(
+        "deployment train/default",
+        lambda: session.get("/deployments/name/train/default")["entrypoint"] == "flows.train.train",
+        serve,
+        "serve",
+    )
 
     t0 = time.monotonic()
     run = session.run(
@@ -459,6 +466,9 @@ def test_prefect_yaml_deploys_to_a_process_work_pool(prefect_server: Session, tm
     dep = session.get("/deployments/name/ingest/default")
     assert dep["work_pool_name"] == "ich-process"
     assert dep["entrypoint"] == "flows.ingest.ingest"
+    trained = session.get("/deployments/name/train/default")
+    assert (trained["entrypoint"], trained["work_pool_name"]) == ("flows.train.train", "ich-process")
+    assert trained["job_variables"]["env"]["ICH_ALLOWED_ROOTS"] == str(tmp_path)
     assert dep["schedules"][0]["active"] is False
     assert dep["schedules"][0]["parameters"] == {"source": str(folder), "store": str(store)}
     assert dep["job_variables"]["env"]["ICH_ALLOWED_ROOTS"] == str(tmp_path)

@@ -185,7 +185,9 @@ def test_pull_gives_the_archives_files_and_the_same_store(
 
     a, b = tmp_path / "pulled.zarr", tmp_path / "files.zarr"
     convert(ConvertConfig(land, a, scheduler=dask_scheduler, insecure_scheduler=True), progress=False)
-    convert(ConvertConfig(tmp_path / "src", b, scheduler=dask_scheduler, insecure_scheduler=True), progress=False)
+    convert(
+        ConvertConfig(tmp_path / "src", b, scheduler=dask_scheduler, insecure_scheduler=True), progress=False
+    )
     pulled, files = _store_arrays(a), _store_arrays(b)
     for name in files:
         np.testing.assert_array_equal(pulled[name], files[name], err_msg=name)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections import Counter
 from collections.abc import Callable
@@ -405,3 +406,63 @@ def test_the_reader_hands_out_copies_of_the_shards_it_keeps(store_factory: Calla
     first[:] = 0  # a caller writing into its batch (augmentation in place)
     np.testing.assert_array_equal(reader.read(2, 7), expected)
     np.testing.assert_array_equal(reader.read(9, 20), np.asarray(store.images[9:20]))  # across shards
+
+
+def test_patient_folds_partition_the_patients_a_split_trains_on(store_factory: Callable[..., Store]) -> None:
+    from ichmodel.data import split_by_patient, split_folds
+
+    store = store_factory(lengths=tuple(range(3, 23)))  # 20 series of 10 patients
+    test = split_by_patient(store.series, 0.2, seed=3).val_patients
+    folds = [split_folds(store.series, 3, i, 0.2, seed=3) for i in range(3)]
+    patients = set(store.series["patient_key"])
+    held = [set(f.val_patients) for f in folds]
+    assert all(f.test_patients == test for f in folds)
+    assert not held[0] & held[1]
+    assert not held[1] & held[2]
+    assert not held[0] & held[2]
+    assert set.union(*held) == patients - set(test)
+    keys = store.series["patient_key"].to_numpy()
+    for f in folds:  # a fold run trains on the other folds only, never on test patients
+        assert set(keys[f.train_series]) == patients - set(test) - set(f.val_patients)
+        assert set(keys[f.val_series]) == set(f.val_patients)
+    sizes = [int(store.series["n_slices"].to_numpy()[f.val_series].sum()) for f in folds]
+    assert max(sizes) - min(sizes) <= 22  # balanced to within about one patient
+    with pytest.raises(UserError, match="--fold 3: expected 0 to 2"):
+        split_folds(store.series, 3, 3)
+
+
+def test_feature_windows_crop_and_reverse_per_epoch(tiny_store: Store) -> None:
+    from ichmodel.data import FeatureLoader, FeatureStudies
+
+    n = tiny_store.n_slices
+    feats = torch.arange(n, dtype=torch.float16)[:, None].repeat(1, 4)  # row r holds r
+    labels = torch.from_numpy(tiny_store.labels)
+    ds = FeatureStudies(
+        feats, labels, tiny_store.study_offsets, [1, 3], max_len=None, crop=4, reverse=True, seed=1
+    )
+    offsets = tiny_store.study_offsets
+    items = [(0, 1.0), (1, 1.0)]
+    plain = ds.batch(items)  # no epoch: whole windows, in order
+    assert plain["lengths"].tolist() == [9, 12]
+    assert plain["features"][0, :9, 0].tolist() == list(range(offsets[1], offsets[2]))
+    assert (plain["labels"][0, 9:] == 255).all()
+    assert (plain["features"][0, 9:] == 0).all()
+    seen = set()
+    for epoch in range(8):
+        b = ds.batch(items, epoch)
+        assert b["lengths"].tolist() == [4, 4]  # runs of 4 consecutive slices of each study
+        for k, s in enumerate((1, 3)):
+            rows = b["features"][k, :4, 0].tolist()
+            step = rows[1] - rows[0]
+            assert step in (1, -1)
+            assert all(b2 - a2 == step for a2, b2 in itertools.pairwise(rows))
+            assert offsets[s] <= min(rows)
+            assert max(rows) < offsets[s + 1]
+            np.testing.assert_array_equal(
+                b["labels"][k, :4].numpy(), tiny_store.labels[np.asarray(rows, int)]
+            )
+            seen.add((s, step))
+        assert torch.equal(ds.batch(items, epoch)["features"], b["features"])  # a function of the epoch
+    assert seen == {(1, 1), (1, -1), (3, 1), (3, -1)}  # reversed about half the time
+    sampler = StudyBatchSampler(len(ds), 1, seed=0)
+    assert sum(int(x["lengths"].sum()) for x in FeatureLoader(ds, sampler, augment=True)) == 8

@@ -214,3 +214,34 @@ def test_gradient_checkpointing_gives_the_same_gradients() -> None:
         m(images, mask).square().mean().backward()
     for (name, a), b in zip(plain.named_parameters(), ckpt.parameters(), strict=True):
         torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_the_variant_table_decides_what_each_model_is() -> None:
+    from ichmodel.config import TrainConfig
+    from ichmodel.models import VARIANTS, variant
+
+    assert set(VARIANTS) == {"xception", "xception_lstm", "xception_gru"}
+    for name, traits in VARIANTS.items():
+        model = create_model(name, backbone=BACKBONE, rnn_hidden=8, rnn_layers=1)
+        assert isinstance(model, SequenceClassifier) == traits.sequence
+        if isinstance(model, SequenceClassifier):
+            assert type(model.rnn) is traits.rnn
+        assert TrainConfig(store="s.zarr", out="run", model=name).resolve().batch_size == traits.batch_size
+    with pytest.raises(UserError, match="model 'resnet' is not one of xception, xception_lstm, xception_gru"):
+        variant("resnet")
+
+
+def test_neighbour_differences_read_each_slices_neighbours_within_its_study() -> None:
+    from ichmodel.models import neighbour_differences
+
+    features = torch.tensor([[1.0, 4.0, 9.0, 7.0], [2.0, 3.0, 5.0, 8.0]])[..., None]  # (B=2, T=4, F=1)
+    mask = torch.tensor([[True, True, True, False], [True, True, True, True]])
+    out = neighbour_differences(features, mask)
+    assert out.shape == (2, 4, 3)
+    assert out[0, :3].tolist() == [[1, 0, -3], [4, 3, -5], [9, 5, 0]]  # no next slice after the last real one
+    assert out[1].tolist() == [[2, 0, -1], [3, 1, -2], [5, 2, -3], [8, 3, 0]]
+    model = create_model("xception_gru", backbone=BACKBONE, rnn_hidden=8, rnn_layers=1, neighbour_diff=True)
+    assert isinstance(model, SequenceClassifier)
+    assert model.rnn.input_size == 3 * model.encoder.num_features
+    images, mask = _batch([3, 2])
+    assert model(images, mask).shape == (2, 3, 6)
