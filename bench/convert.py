@@ -98,14 +98,21 @@ def _png(archive: Path, workers: int, dtype: str) -> dict:
 
 
 def _ich(archive: Path, store: Path, workers: int) -> dict:
-    from ichdata.convert import ConvertConfig, convert
+    from ichdata.config import ClusterConfig, ConvertConfig
+    from ichdata.convert import convert
 
     shutil.rmtree(store, ignore_errors=True)
     c0 = _cpu_s()
     d0 = _driver_cpu_s()
     t0 = time.perf_counter()
     s = convert(
-        ConvertConfig(archive, store, labels=archive / "stage_2_train.csv", workers=workers, overwrite=True),
+        ConvertConfig(
+            archive,
+            store,
+            labels=archive / "stage_2_train.csv",
+            overwrite=True,
+            cluster=ClusterConfig(workers=workers),
+        ),
         progress=False,
     )
     wall = time.perf_counter() - t0

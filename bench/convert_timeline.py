@@ -36,14 +36,19 @@ def _run(archive: Path, workers: int) -> dict[str, Any]:
     from distributed import get_task_stream
 
     from ichdata.cluster import dask_client
-    from ichdata.convert import ConvertConfig, convert_shards, plan_conversion, scan_source
+    from ichdata.config import ClusterConfig, ConvertConfig
+    from ichdata.convert import convert_shards, plan_conversion, scan_source
     from ichdata.finalize import finalize
     from ichdata.plan import load_labels
 
     store = WORK / f"timeline{workers}.zarr"
     shutil.rmtree(store, ignore_errors=True)
     config = ConvertConfig(
-        archive, store, labels=archive / "stage_2_train.csv", workers=workers, overwrite=True
+        archive,
+        store,
+        labels=archive / "stage_2_train.csv",
+        overwrite=True,
+        cluster=ClusterConfig(workers=workers),
     )
     stages: dict[str, tuple[float, float]] = {}  # name: (wall s, driver CPU s)
     mark = [time.perf_counter(), time.process_time()]

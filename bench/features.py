@@ -152,7 +152,8 @@ def _evaluate(runs: dict[str, Path], store: Path, out: Path) -> dict[str, float]
 def quality(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     """Weighted log loss on the demo's held-out patients: stage-wise GRU vs GRU on in-sample / out-of-fold features."""
     from flows.demo import DemoConfig
-    from ichdata.convert import ConvertConfig, convert
+    from ichdata.config import ConvertConfig
+    from ichdata.convert import convert
     from ichdata.testing import write_archive
 
     demo = DemoConfig()

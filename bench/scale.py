@@ -261,7 +261,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--skip", nargs="*", default=[], choices=["verify", "rerun", "flow", "dataset"])
     args = ap.parse_args(argv)
-    from ichdata.convert import ConvertConfig, convert
+    from ichdata.config import ClusterConfig, ConvertConfig
+    from ichdata.convert import convert
     from ichdata.store import open_store
 
     if args.archive is not None:
@@ -274,7 +275,9 @@ def main(argv: list[str] | None = None) -> int:
     run_dir.mkdir(parents=True, exist_ok=True)
     store, flow_store = run_dir / "store.zarr", run_dir / "flow.zarr"
     labels = archive / "stage_2_train.csv"
-    config = ConvertConfig(archive, store, labels=labels, workers=args.workers, overwrite=True)
+    config = ConvertConfig(
+        archive, store, labels=labels, overwrite=True, cluster=ClusterConfig(workers=args.workers)
+    )
     rec = Recorder()
     sampler = RssSampler()
     sampler.start()
@@ -310,7 +313,10 @@ def main(argv: list[str] | None = None) -> int:
     if "rerun" not in args.skip:
         run(
             "rerun",
-            lambda: convert(ConvertConfig(archive, store, labels=labels, workers=args.workers), False),
+            lambda: convert(
+                ConvertConfig(archive, store, labels=labels, cluster=ClusterConfig(workers=args.workers)),
+                False,
+            ),
         )
     stored = open_store(store)
     n_series, shard_size, store_bytes = stored.n_series, stored.shard_size, _du(store)

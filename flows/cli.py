@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from flows.demo import DemoConfig
     from flows.deploy import ServeConfig
-    from ichdata.convert import ConvertConfig
+    from ichdata.config import ConvertConfig
     from ichdata.preview import PreviewConfig
     from ichdata.pull import ArchiveQuery, PullConfig
     from ichdata.testing import SynthConfig
@@ -89,12 +89,10 @@ def _convert(config: ConvertConfig, display: Display) -> int:
     return 0
 
 
-def _pull(config: PullConfig, query: ArchiveQuery, display: Display) -> int:
-    from dataclasses import replace
-
+def _pull(config: PullConfig, display: Display) -> int:
     from ichdata.pull import pull
 
-    result = pull(replace(config, query=query), progress=display.bars())
+    result = pull(config, progress=display.bars())
     print(result)
     failures = result.failure_line()
     if failures is not None:
@@ -104,27 +102,17 @@ def _pull(config: PullConfig, query: ArchiveQuery, display: Display) -> int:
 
 
 def _verify(config: VerifyConfig) -> int:
+    from ichdata.cluster import check_cluster, cluster_client
     from ichdata.features import is_features_group, verify_features
     from ichdata.verify import verify_store
 
-    if config.insecure_scheduler and not (config.scheduler or config.scheduler_file):
-        raise UserError(
-            "--insecure-scheduler: only with --scheduler or --scheduler-file (an existing cluster)"
-        )
+    check_cluster(config.cluster)
     if is_features_group(config.store):
         features = verify_features(config.store)
         print(features)
         return 0 if features.ok else 1
-    if config.workers or config.scheduler or config.scheduler_file:
-        from ichdata.cluster import dask_client
-
-        with dask_client(
-            config.workers,
-            config.scheduler,
-            config.scheduler_file,
-            oversubscribe=config.oversubscribe,
-            insecure_scheduler=config.insecure_scheduler,
-        ) as client:
+    if config.on_cluster():
+        with cluster_client(config.cluster) as client:
             report = verify_store(config.store, client=client)
     else:
         report = verify_store(config.store)
@@ -231,7 +219,7 @@ COMMANDS: tuple[Command, ...] = (
     Command(
         "convert",
         "convert a DICOM folder into a sharded Zarr v3 store (resumable, incremental)",
-        ("ichdata.convert:ConvertConfig", "flows.cli:Display"),
+        ("ichdata.config:ConvertConfig", "flows.cli:Display"),
         _convert,
         "Scan SOURCE (recursively, files recognised by content), order each series by slice position, "
         "render brain/subdural/bone windows at 256×256 and write them to STORE, on a local Dask cluster, "
@@ -241,7 +229,7 @@ COMMANDS: tuple[Command, ...] = (
     Command(
         "pull",
         "copy CT studies from a DICOMweb archive (PACS) into a landing folder, one whole study at a time",
-        ("ichdata.pull:PullConfig", "ichdata.pull:ArchiveQuery", "flows.cli:Display"),
+        ("ichdata.pull:PullConfig", "flows.cli:Display"),
         _pull,
         "List the studies at URL that match the filters (QIDO-RS, every page) and fetch what LANDING does not "
         "hold yet (WADO-RS, in the transfer syntax the archive stored) into LANDING/<study>/<series>/; a study "

@@ -2,9 +2,12 @@
 
 A field's type gives the argparse type (`Path`, `int`, `float`, `str`, `X | None`, `list[X]`, `Literal`
 choices; a list option may be repeated), a `bool` field a flag, a field without a default a required option; help, flag name, metavar,
-positional, nargs and mutually exclusive groups come from `ichdata.options.option`. Kept on argparse (no
-typer or cyclopts) so that `ich convert` needs nothing beyond the lean core and user mistakes keep
-argparse's one-line messages and exit code 2.
+positional, nargs and mutually exclusive groups come from `ichdata.options.option`. A field whose type is
+itself such a dataclass (`ConvertConfig.cluster: ClusterConfig`) is a group of options of its own, titled
+by that class's docstring in `--help` (transformers' `HfArgumentParser` gives each dataclass a group), its
+flags as flat as the others'; `build_config` builds it nested. Kept on argparse (no typer or cyclopts) so
+that `ich convert` needs nothing beyond the lean core and user mistakes keep argparse's one-line messages
+and exit code 2.
 """
 
 from __future__ import annotations
@@ -41,8 +44,29 @@ def option_fields(cls: type) -> list[dataclasses.Field[Any]]:
     return [f for f in dataclasses.fields(cls) if "help" in f.metadata]
 
 
-def add_options(parser: argparse.ArgumentParser, cls: type) -> None:
-    """Add one argument to `parser` per `option()` field of dataclass `cls` (`dest` = the field name)."""
+def option_groups(cls: type) -> dict[str, type]:
+    """The fields of dataclass `cls` that hold a dataclass of options of their own, with that class."""
+    hints = _field_types(cls)
+    return {
+        f.name: hints[f.name]
+        for f in dataclasses.fields(cls)
+        if "help" not in f.metadata
+        and dataclasses.is_dataclass(hints[f.name])
+        and option_fields(hints[f.name])
+    }
+
+
+def add_options(
+    parser: argparse.ArgumentParser,
+    cls: type,
+    prefix: str = "",
+    group: argparse._ArgumentGroup | None = None,
+) -> None:
+    """Add one argument to `parser` per `option()` field of dataclass `cls` (`dest`: `prefix` + the field name).
+
+    Each field holding a dataclass of options (`option_groups`) adds its own argument group to `parser`,
+    whose `dest`s are prefixed with the field's name and a dot; `group` is the one `cls`'s options go to.
+    """
     hints = _field_types(cls)
     groups: dict[str, argparse._MutuallyExclusiveGroup] = {}
     for f in option_fields(cls):
@@ -64,17 +88,21 @@ def add_options(parser: argparse.ArgumentParser, cls: type) -> None:
                 kwargs["choices"] = meta["choices"]
             if meta["metavar"]:
                 kwargs["metavar"] = meta["metavar"]
+            elif prefix and "choices" not in kwargs:
+                kwargs["metavar"] = f.name.upper()  # as without a group: not argparse's QUERY.MODALITY
             if meta["nargs"] or is_list:
                 kwargs["nargs"] = meta["nargs"] or "+"
             if is_list and not meta["positional"]:
                 # Repeatable, each time with one or more values: `--allow-root /a --allow-root /b`.
                 kwargs["action"] = "extend"
-        target: Any = parser
+        target: Any = group or parser
         if meta["group"]:
             target = groups.get(meta["group"]) or groups.setdefault(
-                meta["group"], parser.add_mutually_exclusive_group()
+                meta["group"], (group or parser).add_mutually_exclusive_group()
             )
         if meta["positional"]:
+            if prefix:
+                raise TypeError(f"{cls.__name__}.{f.name}: a group's options cannot be positional")
             kwargs.pop("metavar", None)
             target.add_argument(f.name, metavar=meta["metavar"] or f.name.upper(), **kwargs)
             continue
@@ -83,18 +111,24 @@ def add_options(parser: argparse.ArgumentParser, cls: type) -> None:
             kwargs["required"] = True
         if kwargs.get("action") == "extend":
             default = None  # argparse extends a copy of the default; None: the field's own default
-        target.add_argument(flag, dest=f.name, default=default, **kwargs)
+        target.add_argument(flag, dest=prefix + f.name, default=default, **kwargs)
+    for name, inner in option_groups(cls).items():
+        title = (inner.__doc__ or name).strip().splitlines()[0].rstrip(".")
+        add_options(parser, inner, f"{prefix}{name}.", parser.add_argument_group(title))
 
 
-def build_config(cls: type[_Config], args: argparse.Namespace) -> _Config:
+def build_config(cls: type[_Config], args: argparse.Namespace, prefix: str = "") -> _Config:
     """An instance of dataclass `cls` from the parsed `args` (fields that are no option keep their default).
 
     A repeatable option not given keeps the field's default; one given fills a tuple field as a tuple.
+    A field of `option_groups` is built from its own options (`add_options`' prefixed `dest`s).
     """
     hints = _field_types(cls)
-    values = {}
+    values: dict[str, Any] = {
+        name: build_config(inner, args, f"{prefix}{name}.") for name, inner in option_groups(cls).items()
+    }
     for f in option_fields(cls):
-        value = getattr(args, f.name)
+        value = getattr(args, prefix + f.name)
         kind = typing.get_origin(hints[f.name])
         if isinstance(value, list) and not f.metadata["positional"]:
             value = tuple(value) if kind is tuple else value
@@ -104,4 +138,4 @@ def build_config(cls: type[_Config], args: argparse.Namespace) -> _Config:
     return cls(**values)
 
 
-__all__ = ["add_options", "build_config", "option_fields"]
+__all__ = ["add_options", "build_config", "option_fields", "option_groups"]

@@ -26,7 +26,7 @@ from ichdata.errors import UserError
 from ichdata.options import option
 
 if TYPE_CHECKING:
-    from ichdata.convert import ConvertSummary
+    from ichdata.finalize import ConvertSummary
     from ichdata.testing import ArchiveSummary
     from ichmodel.extract import FeaturesSummary
     from ichmodel.train import RunResult

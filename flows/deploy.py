@@ -23,12 +23,13 @@ long as `ich` is installed.
 
 from __future__ import annotations
 
+import dataclasses
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, cast
 
-from ichdata.cluster import CLUSTER_GROUP, existing_security, insecure_scheduler_option
+from ichdata.config import ClusterConfig
 from ichdata.errors import UserError
 from ichdata.options import option
 
@@ -38,6 +39,9 @@ DEFAULT_DEPLOYMENT = "default"
 ROOTS_ENV = "ICH_ALLOWED_ROOTS"
 #: The environment variable that names the DICOMweb archives a `pull` deployment run may fetch from.
 ARCHIVES_ENV = "ICH_ALLOWED_ARCHIVES"
+#: The `ClusterConfig` fields a run's parameters never set: an existing scheduler is the operator's (handed
+#: to the runs in their environment), and so is running more workers than the machine has cores.
+OPERATOR_ONLY = ("scheduler", "scheduler_file", "insecure_scheduler", "oversubscribe")
 #: The dask config keys of the operator's existing Dask cluster for the runs (env: `DASK_ICH__SCHEDULER`, ...).
 SCHEDULER_KEY, SCHEDULER_FILE_KEY, INSECURE_SCHEDULER_KEY = (
     "ich.scheduler",
@@ -230,6 +234,7 @@ __all__ = [
     "ARCHIVES_ENV",
     "DEFAULT_DEPLOYMENT",
     "INSECURE_SCHEDULER_KEY",
+    "OPERATOR_ONLY",
     "ROOTS_ENV",
     "SCHEDULER_FILE_KEY",
     "SCHEDULER_KEY",
@@ -264,29 +269,20 @@ class ServeConfig:
         help="a DICOMweb archive the `pull` runs may fetch from, with the DICOMweb credentials of this "
         "process's environment (repeatable; without one, pull runs are refused)",
     )
-    scheduler: str | None = option(
-        None,
-        metavar="ADDRESS",
-        group=CLUSTER_GROUP,
-        help="the runs use this running Dask scheduler (tls://host:8786, with the site's TLS "
-        "credentials) instead of a local cluster each",
-    )
-    scheduler_file: Path | None = option(
-        None, metavar="FILE", group=CLUSTER_GROUP, help="the same, by the file `dask scheduler` writes"
-    )
-    insecure_scheduler: bool = insecure_scheduler_option()
     source: str | None = option(None, help="default `source` of runs: a DICOM folder or landing folder")
     store: str | None = option(None, help="default `store` of runs: the Zarr store to create or append to")
     labels: str | None = option(
         None, help="default `labels` of runs: the label CSV (stage_2_train.csv format)"
     )
-    workers: int | None = option(None, help="default `workers` of runs: local Dask worker processes")
     interval: float | None = option(
         None,
         metavar="SECONDS",
         help="also ingest on this schedule (needs --source and --store): keeps a landing folder converted",
     )
     limit: int = option(1, help="ingest runs executed at once (default 1: one writer per store)")
+    # The runs' cluster: an existing scheduler goes to their environment (`run_scheduler`), the rest
+    # become the runs' default parameters (`--cluster` as `cluster`).
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
 
 def serve_from_config(config: ServeConfig) -> None:
@@ -310,29 +306,33 @@ def serve_from_config(config: ServeConfig) -> None:
         if not url.startswith(("http://", "https://")) or "?" in url or "#" in url:
             raise UserError(f"--allow-archive {url}: expected the http(s) URL of a DICOMweb service")
     env[ARCHIVES_ENV] = " ".join(_archive_root(u) for u in config.allow_archive)
-    if config.scheduler or config.scheduler_file:
-        if config.workers is not None:
-            raise UserError("--workers and --scheduler: give one, not both")
-        scheduler_file = None if config.scheduler_file is None else Path(config.scheduler_file).absolute()
-        existing_security(config.scheduler, scheduler_file, insecure=config.insecure_scheduler)
+    cluster = config.cluster
+    if cluster.oversubscribe:
+        raise UserError(
+            "--oversubscribe: not for served runs; each run's local cluster has at most one worker per core"
+        )
+    if cluster.scheduler_file is not None:
+        cluster = replace(cluster, scheduler_file=Path(cluster.scheduler_file).absolute())
+    from ichdata.cluster import check_cluster
+
+    check_cluster(cluster)
+    if cluster.scheduler or cluster.scheduler_file:
         env.update(
             {
-                _env_name(SCHEDULER_KEY): config.scheduler or "",
-                _env_name(SCHEDULER_FILE_KEY): str(scheduler_file or ""),
-                _env_name(INSECURE_SCHEDULER_KEY): str(config.insecure_scheduler),
+                _env_name(SCHEDULER_KEY): cluster.scheduler or "",
+                _env_name(SCHEDULER_FILE_KEY): str(cluster.scheduler_file or ""),
+                _env_name(INSECURE_SCHEDULER_KEY): str(cluster.insecure_scheduler),
             }
-        )
-    elif config.insecure_scheduler:
-        raise UserError(
-            "--insecure-scheduler: only with --scheduler or --scheduler-file (an existing cluster)"
         )
     defaults: dict[str, Any] = {
         k: str(allowed_path(k, str(Path(v).expanduser().absolute()), roots, store=k == "store"))
         for k, v in (("source", config.source), ("store", config.store), ("labels", config.labels))
         if v is not None
     }
-    if config.workers is not None:
-        defaults["workers"] = config.workers
+    for f in dataclasses.fields(cluster):
+        value = getattr(cluster, f.name)
+        if f.name not in OPERATOR_ONLY and value != f.default:
+            defaults["cluster" if f.name == "kind" else f.name] = value
     if config.interval is not None:
         if config.interval <= 0:
             raise UserError(f"--interval is {config.interval}; expected a positive number of seconds")

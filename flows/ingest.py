@@ -29,10 +29,10 @@ from prefect.cache_policies import NO_CACHE
 
 from flows.deploy import allowed_path, run_roots, run_scheduler
 from ichdata import pathkeys
-from ichdata.cluster import ClusterKind, cluster_client
-from ichdata.convert import ConvertConfig, ConvertResult
+from ichdata.cluster import cluster_client
+from ichdata.config import ClusterConfig, ClusterKind, ConvertConfig
 from ichdata.errors import UserError
-from ichdata.finalize import ConvertSummary
+from ichdata.finalize import ConvertResult, ConvertSummary
 from ichdata.lock import store_lock
 from ichdata.shards import ShardDone
 
@@ -283,7 +283,7 @@ def convert_task(p: Plan, client: Client | None) -> ConvertResult:
 
 @task(name="finalize", timeout_seconds=_FINALIZE_TIMEOUT_S, **_IO_RETRIES)
 def finalize_task(result: ConvertResult, config: ConvertConfig, started: float) -> ConvertSummary:
-    """`ichdata.convert.finalize`: commit the run (manifest, labels, ids, offsets, quarantine, attributes)."""
+    """`ichdata.finalize.finalize`: commit the run (manifest, labels, ids, offsets, quarantine, attributes)."""
     from ichdata.finalize import finalize as finalize_store
 
     summary = finalize_store(result, config=config, started=started)
@@ -410,10 +410,11 @@ def ingest(
     workers: int | None = None,
     shard_size: int | None = None,
     overwrite: bool = False,
+    parents: bool = False,
     keep_paths: bool = False,
     verify: bool = True,
     # A plain str, not Literal: Prefect builds a deployment's parameter schema from the source
-    # without importing it, where `Literal` cannot be resolved; ConvertConfig checks the value.
+    # without importing it, where `Literal` cannot be resolved; `_cluster_kind` checks the value.
     cluster: str = "local",
     jobs: int | None = None,
     queue: str | None = None,
@@ -423,10 +424,11 @@ def ingest(
 ) -> ConvertSummary:
     """Convert (or append) the DICOM folder `source` into the Zarr store `store`.
 
-    The parameters are `ich convert`'s options but those of an existing Dask cluster (`scheduler`,
-    `scheduler_file`, `insecure_scheduler`), which the operator who serves the deployment chooses
-    (`flows.deploy.run_scheduler`): a Dask client runs what its scheduler sends, so a run's
-    requester must not pick it. Run as a deployment, every path must lie under the folders the
+    The parameters are `ich convert`'s options (`ConvertConfig`'s fields, `ClusterConfig`'s flat beside
+    them) but those of an existing Dask cluster (`scheduler`, `scheduler_file`, `insecure_scheduler`),
+    which the operator who serves the deployment chooses (`flows.deploy.run_scheduler`): a Dask client
+    runs what its scheduler sends, so a run's requester must not pick it; nor `oversubscribe`, the
+    machine owner's call. Run as a deployment, every path must lie under the folders the
     operator allowed (`flows.deploy.run_roots`), checked before any file is opened. Returns the run's
     summary; the Markdown summary and the quarantine table are the run's artifacts. Without
     `keep_paths` neither they nor the logs name a file under `source`.
@@ -438,6 +440,7 @@ def ingest(
         workers: Processes of a local Dask cluster (default: one per core).
         shard_size: Slices per shard file (default: the store's, else `ichdata.store.DEFAULT_SHARD_SIZE`).
         overwrite: Replace a store made from another plan (another source or shard size).
+        parents: Create the store's parent folders when they do not exist (under the allowed roots).
         keep_paths: Keep each file's path relative to `source` in the store; file names may carry
             patient names, so by default only the manifest beside the store keeps them.
         verify: Re-read the whole store after the run (turn off for frequent runs on a large store).
@@ -457,25 +460,34 @@ def ingest(
         source=_path("source", source, "a folder of DICOM files", roots),
         store=_path("store", store, "the path of the Zarr store to write", roots, store=True),
         labels=_path("labels", labels, "a label CSV", roots) if labels is not None else None,
-        workers=workers,
-        scheduler=scheduler,
-        scheduler_file=scheduler_file,
-        insecure_scheduler=insecure_scheduler,
         shard_size=shard_size,
         overwrite=overwrite,
+        parents=parents,
         keep_paths=keep_paths,
-        cluster=_cluster_kind(cluster),
-        jobs=jobs,
-        queue=queue,
-        cores=cores,
-        memory=memory,
-        walltime=walltime,
+        cluster=ClusterConfig(
+            kind=_cluster_kind(cluster),
+            workers=workers,
+            scheduler=scheduler,
+            scheduler_file=scheduler_file,
+            insecure_scheduler=insecure_scheduler,
+            jobs=jobs,
+            queue=queue,
+            cores=cores,
+            memory=memory,
+            walltime=walltime,
+        ),
     )
+    if parents:
+        from ichdata.convert import check_and_make_parents
+
+        # As `ich convert --parents`: the inputs checked first, the folders made before the lock, whose
+        # file lives in them.
+        check_and_make_parents(config)
     stages: dict[str, float] = {}
     verified: VerifyReport | None = None
     verify_error: str | None = None
     # One writer per store (`ichdata.lock`), from the checks of the scan stage to the verification.
-    with store_lock(config.store, command="Prefect flow ingest"), cluster_client(config) as client:
+    with store_lock(config.store, command="Prefect flow ingest"), cluster_client(config.cluster) as client:
         t = time.perf_counter()
         manifest = scan_task(config, client)
         stages["scan"] = time.perf_counter() - t

@@ -1,9 +1,10 @@
 """ichdata: head-CT DICOM -> HU -> three windows -> a sharded Zarr v3 store, with Dask. No torch, no prefect.
 
-Import from the module that does the job (`from ichdata.convert import convert, ConvertConfig`):
-reading `dicom`, windows `windows`, slice order `order`, labels `labels`, set-aside reasons `reasons`,
-the conversion's stages `scan` -> `plan` -> `shards` -> `finalize` driven by `convert` on a `cluster`
-(local, an existing scheduler, or `slurm`), the store `store` (ich's files in it `storefiles`, one
+Import from the module that does the job (`from ichdata.convert import convert`): reading `dicom`,
+windows `windows`, slice order `order`, labels `labels`, set-aside reasons `reasons`, what a conversion
+is asked `config` (`ConvertConfig`, `ClusterConfig`), the conversion's stages `scan` -> `plan` ->
+`shards` -> `finalize` driven by `convert` on a `cluster` (local, an existing scheduler, or `slurm`;
+who may talk to it `security`), the store `store` (ich's files in it `storefiles`, one
 writer at a time `lock`, where outputs may go `outputs`), its check `verify`, a slice's picture
 `preview`, synthetic archives `testing`. The store format is the README's "The store" section.
 """
@@ -15,6 +16,7 @@ __version__ = "0.1.0"
 __all__ = [
     "atomic",
     "cluster",
+    "config",
     "convert",
     "csvsafe",
     "dicom",
@@ -32,6 +34,7 @@ __all__ = [
     "reasons",
     "resume",
     "scan",
+    "security",
     "setaside",
     "shardfile",
     "shards",

@@ -2,13 +2,9 @@
 
 `dask_client` is the one way `ich convert`, `ich verify` and the Prefect `ingest` flow get a
 `distributed.Client`; `cluster_client` picks the route (local, SLURM through `ichdata.slurm`, or an
-existing scheduler) from a config's cluster options after `check_cluster` has refused mistakes. The
-`*_option()` functions here and in `ichdata.slurm` declare those options once, for every config that
-has them. Nothing from distributed is imported until a cluster is asked for.
-
-A Dask client runs what its scheduler sends it (results arrive pickled): an existing scheduler is
-reached only over TLS with the site's credentials (`existing_security`), unless the user passes
-`--insecure-scheduler`.
+existing scheduler) from a `ichdata.config.ClusterConfig` after `check_cluster` has refused mistakes.
+Nothing from distributed is imported until a cluster is asked for. Who may talk to the cluster (TLS
+with the run's credentials, or the site's for an existing scheduler) is `ichdata.security`'s to say.
 """
 
 from __future__ import annotations
@@ -22,83 +18,26 @@ import sys
 import threading
 import warnings
 from collections.abc import Callable, Iterator
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 from ichdata._kernels import warm_up  # Numba itself is imported on first use, not here
 from ichdata.errors import UserError
-from ichdata.options import option
+from ichdata.security import existing_security, run_security, scheduler_http_options
 
 if TYPE_CHECKING:
     from distributed import Client, LocalCluster
     from distributed.security import Security
 
-    from ichdata.convert import ConvertConfig
+    from ichdata.config import ClusterConfig
 
 _log = logging.getLogger(__name__)
 
-#: The option group of the three ways to name a cluster: they exclude each other.
-CLUSTER_GROUP = "cluster"
-#: Where the Dask workers run when no existing cluster is named.
-ClusterKind = Literal["local", "slurm"]
 #: The client commands the SLURM route runs (dask-jobqueue submits with sbatch; we watch and cancel).
 SLURM_COMMANDS = ("sbatch", "squeue", "scancel")
 #: Files to read or slices to write that a conversion on this machine does in its own process:
 #: starting a cluster (worker processes, TLS handshakes) and the compiled render kernels costs more
 #: than that much work takes (bench/RESULTS.md, "Whole process").
 SMALL_JOB = 1000
-
-
-def cluster_option() -> Any:
-    """The `cluster` field: where the Dask workers run (this machine, or SLURM jobs)."""
-    return option(
-        "local",
-        help="where the Dask workers run: processes on this machine (local) or SLURM jobs (slurm)",
-    )
-
-
-def workers_option() -> Any:
-    """The `workers` field: processes of a local Dask cluster."""
-    return option(
-        None,
-        help="processes of a local Dask cluster (default: one per core)",
-        metavar="N",
-        group=CLUSTER_GROUP,
-    )
-
-
-def scheduler_option() -> Any:
-    """The `scheduler` field: the address of a running Dask scheduler."""
-    return option(
-        None,
-        help="address of a running Dask scheduler (tcp://host:8786)",
-        metavar="ADDRESS",
-        group=CLUSTER_GROUP,
-    )
-
-
-def scheduler_file_option() -> Any:
-    """The `scheduler_file` field: the file a running Dask scheduler wrote."""
-    return option(
-        None,
-        help="the file `dask scheduler --scheduler-file` writes",
-        metavar="FILE",
-        group=CLUSTER_GROUP,
-    )
-
-
-def insecure_scheduler_option() -> Any:
-    """The `insecure_scheduler` field: reach an existing scheduler without TLS."""
-    return option(
-        False,
-        help="reach --scheduler/--scheduler-file over plain tcp, without the site's TLS credentials: "
-        "whoever runs that scheduler runs code as you",
-    )
-
-
-def oversubscribe_option() -> Any:
-    """The `oversubscribe` field: start the workers asked for even beyond the usable cores."""
-    return option(False, help="start --workers N even where N exceeds the usable cores")
 
 
 def usable_cpus() -> int:
@@ -132,7 +71,7 @@ def resolve_workers(workers: int | None, *, oversubscribe: bool = False) -> int:
     return workers
 
 
-def check_cluster(config: ConvertConfig) -> None:
+def check_cluster(config: ClusterConfig) -> None:
     """Refuse a mix of cluster options that cannot mean anything, in one line, before any work.
 
     SLURM's options only with `--cluster slurm`; `--cluster slurm` neither with an existing cluster
@@ -140,14 +79,14 @@ def check_cluster(config: ConvertConfig) -> None:
     """
     given = ("jobs", "queue", "cores", "memory", "walltime")
     slurm_only = [name for name in given if getattr(config, name) is not None]
-    if config.cluster not in ("local", "slurm"):
-        raise UserError(f"--cluster {config.cluster}: expected local or slurm")
+    if config.kind not in ("local", "slurm"):
+        raise UserError(f"--cluster {config.kind}: expected local or slurm")
     existing = "--scheduler" if config.scheduler else "--scheduler-file" if config.scheduler_file else None
     if config.insecure_scheduler and not existing:
         raise UserError(
             "--insecure-scheduler: only with --scheduler or --scheduler-file (an existing cluster)"
         )
-    if config.cluster == "local":
+    if config.kind == "local":
         if slurm_only:
             raise UserError(f"--{slurm_only[0]}: only with --cluster slurm (Dask workers as SLURM jobs)")
         if existing and config.workers is not None:
@@ -175,14 +114,14 @@ def check_cluster(config: ConvertConfig) -> None:
 
 
 @contextlib.contextmanager
-def cluster_client(config: ConvertConfig) -> Iterator[Client]:
+def cluster_client(config: ClusterConfig) -> Iterator[Client]:
     """A client of the cluster `config` names: SLURM jobs, an existing scheduler, or a local cluster.
 
     The options are checked first (`check_cluster`); a SLURM cluster keeps `config.jobs` jobs
     (default 1) and is gone, its jobs cancelled, when the block ends.
     """
     check_cluster(config)
-    if config.cluster == "slurm":
+    if config.kind == "slurm":
         from ichdata.slurm import slurm_cluster
 
         with (
@@ -335,66 +274,8 @@ def dask_client(
         yield client
 
 
-#: The dask config keys of the site's TLS credentials for a client of an existing scheduler.
-_SITE_TLS = ("distributed.comm.tls.ca-file", "distributed.comm.tls.client.cert")
 #: How long a client waits for an existing scheduler.
 CONNECT_TIMEOUT = "30s"
-
-
-def existing_security(
-    scheduler: str | None, scheduler_file: str | os.PathLike[str] | None, *, insecure: bool
-) -> Security | None:
-    """The credentials for an existing scheduler: the site's TLS ones, or None where `insecure`.
-
-    A Dask client unpickles what its scheduler sends: a scheduler run by someone else runs code as
-    the user. So the scheduler must speak TLS (`tls://`) and prove that it holds a certificate of the
-    site's authority (the dask config's `distributed.comm.tls.ca-file`), and the client presents the
-    site's client certificate (`distributed.comm.tls.client.cert`, `.key`). Checked before any
-    connection: a `UserError` names what is missing and the way out.
-    """
-    if scheduler_file is not None and not Path(scheduler_file).is_file():
-        raise UserError(
-            f"--scheduler-file {scheduler_file}: no such file; expected the file `dask scheduler` writes"
-        )
-    if insecure:
-        return None
-    flag = f"--scheduler {scheduler}" if scheduler else f"--scheduler-file {scheduler_file}"
-    address = scheduler if scheduler else _scheduler_file_address(Path(str(scheduler_file)))
-    if not address.startswith("tls://"):
-        where = "" if scheduler else ": the scheduler it names"
-        raise UserError(
-            f"{flag}{where} does not speak TLS (tls://HOST:PORT expected); a scheduler we do not "
-            "authenticate could run code as you: start it with TLS, or pass --insecure-scheduler"
-        )
-    import dask
-    from distributed.security import Security
-
-    for key in _SITE_TLS:
-        value = dask.config.get(key, None)
-        if not value:
-            raise UserError(
-                f"{flag}: no {key} in the dask config; set the site's TLS credentials "
-                "(distributed.comm.tls.ca-file, .client.cert, .client.key; or "
-                f"DASK_{key.upper().replace('.', '__').replace('-', '_')}), or pass --insecure-scheduler"
-            )
-        if not Path(str(value)).is_file():
-            raise UserError(f"{flag}: {key} {value}: no such file")
-    return Security(require_encryption=True)
-
-
-def _scheduler_file_address(path: Path) -> str:
-    """The address in a scheduler file (`dask scheduler --scheduler-file`); its contents stay unshown."""
-    import json
-
-    try:
-        address = json.loads(path.read_text()).get("address")
-    except (OSError, ValueError, AttributeError):
-        address = None
-    if not isinstance(address, str):
-        raise UserError(
-            f"--scheduler-file {path}: no scheduler address in it; expected the JSON file `dask scheduler` writes"
-        )
-    return address
 
 
 @contextlib.contextmanager
@@ -518,28 +399,6 @@ def _workers_ignore_ctrl_c() -> Iterator[None]:
         signal.signal(signal.SIGINT, previous)
 
 
-def run_security() -> Security:
-    """TLS credentials made for one run: its scheduler, workers and client accept only each other.
-
-    One self-signed certificate, held in memory, is both the authority and every role's certificate
-    (DESIGN.md, Trust); a peer that does not present it is refused during the handshake.
-    """
-    from distributed.security import Security
-
-    return Security.temporary()
-
-
-def scheduler_http_options() -> dict[str, object]:
-    """Scheduler options of our clusters: no dashboard, and its plain HTTP endpoint on a free loopback port.
-
-    Without a dashboard the scheduler still serves HTTP (health, metrics), by default on port 8787 of
-    every interface and, when that port is taken (another cluster, a user's Jupyter), elsewhere with
-    a UserWarning. A free loopback port from the start says nothing and is reachable from this machine
-    only.
-    """
-    return {"dashboard": False, "dashboard_address": "127.0.0.1:0"}
-
-
 def _shed_memory() -> None:
     """Hand memory this process freed back to the OS before its workers fork from it.
 
@@ -593,25 +452,14 @@ def _local_cluster(n: int) -> Iterator[LocalCluster]:
 
 
 __all__ = [
-    "CLUSTER_GROUP",
     "CONNECT_TIMEOUT",
     "SLURM_COMMANDS",
     "SMALL_JOB",
-    "ClusterKind",
     "OnDemandClient",
     "check_cluster",
     "cluster_client",
-    "cluster_option",
     "dask_client",
-    "existing_security",
-    "insecure_scheduler_option",
-    "oversubscribe_option",
     "resolve_client",
     "resolve_workers",
-    "run_security",
-    "scheduler_file_option",
-    "scheduler_http_options",
-    "scheduler_option",
     "usable_cpus",
-    "workers_option",
 ]

@@ -5,8 +5,9 @@ one task each, so that both run the same code: `scan_source` (input checks, then
 `plan_conversion` (`ichdata.plan`), `convert_shards` (this module schedules the shard tasks of
 `ichdata.shards` and recovers from files that fail at pixel time) and `ichdata.finalize.finalize`.
 The stages hold no state between calls: a killed run is finished by the next run with the same
-arguments. The store's contract is in the README's store section. The stages' modules (pandas, zarr,
-pydicom) are imported when a stage runs: `ich convert --help` and `ConvertConfig` need none of them.
+arguments. The store's contract is in the README's store section. What a run is asked to do is an
+`ichdata.config.ConvertConfig`. The stages' modules (pandas, zarr, pydicom) are imported when a stage
+runs.
 """
 
 from __future__ import annotations
@@ -16,29 +17,15 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 from ichdata._kernels import numpy_unless_compiled
-from ichdata.cluster import (
-    SMALL_JOB,
-    OnDemandClient,
-    check_cluster,
-    cluster_client,
-    cluster_option,
-    insecure_scheduler_option,
-    oversubscribe_option,
-    resolve_client,
-    scheduler_file_option,
-    scheduler_option,
-    workers_option,
-)
+from ichdata.cluster import SMALL_JOB, OnDemandClient, check_cluster, cluster_client, resolve_client
 from ichdata.errors import UserError, out_of_space
 from ichdata.landing import incoming_dir
 from ichdata.lock import lock_path, store_lock
-from ichdata.options import option
-from ichdata.slurm import cores_option, jobs_option, memory_option, queue_option, walltime_option
 
 if TYPE_CHECKING:
     import os
@@ -48,14 +35,14 @@ if TYPE_CHECKING:
     from tqdm import tqdm
     from zarr import Group
 
-    from ichdata.finalize import ConvertSummary
+    from ichdata.config import ConvertConfig
+    from ichdata.finalize import ConvertResult, ConvertSummary
     from ichdata.plan import Plan
     from ichdata.scan import Manifest
     from ichdata.shards import ShardDone
 
 __all__ = [
-    "ConvertConfig",
-    "ConvertResult",
+    "check_and_make_parents",
     "check_inputs",
     "convert",
     "convert_shards",
@@ -66,58 +53,8 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True)
-class ConvertConfig:
-    """What `ich convert` was asked to do (saved in the store's provenance; its paths only with `keep_paths`)."""
-
-    source: Path = option(help="folder of DICOM files (any tree)", metavar="SOURCE", positional=True)
-    store: Path = option(help="the Zarr store to write (e.g. rsna.zarr)", metavar="STORE", positional=True)
-    labels: Path | None = option(
-        None, help="RSNA label CSV (ID,Label); images without a row get 255", metavar="CSV"
-    )
-    workers: int | None = workers_option()
-    scheduler: str | None = scheduler_option()
-    scheduler_file: Path | None = scheduler_file_option()
-    insecure_scheduler: bool = insecure_scheduler_option()
-    # None: the existing store's, else store.DEFAULT_SHARD_SIZE
-    shard_size: int | None = option(
-        None, help="slices per shard file (default: the store's, else 64)", metavar="K"
-    )
-    overwrite: bool = option(
-        False,
-        help="replace a STORE made from a different plan (only what ich wrote: other files are refused)",
-    )
-    parents: bool = option(False, help="create STORE's parent folders when they do not exist")
-    # Not part of the plan: each run writes the names of the whole store its own way (`ichdata.pathkeys`).
-    keep_paths: bool = option(
-        False,
-        help="keep each file's path relative to SOURCE in the store (source_path, quarantine/path): "
-        "file names may carry patient names",
-    )
-    oversubscribe: bool = oversubscribe_option()
-    cluster: Literal["local", "slurm"] = cluster_option()
-    # SLURM's options, each None: the site's dask config (jobqueue.slurm) decides.
-    jobs: int | None = jobs_option()
-    queue: str | None = queue_option()
-    cores: int | None = cores_option()
-    memory: str | None = memory_option()
-    walltime: str | None = walltime_option()
-
-
 # How often the shard scheduler asks how many worker threads the cluster has now.
 _THREADS_EVERY_S = 5.0
-
-
-@dataclass
-class ConvertResult:
-    """The outcome of `convert_shards`: the final plan (after pixel-time failures) and the counts."""
-
-    plan: Plan
-    n_shards: int
-    n_written: int
-    n_skipped: int
-    pixel_failures: pd.DataFrame
-    elapsed_s: float
 
 
 def _record_failures(group: Group, failures: pd.DataFrame, p: Plan) -> None:
@@ -159,6 +96,7 @@ def convert_shards(
     """
     import pandas as pd
 
+    from ichdata.finalize import ConvertResult
     from ichdata.shards import marker_key, prepare_store, read_markers
     from ichdata.storefiles import remove_leftovers
 
@@ -415,9 +353,10 @@ def check_inputs(config: ConvertConfig) -> None:
     """
     from ichdata.outputs import check_store_target
     from ichdata.resume import check_store
-    from ichdata.storefiles import REWRITTEN, StrayKind, check_metadata, check_replaceable, stray_files
+    from ichdata.store import REWRITTEN
+    from ichdata.storefiles import StrayKind, check_metadata, check_replaceable, stray_files
 
-    check_cluster(config)
+    check_cluster(config.cluster)
     source, store = Path(config.source), Path(config.store)
     if not source.is_dir():
         raise UserError(f"SOURCE {source}: no such folder; expected a folder of DICOM files")
@@ -437,6 +376,17 @@ def check_inputs(config: ConvertConfig) -> None:
                 f"STORE {store}: holds {foreign[0].path}, which ich did not write, in a folder each run "
                 "rewrites; move it out of the store"
             )
+
+
+def check_and_make_parents(config: ConvertConfig) -> None:
+    """`check_inputs`, then with `parents` STORE's missing parent folders: what comes before the store's lock.
+
+    The lock file lives beside the store, so its folder must exist first; the checks come first, so that a
+    refused run leaves no trace, not even a folder.
+    """
+    check_inputs(config)
+    if config.parents:
+        Path(config.store).absolute().parent.mkdir(parents=True, exist_ok=True)
 
 
 def scan_source(
@@ -495,9 +445,7 @@ def convert(config: ConvertConfig, progress: bool = True, client: Client | None 
     (`ichdata.lock.store_lock`: one writer per store; the workers never take it); a refused run writes
     nothing.
     """
-    check_inputs(config)  # before the lock too: a mistake leaves no trace, not even the lock file
-    if config.parents:
-        Path(config.store).absolute().parent.mkdir(parents=True, exist_ok=True)
+    check_and_make_parents(config)
     try:
         with store_lock(config.store, command="ich convert"):
             return _convert(config, progress, client)
@@ -513,7 +461,8 @@ def _convert(config: ConvertConfig, progress: bool, client: Client | None) -> Co
     from ichdata.plan import load_labels
 
     started = time.perf_counter()
-    local = config.cluster == "local" and not (config.scheduler or config.scheduler_file)
+    cluster = config.cluster
+    local = cluster.kind == "local" and not (cluster.scheduler or cluster.scheduler_file)
     stages: dict[str, float] = {}
     with contextlib.ExitStack() as stack:
         # The label CSV (RSNA's: 4.5M rows, seconds) is parsed by Arrow, off the GIL, while the scan
@@ -526,7 +475,7 @@ def _convert(config: ConvertConfig, progress: bool, client: Client | None) -> Co
 
         def start_cluster() -> contextlib.AbstractContextManager[Client]:
             parsed.result()
-            return cluster_client(config)
+            return cluster_client(cluster)
 
         # Started by the first stage with enough work for it: a re-run with nothing new starts no
         # cluster, and a small job on this machine (unless --workers asks for processes) runs here.
@@ -534,7 +483,7 @@ def _convert(config: ConvertConfig, progress: bool, client: Client | None) -> Co
         if client is not None:
             runner = client
         else:
-            small = SMALL_JOB if local and config.workers is None else 0
+            small = SMALL_JOB if local and cluster.workers is None else 0
             runner = OnDemandClient(start_cluster, stack, small_job=small, background=local)
         t = time.perf_counter()
         with _bar(progress, "scan", "file") as bar:

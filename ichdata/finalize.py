@@ -9,6 +9,7 @@ machine and the arrays are described in the README's store section.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import time
@@ -32,11 +33,48 @@ from ichdata.store import (
 )
 
 if TYPE_CHECKING:
+    import pandas as pd
     from zarr import Group
 
-    from ichdata.convert import ConvertConfig, ConvertResult
+    from ichdata.config import ConvertConfig
+    from ichdata.plan import Plan
 
 _log = logging.getLogger(__name__)
+
+#: The keys of the provenance's `config`, in the order stores have recorded them since before the cluster's
+#: options had a dataclass of their own: one flat mapping, `ClusterConfig.kind` as `cluster` (its flag).
+_CONFIG_KEYS = (
+    "source",
+    "store",
+    "labels",
+    "workers",
+    "scheduler",
+    "scheduler_file",
+    "insecure_scheduler",
+    "shard_size",
+    "overwrite",
+    "parents",
+    "keep_paths",
+    "oversubscribe",
+    "cluster",
+    "jobs",
+    "queue",
+    "cores",
+    "memory",
+    "walltime",
+)
+
+
+@dataclass
+class ConvertResult:
+    """The outcome of `ichdata.convert.convert_shards`: the final plan (after pixel-time failures) and the counts."""
+
+    plan: Plan
+    n_shards: int
+    n_written: int
+    n_skipped: int
+    pixel_failures: pd.DataFrame
+    elapsed_s: float
 
 
 @dataclass
@@ -273,9 +311,17 @@ def _provenance(
         if config is None
         else {
             k: (None if v is None else (str(v) if keep_paths else None) if isinstance(v, Path) else v)
-            for k, v in config.__dict__.items()
+            for k, v in _flat_config(config).items()
         },
     }
+
+
+def _flat_config(config: ConvertConfig) -> dict[str, Any]:
+    """`config` as the one flat mapping the provenance records: `_CONFIG_KEYS` first, in their order."""
+    flat = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name != "cluster"}
+    for f in dataclasses.fields(config.cluster):
+        flat["cluster" if f.name == "kind" else f.name] = getattr(config.cluster, f.name)
+    return {**{k: flat.pop(k) for k in _CONFIG_KEYS if k in flat}, **flat}
 
 
 def _du(path: Path) -> int:
@@ -287,4 +333,4 @@ def _du(path: Path) -> int:
     return total
 
 
-__all__ = ["ConvertSummary", "finalize"]
+__all__ = ["ConvertResult", "ConvertSummary", "finalize"]

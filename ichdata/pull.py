@@ -48,7 +48,10 @@ def study_date_range(value: str) -> str:
 
 @dataclass(frozen=True)
 class ArchiveQuery:
-    """Which studies of a DICOMweb archive, and how to trust it: options of `ich pull` and `ich predict`."""
+    """Which studies of a DICOMweb archive, and how to trust it.
+
+    Options of `ich pull` (`PullConfig.query`, a group of its own in `--help`) and of `ich predict`.
+    """
 
     study_date: str | None = option(
         None, metavar="FROM-TO", help="studies of these dates: YYYYMMDD, YYYYMMDD-YYYYMMDD, FROM- or -TO"

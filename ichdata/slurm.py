@@ -4,8 +4,7 @@
 the site's settings from dask's `jobqueue.slurm` config (`~/.config/dask/jobqueue.yaml` or
 `DASK_JOBQUEUE__SLURM__*` variables), the keyword arguments overriding them. The scheduler speaks TLS
 with credentials made for the run (DESIGN.md, Trust), keeps `jobs` jobs alive and cancels them when
-the block ends, however it ends. The `*_option()` functions declare the route's command-line options
-once, for `ichdata.convert.ConvertConfig` and the `ingest` flow's parameters.
+the block ends, however it ends. Its command-line options are `ichdata.config.ClusterConfig`'s.
 """
 
 from __future__ import annotations
@@ -21,11 +20,10 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from ichdata.cluster import run_security, scheduler_http_options
 from ichdata.errors import UserError
-from ichdata.options import option
+from ichdata.security import run_security, scheduler_http_options
 
 if TYPE_CHECKING:
     from dask_jobqueue import SLURMCluster
@@ -42,46 +40,6 @@ _CANCEL_WAIT_S = 60
 # Once the first worker is up, how long to wait for the others before the work starts (their jobs
 # may still be queued; the work is spread again as they join).
 _GATHER_S = 30
-
-
-def jobs_option() -> Any:
-    """The `jobs` field: SLURM jobs to keep running."""
-    return option(
-        None, help="SLURM jobs to keep running, one Dask worker per core each (default: 1)", metavar="N"
-    )
-
-
-def queue_option() -> Any:
-    """The `queue` field: the partition of the worker jobs."""
-    return option(
-        None,
-        help="SLURM partition of the worker jobs (default: the site's jobqueue.slurm.queue)",
-        metavar="NAME",
-    )
-
-
-def cores_option() -> Any:
-    """The `cores` field: cores (and worker processes) per job."""
-    return option(None, help="cores per SLURM job (default: the site's jobqueue.slurm.cores)", metavar="N")
-
-
-def memory_option() -> Any:
-    """The `memory` field: memory per job."""
-    return option(
-        None,
-        help="memory per SLURM job, e.g. 16GB (default: the site's jobqueue.slurm.memory)",
-        metavar="SIZE",
-    )
-
-
-def walltime_option() -> Any:
-    """The `walltime` field: the time limit of each job; its workers retire before it and are replaced."""
-    return option(
-        None,
-        help="time limit per SLURM job, e.g. 04:00:00; a job is replaced before it ends "
-        "(default: the site's jobqueue.slurm.walltime)",
-        metavar="TIME",
-    )
 
 
 @contextmanager
@@ -257,7 +215,7 @@ def _slurm_command(args: list[str]) -> str:
 def _run_credentials(directory: Path) -> Security:
     """TLS credentials made for this run, as files in `directory` (0700) that the workers' jobs read.
 
-    The credentials are `ichdata.cluster.run_security`'s, the local route's; the workers' jobs read
+    The credentials are `ichdata.security.run_security`'s, the local route's; the workers' jobs read
     them from files where the local cluster hands them over in memory.
     """
     from distributed.security import Security
@@ -319,11 +277,4 @@ def _user_name() -> str:
     return pwd.getpwuid(os.getuid()).pw_name
 
 
-__all__ = [
-    "cores_option",
-    "jobs_option",
-    "memory_option",
-    "queue_option",
-    "slurm_cluster",
-    "walltime_option",
-]
+__all__ = ["slurm_cluster"]

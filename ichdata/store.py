@@ -44,6 +44,22 @@ N_CHANNELS = 3
 SERIES_COLUMNS: tuple[str, ...] = ("study_uid", "series_uid", "patient_key", "n_slices")
 QUARANTINE_COLUMNS: tuple[str, ...] = ("path", "reason", "detail")
 STATES = ("converting", "finalizing", "complete")
+#: Every array ich writes in a store, by its path inside the group (the README's store table).
+ARRAYS: tuple[str, ...] = (
+    "images",
+    "labels",
+    "image_id",
+    "study_offsets",
+    "slice_position",
+    "source_path",
+    *(f"series/{c}" for c in SERIES_COLUMNS),
+    *(f"quarantine/{c}" for c in QUARANTINE_COLUMNS),
+    "conversion/shard_done",
+)
+#: The groups that hold them ("" is the store itself).
+GROUPS: tuple[str, ...] = ("", "series", "quarantine", "conversion")
+#: The arrays every commit replaces whole (`write_array`): a run deletes their folders.
+REWRITTEN: tuple[str, ...] = tuple(a for a in ARRAYS if a not in ("images", "conversion/shard_done"))
 #: The group attribute only ich writes: `{"kind": "store", "format_version": 1}`.
 ICH_ATTR = "ich"
 _SMALL_CHUNK = 1 << 16  # rows per chunk of the small 1-D/2-D arrays
@@ -633,8 +649,6 @@ def check_small_arrays(
     from zarr.core.metadata import ArrayV3Metadata
     from zarr.storage import LocalStore
 
-    from ichdata.storefiles import REWRITTEN  # (it reads this module's names)
-
     damaged: list[tuple[str, str]] = []
     unchecked: list[str] = []
     for name in REWRITTEN:
@@ -712,11 +726,14 @@ def store_attrs(path: str | os.PathLike[str]) -> Mapping[str, Any] | None:
 
 
 __all__ = [
+    "ARRAYS",
     "CLASSES",
     "DEFAULT_SHARD_SIZE",
     "FORMAT_VERSION",
+    "GROUPS",
     "ICH_ATTR",
     "IMAGE_SIZE",
+    "REWRITTEN",
     "UNLABELLED",
     "Store",
     "array",

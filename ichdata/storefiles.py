@@ -1,12 +1,12 @@
 """What ich writes inside a store, told from what it does not: the one definition of "ours".
 
-A store folder holds the group's `zarr.json`, the `zarr.json` of each group and array in `ARRAYS`,
-and each array's chunk (or shard) files inside its shape. Anything else is a `Stray`: a file ich did
-not write (a user's notes, a link, an unknown folder), a temporary file a killed write left behind,
-or a chunk file outside its array's shape. `ich verify` lists every stray; `--overwrite` (and
-`ich predict --store`) replaces a store only when it holds no file ich did not write
-(`check_replaceable`), and then deletes only ich's files (`remove_ich_files`), so that a file that
-appears meanwhile stays. The files beside a store are `ichdata.store`'s (manifest, quarantine CSV,
+A store folder holds the group's `zarr.json`, the `zarr.json` of each group and array in
+`ichdata.store.ARRAYS`, and each array's chunk (or shard) files inside its shape. Anything else is a
+`Stray`: a file ich did not write (a user's notes, a link, an unknown folder), a temporary file a
+killed write left behind, or a chunk file outside its array's shape. `ich verify` lists every stray;
+`--overwrite` (and `ich predict --store`) replaces a store only when it holds no file ich did not
+write (`check_replaceable`), and then deletes only ich's files (`remove_ich_files`), so that a file
+that appears meanwhile stays. The files beside a store are `ichdata.store`'s (manifest, quarantine CSV,
 salt) and `ichdata.lock`'s (the lock).
 """
 
@@ -23,12 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ichdata.errors import UserError
-from ichdata.store import QUARANTINE_COLUMNS, SERIES_COLUMNS, array, is_ich_store, open_group
+from ichdata.store import ARRAYS, GROUPS, array, is_ich_store, open_group
 
 __all__ = [
-    "ARRAYS",
-    "GROUPS",
-    "REWRITTEN",
     "Stray",
     "StrayKind",
     "check_metadata",
@@ -38,23 +35,6 @@ __all__ = [
     "remove_leftovers",
     "stray_files",
 ]
-
-#: Every array ich writes in a store, by its path inside the group (the README's store table).
-ARRAYS: tuple[str, ...] = (
-    "images",
-    "labels",
-    "image_id",
-    "study_offsets",
-    "slice_position",
-    "source_path",
-    *(f"series/{c}" for c in SERIES_COLUMNS),
-    *(f"quarantine/{c}" for c in QUARANTINE_COLUMNS),
-    "conversion/shard_done",
-)
-#: The groups that hold them ("" is the store itself).
-GROUPS: tuple[str, ...] = ("", "series", "quarantine", "conversion")
-#: The arrays every commit replaces whole (`ichdata.store.write_array`): a run deletes their folders.
-REWRITTEN: tuple[str, ...] = tuple(a for a in ARRAYS if a not in ("images", "conversion/shard_done"))
 
 # Temporary names of a write in progress: `ichdata.atomic`'s `.NAME.PID.THREAD.tmp`, and zarr's
 # `STEM.<32 hex>.partial` (its LocalStore writes through one).

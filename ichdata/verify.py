@@ -28,14 +28,8 @@ import numpy as np
 import pandas as pd
 
 from ichdata import pathkeys
-from ichdata.cluster import (
-    insecure_scheduler_option,
-    oversubscribe_option,
-    scheduler_file_option,
-    scheduler_option,
-    usable_cpus,
-    workers_option,
-)
+from ichdata.cluster import usable_cpus
+from ichdata.config import ClusterConfig
 from ichdata.options import option
 from ichdata.reasons import KEPT_REASONS
 from ichdata.resume import salt_check
@@ -65,14 +59,15 @@ _MAX_LISTED = 20  # per check: enough to act on, not a wall of text for a badly 
 
 @dataclass(frozen=True)
 class VerifyConfig:
-    """What `ich verify` was asked to check, and on which cluster (none: in this process)."""
+    """What `ich verify` was asked to check, and on which cluster (none named: threads of this process)."""
 
     store: Path = option(help="the store to re-read (e.g. rsna.zarr)", metavar="STORE", positional=True)
-    workers: int | None = workers_option()
-    scheduler: str | None = scheduler_option()
-    scheduler_file: Path | None = scheduler_file_option()
-    insecure_scheduler: bool = insecure_scheduler_option()
-    oversubscribe: bool = oversubscribe_option()
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+
+    def on_cluster(self) -> bool:
+        """Whether a cluster option names a Dask cluster to re-read on (else threads of this process)."""
+        c = self.cluster
+        return bool(c.workers or c.scheduler or c.scheduler_file or c.kind == "slurm")
 
 
 @dataclass

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from ichdata.pull import ArchiveQuery
     from ichdata.store import Store
 
+from ichdata.config import ClusterConfig
 from ichdata.csvsafe import safe_table
 from ichdata.errors import UserError
 from ichdata.options import option
@@ -262,13 +263,14 @@ def _check_paths(checkpoint: Path, src: Path | None, out: Path, store: Path | No
         check_output_file(path, what=what, parents=parents, inputs=inputs, stores={"--store": store})
 
 
-def _convert(source: Path, store: Path, workers: int | None, progress: bool, parents: bool) -> None:
-    """Convert `source` into `store` with the conversion `ich convert` runs (no labels)."""
-    from ichdata.convert import ConvertConfig, convert
+def _convert(source: Path, store: Path, cluster: ClusterConfig, progress: bool, parents: bool) -> None:
+    """Convert `source` into `store` with the conversion `ich convert` runs (no labels), on `cluster`."""
+    from ichdata.config import ConvertConfig
+    from ichdata.convert import convert
 
     convert(
         ConvertConfig(
-            source=source, store=store, labels=None, workers=workers, overwrite=True, parents=parents
+            source=source, store=store, labels=None, overwrite=True, parents=parents, cluster=cluster
         ),
         progress=progress,
     )
@@ -286,7 +288,7 @@ def predict_folder(
     store: str | os.PathLike[str] | None = None,
     threshold: float = 0.5,
     device: str | None = None,
-    workers: int | None = None,
+    cluster: ClusterConfig | None = None,
     progress: bool = True,
     parents: bool = False,
     log: Callable[[str], None] | None = print,
@@ -300,8 +302,10 @@ def predict_folder(
     `source` may be a DICOMweb URL: its studies (`query`) are pulled first (`ichdata.pull`) into
     `landing` or a temporary folder. With `sr`, one DICOM SR per study is written there
     (`ichmodel.sr`); `send` stores them back into the archive at `source` with STOW-RS. A kept
-    `store` is locked (`ichdata.lock`) from the checks to the last read of it.
+    `store` is locked (`ichdata.lock`) from the checks to the last read of it. The conversion runs on
+    `cluster` (default: a local one, as `ich convert`'s), whose options are checked with the others.
     """
+    from ichdata.cluster import check_cluster
     from ichdata.pull import ArchiveQuery
 
     url = str(source) if _is_url(source) else None
@@ -318,6 +322,8 @@ def predict_folder(
     else:
         src = Path(landing) if landing is not None else None  # None: a temporary landing folder
     _check_threshold(threshold)
+    cluster = cluster or ClusterConfig()
+    check_cluster(cluster)
     from ichdata.lock import store_lock
     from ichmodel.evaluate import _device
     from ichmodel.models import load_model
@@ -342,7 +348,7 @@ def predict_folder(
         st = kept if kept is not None else Path(tmp) / "store.zarr"
         if log is not None:
             log(f"converting {src} -> {st}")
-        _convert(src, st, workers, progress, parents)
+        _convert(src, st, cluster, progress, parents)
         result = predict_store(
             checkpoint, st, out, threshold=threshold, device=device, progress=progress, loaded=loaded
         )
@@ -430,7 +436,6 @@ class PredictConfig:
     store: Path | None = option(None, help="keep the converted store here (default: a temporary one)")
     threshold: float = option(0.5, help="p(any) at or above which a slice counts as flagged (0.5)")
     device: str | None = option(None, help="cpu or cuda (default: cuda when available)")
-    workers: int | None = option(None, help="Dask worker processes for the conversion")
     progress: bool = option(True, flag="--quiet", help="no progress bars")
     parents: bool = option(
         False, help="create the parent folders of --out and --store when they do not exist"
@@ -442,6 +447,8 @@ class PredictConfig:
     landing: Path | None = option(
         None, help="SOURCE a URL: pull into this landing folder, kept (default: a temporary one)"
     )
+    # The conversion's cluster, as `ich convert`'s.
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
 
 def predict_from_config(config: PredictConfig, query: ArchiveQuery | None = None) -> PredictResult:
@@ -453,7 +460,7 @@ def predict_from_config(config: PredictConfig, query: ArchiveQuery | None = None
         store=config.store,
         threshold=config.threshold,
         device=config.device,
-        workers=config.workers,
+        cluster=config.cluster,
         progress=config.progress,
         parents=config.parents,
         sr=config.sr,

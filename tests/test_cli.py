@@ -181,7 +181,8 @@ def test_a_signal_stops_a_conversion_in_one_line_and_closes_its_cluster(
 @pytest.fixture(scope="module")
 def small_store(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """(SOURCE, STORE): a one-study synthetic archive and its store, converted in this process."""
-    from ichdata.convert import ConvertConfig, convert
+    from ichdata.config import ConvertConfig
+    from ichdata.convert import convert
     from ichdata.testing import write_archive
 
     root = tmp_path_factory.mktemp("small")
@@ -271,6 +272,61 @@ def _imports(*argv: str) -> str:
     )
     assert result.returncode == 0, result.stderr
     return next(line for line in result.stdout.splitlines() if line.startswith("IMPORTED"))
+
+
+def test_nested_configs_are_built_from_the_same_flat_flags(capsys: pytest.CaptureFixture[str]) -> None:
+    """Issue 16 item 14: `ConvertConfig.cluster` is a `ClusterConfig`, its own `--help` group; the flags stay."""
+    from flows.cli import build_parser
+    from flows.cliparse import build_config
+    from ichdata.config import ClusterConfig, ConvertConfig
+    from ichdata.pull import ArchiveQuery, PullConfig
+
+    argv = [
+        "convert",
+        "src",
+        "st.zarr",
+        "--workers",
+        "2",
+        "--oversubscribe",
+        "--shard-size",
+        "8",
+        "--parents",
+    ]
+    assert build_config(ConvertConfig, build_parser("convert").parse_args(argv)) == ConvertConfig(
+        Path("src"),
+        Path("st.zarr"),
+        shard_size=8,
+        parents=True,
+        cluster=ClusterConfig(workers=2, oversubscribe=True),
+    )
+    argv = [
+        "convert",
+        "src",
+        "st.zarr",
+        "--cluster",
+        "slurm",
+        "--jobs",
+        "4",
+        "--memory",
+        "4GB",
+        "--keep-paths",
+    ]
+    assert build_config(ConvertConfig, build_parser("convert").parse_args(argv)) == ConvertConfig(
+        Path("src"),
+        Path("st.zarr"),
+        keep_paths=True,
+        cluster=ClusterConfig(kind="slurm", jobs=4, memory="4GB"),
+    )
+    argv = ["pull", "https://pacs/dicom-web", "landing", "--study", "1.2", "--study", "1.3", "--retries", "2"]
+    assert build_config(PullConfig, build_parser("pull").parse_args(argv)) == PullConfig(
+        "https://pacs/dicom-web", Path("landing"), retries=2, query=ArchiveQuery(study=["1.2", "1.3"])
+    )
+    with pytest.raises(SystemExit):
+        main(["convert", "--help"])
+    shown = capsys.readouterr().out
+    group = shown.index("The Dask cluster (local processes, SLURM jobs or an existing scheduler):")
+    listed = [shown.index(f"\n  {flag}") for flag in ("--keep-paths", "--workers N", "--walltime TIME")]
+    assert listed[0] < group < listed[1] < listed[2]
 
 
 def test_convert_help_imports_none_of_the_stages_modules() -> None:

@@ -81,6 +81,45 @@ def test_serve_options_are_checked_before_serving(
 
 
 @pytest.mark.usefixtures("no_api_url")
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--oversubscribe"], "--oversubscribe: not for served runs"),
+        (["--jobs", "2"], "--jobs: only with --cluster slurm (Dask workers as SLURM jobs)"),
+        (["--cluster", "slurm", "--workers", "2"], "--workers 2 and --cluster slurm: each SLURM job runs"),
+    ],
+)
+def test_serve_refuses_cluster_options_that_mean_nothing_for_its_runs(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """Issue 16 item 14: `ich serve` takes `ich convert`'s cluster options (`ClusterConfig`), checked alike."""
+    assert main(["serve", "--allow-root", str(tmp_path), *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"ich: error: {message}")
+    assert err.count("\n") == 1
+
+
+def test_serve_passes_the_runs_cluster_options_as_their_defaults(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """`ich serve --cluster slurm --jobs 3 --queue short`: the runs' defaults, `--cluster` as `cluster`."""
+    import flows.deploy
+
+    calls: list[dict[str, Any]] = []
+    monkeypatch.setattr(flows.deploy, "serve", lambda *a, **kw: calls.append(kw["parameters"]))
+    # `--cluster slurm` needs SLURM's client commands on PATH; nothing runs them here.
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name in ("sbatch", "squeue", "scancel"):
+        (bin_dir / name).write_text("#!/bin/sh\nexit 1\n")
+        (bin_dir / name).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    argv = ["serve", "--allow-root", str(tmp_path), "--cluster", "slurm", "--jobs", "3", "--queue", "short"]
+    assert main(argv) == 143
+    assert calls == [{"cluster": "slurm", "jobs": 3, "queue": "short"}]
+
+
+@pytest.mark.usefixtures("no_api_url")
 def test_serve_needs_an_allowed_root_that_exists(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     """Issue 16 item 5: without a root, a served deployment would act on any path anyone names."""
     assert main(["serve"]) == 2

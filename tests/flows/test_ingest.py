@@ -220,6 +220,60 @@ def test_with_allowed_roots_a_path_outside_is_refused_and_no_error_shows_a_file(
     assert "SECRET" not in state.message
 
 
+def test_the_flows_parameters_are_the_conversions_options() -> None:
+    """Issue 16 item 14: the flow's form is `ConvertConfig`'s fields and `ClusterConfig`'s, declared there once.
+
+    All but `ConvertConfig.cluster` (its fields are the flow's, flat), the operator's cluster options
+    (`flows.deploy.OPERATOR_ONLY`: never a run's to choose) and `kind`, which is `cluster` as on the command
+    line; plus the flow's own `verify`. Paths are `str` (a parameter is JSON), and so is `cluster`
+    (Prefect reads the flow's signature without importing it, where `Literal` cannot be resolved).
+    """
+    import dataclasses
+    import inspect
+
+    from flows.deploy import OPERATOR_ONLY
+    from flows.ingest import ingest
+    from ichdata.config import ClusterConfig, ConvertConfig
+
+    def parameter(f: dataclasses.Field[Any]) -> tuple[str, object]:
+        annotation = "str" if f.name == "kind" else str(f.type).replace("Path", "str")
+        return annotation, inspect.Parameter.empty if f.default is dataclasses.MISSING else f.default
+
+    assert set(OPERATOR_ONLY) == {"scheduler", "scheduler_file", "insecure_scheduler", "oversubscribe"}
+    expected = {f.name: parameter(f) for f in dataclasses.fields(ConvertConfig) if f.name != "cluster"}
+    for f in dataclasses.fields(ClusterConfig):
+        if f.name not in OPERATOR_ONLY:
+            expected["cluster" if f.name == "kind" else f.name] = parameter(f)
+    expected["verify"] = ("bool", True)
+    parameters = inspect.signature(ingest.fn).parameters.values()
+    assert {p.name: (p.annotation, p.default) for p in parameters} == expected
+
+
+def test_parents_creates_the_stores_folders_once_the_inputs_are_checked(
+    tmp_path: Path, operator_scheduler: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`parents=true`, as `ich convert --parents`: a store in folders to make, inside the allowed roots."""
+    allowed = tmp_path / "allowed"
+    folder, csv = _archive(allowed, studies=1, seed=23)
+    monkeypatch.setenv("ICH_ALLOWED_ROOTS", str(allowed))
+    store = allowed / "new" / "deeper" / "s.zarr"
+
+    state = _run(source=str(folder), store=str(store), verify=False)
+    assert state.is_failed()
+    assert f"the folder {store.parent} does not exist" in state.message
+    # A refused run makes no folder.
+    state = _run(source=str(folder), store=str(store), labels=str(allowed / "absent.csv"), parents=True)
+    assert state.is_failed()
+    assert f"--labels {allowed / 'absent.csv'}: no such file" in state.message
+    assert not (allowed / "new").exists()
+
+    state = _run(source=str(folder), store=str(store), labels=str(csv), parents=True, verify=False)
+    assert state.is_completed(), state.message
+    from ichdata.store import open_store
+
+    assert open_store(store).n_slices == state.result().n_slices > 0
+
+
 # ----------------------------------------------------------------------------------------- incremental
 
 

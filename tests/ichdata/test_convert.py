@@ -23,7 +23,8 @@ import pytest
 import zarr
 
 from flows.cli import main
-from ichdata.convert import ConvertConfig, convert, convert_shards
+from ichdata.config import ClusterConfig, ConvertConfig
+from ichdata.convert import convert, convert_shards
 from ichdata.finalize import finalize
 from ichdata.plan import plan
 from ichdata.reasons import READER_REASONS as REASONS
@@ -564,7 +565,9 @@ def test_killing_the_driver_then_rerunning_skips_finished_shards(many, clean_run
     )
     with pytest.raises(Exception, match="has not finished"):
         open_store(store)
-    summary = convert(ConvertConfig(store=store, source=many, workers=2), progress=False)
+    summary = convert(
+        ConvertConfig(store=store, source=many, cluster=ClusterConfig(workers=2)), progress=False
+    )
     assert summary.n_shards_skipped >= n_done  # a marker is written after its shard: those are done
     assert summary.n_shards_skipped + summary.n_shards_written == n_shards
     _assert_same_store(store, clean_run)
@@ -748,10 +751,11 @@ def test_workers_are_capped_at_the_usable_cores_unless_the_user_insists(caplog) 
 
 _INTERRUPTED = """
 import sys
-from ichdata.convert import ConvertConfig, convert
+from ichdata.config import ClusterConfig, ConvertConfig
+from ichdata.convert import convert
 
 try:
-    convert(ConvertConfig(sys.argv[1], sys.argv[2], workers=2, shard_size=2), progress=False)
+    convert(ConvertConfig(sys.argv[1], sys.argv[2], shard_size=2, cluster=ClusterConfig(workers=2)), progress=False)
 except KeyboardInterrupt:
     print("interrupted", file=sys.stderr)
     sys.exit(130)
@@ -971,7 +975,8 @@ _PAUSED_CONVERT = """
 import sys, time
 from pathlib import Path
 import ichdata.finalize
-from ichdata.convert import ConvertConfig, convert
+from ichdata.config import ClusterConfig, ConvertConfig
+from ichdata.convert import convert
 
 source, store, signals = sys.argv[1], sys.argv[2], Path(sys.argv[3])
 real = ichdata.finalize.finalize
@@ -985,7 +990,7 @@ def paused(*args, **kwargs):
     return real(*args, **kwargs)
 
 ichdata.finalize.finalize = paused  # the driver imports it when it commits
-print(convert(ConvertConfig(source, store, shard_size=2, workers=2), progress=False))
+print(convert(ConvertConfig(source, store, shard_size=2, cluster=ClusterConfig(workers=2)), progress=False))
 """
 
 

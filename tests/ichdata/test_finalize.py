@@ -11,7 +11,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from ichdata.convert import ConvertConfig, convert
+from ichdata.config import ConvertConfig
+from ichdata.convert import convert
 from ichdata.labels import CLASSES
 from ichdata.store import manifest_path, open_store, quarantine_csv_path
 

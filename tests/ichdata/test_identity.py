@@ -17,7 +17,8 @@ import pydicom
 import pytest
 from pydicom.uid import RLELossless
 
-from ichdata.convert import ConvertConfig, convert_shards, plan_conversion, scan_source
+from ichdata.config import ConvertConfig
+from ichdata.convert import convert_shards, plan_conversion, scan_source
 from ichdata.dicom import FileIdentity, SliceError, read_header_layout, read_rendered, read_rendered_layout
 from ichdata.finalize import ConvertSummary, finalize
 from ichdata.scan import scan

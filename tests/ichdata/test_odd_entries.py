@@ -19,7 +19,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from ichdata.convert import ConvertConfig, convert, convert_shards
+from ichdata.config import ConvertConfig
+from ichdata.convert import convert, convert_shards
 from ichdata.finalize import finalize
 from ichdata.paths import fs_path, path_text
 from ichdata.plan import plan

@@ -20,7 +20,8 @@ import pytest
 import zarr
 
 from ichdata import landing
-from ichdata.convert import ConvertConfig, convert
+from ichdata.config import ClusterConfig, ConvertConfig
+from ichdata.convert import convert
 from ichdata.dicomweb import PASSWORD_ENV, TOKEN_ENV, USER_ENV, Retry, Transient, credentials, multipart_parts
 from ichdata.errors import UserError
 from ichdata.pull import ArchiveQuery, PullConfig, study_date_range
@@ -184,9 +185,15 @@ def test_pull_gives_the_archives_files_and_the_same_store(
     assert set(_digests(land)) == set(_digests(tmp_path / "src"))
 
     a, b = tmp_path / "pulled.zarr", tmp_path / "files.zarr"
-    convert(ConvertConfig(land, a, scheduler=dask_scheduler, insecure_scheduler=True), progress=False)
     convert(
-        ConvertConfig(tmp_path / "src", b, scheduler=dask_scheduler, insecure_scheduler=True), progress=False
+        ConvertConfig(land, a, cluster=ClusterConfig(scheduler=dask_scheduler, insecure_scheduler=True)),
+        progress=False,
+    )
+    convert(
+        ConvertConfig(
+            tmp_path / "src", b, cluster=ClusterConfig(scheduler=dask_scheduler, insecure_scheduler=True)
+        ),
+        progress=False,
     )
     pulled, files = _store_arrays(a), _store_arrays(b)
     for name in files:
@@ -281,7 +288,12 @@ def test_failing_requests_are_retried_and_a_study_that_keeps_failing_is_named(
     assert 0 < len(held) < len(bad.sop_uids)  # whole instances of the half-sent answers are kept
     # nothing half-fetched is converted
     store = tmp_path / "broken.zarr"
-    convert(ConvertConfig(broken, store, scheduler=dask_scheduler, insecure_scheduler=True), progress=False)
+    convert(
+        ConvertConfig(
+            broken, store, cluster=ClusterConfig(scheduler=dask_scheduler, insecure_scheduler=True)
+        ),
+        progress=False,
+    )
     assert bad.study_uid not in set(open_store(store).series["study_uid"])
     assert open_store(store).n_series == 3
 

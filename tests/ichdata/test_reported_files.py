@@ -13,7 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ichdata.convert import ConvertConfig, convert
+from ichdata.config import ConvertConfig
+from ichdata.convert import convert
 from ichdata.reasons import KEPT_REASONS
 from ichdata.store import open_store
 from ichdata.testing import stored_from_hu, write_ct_slice

@@ -10,7 +10,8 @@ import ichdata.convert
 import ichdata.finalize
 import ichdata.scan
 import ichdata.shards
-from ichdata.convert import ConvertConfig, convert
+from ichdata.config import ClusterConfig, ConvertConfig
+from ichdata.convert import convert
 from ichdata.testing import write_archive
 
 
@@ -20,10 +21,10 @@ def test_a_rerun_with_nothing_new_starts_no_cluster_and_reads_no_marker(
 ) -> None:
     src, store = tmp_path / "src", tmp_path / "s.zarr"
     write_archive(src, studies=2, seed=1, image_size=64, workers=1)
-    first = convert(ConvertConfig(src, store, workers=1, shard_size=8), progress=False)
+    first = convert(ConvertConfig(src, store, shard_size=8, cluster=ClusterConfig(workers=1)), progress=False)
     assert first.n_new > 0
 
-    def no_cluster(config: ConvertConfig) -> None:
+    def no_cluster(config: ClusterConfig) -> None:
         raise AssertionError("a re-run with nothing new started a cluster")
 
     def no_markers(group: object) -> list[str]:
@@ -43,7 +44,7 @@ def test_a_rerun_with_nothing_new_starts_no_cluster_and_reads_no_marker(
     monkeypatch.setattr(ichdata.shards, "read_markers", no_markers)
     monkeypatch.setattr(ichdata.finalize, "_du", no_walk)
     monkeypatch.setattr(ichdata.scan.Manifest, "read", classmethod(counted_read))
-    again = convert(ConvertConfig(src, store, workers=1), progress=False)
+    again = convert(ConvertConfig(src, store, cluster=ClusterConfig(workers=1)), progress=False)
     assert again.n_new == 0
     assert again.n_slices == first.n_slices
     assert again.store_bytes == first.store_bytes > 0  # as the commit recorded it
@@ -55,5 +56,5 @@ def test_a_rerun_with_nothing_new_starts_no_cluster_and_reads_no_marker(
     added = sorted((tmp_path / "more").glob("*.dcm"))[-5:]
     for f in added:
         f.rename(src / f"late_{f.name}")
-    third = convert(ConvertConfig(src, store, workers=1), progress=False)
+    third = convert(ConvertConfig(src, store, cluster=ClusterConfig(workers=1)), progress=False)
     assert third.n_slices == first.n_slices + 5

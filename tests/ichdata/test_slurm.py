@@ -383,7 +383,8 @@ def test_a_worker_job_cancelled_mid_run_still_gives_the_identical_store(
     import threading
 
     import ichdata.shards
-    from ichdata.convert import ConvertConfig, convert
+    from ichdata.config import ClusterConfig, ConvertConfig
+    from ichdata.convert import convert
 
     source, labels = _archive(site, studies=3, seed=22)
     local = site / "local.zarr"
@@ -395,7 +396,7 @@ def test_a_worker_job_cancelled_mid_run_still_gives_the_identical_store(
     store = site / "slurm.zarr"
     config = ConvertConfig(
         source=source, store=store, labels=labels, shard_size=4,
-        cluster="slurm", jobs=2, cores=1, memory="1GB", walltime="00:10:00",
+        cluster=ClusterConfig(kind="slurm", jobs=2, cores=1, memory="1GB", walltime="00:10:00"),
     )  # fmt: skip
     monkeypatch.setattr(ichdata.shards, "convert_shard", _slow_shards(0.5))
     outcome: list[BaseException | None] = []

@@ -22,7 +22,8 @@ import pytest
 import zarr
 
 from flows.cli import main
-from ichdata.convert import ConvertConfig, convert
+from ichdata.config import ConvertConfig
+from ichdata.convert import convert
 from ichdata.errors import UserError
 from ichdata.labels import CLASSES
 from ichdata.pathkeys import keys, local_paths, scrub_details

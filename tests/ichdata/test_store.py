@@ -213,7 +213,7 @@ def test_every_array_carries_a_checksum_per_chunk(tmp_path) -> None:
     """A CRC-32C on every chunk (zarr's crc32c codec): each slice of `images`, each small array's chunks."""
     from zarr.codecs import Crc32cCodec, ShardingCodec
 
-    from ichdata.storefiles import ARRAYS
+    from ichdata.store import ARRAYS
 
     path = tmp_path / "s.zarr"
     images = np.random.default_rng(0).integers(0, 256, (5, 3, 16, 16), dtype=np.uint8)

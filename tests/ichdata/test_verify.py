@@ -16,7 +16,8 @@ import pytest
 import zarr
 
 from flows.cli import main
-from ichdata.convert import ConvertConfig, convert
+from ichdata.config import ConvertConfig
+from ichdata.convert import convert
 from ichdata.errors import UserError
 from ichdata.store import (
     CLASSES,
@@ -124,6 +125,31 @@ def test_a_store_written_from_arrays_verifies(tmp_path) -> None:
         tmp_path / "a.zarr", images, np.zeros((5, 6), np.uint8), list("abcde"), [0, 5], series, shard_size=2
     )
     assert verify_store(tmp_path / "a.zarr").ok
+
+
+def test_verify_takes_the_conversions_cluster_options_checked_alike(good, capsys) -> None:
+    """Issue 16 item 14: `ich verify` has `ich convert`'s cluster options (`ClusterConfig`)."""
+    assert main(["verify", str(good), "--jobs", "2"]) == 2
+    assert capsys.readouterr().err == (
+        "ich: error: --jobs: only with --cluster slurm (Dask workers as SLURM jobs)\n"
+    )
+    assert main(["verify", str(good), "--insecure-scheduler"]) == 2
+    assert capsys.readouterr().err == (
+        "ich: error: --insecure-scheduler: only with --scheduler or --scheduler-file (an existing cluster)\n"
+    )
+
+
+@pytest.mark.slow
+def test_verify_with_workers_rereads_on_a_local_cluster(good, capsys, monkeypatch) -> None:
+    """`ich verify --workers 1`: the shards are re-read by a local cluster's worker, not by threads here."""
+    import ichdata.verify
+
+    def no_threads(*args: object) -> None:
+        raise AssertionError("re-read in this process")
+
+    monkeypatch.setattr(ichdata.verify, "ThreadPoolExecutor", no_threads)
+    assert main(["verify", str(good), "--workers", "1"]) == 0
+    assert capsys.readouterr().out.strip().endswith(": OK")
 
 
 def test_verify_without_a_cluster_reads_shards_on_every_core(good, monkeypatch) -> None:

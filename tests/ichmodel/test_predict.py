@@ -333,6 +333,26 @@ def test_outputs_that_are_inputs_or_inside_a_store_are_refused_before_any_work(
     assert not (tmp_path / "typo").exists()
 
 
+def test_the_conversions_cluster_options_are_checked_before_the_checkpoint_loads(
+    predicted: tuple[Path, Path, Path, dict[str, list[str]]],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Issue 16 item 14: `ich predict` takes `ich convert`'s cluster options (`ClusterConfig`), checked first."""
+    _, _, store, _ = predicted
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a checkpoint")
+    out = tmp_path / "p.csv"
+    assert (
+        main(["predict", str(junk), str(store.parent / "new"), "--out", str(out), "--jobs", "2", "--quiet"])
+        == 2
+    )
+    assert capsys.readouterr().err == (
+        "ich: error: --jobs: only with --cluster slurm (Dask workers as SLURM jobs)\n"
+    )
+    assert not out.exists()
+
+
 def test_a_kept_store_holding_a_users_file_is_not_replaced(
     predicted: tuple[Path, Path, Path, dict[str, list[str]]],
     tmp_path: Path,
