@@ -27,7 +27,15 @@ import numpy as np
 
 from ichdata.errors import UserError
 from ichdata.shardfile import read_shard, shard_checksum, write_images
-from ichdata.store import ICH_ATTR, array, compressors, now_utc, software_version, write_array
+from ichdata.store import (
+    ICH_ATTR,
+    array,
+    compressors,
+    create_shard_done,
+    now_utc,
+    software_version,
+    write_array,
+)
 
 if TYPE_CHECKING:
     from zarr import Array, Group
@@ -172,16 +180,7 @@ def create_features(path: Path, n_rows: int, dim: int, shard_size: int) -> Group
 
 
 def _create_markers(group: Group, n_shards: int) -> Array:
-    conv = group.require_group("extraction")
-    return conv.create_array(
-        "shard_done",
-        shape=(n_shards,),
-        dtype=str,
-        chunks=(1,),
-        fill_value="",
-        overwrite=True,
-        compressors=compressors(),
-    )
+    return create_shard_done(group, n_shards, _MARKERS.split("/")[0])
 
 
 def grow_features(group: Group, n_rows: int) -> None:

@@ -114,9 +114,12 @@ def create_images(group: Group, n_slices: int, shard_size: int, image_size: int 
     )
 
 
-def create_shard_done(group: Group, n_shards: int) -> Array:
-    """Create (or replace) `conversion/shard_done`: one chunk per shard, so that tasks never share a file."""
-    conv = group.require_group("conversion")
+def create_shard_done(group: Group, n_shards: int, folder: str = "conversion") -> Array:
+    """Create (or replace) `FOLDER/shard_done`: one chunk per shard, so that tasks never share a file.
+
+    A store's is `conversion/shard_done`; a features group's `extraction/shard_done` (`ichdata.features`).
+    """
+    conv = group.require_group(folder)
     return conv.create_array(
         "shard_done",
         shape=(n_shards,),

@@ -251,3 +251,53 @@ def orthanc() -> Iterator[object]:
         pytest.skip(reason)
     with helpers.running_orthanc() as running:  # type: ignore[attr-defined]
         yield running
+
+
+class Stranger:
+    """A TCP listener on loopback that accepts and counts connections: a stranger's "Dask scheduler".
+
+    A test points a command or a run at it and checks `accepted` stayed 0: nothing was sent its way.
+    """
+
+    def __init__(self) -> None:
+        import socket
+        import threading
+
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.sock.settimeout(0.2)
+        self.accepted = 0
+        self.stopped = False
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+        self.thread.start()
+
+    @property
+    def port(self) -> int:
+        return int(self.sock.getsockname()[1])
+
+    @property
+    def address(self) -> str:
+        return f"tcp://127.0.0.1:{self.port}"
+
+    def _accept(self) -> None:
+        while not self.stopped:
+            try:
+                conn, _ = self.sock.accept()
+            except TimeoutError:
+                continue
+            self.accepted += 1
+            conn.close()
+
+    def close(self) -> None:
+        self.stopped = True
+        self.thread.join(5)
+        self.sock.close()
+
+
+@pytest.fixture
+def stranger() -> Iterator[Stranger]:
+    """A `Stranger` listening for the test's length."""
+    listener = Stranger()
+    try:
+        yield listener
+    finally:
+        listener.close()

@@ -17,7 +17,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -322,38 +321,6 @@ def test_serve_and_deployment_run(prefect_server: Session, tmp_path: Path) -> No
     print(f"deployment run of {n_slices} slices took {elapsed:.1f} s")
 
 
-class _Listener:
-    """A TCP listener on loopback that accepts and counts connections: an attacker's 'Dask scheduler'."""
-
-    def __init__(self) -> None:
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen()
-        self.sock.settimeout(0.2)
-        self.accepted = 0
-        self.stopped = False
-        self.thread = threading.Thread(target=self._accept, daemon=True)
-        self.thread.start()
-
-    @property
-    def address(self) -> str:
-        return f"tcp://127.0.0.1:{self.sock.getsockname()[1]}"
-
-    def _accept(self) -> None:
-        while not self.stopped:
-            try:
-                conn, _ = self.sock.accept()
-            except TimeoutError:
-                continue
-            self.accepted += 1
-            conn.close()
-
-    def close(self) -> None:
-        self.stopped = True
-        self.thread.join(5)
-        self.sock.close()
-
-
 def _final_state(
     session: Session, run_id: str, proc: subprocess.Popen[Any], name: str, timeout: float = 120
 ) -> dict[str, Any]:
@@ -369,7 +336,7 @@ def _final_state(
 
 
 def test_a_run_cannot_choose_the_scheduler_nor_use_paths_outside_the_allowed_roots(
-    prefect_server: Session, tmp_path: Path
+    prefect_server: Session, tmp_path: Path, stranger: Any
 ) -> None:
     """Issue 16 item 5: what anyone who reaches the Prefect API could do with a run's parameters.
 
@@ -389,7 +356,7 @@ def test_a_run_cannot_choose_the_scheduler_nor_use_paths_outside_the_allowed_roo
     (outside / "notes" / "patient-Jane-Doe.txt").write_text(secret * 10)
     (allowed / "escape").symlink_to(outside)
     store = allowed / "s.zarr"
-    attacker = _Listener()
+    attacker = stranger  # an attacker's 'Dask scheduler'
     serve = session.start("serve-roots", _executable("ich"), "serve", "--allow-root", str(allowed))
     try:
         session.wait_for(
@@ -436,7 +403,6 @@ def test_a_run_cannot_choose_the_scheduler_nor_use_paths_outside_the_allowed_roo
         logs = session.post("/logs/filter", {"limit": 200})
         assert not [log for log in logs if "SECRET" in log["message"] or "Jane-Doe" in log["message"]]
     finally:
-        attacker.close()
         _stop(serve)
 
 

@@ -12,8 +12,6 @@ import asyncio
 import contextlib
 import json
 import os
-import socket
-import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -194,45 +192,6 @@ def _probe(client: Client) -> dict[str, Any]:
 # ------------------------------------------------ an existing scheduler: TLS with the site's credentials
 
 
-class _Listener:
-    """A TCP listener on loopback that counts the connections it gets: a stranger's 'scheduler'."""
-
-    def __init__(self) -> None:
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.sock.settimeout(0.2)
-        self.accepted = 0
-        self.stopped = False
-        self.thread = threading.Thread(target=self._accept, daemon=True)
-        self.thread.start()
-
-    @property
-    def port(self) -> int:
-        return int(self.sock.getsockname()[1])
-
-    def _accept(self) -> None:
-        while not self.stopped:
-            try:
-                conn, _ = self.sock.accept()
-            except TimeoutError:
-                continue
-            self.accepted += 1
-            conn.close()
-
-    def close(self) -> None:
-        self.stopped = True
-        self.thread.join(5)
-        self.sock.close()
-
-
-@pytest.fixture
-def stranger() -> Iterator[_Listener]:
-    listener = _Listener()
-    try:
-        yield listener
-    finally:
-        listener.close()
-
-
 def _site_credentials(folder: Path) -> tuple[Security, dict[str, str]]:
     """A site's TLS credentials as files (one authority and certificate), and the dask config naming them."""
     from distributed.security import Security
@@ -275,7 +234,7 @@ def _tls_cluster(security: Security) -> Iterator[str]:
 @pytest.mark.parametrize("command", ["convert", "verify"])
 @pytest.mark.parametrize("how", ["address", "file"])
 def test_a_plain_tcp_scheduler_is_refused_before_any_connection(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], stranger: _Listener, command: str, how: str
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], stranger: Any, command: str, how: str
 ) -> None:
     """Issue 16 item 5: a Dask client unpickles what its scheduler sends; one we cannot authenticate is refused."""
     (tmp_path / "src").mkdir()
@@ -299,7 +258,7 @@ def test_a_plain_tcp_scheduler_is_refused_before_any_connection(
 
 
 def test_a_tls_scheduler_needs_the_sites_credentials(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], stranger: _Listener
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], stranger: Any
 ) -> None:
     (tmp_path / "src").mkdir()
     unset = {

@@ -282,6 +282,48 @@ def test_features_refuse_what_they_would_overwrite(base: dict[str, Path], tmp_pa
     assert _extract([base["cnn"]], base["store"], out, tta=["hflip"], overwrite=True).n_computed > 0
 
 
+def test_features_hold_the_lock_and_overwrite_only_what_ich_wrote(
+    base: dict[str, Path],
+    tmp_path: Path,
+    lock_holder: Any,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Issue 16 items 3 and 4 for a features group: one writer, and a user's file is never deleted."""
+    out = tmp_path / "f.zarr"
+    _extract([base["cnn"]], base["store"], out)
+    before = _files(out)
+
+    # another `ich features` (here: a process paused holding the lock) writes FEATURES: refused, untouched
+    holder = lock_holder(out, "ich features")
+    argv = ["features", str(base["cnn"] / "best.pt"), str(base["store"]), "--out", str(out)]
+    assert main([*argv, "--tta", "none", "hflip", "--overwrite", "--quiet", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert f"ich features (pid {holder.pid} on " in err, err
+    assert _files(out) == before
+    holder.release()
+
+    # a file of the user's inside the group: named by --overwrite and by verify, and kept
+    (out / "notes.txt").write_text("keep me\n")
+    with pytest.raises(UserError, match=r"holds notes.txt, which ich did not write"):
+        _extract([base["cnn"]], base["store"], out, tta=["hflip"], overwrite=True)
+    assert (out / "notes.txt").read_text() == "keep me\n"
+    assert main(["verify", str(out)]) == 1
+    assert f"{out / 'notes.txt'}: not written by ich" in capsys.readouterr().out
+    (out / "notes.txt").unlink()
+    assert main(["verify", str(out)]) == 0
+
+    # a foreign Zarr group whose attributes look like ours is not a features group
+    foreign = tmp_path / "foreign.zarr"
+    foreign.mkdir()
+    (foreign / "zarr.json").write_text(
+        json.dumps({"zarr_format": 3, "node_type": "group", "attributes": {"features_format": 1}})
+    )
+    with pytest.raises(UserError, match="exists and is not a features group"):
+        _extract([base["cnn"]], base["store"], foreign, overwrite=True)
+    assert (foreign / "zarr.json").is_file()
+
+
 # --- the sequence stage ---------------------------------------------------------------------------------
 
 

@@ -14,34 +14,14 @@ from typing import cast
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 
 from flows.cli import main
 from ichdata.store import Store, open_store
 from ichdata.testing import stored_from_hu, write_ct_slice
-from ichmodel.checkpoint import save_checkpoint
-from ichmodel.models import create_model, load_model, predict_study
+from ichmodel.models import load_model, predict_study
 from ichmodel.predict import study_summary, submission_frame
 
 CLASSES = ("epidural", "intraparenchymal", "intraventricular", "subarachnoid", "subdural", "any")
-
-
-def _checkpoint(path: Path, model_name: str = "xception_gru", max_len: int | None = 3) -> Path:
-    torch.manual_seed(0)
-    kwargs = {"name": model_name, "backbone": "test_efficientnet", "rnn_hidden": 16, "rnn_layers": 1}
-    model = create_model(model_name, backbone="test_efficientnet", rnn_hidden=16, rnn_layers=1)
-    save_checkpoint(
-        {
-            "model": kwargs,
-            "state_dict": model.state_dict(),
-            "classes": list(CLASSES),
-            "max_len": max_len,
-            "epoch": 1,
-            "val_loss": 0.6,
-        },
-        path,
-    )
-    return path
 
 
 def _new_studies(src: Path) -> dict[str, list[str]]:
@@ -96,12 +76,14 @@ def _new_studies(src: Path) -> dict[str, list[str]]:
 
 
 @pytest.fixture(scope="module")
-def predicted(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path, dict[str, list[str]]]:
+def predicted(
+    tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path
+) -> tuple[Path, Path, Path, dict[str, list[str]]]:
     root = tmp_path_factory.mktemp("predict")
     src = root / "new"
     src.mkdir()
     studies = _new_studies(src)
-    ckpt = _checkpoint(root / "best.pt")
+    ckpt = tiny_checkpoint
     out = root / "out" / "predictions.csv"
     out.parent.mkdir()
     store = root / "kept.zarr"
@@ -247,7 +229,9 @@ def test_store_option_never_replaces_what_predict_did_not_make(
     assert open_store(store).n_slices == 9
 
 
-def test_csv_cells_from_the_input_never_run_as_spreadsheet_formulas(tmp_path: Path) -> None:
+def test_csv_cells_from_the_input_never_run_as_spreadsheet_formulas(
+    tmp_path: Path, tiny_checkpoint: Path
+) -> None:
     """Issue 11 item 16: ids and UIDs come from the input files; a formula in one stays text."""
     from ichdata.store import write_store_from_arrays
     from ichmodel.predict import predict_store
@@ -263,7 +247,7 @@ def test_csv_cells_from_the_input_never_run_as_spreadsheet_formulas(tmp_path: Pa
         tmp_path / "s.zarr", images, labels, ids, np.array([0, 2, 4], dtype=np.int64), series, shard_size=4
     )
     out = tmp_path / "pred.csv"
-    predict_store(_checkpoint(tmp_path / "m.pt"), store.path, out, device="cpu", progress=False)
+    predict_store(tiny_checkpoint, store.path, out, device="cpu", progress=False)
     for path in tmp_path.glob("pred*.csv"):
         for row in pd.read_csv(path, dtype=str, keep_default_na=False).itertuples(index=False):
             for cell in row:
