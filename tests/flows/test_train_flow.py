@@ -108,3 +108,24 @@ def test_train_flow_takes_paths_and_no_scheduler() -> None:
     assert state.is_failed()
     with pytest.raises(Exception, match="parameter store is empty"):
         state.result()
+
+
+def test_train_flow_paths_lie_under_the_allowed_roots(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 16 item 5 for the train flow: served, its store and out must lie under the operator's roots."""
+    from flows.train import train
+
+    allowed = tmp_path / "allowed"
+    store = _tiny_store(allowed / "s.zarr")
+    monkeypatch.setenv("ICH_ALLOWED_ROOTS", str(allowed))
+    outside = tmp_path / "outside"
+    for params, name in [
+        ({"store": str(store.path), "out": str(outside / "runs")}, "out"),
+        ({"store": str(allowed / ".." / "elsewhere.zarr"), "out": str(allowed / "runs")}, "store"),
+    ]:
+        state = train(**params, **TINY, return_state=True)
+        assert state.is_failed()
+        assert state.message.startswith(f"Flow run encountered an exception: UserError: parameter {name}: ")
+    assert not outside.exists()
+    assert not (allowed / "runs").exists()
