@@ -28,11 +28,12 @@ from ichdata import landing as _landing
 from ichdata.errors import UserError
 from ichdata.options import option
 
-__all__ = ["ListenConfig", "ListenResult", "check_ae_title", "listen"]
+__all__ = ["VERIFICATION", "ListenConfig", "ListenResult", "check_ae_title", "listen"]
 
 # C-STORE statuses (PS3.4 B.2.3): out of resources, and "cannot understand" for a dataset we refuse.
 _OUT_OF_RESOURCES = 0xA700
 _CANNOT_UNDERSTAND = 0xC000
+VERIFICATION = "1.2.840.10008.1.1"  # Verification SOP Class (C-ECHO), PS3.4 A.4
 _GRACE_S = 1.0  # on a stop, how long associations that are ending may take to end
 _UIDS = (
     ("StudyInstanceUID", "Study Instance UID"),
@@ -252,8 +253,8 @@ def listen(
     default), `ready` one line once the port is bound. Raises `UserError` for the mistakes of
     `ListenConfig.check` and a port that cannot be bound.
     """
+    from pydicom.uid import CTImageStorage, EnhancedCTImageStorage
     from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
-    from pynetdicom.sop_class import CTImageStorage, EnhancedCTImageStorage, Verification
 
     started = time.monotonic()
     config.check()
@@ -269,8 +270,8 @@ def listen(
         ae.require_calling_aet = [check_ae_title(t, "--allow-ae") for t in config.allow_ae]
     for sop_class in (CTImageStorage, EnhancedCTImageStorage):
         ae.add_supported_context(sop_class, ALL_TRANSFER_SYNTAXES)
-    ae.add_supported_context(Verification)
-    handlers = [(evt.EVT_C_STORE, receiver.on_store)]
+    ae.add_supported_context(VERIFICATION)
+    handlers: list[Any] = [(evt.EVT_C_STORE, receiver.on_store)]
     # Released and aborted fire in the association's own thread, before it ends (what a stop waits
     # for); a connection closed without either (the peer vanished) still ends the association here.
     handlers += [(e, receiver.on_close) for e in (evt.EVT_RELEASED, evt.EVT_ABORTED, evt.EVT_CONN_CLOSE)]

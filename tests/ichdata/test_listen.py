@@ -18,12 +18,13 @@ from typing import Any
 import numpy as np
 import pydicom
 import pytest
+from pydicom.uid import CTImageStorage, MRImageStorage
 from pynetdicom import AE
-from pynetdicom.sop_class import CTImageStorage, MRImageStorage, Verification
 
 from ichdata import landing
 from ichdata.config import ConvertConfig
 from ichdata.convert import convert
+from ichdata.listen import VERIFICATION
 from ichdata.store import open_store
 from ichdata.testing import HospitalStudy, stored_from_hu, write_ct_slice, write_hospital_studies
 
@@ -104,7 +105,7 @@ def listening(land: Path, *args: str, quiet: float = 0.3) -> Iterator[Listener]:
 def _associate(port: int, calling: str = "SCANNER", called: str = "ICH", mr: bool = False) -> Any:
     ae = AE(ae_title=calling)
     ae.add_requested_context(CTImageStorage, "1.2.840.10008.1.2.1")  # as the files are: sent as they are
-    ae.add_requested_context(Verification)
+    ae.add_requested_context(VERIFICATION)
     if mr:
         ae.add_requested_context(MRImageStorage)
     return ae.associate("127.0.0.1", port, ae_title=called)
@@ -234,7 +235,7 @@ def test_other_sop_classes_callers_and_bad_uids_are_refused(
         assoc = _associate(listener.port, mr=True)
         assert assoc.is_established
         accepted = {cx.abstract_syntax for cx in assoc.accepted_contexts}
-        assert accepted == {CTImageStorage, Verification}
+        assert accepted == {CTImageStorage, VERIFICATION}
         assert assoc.send_c_echo().Status == 0x0000
         assert assoc.send_c_store(bad).Status == 0xC000
         assoc.release()
