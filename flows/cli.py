@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from flows.demo import DemoConfig
     from flows.deploy import ServeConfig
     from ichdata.config import ConvertConfig
+    from ichdata.listen import ListenConfig
     from ichdata.preview import PreviewConfig
     from ichdata.pull import ArchiveQuery, PullConfig
     from ichdata.testing import SynthConfig
@@ -99,6 +100,16 @@ def _pull(config: PullConfig, display: Display) -> int:
         print(f"ich pull: {failures}", file=sys.stderr)
         return 1
     return 0
+
+
+def _listen(config: ListenConfig) -> int:
+    from ichdata.listen import listen
+
+    def say(line: str) -> None:
+        print(line, flush=True)  # as it happens, also into a pipe or a log file
+
+    listen(config, out=say, ready=say)
+    return 0  # not reached: only a signal ends `listen`
 
 
 def _verify(config: VerifyConfig) -> int:
@@ -237,6 +248,18 @@ COMMANDS: tuple[Command, ...] = (
         "and 5xx answers are retried with back-off; studies that still fail are named at the end (exit 1) "
         "and a re-run fetches what is missing. Credentials: ICH_DICOMWEB_TOKEN (bearer), or "
         "ICH_DICOMWEB_USER and ICH_DICOMWEB_PASSWORD, or ~/.netrc; never on the command line.",
+    ),
+    Command(
+        "listen",
+        "receive CT studies a PACS or modality sends (DICOM C-STORE) into a landing folder",
+        ("ichdata.listen:ListenConfig",),
+        _listen,
+        "Accept DICOM associations on --host:--port (127.0.0.1:11112 unless told) called --ae-title, and "
+        "write each CT or Enhanced CT instance received, as sent, into LANDING/.ich-incoming/<study>/; a "
+        "study moves into LANDING/<study>/<series>/ (the layout of `ich pull`) once the associations that "
+        "sent it have ended and --quiet seconds passed without a new instance. Runs until Ctrl-C or "
+        "SIGTERM; studies still being sent then stay incoming and the next `ich listen` publishes them. "
+        "AE titles are not authentication: see the README before listening beyond this machine.",
     ),
     Command(
         "verify",
@@ -411,7 +434,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 128 + signum
     except ModuleNotFoundError as exc:
         root = exc.name.split(".")[0] if exc.name else ""
-        extra = "dicomweb" if root == "dicomweb_client" else "all" if root in _HEAVY else None
+        extra = "dicomweb" if root in ("dicomweb_client", "pynetdicom") else "all" if root in _HEAVY else None
         if extra is not None:
             name = argv[0] if argv else "ich"
             print(

@@ -4,8 +4,9 @@ Complete studies lie in view as `LANDING/<study uid>/<series uid>/<sop instance 
 being fetched lies under `LANDING/.ich-incoming/<study uid>/…`, which the conversion never scans
 (`ichdata.convert.excluded_paths`); each instance is written under a temporary name and renamed, and
 the study's series move into view only when every instance the archive lists for the study is there
-(`publish`). So a conversion running beside a pull never meets half a study or half a file, and a
-pull that was stopped resumes from the instances it had written. UIDs become file names only after
+(`publish`; `ich listen` publishes a study once its sender has gone quiet). So a conversion running
+beside a pull never meets half a study or half a file, and a pull that was stopped resumes from the
+instances it had written. UIDs become file names only after
 `check_uid`: an archive's answer never names a path outside LANDING.
 """
 
@@ -81,7 +82,8 @@ def publish(landing: str | os.PathLike[str], study_uid: str, expected: Iterable[
 
     `expected` are the SOP Instance UIDs the archive lists for the study. A series new to the view
     moves as one folder (one rename: a conversion sees all of it or none); instances of a series
-    already in view move one by one. Returns whether the study is complete in view.
+    already in view move one by one, and one already in view is never replaced (the incoming copy of
+    the same SOP Instance UID is dropped). Returns whether the study is complete in view.
     """
     check_uid(study_uid, "Study Instance UID")
     if not set(expected) <= held_instances(landing, study_uid):
@@ -100,7 +102,10 @@ def publish(landing: str | os.PathLike[str], study_uid: str, expected: Iterable[
             continue
         for f in sorted(series.iterdir()):
             if f.name.endswith(_SUFFIX) and not f.name.startswith("."):
-                os.replace(f, target / f.name)
+                if (target / f.name).exists():
+                    f.unlink()  # the same instance again: the one in view (maybe converted) stays
+                else:
+                    os.replace(f, target / f.name)
         _remove_empty(series)
     _remove_empty(incoming)
     return True
