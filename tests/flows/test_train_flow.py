@@ -126,6 +126,8 @@ def test_train_flow_paths_lie_under_the_allowed_roots(
     ]:
         state = train(**params, **TINY, return_state=True)
         assert state.is_failed()
-        assert state.message.startswith(f"Flow run encountered an exception: UserError: parameter {name}: ")
+        assert str(state.message).startswith(
+            f"Flow run encountered an exception: UserError: parameter {name}: "
+        )
     assert not outside.exists()
     assert not (allowed / "runs").exists()
