@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/features.py speed [--studies 12] [--image-size 256] [--backbone legacy_xception]
     .venv/bin/python bench/features.py quality [--folds 3]
+    .venv/bin/python bench/features.py tta --demo DEMO_DIR
 
 speed: one synthetic store (bench/_synthetic.py: `--studies` studies of 24–48 slices of
 `--image-size`², few enough that the default backbone runs on 2 cores in minutes), one CNN run (a
@@ -20,6 +21,11 @@ the CNN's frozen backbone (the demo's previous route), (b) on the CNN's in-sampl
 out-of-fold features of `--folds` fold CNNs (`ich train --folds K --fold i`, their test patients the
 CNN's held-out patients), with them: every model scored by `ich evaluate` (weighted log loss on the
 same held-out patients, the composed checkpoints on the images). One table.
+
+tta: in the folder an `ich demo --out DEMO_DIR` wrote, the demo's CNN-GRU stage again on features
+embedded with `--tta none hflip` (same CNN, split, settings and seed); prints its best validation
+loss beside the demo's own GRU's (features without TTA). The validation patients are the demo's
+held-out ones.
 
 Results go to OUT/features_<part>.json; figures and commands in bench/RESULTS.md.
 """
@@ -266,19 +272,49 @@ def quality(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     }
 
 
+def tta(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """The demo's GRU on `--tta none hflip` features against the demo's own GRU (no TTA)."""
+    from flows.demo import DemoConfig, _train
+    from ichmodel.rundir import read_log
+
+    if args.demo is None:
+        raise SystemExit("tta: name the folder of an `ich demo --out` run with --demo")
+    demo: Path = args.demo
+    features = work / "features-tta.zarr"
+    fc = FeaturesConfig(
+        checkpoints=[demo / "runs" / "xception" / "best.pt"],
+        store=demo / "store.zarr",
+        out=features,
+        tta=["none", "hflip"],
+        device="cpu",
+        workers=0,
+        progress=False,
+    )
+    extract_features(fc)
+    split = demo / "runs" / "xception" / "split.json"
+    result = _train(
+        DemoConfig(progress=False), demo / "store.zarr", "xception_gru", work / "gru", split, features
+    )
+    plain = min(float(r["val_loss"]) for r in read_log(demo / "runs" / "xception_gru" / "log.csv"))
+    print(f"demo's GRU, features without TTA: best validation loss {plain:.4f}")
+    print(f"the same GRU, --tta none hflip:   best validation loss {result.best_val_loss:.4f}")
+    return {"no_tta": plain, "tta_none_hflip": result.best_val_loss}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("part", choices=("speed", "quality"))
+    p.add_argument("part", choices=("speed", "quality", "tta"))
     p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "bench/_work")))
     p.add_argument("--studies", type=int, default=12, help="speed: synthetic studies (24–48 slices each)")
     p.add_argument("--image-size", type=int, default=256, help="speed: rows and columns of the slices")
     p.add_argument("--backbone", default="legacy_xception", help="speed: the CNN's timm backbone")
     p.add_argument("--workers", type=int, default=2, help="speed: DataLoader workers")
     p.add_argument("--folds", type=int, default=3, help="quality: fold CNNs of the out-of-fold features")
+    p.add_argument("--demo", type=Path, help="tta: the folder of an `ich demo --out` run")
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="ich-features-bench-") as tmp:
-        result = (speed if args.part == "speed" else quality)(args, Path(tmp))
+        result = {"speed": speed, "quality": quality, "tta": tta}[args.part](args, Path(tmp))
     (args.out / f"features_{args.part}.json").write_text(json.dumps(result, indent=1) + "\n")
     return 0
 

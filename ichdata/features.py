@@ -261,17 +261,11 @@ def remove_features(path: Path) -> None:
     Anything else is refused: a folder that is not a features group, or one holding a file ich did
     not write (the message names it), as `--overwrite` treats a store (`ichdata.storefiles`).
     """
-    from ichdata.storefiles import StrayKind, remove_ich_files, stray_files
+    from ichdata.storefiles import refuse_foreign, remove_ich_files
 
     if not is_features_group(path):
         raise UserError(f"--out {path}: exists and is not a features group; refusing to replace it")
-    foreign = [s.path for s in stray_files(path, arrays=ARRAYS, groups=GROUPS) if s.kind is StrayKind.FOREIGN]
-    if foreign:
-        more = f" (and {len(foreign) - 1} more)" if len(foreign) > 1 else ""
-        raise UserError(
-            f"--out {path}: holds {foreign[0]}{more}, which ich did not write; move it out first: "
-            "--overwrite deletes only what ich wrote"
-        )
+    refuse_foreign(path, what="--out", kind="features group", arrays=ARRAYS, groups=GROUPS)
     remove_ich_files(path, arrays=ARRAYS, groups=GROUPS)
 
 
@@ -384,12 +378,9 @@ def open_features(path: str | os.PathLike[str]) -> Features:
 
 
 def file_sha256(path: str | os.PathLike[str]) -> str:
-    """sha256 of a file's bytes (how a features group names the checkpoints it was made from)."""
-    h = hashlib.sha256()
+    """sha256 of a file's bytes (what `sha256sum` prints): how features and SRs name a checkpoint."""
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 # --- ich verify FEATURES -------------------------------------------------------------------------------

@@ -31,6 +31,7 @@ __all__ = [
     "check_metadata",
     "check_replaceable",
     "enclosing_store",
+    "refuse_foreign",
     "remove_ich_files",
     "remove_leftovers",
     "stray_files",
@@ -201,12 +202,30 @@ def check_replaceable(store: str | os.PathLike[str], *, what: str = "STORE") -> 
         raise UserError(
             f"{what} {p}: exists and is not an ich store; --overwrite replaces only a store ich made"
         )
-    foreign = [s.path for s in stray_files(p) if s.kind is StrayKind.FOREIGN]
+    refuse_foreign(p, what=what)
+
+
+def refuse_foreign(
+    store: str | os.PathLike[str],
+    *,
+    what: str = "STORE",
+    kind: str = "store",
+    arrays: tuple[str, ...] = ARRAYS,
+    groups: tuple[str, ...] = GROUPS,
+) -> None:
+    """Raise a one-line `UserError` naming a file inside `store` that ich did not write, if there is one.
+
+    `kind` names what `store` is in the message; `arrays`, `groups`: its layout, as for `stray_files`.
+    What `--overwrite` checks before it deletes.
+    """
+    foreign = [
+        s.path for s in stray_files(store, arrays=arrays, groups=groups) if s.kind is StrayKind.FOREIGN
+    ]
     if foreign:
         more = f" (and {len(foreign) - 1} more)" if len(foreign) > 1 else ""
         raise UserError(
-            f"{what} {p}: holds {foreign[0]}{more}, which ich did not write; move it out of the store "
-            "first: replacing a store deletes only what ich wrote"
+            f"{what} {store}: holds {foreign[0]}{more}, which ich did not write; move it out of the "
+            f"{kind} first: replacing a {kind} deletes only what ich wrote"
         )
 
 

@@ -17,7 +17,6 @@ have codes of our own, in the private scheme `99ICH` that each SR declares.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ from pydicom.sr.coding import Code
 from pydicom.uid import UID, generate_uid
 
 from ichdata.atomic import atomic_path
+from ichdata.features import file_sha256
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -42,7 +42,6 @@ __all__ = [
     "PRIVATE_SCHEME",
     "Finding",
     "StudySRs",
-    "checkpoint_sha256",
     "no_sr_reason",
     "study_sr",
     "write_study_srs",
@@ -82,15 +81,6 @@ class Finding:
 
     probability: float
     key_slice: str
-
-
-def checkpoint_sha256(path: str | os.PathLike[str]) -> str:
-    """The sha256 of the checkpoint file's bytes (what `sha256sum` prints): the algorithm's version."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def no_sr_reason(evidence: Sequence[Dataset]) -> str | None:
@@ -237,7 +227,7 @@ def write_study_srs(
 
     from ichdata.paths import fs_path
 
-    version = checkpoint_sha256(checkpoint)
+    version = file_sha256(checkpoint)  # the algorithm's version
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     classes = [c for c in store.classes if c in FINDING_CODES]

@@ -12,6 +12,8 @@ import io
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import ModuleType
+from typing import Any
 
 import pytest
 
@@ -31,6 +33,29 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     skip = pytest.mark.skip(reason="needs a CUDA device")
     for item in gpu_items:
         item.add_marker(skip)
+
+
+def load_helper(path: Path) -> ModuleType:
+    """A helper module of the tests (`tests/slurm.py`, `tests/ichdata/convert_inputs.py`), loaded by path.
+
+    The suite runs with `--import-mode=importlib`, which puts no test folder on `sys.path`.
+    """
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location(f"ich_tests_{path.stem}", path)
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def helper_loader() -> Callable[[Path], ModuleType]:
+    """`load_helper`, for the conftest files of subfolders (which cannot import this one)."""
+    return load_helper
 
 
 @pytest.fixture(scope="session")
@@ -63,16 +88,7 @@ def slurm() -> Iterator[object]:
 
     `SLURM_CONF` points the client commands at it while the session runs.
     """
-    import importlib.util
-    import sys
-    from pathlib import Path
-
-    spec = importlib.util.spec_from_file_location("ich_tests_slurm", Path(__file__).with_name("slurm.py"))
-    assert spec is not None
-    assert spec.loader is not None
-    helpers = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = helpers  # dataclasses look their module up there
-    spec.loader.exec_module(helpers)
+    helpers: Any = load_helper(Path(__file__).with_name("slurm.py"))
     reason = helpers.slurm_unavailable()
     if reason is not None:
         pytest.skip(reason)
@@ -224,32 +240,17 @@ def earlier_release_codecs(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(ichdata.store, "compressors", lambda level=1: [ZstdCodec(level=level)])
 
 
-def _load_helpers(name: str) -> object:
-    """A helper module of the tests (`tests/NAME.py`), loaded by path like `slurm.py`."""
-    import importlib.util
-    import sys
-    from pathlib import Path
-
-    spec = importlib.util.spec_from_file_location(f"ich_tests_{name}", Path(__file__).with_name(f"{name}.py"))
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="session")
 def orthanc() -> Iterator[object]:
     """A real Orthanc with DICOMweb in a network namespace of its own (`tests/orthanc.py`), or a skip.
 
     One per session, emptied by the tests that need it empty (`Orthanc.clear`).
     """
-    helpers = _load_helpers("orthanc")
-    reason = helpers.orthanc_unavailable()  # type: ignore[attr-defined]
+    helpers: Any = load_helper(Path(__file__).with_name("orthanc.py"))
+    reason = helpers.orthanc_unavailable()
     if reason is not None:
         pytest.skip(reason)
-    with helpers.running_orthanc() as running:  # type: ignore[attr-defined]
+    with helpers.running_orthanc() as running:
         yield running
 
 

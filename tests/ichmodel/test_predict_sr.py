@@ -20,8 +20,9 @@ import pydicom
 import pytest
 
 from flows.cli import main
+from ichdata.features import file_sha256
 from ichdata.testing import HospitalStudy, stored_from_hu, write_ct_slice, write_hospital_studies
-from ichmodel.sr import FINDING_CODES, PRIVATE_SCHEME, SERIES_DESCRIPTION, checkpoint_sha256
+from ichmodel.sr import FINDING_CODES, PRIVATE_SCHEME, SERIES_DESCRIPTION
 
 CLASSES = ("epidural", "intraparenchymal", "intraventricular", "subarachnoid", "subdural", "any")
 
@@ -61,7 +62,7 @@ def check_sr(path: Path, study: HospitalStudy, summary_row: pd.Series, checkpoin
     report: Any = sr.content  # the MeasurementReport (TID 1500) srread rebuilt
     groups = report.get_image_measurement_groups()
     assert [g.tracking_identifier for g in groups] == list(CLASSES)
-    sha = checkpoint_sha256(checkpoint)
+    sha = file_sha256(checkpoint)
     for group, name in zip(groups, CLASSES, strict=True):
         assert group.finding_type == FINDING_CODES[name]
         (measurement,) = group.get_measurements()
